@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints built from the real config.json files.
+
+Sizes are scaled down (layers, hidden, heads, vocab) but every other key of the real file is kept,
+so each quirk (multi-query attention, gemma-7b's head_dim, llama3 RoPE scaling, tied heads) is
+exercised. Weights use std 0.2 and random norm weights: at the default std 0.02 logits stay near
+zero and real mistakes (exact vs tanh GELU, say) hide below the tolerance.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+CONFIG_NAMES = ["gemma-2b", "gemma-7b", "llama-3-8b", "llama-3.1-8b", "llama-3.2-1b"]
+
+# Scaled-down sizes per config. gemma-7b keeps head_dim != hidden / heads (48 / 4 = 12 vs 16);
+# llama-3.1 keeps head_dim 16 so some RoPE frequencies fall in the llama3 interpolation band.
+_SMALL = {
+    "gemma-2b": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=32),
+    "gemma-7b": dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=4, head_dim=16),
+    "llama-3-8b": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2),
+    "llama-3.1-8b": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2),
+    "llama-3.2-1b": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+}
+
+
+def small_config(name: str, vocab_size: int = 512) -> dict:
+    cfg = json.loads((DATA / "configs" / f"{name}.json").read_text())
+    cfg.update(_SMALL[name], num_hidden_layers=2, intermediate_size=96, vocab_size=vocab_size)
+    if cfg["model_type"] == "llama":  # keep the special ids inside the small vocabulary
+        cfg.update(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
+    return cfg
+
+
+def make_hf_checkpoint(name: str, out_dir: Path, std: float = 0.2, seed: int = 0, **overrides) -> Path:
+    """Write a random transformers checkpoint (fp32) for config `name` into out_dir."""
+    import transformers
+
+    cfg = small_config(name) | overrides
+    config_cls = transformers.GemmaConfig if cfg["model_type"] == "gemma" else transformers.LlamaConfig
+    config = config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(torch.randn_like(p) * 0.5 + (0.0 if cfg["model_type"] == "gemma" else 1.0))
+            else:
+                p.normal_(0.0, std)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {name: make_hf_checkpoint(name, root / name) for name in CONFIG_NAMES}
