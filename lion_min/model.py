@@ -231,11 +231,28 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab), or per-token log p(target) (B, T) fp32 if targets.
 
+        The log-prob path lives inside forward so that FSDP has the head unsharded while it runs,
+        and it never materialises the full fp32 logits (see losses.token_logprobs).
+        """
+        h = self.hidden(tokens, positions, doc_ids, cache_slots)
+        if targets is not None:
+            from lion_min.losses import token_logprobs
+
+            return token_logprobs(h, self.head_weight, targets, chunk_size=logits_chunk)
+        return F.linear(h, self.head_weight)
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        cache_slots: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """tokens (B, T) -> final normalised hidden states (B, T, dim).
+
         positions (B, T): RoPE positions (default 0..T-1). doc_ids (B, T): document of each token for
         block-diagonal attention in packed rows (default: one document per row). cache_slots (T,):
         KV-cache slots these tokens are written to, when caches are set up (setup_caches).
-        The log-prob path lives inside forward so that FSDP has the head unsharded while it runs,
-        and it never materialises the full fp32 logits (see losses.token_logprobs).
         """
         B, T = tokens.shape
         if positions is None:
@@ -252,12 +269,7 @@ class Transformer(nn.Module):
             mask = build_mask(doc_ids, self.attn_backend)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache_slots)
-        h = self.norm(h)
-        if targets is not None:
-            from lion_min.losses import token_logprobs
-
-            return token_logprobs(h, self.head_weight, targets, chunk_size=logits_chunk)
-        return F.linear(h, self.head_weight)
+        return self.norm(h)
 
     # --- KV cache for generation ---------------------------------------------------------------
 
