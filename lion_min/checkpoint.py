@@ -278,7 +278,12 @@ def shard_state_dict(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[d
 
 
 def atomic_dir(out_dir: Path):
-    """Context: yields a temporary sibling folder, renamed over out_dir only when the block succeeds."""
+    """Context: yields a temporary sibling folder whose files land in out_dir only if the block succeeds.
+
+    A new out_dir is one rename. An existing one (a training run's folder also holds metrics and
+    checkpoints) gets each file moved in by its own atomic rename, weights before config.json,
+    and stale weight shards of an earlier export removed.
+    """
 
     class _Atomic:
         def __enter__(self):
@@ -290,25 +295,28 @@ def atomic_dir(out_dir: Path):
             if exc_type is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 return False
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            if out_dir.exists():
-                out_dir.rename(old)
-            self.tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            if not out_dir.exists():
+                self.tmp.rename(out_dir)
+                return False
+            new = sorted(self.tmp.iterdir(), key=lambda f: f.name == "config.json")
+            for stale in out_dir.glob("model*.safetensors*"):
+                if not (self.tmp / stale.name).exists():
+                    stale.unlink()
+            for f in new:
+                os.replace(f, out_dir / f.name)
+            self.tmp.rmdir()
             return False
 
     return _Atomic()
 
 
-def hf_state_dict(model: Transformer, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """Hugging Face tensor names -> contiguous CPU tensors (the tied head is not written)."""
+def hf_state_dict(state_dict: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Our names -> Hugging Face names, as contiguous CPU tensors (the tied head is not written)."""
     out = {}
-    for name, p in model.state_dict().items():
+    for name, p in state_dict.items():
         if name == "inv_freq":
             continue
         t = p.detach()
-        if hasattr(t, "full_tensor"):  # an FSDP2 DTensor: gather the full parameter
-            t = t.full_tensor()
         out[hf_name(name)] = t.to("cpu", dtype or t.dtype).contiguous()
     return out
 
@@ -320,11 +328,15 @@ def save_model(
     dtype: Optional[torch.dtype] = None,
     max_shard_size: int | str = "5GB",
     chat_template: Optional[str] = None,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
     """Write a Hugging Face folder: config.json, safetensors (sharded with an index when larger than
-    max_shard_size), generation_config.json, and the tokenizer files when a tokenizer is given."""
+    max_shard_size), generation_config.json, and the tokenizer files when a tokenizer is given.
+
+    `state_dict` (our parameter names) replaces model.state_dict(), e.g. the full weights gathered
+    from an FSDP-sharded model."""
     out_dir = Path(out_dir)
-    tensors = hf_state_dict(model, dtype)
+    tensors = hf_state_dict(state_dict if state_dict is not None else model.state_dict(), dtype)
     saved_dtype = next(iter(tensors.values())).dtype
     args = model.args
     with atomic_dir(out_dir) as tmp:

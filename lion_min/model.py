@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lion_min.attention import AttnMask, attend, build_mask, dense_mask
 
@@ -199,6 +200,8 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.attn_backend = "auto"
         """'auto' | 'sdpa' | 'flex' | 'varlen': how doc_ids become a mask (see attention.py)."""
+        self.activation_checkpointing = False
+        """Recompute each block in backward instead of keeping its activations (training only)."""
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -268,7 +271,10 @@ class Transformer(nn.Module):
         else:
             mask = build_mask(doc_ids, self.attn_backend)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache_slots)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, cache_slots, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache_slots)
         return self.norm(h)
 
     # --- KV cache for generation ---------------------------------------------------------------

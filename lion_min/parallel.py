@@ -1,0 +1,118 @@
+"""Process group setup and the one function that wraps the model for training.
+
+`python train_x.py` runs as a world of one; `torchrun --nproc_per_node=N train_x.py` (and its
+multi-node form) sets RANK / WORLD_SIZE / MASTER_ADDR, which is all we read.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lion_min.model import Transformer
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Start the process group when launched by torchrun; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return Dist(rank, world, local_rank, dev)
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    """Sum a few Python floats over ranks (for logging exact global means)."""
+    if d.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(d: Dist):
+    if d.world > 1:
+        dist.barrier()
+
+
+def parallelize(model: Transformer, d: Dist, *, param_dtype: torch.dtype, activation_checkpointing: bool,
+                compile: bool) -> Transformer:
+    """Wrap `model` in place, in torchtitan's order:
+
+    1. activation checkpointing per block (recompute the block in backward),
+    2. torch.compile per block (small graphs compile fast and are reused by every layer),
+    3. FSDP2 fully_shard on each block, then on the root (embedding, final norm, head).
+
+    FSDP is used when there is more than one rank or when training in bf16: its
+    MixedPrecisionPolicy keeps fp32 master weights and reduces gradients in fp32 while computing in
+    param_dtype. A single fp32 process runs the plain module.
+    """
+    model.activation_checkpointing = activation_checkpointing
+    if compile:
+        for block in model.layers:
+            block.compile()
+    if d.world > 1 or param_dtype != torch.float32:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not dist.is_initialized():  # bf16 on one process: FSDP still needs a (trivial) group
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", rank=0, world_size=1)
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    return model
+
+
+def build_model(args, d: Dist, *, load_weights=None, seed: int = 0, param_dtype=torch.float32,
+                activation_checkpointing: bool = False, compile: bool = False, attn_backend: str = "auto"):
+    """Meta-device construction, wrapping, then weights: the torchtitan order.
+
+    The module is built on the meta device (no memory), wrapped by `parallelize`, allocated on this
+    rank's device (each rank only its shards under FSDP), and filled with full float32 weights that
+    rank 0 alone reads (`load_weights()` -> a state dict with our names, on CPU) or, without it,
+    initialises from `seed`; FSDP then hands every rank its shard. Master weights stay float32.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.attn_backend = attn_backend
+    parallelize(model, d, param_dtype=param_dtype, activation_checkpointing=activation_checkpointing, compile=compile)
+    model.to_empty(device=d.device)
+    model.init_buffers()
+    state_dict = {}
+    if d.main:
+        if load_weights is not None:
+            state_dict = load_weights()
+        else:
+            cpu_model = Transformer(args)
+            cpu_model.init_weights(seed=seed)
+            state_dict = cpu_model.state_dict()
+        state_dict = {k: v.float() for k, v in state_dict.items() if k != "inv_freq"}
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1)
+        set_model_state_dict(model, state_dict, options=opts)
+    else:
+        model.load_state_dict(state_dict)
+    return model

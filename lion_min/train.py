@@ -1,0 +1,369 @@
+"""The training loop all three stages share.
+
+A stage supplies two things:
+- `batches`: which rows each rank sees at each step (`micro_batches(step)`), plus the global
+  normaliser of that step (target tokens for SFT, pairs for DPO) that every rank knows without
+  communicating, because every rank builds the same deterministic plan;
+- `objective(model, micro, norm) -> (loss, sums)`: the micro-batch's share of the global mean
+  (its sum divided by the global normaliser) and the raw sums of the metrics to log.
+
+Because each micro-batch loss is divided by the *global* count, summing gradients over
+micro-batches and ranks gives exactly the gradient of the global mean: the loss and the update do
+not depend on gradient accumulation or world size.
+"""
+
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lion_min.checkpoint import save_model
+from lion_min.config import TrainConfig, config_to_json
+from lion_min.parallel import Dist, all_reduce_sum, barrier
+
+Objective = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]]
+
+
+class Batches(Protocol):
+    num_steps: int
+
+    def micro_batches(self, step: int) -> tuple[list[dict], float]:
+        """This rank's micro-batches for optimizer step `step` (0-based), and the global normaliser.
+        Every rank must get the same number of micro-batches (FSDP runs collectives per forward)."""
+
+
+class RowBatches:
+    """Fixed-size rows (all (N, T) arrays in `rows`), shuffled per epoch with a seeded permutation.
+
+    Step k of epoch e takes rows perm_e[k*B:(k+1)*B]; rank r takes its contiguous share of those and
+    splits it into micro-batches. The last incomplete batch of an epoch is dropped (reported).
+    """
+
+    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, micro_batch_size: int, epochs: int,
+                 seed: int, d: Dist, shuffle: bool = True):
+        n = len(rows["tokens"])
+        per_rank = batch_size // d.world
+        if batch_size % (micro_batch_size * d.world):
+            raise ValueError(f"batch_size={batch_size} must be a multiple of micro_batch_size * world size "
+                             f"= {micro_batch_size} * {d.world}")
+        if n < batch_size:
+            raise ValueError(f"only {n} rows of data for batch_size={batch_size}: lower batch_size or add data")
+        self.rows, self.batch_size, self.micro, self.seed, self.d = rows, batch_size, micro_batch_size, seed, d
+        self.steps_per_epoch = n // batch_size
+        self.num_steps = self.steps_per_epoch * epochs
+        self.dropped_rows = n - self.steps_per_epoch * batch_size
+        self.per_rank, self.shuffle = per_rank, shuffle
+
+    def _order(self, epoch: int) -> np.ndarray:
+        n = len(self.rows["tokens"])
+        return np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
+
+    def micro_batches(self, step: int) -> tuple[list[dict], float]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        idx = self._order(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
+        norm = float((self.rows["targets"][idx] != -100).sum())
+        mine = idx[self.d.rank * self.per_rank : (self.d.rank + 1) * self.per_rank]
+        micros = []
+        for i in range(0, len(mine), self.micro):
+            sel = mine[i : i + self.micro]
+            micros.append({k: torch.from_numpy(v[sel]).to(self.d.device) for k, v in self.rows.items()})
+        return micros, norm
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_ratio of the steps, then cosine / linear decay or constant."""
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1, total - warmup)
+    lo = cfg.min_lr_ratio * cfg.lr
+    if cfg.lr_schedule == "linear":
+        return lo + (cfg.lr - lo) * (1 - progress)
+    if cfg.lr_schedule == "cosine":
+        return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r} (cosine, linear, constant)")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norm weights
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+# --- throughput ----------------------------------------------------------------------------------
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """6N + 12 L H d_head T (PaLM / nanoGPT / torchtitan); N excludes the input embedding unless tied."""
+    a = model.args
+    n = a.num_params(embedding=False) + (a.vocab_size * a.dim if a.tie_embeddings else 0)
+    return 6 * n + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A folder is complete once renamed from its .tmp name,
+    which happens only after every rank finished writing and trainer_state.json exists."""
+    root = out_dir / "checkpoints"
+    found = [p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig, d: Dist, extra: dict):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = out_dir / "checkpoints" / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    for t in model_sd.values():
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if not torch.isfinite(local).all():
+            raise FloatingPointError(f"step {step}: model weights contain NaN/inf; checkpoint not written")
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    rng = {"cpu": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(d.device)
+    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    barrier(d)
+    if d.main:
+        state = {"step": step, "config": json.loads(config_to_json(cfg)), **extra}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        tmp.rename(final)
+        for old in checkpoint_dirs(out_dir)[: -cfg.keep_checkpoints or None]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no trainer_state.json)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / f"rng_rank{d.rank}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and d.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], d.device)
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def resolve_resume(cfg: TrainConfig, out_dir: Path) -> Optional[Path]:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        found = checkpoint_dirs(out_dir)
+        return found[-1] if found else None
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume={cfg.resume}: not a complete checkpoint folder (no trainer_state.json)")
+    return path
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every parameter gathered to full size on CPU (a collective under FSDP: all ranks call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def fmt_time(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    last_metrics: dict
+    eval_loss: Optional[float]
+
+
+def evaluate(model, objective: Objective, batches: Batches, d: Dist) -> dict[str, float]:
+    """Exact global mean of every metric over all eval steps (sums divided by the total normaliser)."""
+    model.eval()
+    totals: dict[str, float] = {}
+    norm_total = 0.0
+    with torch.no_grad():
+        for step in range(batches.num_steps):
+            micros, norm = batches.micro_batches(step)
+            norm_total += norm
+            for micro in micros:
+                _, sums = objective(model, micro, 1.0)
+                for k, v in sums.items():
+                    totals[k] = totals.get(k, 0.0) + v
+    model.train()
+    keys = sorted(totals)
+    reduced = all_reduce_sum([totals[k] for k in keys], d)
+    return {k: v / max(norm_total, 1.0) for k, v in zip(keys, reduced)}
+
+
+def train(
+    cfg: TrainConfig,
+    model,
+    objective: Objective,
+    batches: Batches,
+    d: Dist,
+    *,
+    eval_batches: Optional[Batches] = None,
+    tokenizer=None,
+    chat_template: Optional[str] = None,
+    seq_len: int = 0,
+    export_dtype: Optional[torch.dtype] = None,
+    summary: Optional[dict] = None,
+) -> TrainResult:
+    """Run the optimizer over `batches`, log, evaluate, checkpoint, and export a Hugging Face folder.
+
+    `model` is the parallelized module; its `.args` describe the architecture for MFU and export.
+    """
+    out_dir = Path(cfg.out_dir)
+    total = batches.num_steps if not cfg.max_steps else min(cfg.max_steps, batches.num_steps)
+    if total <= 0:
+        raise ValueError("no optimizer steps to run: the data gives fewer rows than one batch")
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    resume_from = resolve_resume(cfg, out_dir)
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, model, optimizer, d)["step"]
+    metrics_path = out_dir / "metrics.jsonl"
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(config_to_json(cfg))
+        if start == 0:
+            metrics_path.write_text("")
+        else:  # keep the lines of the steps that the checkpoint covers, drop any written after it
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= start]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        print(f"training {total} steps from step {start}" + (f" (resumed from {resume_from})" if resume_from else ""))
+    peak = peak_flops(d.device)
+    fpt = flops_per_token(model, seq_len) if seq_len else 0.0
+    tokens_seen, skipped, t_start = 0, 0, time.perf_counter()
+    last: dict = {}
+    model.train()
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        lr = lr_at(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micros, norm = batches.micro_batches(step)
+        sums: dict[str, float] = {}
+        real_tokens = 0
+        for micro in micros:
+            loss, micro_sums = objective(model, micro, norm)
+            # FSDP averages gradients over ranks; the loss is already a share of the global mean,
+            # so undo that average by scaling with the world size.
+            (loss * d.world).backward()
+            for k, v in micro_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            real_tokens += int((micro["doc_ids"] >= 0).sum())
+        keys = sorted(sums)
+        reduced = all_reduce_sum([sums[k] for k in keys] + [real_tokens], d)
+        metrics = {k: v / max(norm, 1.0) for k, v in zip(keys, reduced)}
+        real_tokens = int(reduced[-1])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not (math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())):
+            if not cfg.skip_nonfinite:
+                raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient "
+                                         f"(loss={metrics.get('loss')}, grad_norm={grad_norm}); "
+                                         f"rerun with --skip_nonfinite=true to skip such steps")
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tokens_seen += real_tokens
+        line = {"step": step + 1, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                "tokens_per_s": real_tokens / dt, "step_time_s": dt, "skipped_steps": skipped}
+        if peak and fpt:  # per rank: this rank's row tokens (padding included) against its own peak
+            line["mfu"] = fpt * sum(m["tokens"].numel() for m in micros) / dt / peak
+        line["memory_gib"] = memory_gib(d.device)
+        if eval_batches is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+            line |= {f"eval/{k}": v for k, v in evaluate(model, objective, eval_batches, d).items()}
+        if d.main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == total:
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / (step + 1 - start) * (total - step - 1)
+                parts = [f"step {step + 1}/{total}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]
+                parts += [f"lr {lr:.2e}", f"gnorm {grad_norm:.3f}", f"{line['tokens_per_s']:,.0f} tok/s"]
+                if "mfu" in line:
+                    parts.append(f"mfu {100 * line['mfu']:.1f}%")
+                parts += [f"mem {line['memory_gib']:.2f}GiB", f"eta {fmt_time(eta)}"]
+                if any(k.startswith("eval/") for k in line):
+                    parts.append(f"eval_loss {line.get('eval/loss', float('nan')):.4f}")
+                print(" | ".join(parts), flush=True)
+        last = line
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, {"tokens": tokens_seen})
+
+    eval_loss = None
+    if eval_batches is not None:
+        ev = evaluate(model, objective, eval_batches, d)
+        eval_loss = ev.get("loss")
+        if d.main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({"step": total, **{f"eval/{k}": v for k, v in ev.items()}}) + "\n")
+            print(f"eval after step {total}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+    sd = full_state_dict(model)
+    if d.main:
+        for k, v in sd.items():
+            if not torch.isfinite(v).all():
+                raise FloatingPointError(f"final weights contain NaN/inf in {k}; not exported")
+        save_model(model, out_dir, tokenizer=tokenizer, dtype=export_dtype, state_dict=sd,
+                   chat_template=chat_template)
+        if summary is not None:
+            (out_dir / "summary.json").write_text(json.dumps(summary | {"steps": total, "eval_loss": eval_loss}, indent=2))
+        print(f"wrote the Hugging Face folder {out_dir}")
+    barrier(d)
+    return TrainResult(total, last, eval_loss)
