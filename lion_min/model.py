@@ -230,7 +230,7 @@ class Transformer(nn.Module):
         doc_ids: Optional[torch.Tensor] = None,
         targets: Optional[torch.Tensor] = None,
         cache_slots: Optional[torch.Tensor] = None,
-        logits_chunk: int = 4096,
+        logits_chunk: int = 1024,
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab), or per-token log p(target) (B, T) fp32 if targets.
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from lion_min.checkpoint import save_model
 from lion_min.config import TrainConfig, config_to_json
+from lion_min.losses import IGNORE_INDEX
 from lion_min.parallel import Dist, all_reduce_sum, barrier
 
 Objective = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]]
@@ -71,7 +72,7 @@ class RowBatches:
     def micro_batches(self, step: int) -> tuple[list[dict], float]:
         epoch, k = divmod(step, self.steps_per_epoch)
         idx = self._order(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
-        norm = float((self.rows["targets"][idx] != -100).sum())
+        norm = float((self.rows["targets"][idx] != IGNORE_INDEX).sum())
         mine = idx[self.d.rank * self.per_rank : (self.d.rank + 1) * self.per_rank]
         micros = []
         for i in range(0, len(mine), self.micro):

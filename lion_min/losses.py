@@ -1,0 +1,113 @@
+"""Losses: hidden states -> per-token log-probs (chunked), the SFT objective, and the DPO family.
+
+Everything here is a pure function of tensors. The one IGNORE_INDEX marks a position whose next
+token is not a training target (prompt tokens, the last token of a document, padding).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """hidden (n, D), weight (V, D) fp32, targets (n,) -> (n,) fp32 log p(target), 0.0 where ignored."""
+    logits = F.linear(hidden.float(), weight)  # (n, V) fp32
+    picked = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (n,); ignored ones read id 0
+    logp = picked - torch.logsumexp(logits, dim=-1)  # log_softmax at the target only
+    return torch.where(targets != IGNORE_INDEX, logp, 0.0)
+
+
+def token_logprobs(
+    hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """log p(target_t | x_<=t) for every position, in fp32; 0.0 where targets == IGNORE_INDEX.
+
+    hidden (..., D) in the activation dtype, head_weight (V, D), targets (...) int64 -> (...) fp32.
+
+    Full fp32 logits would be V * N * 4 bytes (256k vocab x 8k tokens = 8 GiB per row), and
+    autograd would keep them (and the softmax) for backward. Instead the projection and the
+    log-softmax run over `chunk_size` tokens at a time, in fp32, and each chunk is checkpointed:
+    its forward keeps only its inputs, and backward recomputes that chunk's logits. At most one
+    chunk of logits (chunk_size * V * 4 bytes, 1 GiB at the default and V = 256k) lives at once.
+    """
+    D = hidden.shape[-1]
+    flat_h, flat_t = hidden.reshape(-1, D), targets.reshape(-1)  # (N, D), (N,)
+    # The fp32 copy of the head is made once, outside the chunks: its gradient then sums over
+    # chunks in fp32 and is rounded to the parameter dtype once. It costs V * D * 4 bytes, far
+    # less than the logits whenever there are more tokens than hidden units. No-op for fp32.
+    weight = head_weight.float()
+    out = [
+        checkpoint(_chunk_logprobs, h, weight, t, use_reentrant=False)
+        for h, t in zip(flat_h.split(chunk_size), flat_t.split(chunk_size))
+    ]
+    return torch.cat(out).reshape(targets.shape)
+
+
+def sft_loss(token_logp: torch.Tensor, targets: torch.Tensor, num_target_tokens: float) -> torch.Tensor:
+    """L = -(1 / N_global) * sum over target tokens t of log p(x_t | x_<t).
+
+    token_logp, targets (B, T). num_target_tokens is the count of targets != IGNORE_INDEX over the
+    WHOLE global batch (every micro-batch on every rank), not this micro-batch: each micro-batch then
+    contributes its exact share of the global mean, so summing losses and gradients over
+    micro-batches and ranks gives the same loss and update whatever the accumulation or world size.
+    (Dividing by the local count would weight a token by 1 / its micro-batch's count instead.)
+    """
+    summed = torch.where(targets != IGNORE_INDEX, token_logp, 0.0).sum()
+    # A global batch with no targets at all gives 0, not 0/0 = NaN.
+    return -summed / max(num_target_tokens, 1)
+
+
+def sequence_logps(token_logp: torch.Tensor, doc_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """Per-example log p(sequence): sum of token_logp over the tokens of each example.
+
+    token_logp (B, T) fp32, doc_ids (B, T) int64 (example index, -1 for padding) -> (num_sequences,).
+    Masked positions already hold 0.0, so each sum covers exactly the example's trained tokens;
+    an example with no tokens in this batch gets 0.0.
+    """
+    keep = doc_ids >= 0
+    out = token_logp.new_zeros(num_sequences)
+    return out.index_add(0, doc_ids[keep], token_logp[keep])
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and implicit rewards. All inputs (B,) sequence log-probs -> three (B,).
+
+    With h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]:
+
+    - "sigmoid" (Rafailov et al. 2023, Eq. 7):  L = -log sigma(beta * h).
+      With label_smoothing eps > 0 (conservative DPO, cDPO: the label is flipped with probability
+      eps):  L = -(1 - eps) * log sigma(beta * h) - eps * log sigma(-beta * h).
+    - "ipo" (Azar et al. 2023, IPO):  L = (h - 1 / (2 * beta))^2, beta playing the role of tau.
+      h uses sequence sums as above (some libraries average IPO's log-probs over tokens instead).
+    - "hinge" (SLiC-style):  L = relu(1 - beta * h).
+
+    Rewards: beta * (log pi - log pi_ref) for chosen and rejected, detached (for logging only).
+    The batch loss is losses.mean() (or a sum over a global count of pairs, as in sft_loss).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {DPO_LOSS_TYPES}")
+    if label_smoothing != 0.0 and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing only applies to loss_type='sigmoid', not {loss_type!r}")
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,)
+    h = chosen_logratios - rejected_logratios  # (B,)
+    if loss_type == "sigmoid":
+        # logsigmoid, not log(sigmoid(.)): stays finite for large |beta * h|.
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = torch.relu(1 - beta * h)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

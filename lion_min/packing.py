@@ -1,0 +1,154 @@
+"""Packing: tokenized examples -> fixed-length rows for the model and the losses.
+
+Each example is the chat template's `(input_ids, loss_mask)`; loss_mask[i] says token i is a
+training target, i.e. is predicted from position i - 1 (so loss_mask[0] is never used). A row is
+seq_len tokens holding one or more whole examples ("documents") followed by padding, as four
+(num_rows, seq_len) int64 arrays:
+
+    tokens     the token ids; pad_id after the last document
+    positions  RoPE positions, restarting at 0 for each document; 0 on padding
+    doc_ids    index of the example in the list given to pack(); -1 on padding
+    targets    the next token of the same document where it trains, else IGNORE_INDEX; the last
+               token of a document and all padding are IGNORE_INDEX, so nothing is ever predicted
+               across a document boundary
+
+Attention keeps documents apart using doc_ids (attention.py), so packed documents do not see
+each other and the result matches running each example on its own.
+"""
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lion_min.losses import IGNORE_INDEX
+
+FIELDS = ("tokens", "positions", "doc_ids", "targets")
+
+
+@dataclass
+class Packed:
+    rows: dict[str, np.ndarray]
+    """FIELDS -> (num_rows, seq_len) int64 arrays (see the module docstring)."""
+    num_examples: int
+    """Examples given to pack()."""
+    num_packed: int
+    """Examples placed in rows (truncated ones included); num_packed + num_dropped == num_examples."""
+    num_truncated: int
+    """Examples longer than seq_len cut to their first seq_len tokens (overflow="truncate")."""
+    num_dropped: int
+    """Examples longer than seq_len left out (overflow="drop")."""
+    real_tokens: int
+    """Example tokens in the rows (everything but padding)."""
+    row_tokens: int
+    """num_rows * seq_len."""
+    target_tokens: int
+    """Positions whose target is not IGNORE_INDEX."""
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of row tokens that are real (not padding)."""
+        return self.real_tokens / self.row_tokens if self.row_tokens else 0.0
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices, each bin's lengths summing to <= capacity (every length <= capacity).
+
+    Longest item first; each item goes into the bin with the least space left that still fits it
+    (ties: the bin opened first), or a new bin. Deterministic for a given input: the sort is stable
+    (equal lengths keep input order). Each bin lists its items in input order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (space left, bin index); full bins leave the list
+    for i in order:
+        j = bisect.bisect_left(free, (lengths[i], -1))  # first bin with space >= length
+        if j == len(free):
+            bins.append([])
+            space, b = capacity, len(bins) - 1
+        else:
+            space, b = free.pop(j)
+        bins[b].append(i)
+        if space - lengths[i] > 0:
+            bisect.insort(free, (space - lengths[i], b))
+    return [sorted(b) for b in bins]
+
+
+def pack(
+    examples: list[tuple[list[int], list[bool]]],
+    seq_len: int,
+    pad_id: int,
+    mode: str = "pack",
+    loss_mask: bool = True,
+    overflow: str = "truncate",
+) -> Packed:
+    """Lay examples out in rows of exactly seq_len tokens.
+
+    mode: "pack" fills rows with several examples (best-fit-decreasing); "pad" puts one example per
+        row, right-padded.
+    loss_mask: False trains on every next token inside each document, ignoring the template's mask
+        (the "no masking" ablation).
+    overflow: what to do with an example longer than seq_len: "truncate" keeps its first seq_len
+        tokens (the cut-off token is not a target), "drop" leaves it out. Both are counted.
+    """
+    if mode not in ("pack", "pad"):
+        raise ValueError(f"mode must be 'pack' or 'pad', not {mode!r}")
+    if overflow not in ("truncate", "drop"):
+        raise ValueError(f"overflow must be 'truncate' or 'drop', not {overflow!r}")
+    kept, lengths = [], []  # example indices that go into rows, and their (possibly cut) lengths
+    truncated = dropped = 0
+    for i, (ids, mask) in enumerate(examples):
+        if len(ids) != len(mask) or not ids:
+            raise ValueError(f"example {i}: {len(ids)} ids and {len(mask)} mask entries (need equal, > 0)")
+        if len(ids) > seq_len and overflow == "drop":
+            dropped += 1
+            continue
+        if len(ids) > seq_len:
+            truncated += 1
+        kept.append(i)
+        lengths.append(min(len(ids), seq_len))
+
+    if mode == "pack":
+        row_docs = [[kept[j] for j in b] for b in best_fit_decreasing(lengths, seq_len)]
+    else:
+        row_docs = [[i] for i in kept]
+    length = dict(zip(kept, lengths))
+
+    R = len(row_docs)
+    rows = {
+        "tokens": np.full((R, seq_len), pad_id, dtype=np.int64),
+        "positions": np.zeros((R, seq_len), dtype=np.int64),
+        "doc_ids": np.full((R, seq_len), -1, dtype=np.int64),
+        "targets": np.full((R, seq_len), IGNORE_INDEX, dtype=np.int64),
+    }
+    for r, docs in enumerate(row_docs):
+        start = 0
+        for i in docs:
+            n = length[i]
+            ids = np.asarray(examples[i][0][:n], dtype=np.int64)  # (n,)
+            trains = np.asarray(examples[i][1][1:n], dtype=bool) if loss_mask else True  # (n-1,)
+            span = slice(start, start + n)
+            rows["tokens"][r, span] = ids
+            rows["positions"][r, span] = np.arange(n)
+            rows["doc_ids"][r, span] = i
+            # Position t predicts token t+1 of the same document; the document's last token
+            # keeps IGNORE_INDEX, so no target crosses into the next document or padding.
+            rows["targets"][r, start : start + n - 1] = np.where(trains, ids[1:], IGNORE_INDEX)
+            start += n
+
+    return Packed(
+        rows=rows,
+        num_examples=len(examples),
+        num_packed=len(kept),
+        num_truncated=truncated,
+        num_dropped=dropped,
+        real_tokens=sum(lengths),
+        row_tokens=R * seq_len,
+        target_tokens=int((rows["targets"] != IGNORE_INDEX).sum()),
+    )
+
+
+def collate(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Rows (all of Packed.rows, or a selection like {k: v[idx]}) -> (B, T) int64 tensors."""
+    return {k: torch.from_numpy(np.ascontiguousarray(rows[k])) for k in FIELDS}
