@@ -1,0 +1,747 @@
+"""Training data: records from files or the hub -> conversations and preference pairs.
+
+No tokenization here; lion_min.chat turns messages into ids. A conversation is a list of messages
+`{"role": "system" | "user" | "assistant", "content": str}` (only those two keys are kept). A
+`Preference` holds the shared prompt turns and, separately, the chosen and the rejected response
+turns that follow them.
+
+Sources
+-------
+A source names where records come from:
+
+    data/train.jsonl            a local file (.jsonl, .json or .parquet)
+    data/*.jsonl, data/**/*.parquet
+                                a glob (sorted; ** recurses)
+    data/                       a folder: every .parquet, .jsonl and .json file under it, sorted
+    org/name                    a hub dataset: its data files (see below)
+    org/name:train_sft          ... only the files whose path within the repo contains the split as
+                                a whole word (letters, digits and _ are word characters), so
+                                `train` matches train-0000.parquet, data/train/x.parquet and
+                                train.jsonl but not train_prefs-0000.parquet
+    org/name/data/*.parquet     ... only files matching a pattern within the repo (fnmatch, `*`
+                                also crosses folders); a plain file name fetches just that file
+    org/name@v1.0               ... at a revision (branch, tag or commit); a revision holding `/`
+                                is written URL-encoded (refs%2Fconvert%2Fparquet) or given as the
+                                `revision` option instead
+    hf://org/name...            always the hub, never a local path (hf://datasets/org/name too)
+
+The forms combine in this order: `[hf://]org/name[@revision][/pattern][:split]`. A string is
+local when it names an existing file or folder or a glob that matches something; otherwise it is
+a hub dataset if it looks like one (org/name, not ending in a data-file extension). Hub files come
+through huggingface_hub (`hf_hub_download` for one file, else `snapshot_download`, both with
+repo_type="dataset"), so HF_HUB_OFFLINE=1 reads only the local cache. Without a pattern, the repo's
+.parquet files are used, else its .jsonl files, else its .json files (never a mix of types, so a
+dataset_infos.json beside parquet files is not read as data).
+
+File formats: JSONL, one JSON object per line (blank lines ignored); .json, either a JSON array of
+objects or JSON lines; Parquet (needs the optional pyarrow package).
+
+Schemas
+-------
+Detected per source from the first record's keys, or forced with `schema=`. `columns=` maps the
+schema's field names (left column below) to the record's keys, e.g. MetaMathQA:
+`columns={"prompt": "query", "response": "response"}`.
+
+    SFT (load_conversations)
+    messages          messages: [{role, content}]                      UltraChat-200k
+    sharegpt          conversations: [{from, value}], from in human|user, gpt|assistant, system
+                                                                       SlimOrca, OpenHermes-2.5
+    prompt_response   prompt: str, response: str, optional system: str (only when mapped)
+
+    Preferences (load_preferences)
+    text_pairs        prompt, chosen, rejected: str; optional system: str (only when mapped)
+    message_pairs     chosen, rejected: whole conversations [{role, content}] that share the
+                      prompt turns (UltraFeedback-binarized; a `prompt` key beside them is ignored)
+    hh_rlhf           chosen, rejected: "\\n\\nHuman: ...\\n\\nAssistant: ..." text, multi-turn
+
+For message_pairs and hh_rlhf the prompt is every turn up to the last non-assistant turn; it must
+be identical in chosen and rejected, and what follows must be assistant turns only (one, usually).
+
+Every conversation is checked: known roles only, a system message only as the first message,
+string contents, no empty (blank) assistant turn, and for SFT at least one assistant turn.
+
+Mixtures
+--------
+`source` may be one source or a mixture: a list whose entries are source strings or dicts
+`{"path": ..., "fraction" | "weight": ..., "schema": ..., "columns": {...}, "revision": ...}`,
+or the same as a JSON string (starting with `[`), or a compact string of comma-separated entries
+`SOURCE[:FRACTION]` or `SOURCE:weight=W`, e.g.
+
+    "a.jsonl:0.5,b.jsonl,org/name:train:weight=2"
+
+    [{"path": "teknium/OpenHermes-2.5"},
+     {"path": "meta-math/MetaMathQA", "columns": {"prompt": "query"}, "fraction": 0.5},
+     {"path": "HuggingFaceH4/ultrachat_200k:train_sft", "revision": "<commit>"}]
+
+- fraction f (default 1 when neither is given): take k = round(f * n) (half up) of the source's n
+  valid records: a random subset without replacement when k < n; when k > n every record
+  floor(k / n) times plus a random subset of k mod n. Independent of the other sources.
+- weight w: the sources with a weight form one group whose size is the sum of their valid record
+  counts (so the group is as big as concatenating them); that size is divided among them in
+  proportion to their weights (largest remainder rounding, so the counts sum exactly), each then
+  taken like a fraction. Equal weights give equal counts whatever the source sizes.
+
+Sampling is deterministic given `seed` (each source draws from its own generator seeded with the
+seed, its index and its spec). The result is the sources' records concatenated in mixture order,
+each source's records in file order; it is not shuffled (the training loader shuffles). Repeated
+records are the same objects: treat the results as read-only.
+
+Bad records
+-----------
+A bad record raises one DataError naming the file, the 1-based line (JSONL), item (JSON array) or
+row (Parquet), and the key, e.g. `a.jsonl: line 3: 'messages[1].role': unknown role 'bot' ...`.
+With skip_bad=True it is skipped and counted by reason in the returned LoadStats instead; a
+source whose records are all bad is still an error. Problems that are not about one record (no
+such file, an empty file, a schema that cannot be detected, a malformed JSON array or Parquet file,
+pyarrow missing (an ImportError), hub failures) always raise.
+"""
+
+import fnmatch
+import glob
+import json
+import math
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+from urllib.parse import unquote
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+EXTENSIONS = (".parquet", ".jsonl", ".json")  # also the preference order for hub repos
+SFT_SCHEMAS = ("messages", "sharegpt", "prompt_response")
+PREFERENCE_SCHEMAS = ("text_pairs", "message_pairs", "hh_rlhf")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# The field names each schema reads; `columns` may map any of them to another key.
+SCHEMA_FIELDS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_response": ("prompt", "response", "system"),
+    "text_pairs": ("prompt", "chosen", "rejected", "system"),
+    "message_pairs": ("chosen", "rejected"),
+    "hh_rlhf": ("chosen", "rejected"),
+}
+_ERRORS_KEPT = 5  # skipped-record messages kept per source for the run summary
+
+
+class DataError(ValueError):
+    """A bad record or source. `path`, `location` ("line 3"), `key` and `reason` (a short category
+    such as "missing key", used to count skipped records) are kept for callers."""
+
+    def __init__(self, message: str, path: str = "", location: str = "", key: str = "", reason: str = ""):
+        super().__init__(message)
+        self.path, self.location, self.key, self.reason = path, location, key, reason
+
+
+class _Bad(Exception):
+    """Raised by the record parsers; the loader adds the file and line and raises or counts it."""
+
+    def __init__(self, reason: str, key: str = "", detail: str = ""):
+        self.reason, self.key, self.detail = reason, key, detail or reason
+
+
+@dataclass(frozen=True)
+class Preference:
+    prompt: Conversation  # the shared turns, ending with a user turn
+    chosen: Conversation  # the response turn(s) that follow the prompt (assistant only)
+    rejected: Conversation
+
+
+@dataclass
+class Source:
+    """One entry of a mixture; see the module docstring for the grammar and the mixing rules."""
+
+    path: str
+    fraction: Optional[float] = None
+    weight: Optional[float] = None
+    schema: Optional[str] = None
+    columns: Optional[dict[str, str]] = None
+    revision: Optional[str] = None
+
+
+@dataclass
+class SourceStats:
+    source: str
+    files: list[str] = field(default_factory=list)
+    read: int = 0  # records read (blank lines are not records)
+    skipped: int = 0  # bad records skipped (skip_bad=True)
+    kept: int = 0  # records in the result, after the mixture's subsampling or repetition
+    reasons: Counter = field(default_factory=Counter)  # reason -> skipped count
+    errors: list[str] = field(default_factory=list)  # the first few skipped-record messages
+
+    @property
+    def valid(self) -> int:
+        return self.read - self.skipped
+
+
+@dataclass
+class LoadStats:
+    sources: list[SourceStats] = field(default_factory=list)
+
+    @property
+    def read(self) -> int:
+        return sum(s.read for s in self.sources)
+
+    @property
+    def skipped(self) -> int:
+        return sum(s.skipped for s in self.sources)
+
+    @property
+    def kept(self) -> int:
+        return sum(s.kept for s in self.sources)
+
+    @property
+    def reasons(self) -> Counter:
+        return sum((s.reasons for s in self.sources), Counter())
+
+    def summary(self) -> str:
+        lines = [f"data: {len(self.sources)} source(s), {self.read} records read, {self.skipped} skipped, "
+                 f"{self.kept} kept"]
+        for s in self.sources:
+            line = f"  {s.source}: {len(s.files)} file(s), read {s.read}, skipped {s.skipped}, kept {s.kept}"
+            if s.reasons:
+                line += " (" + ", ".join(f"{r}: {n}" for r, n in s.reasons.most_common()) + ")"
+            lines.append(line)
+            lines += [f"    skipped {e}" for e in s.errors]
+        return "\n".join(lines)
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+
+def load_conversations(source: Any, *, schema: Optional[str] = None, columns: Optional[dict[str, str]] = None,
+                       skip_bad: bool = False, seed: int = 0,
+                       revision: Optional[str] = None) -> tuple[list[Conversation], LoadStats]:
+    """SFT conversations from a source or a mixture. schema, columns and revision apply to the
+    sources that do not set their own."""
+    return _load(source, SFT_SCHEMAS, schema, columns, skip_bad, seed, revision)
+
+
+def load_preferences(source: Any, *, schema: Optional[str] = None, columns: Optional[dict[str, str]] = None,
+                     skip_bad: bool = False, seed: int = 0,
+                     revision: Optional[str] = None) -> tuple[list[Preference], LoadStats]:
+    """Preference pairs from a source or a mixture; arguments as for load_conversations."""
+    return _load(source, PREFERENCE_SCHEMAS, schema, columns, skip_bad, seed, revision)
+
+
+def parse_mixture(spec: Any) -> list[Source]:
+    """A source or mixture spec (string, compact string, JSON string, dict, Source, Path or a list
+    of these) -> a list of Source."""
+    if isinstance(spec, (Source, dict, Path)):
+        spec = [spec]
+    elif isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith(("[", "{")):
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"mixture spec: malformed JSON: {e}") from None
+            spec = [spec] if isinstance(spec, dict) else spec
+        else:
+            spec = [e.strip() for e in text.split(",")]
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise DataError(f"mixture spec: expected a source or a non-empty list of sources, got {spec!r}")
+    sources = []
+    for entry in spec:
+        if isinstance(entry, Source):
+            src = replace(entry)  # a copy: _check_source normalises it
+        elif isinstance(entry, Path):
+            src = Source(str(entry))
+        elif isinstance(entry, str):
+            src = _parse_compact_entry(entry)
+        elif isinstance(entry, dict):
+            unknown = set(entry) - {"path", "fraction", "weight", "schema", "columns", "revision"}
+            if unknown or "path" not in entry:
+                raise DataError(f"mixture entry {entry!r}: needs 'path'; allowed keys are path, fraction, weight, "
+                                f"schema, columns, revision" + (f" (unknown: {sorted(unknown)})" if unknown else ""))
+            src = Source(**entry)
+        else:
+            raise DataError(f"mixture entry {entry!r}: expected a string or a dict")
+        _check_source(src)
+        sources.append(src)
+    return sources
+
+
+def train_eval_split(items: Sequence, eval_fraction: float, seed: int = 0) -> tuple[list, list]:
+    """Split items into (train, eval) deterministically: round(eval_fraction * n) items chosen at
+    random (at least one when eval_fraction > 0) go to eval. Both keep the original order."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n = len(items)
+    n_eval = max(1, _round(eval_fraction * n)) if eval_fraction > 0 else 0
+    if n_eval >= n and n_eval > 0:
+        raise ValueError(f"eval_fraction {eval_fraction} of {n} items leaves nothing to train on")
+    in_eval = set(random.Random(f"split:{seed}").sample(range(n), n_eval))
+    return [x for i, x in enumerate(items) if i not in in_eval], [x for i, x in enumerate(items) if i in in_eval]
+
+
+def resolve_files(path: str, revision: Optional[str] = None) -> list[Path]:
+    """A source string (local path, glob, folder or hub spec; not a mixture) -> its data files."""
+    local = None if path.startswith("hf://") else _local_files(path)
+    if local is not None:
+        return local
+    hub = _parse_hub_spec(path)
+    if hub is None:
+        what = "no files match this glob" if glob.has_magic(path) else "no such file or folder"
+        raise DataError(f"{path}: {what} (and not a hub dataset like org/name)", path=path)
+    return _hub_files(path, *hub, revision=revision)
+
+
+# --- mixing --------------------------------------------------------------------------------------
+
+
+def _load(spec, schemas, schema, columns, skip_bad, seed, revision):
+    sources = parse_mixture(spec)
+    stats = LoadStats()
+    per_source = []
+    for src in sources:
+        st = SourceStats(source=src.path)
+        stats.sources.append(st)
+        per_source.append(_read_source(src, schemas, schema, columns, revision, skip_bad, st))
+
+    counts = _mixture_counts(sources, [len(x) for x in per_source])
+    out = []
+    for i, (src, items, k, st) in enumerate(zip(sources, per_source, counts, stats.sources)):
+        taken = _take(items, k, random.Random(f"{seed}:{i}:{src.path}"))
+        st.kept = len(taken)
+        out += taken
+    return out, stats
+
+
+def _mixture_counts(sources: list[Source], sizes: list[int]) -> list[int]:
+    counts = [_round((s.fraction if s.fraction is not None else 1.0) * n) for s, n in zip(sources, sizes)]
+    weighted = [i for i, s in enumerate(sources) if s.weight is not None]
+    if weighted:
+        total = sum(sizes[i] for i in weighted)
+        w_sum = sum(sources[i].weight for i in weighted)
+        exact = {i: total * sources[i].weight / w_sum for i in weighted}
+        for i in weighted:
+            counts[i] = math.floor(exact[i])
+        # Largest remainder, ties by mixture order, so the group's counts sum to exactly `total`.
+        by_remainder = sorted(weighted, key=lambda i: (-(exact[i] - counts[i]), i))
+        for i in by_remainder[: total - sum(counts[i] for i in weighted)]:
+            counts[i] += 1
+    return counts
+
+
+def _take(items: list, k: int, rng: random.Random) -> list:
+    """k items: all of them floor(k / n) times, then a random subset of k mod n, in file order."""
+    n = len(items)
+    if k == n:
+        return list(items)
+    whole, rest = divmod(k, n)
+    subset = sorted(rng.sample(range(n), rest))
+    return items * whole + [items[i] for i in subset]
+
+
+def _round(x: float) -> int:
+    return math.floor(x + 0.5)  # half up, not Python's half-to-even
+
+
+_NUMBER = re.compile(r"^[0-9]*\.?[0-9]+(e[-+]?[0-9]+)?$", re.IGNORECASE)
+
+
+def _parse_compact_entry(entry: str) -> Source:
+    head, sep, tail = entry.rpartition(":")
+    if sep and _NUMBER.match(tail):
+        return Source(head, fraction=float(tail))
+    for key in ("fraction", "weight"):
+        if sep and tail.startswith(key + "="):
+            value = tail[len(key) + 1:]
+            if not _NUMBER.match(value):
+                raise DataError(f"mixture entry {entry!r}: {key} must be a number, got {value!r}")
+            return Source(head, **{key: float(value)})
+    return Source(entry)
+
+
+def _check_source(src: Source) -> None:
+    name = f"mixture entry {src.path!r}"
+    if not isinstance(src.path, (str, Path)) or not str(src.path):
+        raise DataError(f"mixture entry {src!r}: 'path' must be a non-empty string")
+    src.path = str(src.path)
+    if src.fraction is not None and src.weight is not None:
+        raise DataError(f"{name}: give a fraction or a weight, not both")
+    for key in ("fraction", "weight"):
+        value = getattr(src, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                  or math.isinf(value)):
+            raise DataError(f"{name}: {key} must be a positive number, got {value!r}")
+    if src.columns is not None and not (isinstance(src.columns, dict)
+                                        and all(isinstance(v, str) for v in src.columns.values())):
+        raise DataError(f"{name}: columns must map field names to key names, got {src.columns!r}")
+
+
+# --- reading one source --------------------------------------------------------------------------
+
+
+def _read_source(src: Source, schemas, schema, columns, revision, skip_bad, st: SourceStats) -> list:
+    schema = src.schema or schema
+    columns = src.columns if src.columns is not None else (columns or {})
+    if schema is not None and schema not in schemas:
+        raise DataError(f"{src.path}: unknown schema {schema!r}; expected one of {', '.join(schemas)}", path=src.path)
+    allowed = set().union(*(SCHEMA_FIELDS[s] for s in ([schema] if schema else schemas)))
+    if set(columns) - allowed:
+        raise DataError(f"{src.path}: columns {sorted(set(columns) - allowed)} are not fields of "
+                        f"{schema or ' or '.join(schemas)}; fields: {', '.join(sorted(allowed))}", path=src.path)
+    files = resolve_files(src.path, src.revision or revision)
+    st.files = [str(f) for f in files]
+    col = _Columns(columns)
+
+    out = []
+    parse: Optional[Callable] = None
+    for path, location, record in _records(files):
+        st.read += 1
+        try:
+            if isinstance(record, _Bad):
+                raise record
+            if not isinstance(record, dict):
+                raise _Bad("wrong type", "", f"expected a JSON object, got {type(record).__name__}")
+            if parse is None:  # the schema is fixed by the source's first record
+                name = schema or _detect(record, schemas, col)
+                if name is None:
+                    raise DataError(f"{path}: {location}: cannot tell the schema from the keys "
+                                    f"{sorted(record)}; pass schema= (one of {', '.join(schemas)}) and columns= "
+                                    f"to map field names to keys", path=str(path), location=location)
+                parse = _PARSERS[name]
+            out.append(parse(record, col))
+        except _Bad as bad:
+            key = f"'{bad.key}': " if bad.key else ""
+            message = f"{path}: {location}: {key}{bad.detail}"
+            if not skip_bad:
+                raise DataError(message, str(path), location, bad.key, bad.reason) from None
+            st.skipped += 1
+            st.reasons[bad.reason] += 1
+            if len(st.errors) < _ERRORS_KEPT:
+                st.errors.append(message)
+    if st.read == 0:
+        raise DataError(f"{src.path}: no records in {', '.join(st.files)}", path=src.path)
+    if not out:
+        raise DataError(f"{src.path}: all {st.read} records are bad; first: {st.errors[0]}", path=src.path)
+    return out
+
+
+def _detect(r: dict, schemas, col) -> Optional[str]:
+    if schemas == SFT_SCHEMAS:
+        if col("messages") in r:
+            return "messages"
+        if col("conversations") in r:
+            return "sharegpt"
+        if col("prompt") in r and col("response") in r:
+            return "prompt_response"
+        return None
+    if col("chosen") not in r or col("rejected") not in r:
+        return None
+    if isinstance(r[col("chosen")], list):
+        return "message_pairs"
+    return "text_pairs" if col("prompt") in r else "hh_rlhf"
+
+
+def _records(files: list[Path]) -> Iterator[tuple[Path, str, Any]]:
+    """(file, "line 3" | "item 3" | "row 3", record or _Bad) for each record, all positions 1-based."""
+    for path in files:
+        if path.suffix == ".parquet":
+            yield from _parquet_records(path)
+            continue
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+            f.seek(0)
+            if path.suffix == ".json" and head.startswith(b"["):
+                try:
+                    items = json.load(f)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    # One malformed array spoils the whole file, so it is not a skippable record.
+                    raise DataError(f"{path}: malformed JSON: {e}", path=str(path)) from None
+                for i, item in enumerate(items, 1):
+                    yield path, f"item {i}", item
+                continue
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    record = _Bad("malformed JSON", "", f"malformed JSON: {e}")
+                yield path, f"line {n}", record
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[Path, str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{path}: reading Parquet files needs pyarrow, which is not installed "
+                          f"(pip install pyarrow)") from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types for a corrupt or truncated file
+        raise DataError(f"{path}: not a readable Parquet file: {e}", path=str(path)) from None
+    row = 0
+    for batch in table.iter_batches():
+        for record in batch.to_pylist():
+            row += 1
+            yield path, f"row {row}", record
+
+
+# --- record parsers: record -> conversation or Preference, or raise _Bad --------------------------
+
+
+class _Columns(dict):
+    """The `columns` mapping; col("prompt") is the record key that holds the prompt field."""
+
+    def __call__(self, name: str) -> str:
+        return self.get(name, name)
+
+
+def _get(r: dict, key: str, kind: type) -> Any:
+    if key not in r:
+        raise _Bad("missing key", key, f"missing (keys present: {', '.join(sorted(r))})")
+    if not isinstance(r[key], kind):
+        raise _Bad("wrong type", key, f"expected {kind.__name__}, got {type(r[key]).__name__}")
+    return r[key]
+
+
+def _check(conv: Conversation, keys: list[str], need_assistant: bool, where: str) -> Conversation:
+    """Validate a normalised conversation; keys[i] names message i's content in the record."""
+    for i, m in enumerate(conv):
+        if m["role"] == "system" and i > 0:
+            raise _Bad("misplaced system message", keys[i], "a system message may only be the first message")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise _Bad("empty assistant turn", keys[i], "empty assistant turn")
+    if need_assistant and not any(m["role"] == "assistant" for m in conv):
+        raise _Bad("no assistant turn", where, "no assistant turn")
+    return conv
+
+
+def _messages(value: Any, key: str) -> tuple[Conversation, list[str]]:
+    if not isinstance(value, list):
+        raise _Bad("wrong type", key, f"expected a list of messages, got {type(value).__name__}")
+    conv, keys = [], []
+    for i, m in enumerate(value):
+        k = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise _Bad("wrong type", k, f"expected a message object, got {type(m).__name__}")
+        role = _prefixed(m, "role", str, k)
+        if role not in ROLES:
+            raise _Bad("unknown role", f"{k}.role", f"unknown role {role!r} (expected system, user or assistant)")
+        conv.append({"role": role, "content": _prefixed(m, "content", str, k)})
+        keys.append(f"{k}.content")
+    return conv, keys
+
+
+def _parse_messages(r: dict, col) -> Conversation:
+    key = col("messages")
+    conv, keys = _messages(_get(r, key, list), key)
+    return _check(conv, keys, True, key)
+
+
+def _parse_sharegpt(r: dict, col) -> Conversation:
+    key = col("conversations")
+    conv, keys = [], []
+    for i, turn in enumerate(_get(r, key, list)):
+        k = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise _Bad("wrong type", k, f"expected a turn object, got {type(turn).__name__}")
+        who = _prefixed(turn, "from", str, k)
+        if who not in SHAREGPT_ROLES:
+            raise _Bad("unknown role", f"{k}.from",
+                       f"unknown role {who!r} (expected {', '.join(SHAREGPT_ROLES)})")
+        conv.append({"role": SHAREGPT_ROLES[who], "content": _prefixed(turn, "value", str, k)})
+        keys.append(f"{k}.value")
+    return _check(conv, keys, True, key)
+
+
+def _prefixed(d: dict, key: str, kind: type, prefix: str) -> Any:
+    try:
+        return _get(d, key, kind)
+    except _Bad as bad:
+        bad.key = f"{prefix}.{bad.key}"
+        raise
+
+
+def _with_system(r: dict, col: "_Columns", conv: Conversation) -> Conversation:
+    # The system field is read only when columns maps it, so a stray key never becomes a prompt.
+    if "system" in col:
+        return [{"role": "system", "content": _get(r, col("system"), str)}] + conv
+    return conv
+
+
+def _parse_prompt_response(r: dict, col) -> Conversation:
+    prompt, response = _get(r, col("prompt"), str), _get(r, col("response"), str)
+    conv = _with_system(r, col, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    keys = ([col("system")] if len(conv) == 3 else []) + [col("prompt"), col("response")]
+    return _check(conv, keys, True, col("response"))
+
+
+def _parse_text_pairs(r: dict, col) -> Preference:
+    prompt = _with_system(r, col, [{"role": "user", "content": _get(r, col("prompt"), str)}])
+    chosen, rejected = _get(r, col("chosen"), str), _get(r, col("rejected"), str)
+    for key, text in ((col("chosen"), chosen), (col("rejected"), rejected)):
+        if not text.strip():
+            raise _Bad("empty assistant turn", key, "empty assistant turn")
+    return Preference(prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}])
+
+
+def _split_pair(c: Conversation, c_keys: list[str], r: Conversation, r_keys: list[str],
+                c_key: str, r_key: str) -> Preference:
+    """Split two whole conversations into the shared prompt (up to the last non-assistant turn)
+    and the response turns after it."""
+    halves = []
+    for conv, keys, key in ((c, c_keys, c_key), (r, r_keys, r_key)):
+        _check(conv, keys, True, key)
+        if conv[-1]["role"] != "assistant":
+            raise _Bad("last turn not assistant", keys[-1] if keys else key,
+                       f"the last turn is a {conv[-1]['role']} turn, expected the assistant's response")
+        cut = max((i for i, m in enumerate(conv) if m["role"] != "assistant"), default=-1) + 1
+        if not any(m["role"] == "user" for m in conv[:cut]):
+            raise _Bad("no prompt", key, "no user turn before the response")
+        halves.append((conv[:cut], conv[cut:]))
+    (c_prompt, c_resp), (r_prompt, r_resp) = halves
+    if c_prompt != r_prompt:
+        first = next((i for i, (a, b) in enumerate(zip(c_prompt, r_prompt)) if a != b), min(len(c_prompt), len(r_prompt)))
+        raise _Bad("prompt mismatch", f"{c_key}/{r_key}",
+                   f"chosen and rejected do not share the prompt (they differ at prompt turn {first + 1}: "
+                   f"chosen has {len(c_prompt)} prompt turns, rejected {len(r_prompt)})")
+    return Preference(c_prompt, c_resp, r_resp)
+
+
+def _parse_message_pairs(r: dict, col) -> Preference:
+    c_key, r_key = col("chosen"), col("rejected")
+    c, c_keys = _messages(_get(r, c_key, list), c_key)
+    rj, r_keys = _messages(_get(r, r_key, list), r_key)
+    for conv, key in ((c, c_key), (rj, r_key)):
+        if not conv:
+            raise _Bad("no assistant turn", key, "empty conversation")
+    return _split_pair(c, c_keys, rj, r_keys, c_key, r_key)
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def _hh_turns(text: str, key: str) -> Conversation:
+    parts = _HH_TURN.split(text)
+    # parts = [before the first marker, role, content, role, content, ...]
+    if parts[0].strip() or len(parts) < 3:
+        raise _Bad("malformed HH-RLHF text", key, "expected text starting with '\\n\\nHuman:'")
+    return [{"role": "user" if who == "Human" else "assistant", "content": content.strip()}
+            for who, content in zip(parts[1::2], parts[2::2])]
+
+
+def _parse_hh(r: dict, col) -> Preference:
+    c_key, r_key = col("chosen"), col("rejected")
+    c = _hh_turns(_get(r, c_key, str), c_key)
+    rj = _hh_turns(_get(r, r_key, str), r_key)
+    # HH text has no per-turn keys; errors name the field and the turn number.
+    c_keys = [f"{c_key} turn {i + 1}" for i in range(len(c))]
+    r_keys = [f"{r_key} turn {i + 1}" for i in range(len(rj))]
+    return _split_pair(c, c_keys, rj, r_keys, c_key, r_key)
+
+
+_PARSERS: dict[str, Callable[[dict, Callable[[str], str]], Any]] = {
+    "messages": _parse_messages,
+    "sharegpt": _parse_sharegpt,
+    "prompt_response": _parse_prompt_response,
+    "text_pairs": _parse_text_pairs,
+    "message_pairs": _parse_message_pairs,
+    "hh_rlhf": _parse_hh,
+}
+
+
+# --- files: local and hub ------------------------------------------------------------------------
+
+
+def _local_files(path: str) -> Optional[list[Path]]:
+    """The data files a local path, glob or folder names; None when it names nothing local."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in EXTENSIONS)
+        if not files:
+            raise DataError(f"{path}: folder holds no {', '.join(EXTENSIONS)} files", path=path)
+        return files
+    if p.is_file():
+        return [_check_extension(p)]
+    if glob.has_magic(path):
+        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(path), recursive=True))
+        files = [m for m in matches if m.is_file()]
+        if files:
+            return [_check_extension(f) for f in files]
+    return None
+
+
+def _check_extension(p: Path) -> Path:
+    if p.suffix not in EXTENSIONS:
+        raise DataError(f"{p}: unsupported file type; expected {', '.join(EXTENSIONS)}", path=str(p))
+    return p
+
+
+_REPO = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@([^/:]+))?(?:/(.+?))?(?::([\w.-]+))?$")
+
+
+def _parse_hub_spec(spec: str) -> Optional[tuple[str, Optional[str], Optional[str], Optional[str]]]:
+    """`[hf://]org/name[@revision][/pattern][:split]` -> (repo_id, revision, pattern, split), or
+    None when the string does not look like a hub dataset."""
+    explicit = spec.startswith("hf://")
+    rest = spec.removeprefix("hf://")
+    if explicit:
+        rest = rest.removeprefix("datasets/")
+    m = _REPO.match(rest)
+    if m is None:
+        if explicit:
+            raise DataError(f"{spec}: not a hub spec of the form hf://org/name[@revision][/pattern][:split]", path=spec)
+        return None
+    repo_id, revision, pattern, split = m.groups()
+    # A missing local file such as data/train.jsonl is a typo, not a hub dataset.
+    if not explicit and (pattern is None and repo_id.endswith(EXTENSIONS) or spec.startswith((".", "/", "~"))):
+        return None
+    return repo_id, unquote(revision) if revision else None, pattern, split
+
+
+def _split_matches(relpath: str, split: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(split)}(?![A-Za-z0-9_])", relpath) is not None
+
+
+def _hub_files(spec: str, repo_id: str, spec_revision: Optional[str], pattern: Optional[str],
+               split: Optional[str], revision: Optional[str]) -> list[Path]:
+    if spec_revision and revision and spec_revision != revision:
+        raise DataError(f"{spec}: revision {spec_revision!r} in the spec and {revision!r} given; pick one", path=spec)
+    revision = spec_revision or revision
+    where = f"{spec}: hub dataset {repo_id}" + (f" at revision {revision}" if revision else "")
+    import huggingface_hub
+
+    try:
+        if pattern and not glob.has_magic(pattern):  # one named file
+            files = [Path(huggingface_hub.hf_hub_download(repo_id, pattern, repo_type="dataset", revision=revision))]
+            relpaths = [pattern]
+        else:
+            if pattern:
+                allow = [pattern]
+            else:  # fnmatch's * crosses folders, so this fetches a superset of the split's files
+                allow = [f"*{split or ''}*{ext}" for ext in EXTENSIONS]
+            root = Path(huggingface_hub.snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                                          allow_patterns=allow))
+            found = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in EXTENSIONS)
+            relpaths = [f.relative_to(root).as_posix() for f in found]
+            files = found
+    except Exception as e:  # offline without a cached copy, unknown repo, gated, revision not found...
+        offline = os.environ.get("HF_HUB_OFFLINE", "0")
+        raise DataError(f"{where}: not a local path, and could not get it from the Hugging Face hub "
+                        f"(HF_HUB_OFFLINE={offline}): {type(e).__name__}: {e}", path=spec) from e
+
+    pairs = list(zip(relpaths, files))
+    if pattern:
+        pairs = [(r, f) for r, f in pairs if fnmatch.fnmatch(r, pattern)]
+    if split:
+        pairs = [(r, f) for r, f in pairs if _split_matches(r, split)]
+    if not pattern:  # one file type only, preferring parquet (see the module docstring)
+        for ext in EXTENSIONS:
+            if any(r.endswith(ext) for r, _ in pairs):
+                pairs = [(r, f) for r, f in pairs if r.endswith(ext)]
+                break
+    if not pairs:
+        listed = ", ".join(relpaths[:20]) or "none"
+        raise DataError(f"{where}: no data files match" + (f" pattern {pattern!r}" if pattern else "")
+                        + (f" split {split!r}" if split else "") + f"; data files found: {listed}", path=spec)
+    return [_check_extension(f) for _, f in pairs]
