@@ -356,5 +356,5 @@ def save_model(
         gen = {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id, "pad_token_id": args.pad_token_id}
         (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
         if tokenizer is not None:
-            tokenizer.save(tmp, chat_template=chat_template) if chat_template else tokenizer.save(tmp)
+            tokenizer.save(tmp, chat_template=chat_template)
     return out_dir

@@ -1,0 +1,261 @@
+"""Chat templates (llama3, gemma, chatml) written by hand, and the loss mask of a conversation.
+
+`render` produces exactly the text of the official Jinja template (kept in `ChatTemplate.jinja` so
+exported tokenizers carry it, and checked against it in tests/test_chat.py). All three share one
+shape:
+
+    BOS  [header(role) + content + end_of_turn + after_turn] per message  [header("assistant")]
+
+with the content stripped (Jinja's `| trim` is Python's str.strip) for llama3 and gemma, not chatml.
+
+`encode_chat` tokenizes the whole rendered text ONCE (as apply_chat_template does), then builds the
+loss mask from character spans: the content of each trained assistant message plus the
+end-of-turn marker closing it. A token trains when its character span overlaps a trained span.
+Turn markers are special tokens, so span ends always fall between tokens; a span start (after the
+header's newline) falls between tokens too unless the content itself begins with whitespace the
+template keeps (chatml only, e.g. "\n..."): then the token that joins the header's newline to that
+whitespace ("\n\n") straddles the boundary and trains, since the model must emit it to produce the
+reply.
+"""
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from lion_min.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+TrainOn = Literal["assistant", "all", "last"]
+
+
+class ChatFormatError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    header: str
+    """Opens a turn; "{role}" is replaced by the role name."""
+    end_of_turn: str
+    """Special token closing every turn: trained after assistant content, and a stop token."""
+    after_turn: str
+    """Text after end_of_turn; never trained (the model stops at end_of_turn)."""
+    strip_content: bool
+    """Jinja `| trim` on the content (str.strip: Unicode whitespace at both ends)."""
+    assistant_role: str
+    """Role name written for "assistant" (gemma says "model")."""
+    allow_system: bool
+    alternate: bool
+    """Roles must go user, assistant, user, ... starting with user (gemma)."""
+    default_bos: Optional[str]
+    """BOS written by render() when no bos_token is given; None for chatml, which takes the BOS of
+    whatever model uses it."""
+    specials: tuple[str, ...]
+    """Special tokens the template writes; the tokenizer must encode each as one token."""
+    jinja: str
+    """The official Jinja template, verbatim, for tokenizer_config.json."""
+
+
+# The official templates, verbatim (data, not run here): Meta-Llama-3-8B-Instruct, gemma-2b-it,
+# and ChatML with a leading BOS as the LION models use it.
+_LLAMA3_JINJA = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim "
+    "+ '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+_GEMMA_JINJA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+    "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != "
+    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}"
+    "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+_CHATML_JINJA = (
+    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    "llama3": ChatTemplate(
+        name="llama3",
+        header="<|start_header_id|>{role}<|end_header_id|>\n\n",
+        end_of_turn="<|eot_id|>",
+        after_turn="",
+        strip_content=True,
+        assistant_role="assistant",
+        allow_system=True,
+        alternate=False,
+        default_bos="<|begin_of_text|>",
+        specials=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        jinja=_LLAMA3_JINJA,
+    ),
+    "gemma": ChatTemplate(
+        name="gemma",
+        header="<start_of_turn>{role}\n",
+        end_of_turn="<end_of_turn>",
+        after_turn="\n",
+        strip_content=True,
+        assistant_role="model",
+        allow_system=False,
+        alternate=True,
+        default_bos="<bos>",
+        specials=("<start_of_turn>", "<end_of_turn>"),
+        jinja=_GEMMA_JINJA,
+    ),
+    "chatml": ChatTemplate(
+        name="chatml",
+        header="<|im_start|>{role}\n",
+        end_of_turn="<|im_end|>",
+        after_turn="\n",
+        strip_content=False,
+        assistant_role="assistant",
+        allow_system=True,
+        alternate=False,
+        default_bos=None,
+        specials=("<|im_start|>", "<|im_end|>"),
+        jinja=_CHATML_JINJA,
+    ),
+}
+
+
+def get_template(name: str) -> ChatTemplate:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def _as_template(template: ChatTemplate | str) -> ChatTemplate:
+    return get_template(template) if isinstance(template, str) else template
+
+
+def _check_messages(messages: list[dict], t: ChatTemplate) -> None:
+    if not isinstance(messages, (list, tuple)) or len(messages) == 0:
+        raise ChatFormatError("a conversation needs at least one message (message 0 is missing)")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ChatFormatError(f"message {i}: needs 'role' and 'content' keys, got {m!r}")
+        role, content = m["role"], m["content"]
+        if not isinstance(content, str):
+            raise ChatFormatError(f"message {i}: content must be a string, got {type(content).__name__}")
+        if role not in ROLES:
+            raise ChatFormatError(f"message {i}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        if role == "system" and not t.allow_system:
+            raise ChatFormatError(f"message {i}: system role not supported by the {t.name} template")
+        if t.alternate and role != ("user" if i % 2 == 0 else "assistant"):
+            raise ChatFormatError(
+                f"message {i}: {t.name} roles must alternate user/assistant/user/assistant/..., got {role!r}"
+            )
+
+
+def _render_with_spans(
+    messages: list[dict], t: ChatTemplate, add_generation_prompt: bool, bos_token: Optional[str]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and, per message, the (start, end) character span of its content plus
+    end-of-turn marker (the part an assistant message trains on)."""
+    _check_messages(messages, t)
+    bos = bos_token if bos_token is not None else t.default_bos
+    if bos is None:
+        raise ChatFormatError(f"the {t.name} template needs a bos_token (the model's BOS)")
+    parts, spans, n = [bos], [], len(bos)
+    for m in messages:
+        role = t.assistant_role if m["role"] == "assistant" else m["role"]
+        header = t.header.format(role=role)
+        content = m["content"].strip() if t.strip_content else m["content"]
+        start = n + len(header)
+        end = start + len(content) + len(t.end_of_turn)
+        parts += [header, content, t.end_of_turn, t.after_turn]
+        spans.append((start, end))
+        n = end + len(t.after_turn)
+    if add_generation_prompt:
+        parts.append(t.header.format(role=t.assistant_role))
+    return "".join(parts), spans
+
+
+def render(
+    messages: list[dict],
+    template: ChatTemplate | str,
+    add_generation_prompt: bool = False,
+    bos_token: Optional[str] = None,
+) -> str:
+    """The conversation as text, identical to the official Jinja template's output.
+
+    messages: [{"role": "system" | "user" | "assistant", "content": str}, ...].
+    bos_token: defaults to the template's own (required for chatml); encode_chat passes the
+    tokenizer's.
+    """
+    return _render_with_spans(messages, _as_template(template), add_generation_prompt, bos_token)[0]
+
+
+@dataclass
+class ChatEncoding:
+    input_ids: list[int]
+    loss_mask: list[bool]
+    """loss_mask[i]: token i is a training target (predicted from position i - 1)."""
+
+
+def check_tokenizer(tokenizer: Tokenizer, template: ChatTemplate | str) -> None:
+    """Raise ChatFormatError unless the tokenizer has a BOS and encodes each special token the
+    template writes as a single token (else the markers would be split into ordinary text)."""
+    t = _as_template(template)
+    if tokenizer.bos_token is None:
+        raise ChatFormatError(f"the tokenizer at {tokenizer.source} has no bos_token; the {t.name} template needs one")
+    for s in (tokenizer.bos_token, *t.specials):
+        if len(tokenizer.encode(s)) != 1:
+            raise ChatFormatError(
+                f"the tokenizer at {tokenizer.source} lacks the special token {s!r} of the {t.name} template"
+            )
+
+
+def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """True for each token whose character span overlaps one of `spans` (both sorted by start)."""
+    mask, j = [], 0
+    for a, b in offsets:
+        while j < len(spans) and spans[j][1] <= a:  # spans that end before this token starts
+            j += 1
+        mask.append(j < len(spans) and spans[j][0] < b and a < spans[j][1])
+    return mask
+
+
+def encode_chat(
+    tokenizer: Tokenizer,
+    messages: list[dict],
+    template: ChatTemplate | str,
+    train_on: TrainOn = "assistant",
+    add_generation_prompt: bool = False,
+) -> ChatEncoding:
+    """Token ids of render(messages) tokenized once, and the loss mask.
+
+    train_on:
+      "assistant": the content and end-of-turn token of every assistant message (SFT).
+      "last":      the same for the last assistant message only.
+      "all":       every token except the leading BOS (which nothing predicts).
+    Never trained under "assistant"/"last": BOS, headers, the text after an end-of-turn marker,
+    system and user turns, and the generation prompt.
+    """
+    if train_on not in ("assistant", "all", "last"):
+        raise ValueError(f"train_on must be 'assistant', 'all' or 'last', got {train_on!r}")
+    t = _as_template(template)
+    check_tokenizer(tokenizer, t)
+    text, spans = _render_with_spans(messages, t, add_generation_prompt, tokenizer.bos_token)
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    if train_on == "all":
+        spans = [(len(tokenizer.bos_token), len(text))]
+    else:
+        spans = [s for m, s in zip(messages, spans) if m["role"] == "assistant"]
+        if train_on == "last":
+            spans = spans[-1:]
+    return ChatEncoding(input_ids=ids, loss_mask=_mask_from_spans(offsets, spans))
+
+
+def stop_token_ids(tokenizer: Tokenizer, template: ChatTemplate | str) -> list[int]:
+    """Ids that end a generated reply: the template's end-of-turn token, then EOS (if different)."""
+    t = _as_template(template)
+    ids = [tokenizer.token_id(t.end_of_turn)]
+    if tokenizer.eos_id is not None and tokenizer.eos_id not in ids:
+        ids.append(tokenizer.eos_id)
+    return ids

@@ -1,0 +1,108 @@
+"""The SFT stage end to end on a tiny checkpoint: invariances, resume, modes, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_hf_checkpoint
+from tokenizers_for_tests import build_gemma_chatml_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_sft  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama checkpoint with a ChatML tokenizer, and 48 short conversations."""
+    root = tmp_path_factory.mktemp("sft")
+    model = make_hf_checkpoint("llama-3-8b", root / "model", std=0.05, vocab_size=1024)
+    build_gemma_chatml_tokenizer(model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    (model / "config.json").write_text(json.dumps(cfg))
+    lines = []
+    for i in range(48):
+        turns = [{"role": "user", "content": f"What is {i} plus {i % 7}?"},
+                 {"role": "assistant", "content": f"{i} plus {i % 7} is {i + i % 7}."}]
+        if i % 3 == 0:
+            turns += [{"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]
+        lines.append(json.dumps({"messages": turns}))
+    data = root / "chats.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return {"model": model, "data": data, "root": root}
+
+
+def base_args(tiny, out, **over):
+    args = dict(model=tiny["model"], data=tiny["data"], out_dir=out, seq_len=96, batch_size=4, micro_batch_size=1,
+                max_steps=3, lr=1e-3, warmup_ratio=0.0, lr_schedule="constant", log_every=1, seed=0, device="cpu")
+    args |= over
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out):
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+def run_torchrun(args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train_sft.py"), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def test_accumulation_and_world_size_invariance(tiny, tmp_path):
+    train_sft.main(base_args(tiny, tmp_path / "acc4", micro_batch_size=1))
+    train_sft.main(base_args(tiny, tmp_path / "mb4", micro_batch_size=4))
+    run_torchrun(base_args(tiny, tmp_path / "ddp2", micro_batch_size=1))
+    ref = metrics(tmp_path / "acc4")
+    assert ref[0]["step"] == 1 and ref[-1]["step"] == 3
+    w_ref = weights(tmp_path / "acc4")
+    for other in ("mb4", "ddp2"):
+        m = metrics(tmp_path / other)
+        for a, b in zip(ref, m):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (other, a, b)
+            assert a["tokens"] == b["tokens"]
+        w = weights(tmp_path / other)
+        for k in w_ref:
+            torch.testing.assert_close(w[k], w_ref[k], atol=2e-6, rtol=1e-5, msg=f"{other}: {k}")
+    # ...and training did something: the weights moved and the loss went down.
+    start = load_file(str(tiny["model"] / "model.safetensors"))
+    assert not torch.equal(start["model.norm.weight"], w_ref["model.norm.weight"])
+    assert ref[-1]["loss"] < ref[0]["loss"]
+
+
+def test_first_metrics_line_is_loss_before_any_update(tiny, tmp_path):
+    # Step 1's loss is computed before the first optimizer step, with lr 0 or not.
+    train_sft.main(base_args(tiny, tmp_path / "a", max_steps=1, lr=1e-3))
+    train_sft.main(base_args(tiny, tmp_path / "b", max_steps=1, lr=1e-9))
+    assert metrics(tmp_path / "a")[0]["loss"] == pytest.approx(metrics(tmp_path / "b")[0]["loss"], rel=1e-7)
+    for key in ("step", "loss", "lr", "tokens", "grad_norm", "tokens_per_s"):
+        assert key in metrics(tmp_path / "a")[0]
+
+
+def test_resume_equals_uninterrupted(tiny, tmp_path):
+    full = tmp_path / "full"
+    train_sft.main(base_args(tiny, full, max_steps=6, save_every=2, epochs=2))
+    part = tmp_path / "part"
+    train_sft.main(base_args(tiny, part, max_steps=4, save_every=2, epochs=2))  # "stopped" after 4 of 6
+    # A resumed run is the same command with --resume; the schedule is that of the 6-step run.
+    train_sft.main(base_args(tiny, part, max_steps=6, save_every=2, epochs=2, resume="auto"))
+    a, b = metrics(full), metrics(part)
+    assert [m["step"] for m in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6), (x, y)
+    wa, wb = weights(full), weights(part)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
