@@ -25,7 +25,7 @@ from lion_min.packing import pack
 from lion_min.parallel import barrier, build_model, init_distributed
 from lion_min.stage import append_summary, check_seq_len, encode_conversations, load_policy, resolve_dtype
 from lion_min.tokenizer import Tokenizer
-from lion_min.train import RowBatches, train
+from lion_min.train import row_batches, train
 
 
 @dataclass
@@ -154,19 +154,19 @@ def main(argv=None):
         return pack(examples, cfg.seq_len, pad_id, mode=mode, loss_mask=True, overflow=cfg.overflow)
 
     packed = rows(convs)
-    batches = RowBatches(packed.rows, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d)
+    batches = row_batches(packed.rows, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d)
     eval_batches = None
     if eval_convs:
         ev = rows(eval_convs)
         n_eval = len(ev.rows["tokens"]) - len(ev.rows["tokens"]) % (cfg.micro_batch_size * d.world)
         if n_eval:
             ev.rows = {k: v[:n_eval] for k, v in ev.rows.items()}
-            eval_batches = RowBatches(ev.rows, n_eval, cfg.micro_batch_size, 1, 0, d, shuffle=False)
+            eval_batches = row_batches(ev.rows, n_eval, cfg.micro_batch_size, 1, 0, d, shuffle=False)
     summary = {
         "data": stats.summary(),
         "conversations": packed.num_examples, "rows": len(packed.rows["tokens"]),
         "packing_efficiency": packed.efficiency, "truncated": packed.num_truncated, "dropped": packed.num_dropped,
-        "target_tokens": packed.target_tokens, "rows_dropped_last_batch": batches.dropped_rows,
+        "target_tokens": packed.target_tokens, "rows_dropped_last_batch": batches.dropped_items,
     }
     if d.main:
         print(stats.summary())

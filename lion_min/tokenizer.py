@@ -49,8 +49,8 @@ class Tokenizer:
         self.config = dict(config or {})
         """The tokenizer_config.json read by from_dir; save() writes its other keys back."""
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
-        self.chat_template: Optional[str] = self.config.get("chat_template") if isinstance(
-            self.config.get("chat_template"), str) else None
+        template = self.config.get("chat_template")  # a list of named templates is left alone
+        self.chat_template: Optional[str] = template if isinstance(template, str) else None
         # Resolve now so a config naming a token the vocabulary lacks fails at load time.
         self.bos_id = None if bos_token is None else self.token_id(bos_token)
         self.eos_id = None if eos_token is None else self.token_id(eos_token)

@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -35,50 +35,53 @@ from lion_min.parallel import Dist, all_reduce_sum, barrier
 Objective = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]]
 
 
-class Batches(Protocol):
-    num_steps: int
+class Batches:
+    """Which items each rank sees at each optimizer step: the plan every stage uses.
 
-    def micro_batches(self, step: int) -> tuple[list[dict], float]:
-        """This rank's micro-batches for optimizer step `step` (0-based), and the global normaliser.
-        Every rank must get the same number of micro-batches (FSDP runs collectives per forward)."""
-
-
-class RowBatches:
-    """Fixed-size rows (all (N, T) arrays in `rows`), shuffled per epoch with a seeded permutation.
-
-    Step k of epoch e takes rows perm_e[k*B:(k+1)*B]; rank r takes its contiguous share of those and
-    splits it into micro-batches. The last incomplete batch of an epoch is dropped (reported).
+    Items (packed rows for SFT, preference pairs for DPO) are shuffled per epoch with a seeded
+    permutation; step k of epoch e takes perm_e[k*B:(k+1)*B], rank r takes its contiguous share of
+    those, and `make_micro(indices)` turns each run of micro_batch_size of them into the tensors of
+    one forward pass. `norm(indices)` gives the step's global normaliser from the whole batch's
+    indices. Every rank computes the same plan, so no communication is needed. The last
+    incomplete batch of an epoch is dropped (reported as dropped_items).
     """
 
-    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, micro_batch_size: int, epochs: int,
-                 seed: int, d: Dist, shuffle: bool = True):
-        n = len(rows["tokens"])
-        per_rank = batch_size // d.world
+    def __init__(self, num_items: int, batch_size: int, micro_batch_size: int, epochs: int, seed: int, d: Dist,
+                 make_micro: Callable[[np.ndarray], dict], norm: Callable[[np.ndarray], float], shuffle: bool = True):
         if batch_size % (micro_batch_size * d.world):
             raise ValueError(f"batch_size={batch_size} must be a multiple of micro_batch_size * world size "
                              f"= {micro_batch_size} * {d.world}")
-        if n < batch_size:
-            raise ValueError(f"only {n} rows of data for batch_size={batch_size}: lower batch_size or add data")
-        self.rows, self.batch_size, self.micro, self.seed, self.d = rows, batch_size, micro_batch_size, seed, d
-        self.steps_per_epoch = n // batch_size
+        if num_items < batch_size:
+            raise ValueError(f"only {num_items} items of data for batch_size={batch_size}: lower batch_size or add data")
+        self.num_items, self.batch_size, self.micro, self.seed, self.d = num_items, batch_size, micro_batch_size, seed, d
+        self.make_micro, self.norm, self.shuffle = make_micro, norm, shuffle
+        self.steps_per_epoch = num_items // batch_size
         self.num_steps = self.steps_per_epoch * epochs
-        self.dropped_rows = n - self.steps_per_epoch * batch_size
-        self.per_rank, self.shuffle = per_rank, shuffle
+        self.dropped_items = num_items - self.steps_per_epoch * batch_size
+        self.per_rank = batch_size // d.world
 
     def _order(self, epoch: int) -> np.ndarray:
-        n = len(self.rows["tokens"])
-        return np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
+        if not self.shuffle:
+            return np.arange(self.num_items)
+        return np.random.default_rng(self.seed + epoch).permutation(self.num_items)
 
     def micro_batches(self, step: int) -> tuple[list[dict], float]:
         epoch, k = divmod(step, self.steps_per_epoch)
         idx = self._order(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
-        norm = float((self.rows["targets"][idx] != IGNORE_INDEX).sum())
         mine = idx[self.d.rank * self.per_rank : (self.d.rank + 1) * self.per_rank]
-        micros = []
-        for i in range(0, len(mine), self.micro):
-            sel = mine[i : i + self.micro]
-            micros.append({k: torch.from_numpy(v[sel]).to(self.d.device) for k, v in self.rows.items()})
-        return micros, norm
+        micros = [self.make_micro(mine[i : i + self.micro]) for i in range(0, len(mine), self.micro)]
+        return micros, self.norm(idx)
+
+
+def row_batches(rows: dict[str, np.ndarray], batch_size: int, micro_batch_size: int, epochs: int, seed: int,
+                d: Dist, shuffle: bool = True) -> Batches:
+    """Batches of packed rows (SFT); the normaliser is the global batch's number of target tokens."""
+    return Batches(
+        len(rows["tokens"]), batch_size, micro_batch_size, epochs, seed, d,
+        make_micro=lambda sel: {k: torch.from_numpy(v[sel]).to(d.device) for k, v in rows.items()},
+        norm=lambda sel: float((rows["targets"][sel] != IGNORE_INDEX).sum()),
+        shuffle=shuffle,
+    )
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:

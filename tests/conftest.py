@@ -57,3 +57,30 @@ def make_hf_checkpoint(name: str, out_dir: Path, std: float = 0.2, seed: int = 0
 def hf_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     return {name: make_hf_checkpoint(name, root / name) for name in CONFIG_NAMES}
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama checkpoint with a small ChatML tokenizer in the same folder, 48 short
+    conversations (`data`) and 40 preference pairs (`prefs`) as JSONL."""
+    from tokenizers_for_tests import build_gemma_chatml_tokenizer
+
+    root = tmp_path_factory.mktemp("chat_model")
+    model = make_hf_checkpoint("llama-3-8b", root / "model", std=0.05, vocab_size=1024)
+    build_gemma_chatml_tokenizer(model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    (model / "config.json").write_text(json.dumps(cfg))
+    lines = []
+    for i in range(48):
+        turns = [{"role": "user", "content": f"What is {i} plus {i % 7}?"},
+                 {"role": "assistant", "content": f"{i} plus {i % 7} is {i + i % 7}."}]
+        if i % 3 == 0:
+            turns += [{"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]
+        lines.append(json.dumps({"messages": turns}))
+    (root / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    prefs = [json.dumps({"prompt": f"What is {i} times {i % 5}?", "chosen": f"It is {i * (i % 5)}.",
+                         "rejected": f"Maybe {i * (i % 5) + 1 + i % 3}? Not sure." * (1 + i % 2)})
+             for i in range(40)]
+    (root / "prefs.jsonl").write_text("\n".join(prefs) + "\n")
+    return {"model": model, "data": root / "chats.jsonl", "prefs": root / "prefs.jsonl", "root": root}

@@ -10,8 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_hf_checkpoint
-from tokenizers_for_tests import build_gemma_chatml_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -19,24 +17,8 @@ import train_sft  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny Llama checkpoint with a ChatML tokenizer, and 48 short conversations."""
-    root = tmp_path_factory.mktemp("sft")
-    model = make_hf_checkpoint("llama-3-8b", root / "model", std=0.05, vocab_size=1024)
-    build_gemma_chatml_tokenizer(model)
-    cfg = json.loads((model / "config.json").read_text())
-    cfg.update(bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    (model / "config.json").write_text(json.dumps(cfg))
-    lines = []
-    for i in range(48):
-        turns = [{"role": "user", "content": f"What is {i} plus {i % 7}?"},
-                 {"role": "assistant", "content": f"{i} plus {i % 7} is {i + i % 7}."}]
-        if i % 3 == 0:
-            turns += [{"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You are welcome."}]
-        lines.append(json.dumps({"messages": turns}))
-    data = root / "chats.jsonl"
-    data.write_text("\n".join(lines) + "\n")
-    return {"model": model, "data": data, "root": root}
+def tiny(tiny_chat_model):
+    return tiny_chat_model
 
 
 def base_args(tiny, out, **over):
