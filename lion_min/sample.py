@@ -181,7 +181,8 @@ def generate(
     stop_ids; with return_stats=True, (tokens, SampleStats). batch_size splits the prompts into
     chunks run one after another (None: all at once). seed makes a fresh generator; generator (on
     the model's device) is used as is and advanced; neither: torch's global RNG.
-    pad_id fills the left padding and finished rows; it is never attended to, any valid id works.
+    pad_id fills the left padding (never attended to) and what finished rows emit (dropped); any
+    valid id works and nothing returned depends on it.
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
