@@ -1,0 +1,105 @@
+"""Bad input across the three scripts: one clear error naming the file / line / key, a non-zero exit,
+and no output folder left behind."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_dpo  # noqa: E402
+import train_online  # noqa: E402
+import train_sft  # noqa: E402
+from tokenizers_for_tests import build_gemma_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def files(tiny_chat_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    good = tiny_chat_model["data"]
+    lines = good.read_text().splitlines()
+    (root / "malformed.jsonl").write_text("\n".join(lines[:2] + ['{"messages": [oops'] + lines[3:5]) + "\n")
+    (root / "noassistant.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    (root / "badrole.jsonl").write_text(lines[0] + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}) + "\n")
+    (root / "wrongschema.jsonl").write_text(json.dumps({"text": "just text"}) + "\n")
+    (root / "prefs_missing.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
+                                              + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    # A checkpoint whose tokenizer lacks ChatML's special tokens.
+    plain = root / "plain_tok_model"
+    shutil.copytree(tiny_chat_model["model"], plain)
+    build_gemma_tokenizer(plain)
+    return {"root": root, "good": good, "model": tiny_chat_model["model"], "prefs": tiny_chat_model["prefs"],
+            "plain": plain}
+
+
+def sft(f, out, **over):
+    a = dict(model=f["model"], data=f["good"], out_dir=out, seq_len=96, batch_size=4, micro_batch_size=1,
+             max_steps=1, device="cpu") | over
+    return [f"--{k}={v}" for k, v in a.items()]
+
+
+CASES = [
+    # (script, overrides, expected message)
+    ("sft", {"data": "{root}/nope.jsonl"}, "nope.jsonl: no such file or folder"),
+    ("sft", {"data": "{root}/malformed.jsonl"}, "malformed.jsonl: line 3"),
+    ("sft", {"data": "{root}/noassistant.jsonl"}, "noassistant.jsonl: line 1"),
+    ("sft", {"data": "{root}/badrole.jsonl"}, "badrole.jsonl: line 2: 'messages[1].role'"),
+    ("sft", {"data": "{root}/wrongschema.jsonl"}, "wrongschema.jsonl"),
+    ("sft", {"model": "{root}/no_model"}, "no_model: no such checkpoint folder"),
+    ("sft", {"model": "{plain}"}, "lacks the special token '<|im_start|>'"),
+    ("sft", {"micro_batch_size": 8}, "--micro_batch_size=8 is larger than --batch_size=4"),
+    ("sft", {"seq_len": 100000}, "--seq_len=100000 is above the model's max_position_embeddings (8192)"),
+    ("sft", {"chat_template": "vicuna"}, "unknown chat template 'vicuna'"),
+    ("sft", {"preset": "lion-mistral"}, "unknown preset 'lion-mistral'"),
+    ("sft", {"lr": "fast"}, "--lr: expected float"),
+    ("sft", {"batch_size": 1000}, "only 32 items of data for batch_size=1000"),
+    ("sft", {"model": "no-such-org/no-such-model"}, "no-such-org/no-such-model: could not get it from the Hugging Face hub"),
+    ("dpo", {"data": "{root}/prefs_missing.jsonl"}, "prefs_missing.jsonl: line 2: 'rejected'"),
+    ("dpo", {"loss_type": "kto"}, "--loss_type=kto: expected one of sigmoid, ipo, hinge"),
+    ("dpo", {"max_prompt_len": 4096, "max_len": 2048}, "--max_prompt_len=4096 must be smaller than --max_len=2048"),
+    ("online", {"prompts": "{root}/no_prompts.jsonl"}, "no_prompts.jsonl: no such file"),
+    ("online", {"judge": "oracle"}, "unknown judge 'oracle'"),
+    ("online", {"n_samples": 1}, "--n_samples=1: need at least 2 samples"),
+]
+
+
+def build_argv(script, over, f, out):
+    fill = lambda v: str(v).format(root=f["root"], plain=f["plain"])
+    over = {k: fill(v) for k, v in over.items()}
+    if script == "sft":
+        return train_sft, sft(f, out, **over)
+    base = dict(model=f["model"], out_dir=out, device="cpu", batch_size=4, micro_batch_size=2, max_len=64,
+                max_prompt_len=32, max_steps=1)
+    if script == "dpo":
+        return train_dpo, [f"--{k}={v}" for k, v in (base | {"data": f["prefs"]} | over).items()]
+    prompts = f["root"] / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(4)))
+    base |= {"prompts": prompts, "judge": "length", "max_new_tokens": 4, "n_samples": 2}
+    return train_online, [f"--{k}={v}" for k, v in (base | over).items()]
+
+
+@pytest.mark.parametrize("script, over, message", CASES, ids=[f"{c[0]}-{'-'.join(c[1])}" for c in CASES])
+def test_clear_error_and_no_output(files, tmp_path, monkeypatch, script, over, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    module, argv = build_argv(script, over, files, out)
+    with pytest.raises(ValueError) as e:
+        module.main(argv)
+    assert message in str(e.value)
+    assert not out.exists()
+
+
+def test_exit_code_and_one_line_on_stderr(files, tmp_path):
+    out = tmp_path / "out"
+    _, argv = build_argv("sft", {"data": "{root}/malformed.jsonl"}, files, out)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), *argv], capture_output=True, text=True, env=env)
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: ") and "malformed.jsonl: line 3" in res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
