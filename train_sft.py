@@ -187,6 +187,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, non-zero exit
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # one clear line, non-zero exit
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
