@@ -14,13 +14,12 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from lion_min.chat import get_template
 from lion_min.checkpoint import load_model, resolve_path
-from lion_min.config import ConfigError, TrainConfig, parse_cli
+from lion_min.config import ConfigError, DataConfig, parse_cli
 from lion_min.data import load_preferences, train_eval_split
 from lion_min.dpo import (compute_ref_logps, encode_pairs, fingerprint, load_or_compute_ref_logps,
                           make_dpo_objective, pair_batches)
@@ -31,20 +30,12 @@ from lion_min.train import train
 
 
 @dataclass
-class DPOConfig(TrainConfig):
-    """Defaults are the built-in demo: continue from the demo SFT model on demo preference pairs."""
+class DPOConfig(DataConfig):
+    """Defaults are the built-in demo: continue from the demo SFT model on demo preference pairs.
+    `data` holds preference pairs (schema text_pairs | message_pairs | hh_rlhf)."""
 
     model: str = "out/sft"
     out_dir: str = "out/dpo"
-    data: str = ""
-    """Preference pairs: a file, glob, folder, hub dataset or mixture (see lion_min/data.py); '' = demo."""
-    eval_data: str = ""
-    eval_fraction: float = 0.0
-    schema: Optional[str] = None
-    """text_pairs | message_pairs | hh_rlhf (default: detected per source)."""
-    skip_bad: bool = False
-    chat_template: str = "chatml"
-    system_prompt: Optional[str] = None
     beta: float = 0.1
     loss_type: str = "sigmoid"
     """sigmoid (DPO), ipo or hinge."""

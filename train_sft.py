@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from lion_min.chat import get_template
-from lion_min.config import ConfigError, TrainConfig, parse_cli
+from lion_min.config import ConfigError, DataConfig, parse_cli
 from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import pack
@@ -29,26 +29,15 @@ from lion_min.train import row_batches, train
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    """Defaults are the built-in demo: a small model trained from scratch on the demo task."""
+class SFTConfig(DataConfig):
+    """Defaults are the built-in demo: a small model trained from scratch on the demo task.
+    `data` holds conversations (schema messages | sharegpt | prompt_response)."""
 
     model: str = ""
     """Starting checkpoint (folder or hub id); '' = a small model from scratch with the demo tokenizer."""
     out_dir: str = "out/sft"
-    data: str = ""
-    """Conversations: a file, glob, folder, hub dataset or mixture (see lion_min/data.py); '' = demo data."""
-    eval_data: str = ""
-    eval_fraction: float = 0.0
-    """Hold out this fraction of `data` for eval loss when eval_data is not given."""
-    schema: Optional[str] = None
-    """messages | sharegpt | prompt_response (default: detected per source)."""
     columns: Optional[str] = None
     """Column mapping for the schema's fields, e.g. 'prompt=query,response=response' (MetaMathQA)."""
-    skip_bad: bool = False
-    """Skip and count bad records instead of stopping at the first one."""
-    chat_template: str = "chatml"
-    system_prompt: Optional[str] = None
-    """Inserted as the system turn when a conversation has none (LION: '' with ChatML)."""
     seq_len: int = 256
     packing: bool = True
     """True: bin-pack conversations into rows; False: one conversation per row, padded."""

@@ -71,6 +71,25 @@ class TrainConfig:
     """On a NaN/inf loss or gradient: False stops the run naming the step; True skips the update."""
 
 
+@dataclass
+class DataConfig(TrainConfig):
+    """The data fields of the stages that read a dataset through a chat template (SFT, DPO)."""
+
+    data: str = ""
+    """A file, glob, folder, hub dataset or mixture (see lion_min/data.py); '' = the demo's data."""
+    eval_data: str = ""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of `data` for eval loss when eval_data is not given."""
+    schema: Optional[str] = None
+    """The record schema (default: detected per source; see lion_min/data.py)."""
+    skip_bad: bool = False
+    """Skip and count bad records instead of stopping at the first one."""
+    chat_template: str = "chatml"
+    """chatml | llama3 | gemma."""
+    system_prompt: Optional[str] = None
+    """Inserted as the system turn when a conversation has none (LION: '' with ChatML)."""
+
+
 def _convert(value: str, annotation, key: str):
     origin = typing.get_origin(annotation)
     if origin is typing.Union:  # Optional[X]

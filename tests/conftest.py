@@ -34,15 +34,17 @@ def small_config(name: str, vocab_size: int = 512) -> dict:
     return cfg
 
 
-def make_hf_checkpoint(name: str, out_dir: Path, std: float = 0.2, seed: int = 0, **overrides) -> Path:
-    """Write a random transformers checkpoint (fp32) for config `name` into out_dir."""
+def make_hf_checkpoint(name: str, out_dir: Path, std: float = 0.2, seed: int = 0, vocab_size: int = 512,
+                       auto_class: str = "AutoModelForCausalLM", **overrides) -> Path:
+    """Write a random transformers checkpoint (fp32) for config `name` into out_dir; auto_class
+    AutoModelForSequenceClassification gives a reward model."""
     import transformers
 
-    cfg = small_config(name) | overrides
+    cfg = small_config(name, vocab_size) | overrides
     config_cls = transformers.GemmaConfig if cfg["model_type"] == "gemma" else transformers.LlamaConfig
     config = config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = getattr(transformers, auto_class).from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:
@@ -51,6 +53,16 @@ def make_hf_checkpoint(name: str, out_dir: Path, std: float = 0.2, seed: int = 0
                 p.normal_(0.0, std)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    # Tiny models: one intra-op thread is as fast, and on a shared 2-core machine OpenMP threads
+    # waiting for each other made each tiny matmul take ~20 ms instead of ~10 us.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

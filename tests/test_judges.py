@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import small_config
+from conftest import make_hf_checkpoint
 from lion_min import judges
 from lion_min.chat import get_template
 from lion_min.checkpoint import CheckpointError
@@ -19,30 +19,11 @@ from tokenizers_for_tests import build_gemma_tokenizer
 VOCAB = 649  # the small Gemma test tokenizer's vocabulary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: see tests/test_sample.py (OpenMP threads stall each other on a shared machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_reward_checkpoint(name: str, out_dir: Path, std: float = 0.2, seed: int = 0, **overrides) -> Path:
     """A random transformers *ForSequenceClassification checkpoint (one label) plus the small Gemma
     tokenizer. Random norm weights and std 0.2 as in conftest.make_hf_checkpoint, score head included."""
-    cfg = small_config(name, vocab_size=VOCAB) | {"num_labels": 1} | overrides
-    config_cls = transformers.GemmaConfig if cfg["model_type"] == "gemma" else transformers.LlamaConfig
-    config = config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.copy_(torch.randn_like(p) * 0.5 + (0.0 if cfg["model_type"] == "gemma" else 1.0))
-            else:
-                p.normal_(0.0, std)
-    model.save_pretrained(out_dir)
+    make_hf_checkpoint(name, out_dir, std=std, seed=seed, vocab_size=VOCAB,
+                       auto_class="AutoModelForSequenceClassification", num_labels=1, **overrides)
     build_gemma_tokenizer(out_dir)
     return out_dir
 

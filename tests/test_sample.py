@@ -23,16 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LENS = (5, 11, 1, 8)  # prompt lengths: the batch is left-padded to 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one intra-op thread is as fast, and on a shared machine (several test runs at
-    # once) OpenMP threads waiting for each other made each tiny matmul take ~20 ms instead of ~10 us.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_module(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "lion_min.sample", *args], cwd=ROOT, env=env,
