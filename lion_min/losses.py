@@ -44,7 +44,9 @@ def token_logprobs(
         checkpoint(_chunk_logprobs, h, weight, t, use_reentrant=False)
         for h, t in zip(flat_h.split(chunk_size), flat_t.split(chunk_size))
     ]
-    return torch.cat(out).reshape(targets.shape)
+    # A fresh tensor, not a view: FSDP2 warns that in-place ops on a view returned by a wrapped
+    # module would skip its pre-backward hook. (N floats: negligible.)
+    return torch.cat(out).reshape(targets.shape).clone()
 
 
 def sft_loss(token_logp: torch.Tensor, targets: torch.Tensor, num_target_tokens: float) -> torch.Tensor:
