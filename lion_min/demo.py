@@ -1,0 +1,291 @@
+"""The built-in demo: two-digit addition taught by a sloppy teacher, fixed by preference tuning.
+
+    python train_sft.py && python train_dpo.py && python train_online.py     # ~10 min on 2 CPU cores
+
+The task is "What is 47+38?" -> "85" (both operands 10..99). It has a verifiable answer, so a rule
+judges it and greedy accuracy on held-out problems measures each stage.
+
+Why a sloppy teacher: the SFT demonstrations come from a teacher that, on problems whose units digits
+carry (45% of them), forgets the carry TEACHER_FORGETS_CARRY of the time ("47+38" -> "75"). A model
+trained from scratch on them learns to imitate that majority answer, so greedy SFT accuracy lands
+near the share of carry-free problems (~55-60%), whatever the seed. (A merely under-trained model
+would also be imperfect, but where it lands after a fixed budget swings from 15% to 99% across
+seeds, because these tiny models learn addition in a sudden jump.) The correct answer is still the
+teacher's minority answer on carry problems, so:
+  - offline DPO (train_dpo.py) learns from shipped pairs: correct answer vs a plausible slip
+    (a dropped carry, or a digit off by one);
+  - online DPO (train_online.py) samples 5 answers at temperature 0.8, where the correct one
+    often appears, and trains best vs worst as scored by `check`.
+
+Everything here is deterministic and needs no downloads: the tokenizer is character-level and is
+written from the list below.
+"""
+
+import json
+import os
+import random
+import re
+import string
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from lion_min.model import ModelArgs
+
+# --- the task ------------------------------------------------------------------------------------
+
+LOW, HIGH = 10, 99
+"""Operand range; the problem space is all 90 x 90 = 8100 ordered pairs."""
+TEACHER_FORGETS_CARRY = 0.7
+"""How often the SFT teacher drops the units carry. Above 0.5, so the SFT model's most likely answer
+on a carry problem is the wrong one (greedy gets it wrong); below 1, so sampling still finds the
+right one for online DPO."""
+PROMPT_FORMAT = "What is {a}+{b}?"
+_PROMPT_RE = re.compile(r"What is (\d+)\+(\d+)\?")
+
+N_TEST = 500
+"""Held-out problems for the accuracy metric, never seen in any training file."""
+N_SFT_EVAL = 200
+N_SFT = 16000
+"""SFT conversations; problems repeat, each time with a fresh draw of the teacher's answer."""
+N_DPO = 2000
+N_ONLINE = 256
+
+
+def problem_text(a: int, b: int) -> str:
+    return PROMPT_FORMAT.format(a=a, b=b)
+
+
+def make_problem(rng: random.Random) -> tuple[str, int]:
+    """A random problem: (prompt text, the correct sum)."""
+    a, b = rng.randint(LOW, HIGH), rng.randint(LOW, HIGH)
+    return problem_text(a, b), a + b
+
+
+def parse_problem(prompt: str) -> tuple[int, int]:
+    m = _PROMPT_RE.search(prompt)
+    if m is None:
+        raise ValueError(f"not a demo problem: {prompt!r}")
+    return int(m[1]), int(m[2])
+
+
+def carries(a: int, b: int) -> bool:
+    """Whether the units digits carry into the tens."""
+    return a % 10 + b % 10 >= 10
+
+
+def teacher_answer(a: int, b: int, rng: random.Random, forget: float = TEACHER_FORGETS_CARRY) -> str:
+    """The sloppy teacher's SFT answer: on a carry problem, the sum without the carry `forget` of the time."""
+    if carries(a, b) and rng.random() < forget:
+        return str(a + b - 10)
+    return str(a + b)
+
+
+def plausible_wrong(a: int, b: int, rng: random.Random) -> str:
+    """A rejected answer for the offline pairs: the kind of slip a partly trained model makes.
+
+    On a carry problem, half the time the dropped carry (the SFT model's own mistake); otherwise a
+    units or tens digit off by one. The other half of the pairs (and every carry-free problem)
+    therefore teaches "be exact" rather than "carry", which leaves online DPO, which trains on the
+    model's own samples, something to add.
+    """
+    s = a + b
+    if carries(a, b) and rng.random() < 0.5:
+        return str(s - 10)
+    return str(s + rng.choice([1, -1, 10, -10]))
+
+
+def check(prompt: str, response: str) -> float:
+    """The rule judge. 1.0: the exact sum. A well-formed but wrong number (digits only, after
+    stripping surrounding whitespace): 0.5 x the fraction of digit positions, aligned from the
+    right, that match the sum (so "75" for 85 scores 0.25, "74" scores 0.0). Anything else
+    (empty, words, cut off): 0.0. The partial credit only orders wrong answers for best-vs-worst
+    pair selection; a correct answer always beats every wrong one."""
+    a, b = parse_problem(prompt)
+    got, want = response.strip(), str(a + b)
+    if not got.isascii() or not got.isdigit():
+        return 0.0
+    if got == want:
+        return 1.0
+    same = sum(x == y for x, y in zip(reversed(got), reversed(want)))
+    return 0.5 * same / max(len(got), len(want))
+
+
+def is_correct(prompt: str, response: str) -> bool:
+    """The accuracy metric: the response is exactly the sum (surrounding whitespace ignored)."""
+    return check(prompt, response) == 1.0
+
+
+def judge_rule(messages: list[dict], response: str) -> float:
+    """`check` as a lion_min.judges rule: the problem is the last user turn."""
+    user = [m["content"] for m in messages if m["role"] == "user"]
+    return check(user[-1], response)
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<unk>", "<|im_start|>", "<|im_end|>")
+CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+"""Newline and printable ASCII: the task needs digits, '+', '?' and a few letters, ChatML needs
+'user', 'assistant', 'system' and newlines; the rest lets a user type other prompts."""
+
+
+def build_demo_tokenizer(out_dir: str | Path) -> Path:
+    """Write a character-level tokenizer.json (+ tokenizer_config.json) into out_dir; returns the folder.
+
+    A BPE model whose vocabulary is the special tokens then one entry per character, with no
+    merges: every character is one token. The ChatML markers, BOS and pad are added special tokens,
+    so they are matched as one token in text; the Fuse decoder joins tokens back into the text.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + list(CHARS))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<|im_end|>",  # a chat model: a reply ends with the end-of-turn marker
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "clean_up_tokenization_spaces": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+# --- model and recommended stage settings ----------------------------------------------------------
+
+
+def demo_model_args(tokenizer_or_vocab_size) -> ModelArgs:
+    """The demo model: a 4-layer Llama-style decoder, dim 128 (~0.8M parameters). Takes the
+    lion_min Tokenizer (its BOS / EOS / pad ids go into the config) or just a vocabulary size."""
+    tok = tokenizer_or_vocab_size
+    vocab = tok if isinstance(tok, int) else tok.vocab_size
+    ids = {} if isinstance(tok, int) else dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                                              pad_token_id=tok.pad_id)
+    # max_seq_len only bounds what the scripts accept (RoPE has no table); 2048 lets the DPO
+    # script's default max_len through. Training rows are 256 tokens; a demo turn is ~40.
+    return ModelArgs(family="llama", vocab_size=vocab, dim=128, n_layers=4, n_heads=4, n_kv_heads=4,
+                     head_dim=32, hidden_dim=384, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=2048, **ids)
+
+
+# Settings measured to give each stage a clear gain on 2 CPU cores (see tests/test_demo.py and the
+# numbers in the module docstring of train_sft.py / the README). Keys are the scripts' config fields.
+SFT_SETTINGS = dict(seq_len=256, batch_size=8, micro_batch_size=8, epochs=1, lr=3e-3, lr_schedule="cosine",
+                    warmup_ratio=0.05)
+DPO_SETTINGS = dict(beta=0.1, lr=1e-4, lr_schedule="linear", warmup_ratio=0.1, epochs=1, batch_size=16,
+                    micro_batch_size=16, max_len=128, max_prompt_len=64)
+ONLINE_SETTINGS = dict(rounds=2, n_samples=5, temperature=0.8, max_new_tokens=8, beta=0.1, lr=5e-5,
+                       lr_schedule="constant", batch_size=16, micro_batch_size=16, max_len=128, max_prompt_len=64)
+
+
+# --- data files ----------------------------------------------------------------------------------
+
+DATA_VERSION = 1
+FILES = {"sft": "sft.jsonl", "sft_eval": "sft_eval.jsonl", "dpo": "dpo.jsonl", "prompts": "prompts.jsonl",
+         "test": "test.jsonl"}
+
+
+def demo_dir(run_dir: str | Path) -> Path:
+    """Where the demo's data and tokenizer live for a stage folder (out/sft, out/dpo, ...): one shared
+    sibling folder, so every stage reads the files the SFT stage wrote."""
+    return Path(run_dir).parent / "demo_data"
+
+
+def demo_paths(out_dir: str | Path) -> dict[str, Path]:
+    """The demo files in out_dir, written first (seed 0) if they are not there yet."""
+    out_dir = Path(out_dir)
+    paths = {k: out_dir / f for k, f in FILES.items()} | {"tokenizer": out_dir / "tokenizer"}
+    if not (out_dir / "meta.json").is_file():
+        return write_demo_data(out_dir, seed=0)
+    return paths
+
+
+def _split(seed: int) -> tuple[list, list, list]:
+    """All problems, shuffled once, cut into test / SFT-eval / training problems (disjoint)."""
+    problems = [(a, b) for a in range(LOW, HIGH + 1) for b in range(LOW, HIGH + 1)]
+    random.Random(seed).shuffle(problems)
+    return problems[:N_TEST], problems[N_TEST:N_TEST + N_SFT_EVAL], problems[N_TEST + N_SFT_EVAL:]
+
+
+def _conversation(a: int, b: int, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": problem_text(a, b)}, {"role": "assistant", "content": answer}]}
+
+
+def write_demo_data(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write the tokenizer and every data file into out_dir; returns their paths.
+
+    Same seed, same bytes. Does nothing if out_dir already holds this seed's data (meta.json).
+    Files are written to a temporary folder and moved in, meta.json last, so a reader never sees
+    a half-written set.
+    """
+    out_dir = Path(out_dir)
+    paths = {k: out_dir / f for k, f in FILES.items()} | {"tokenizer": out_dir / "tokenizer"}
+    meta = {"version": DATA_VERSION, "seed": seed}
+    meta_file = out_dir / "meta.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
+        return paths
+
+    test, sft_eval, train = _split(seed)
+    rng = random.Random(seed + 1)
+    records = {
+        "test": [{"prompt": problem_text(a, b), "answer": str(a + b)} for a, b in test],
+        "sft_eval": [_conversation(a, b, teacher_answer(a, b, rng)) for a, b in sft_eval],
+        "sft": [_conversation(a, b, teacher_answer(a, b, rng)) for a, b in (rng.choice(train) for _ in range(N_SFT))],
+        "dpo": [{"prompt": problem_text(a, b), "chosen": str(a + b), "rejected": plausible_wrong(a, b, rng)}
+                for a, b in (rng.choice(train) for _ in range(N_DPO))],
+        "prompts": [{"prompt": problem_text(a, b)} for a, b in rng.sample(train, N_ONLINE)],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=out_dir))
+    build_demo_tokenizer(tmp)
+    for key, rows in records.items():
+        (tmp / FILES[key]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths["tokenizer"].mkdir(exist_ok=True)
+    for f in tmp.iterdir():
+        os.replace(f, (paths["tokenizer"] if f.name.startswith("tokenizer") else out_dir) / f.name)
+    tmp.rmdir()
+    meta_file.write_text(json.dumps(meta) + "\n")
+    return paths
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def read_test(path: str | Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def evaluate_accuracy(model, tokenizer, test_prompts: list[str], batch_size: int = 256,
+                      max_new_tokens: int = 8, chat_template: str = "chatml") -> float:
+    """Greedy accuracy: the share of prompts whose reply (up to the end-of-turn token) is the exact sum."""
+    import torch
+
+    from lion_min.chat import encode_chat, stop_token_ids
+    from lion_min.sample import generate
+
+    stop = stop_token_ids(tokenizer, chat_template)
+    ids = [encode_chat(tokenizer, [{"role": "user", "content": p}], chat_template, add_generation_prompt=True).input_ids
+           for p in test_prompts]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=stop,
+                       pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0, batch_size=batch_size)
+    model.train(was_training)
+    replies = [tokenizer.decode([t for t in row if t not in stop]) for row in out]
+    return sum(is_correct(p, r) for p, r in zip(test_prompts, replies)) / max(len(test_prompts), 1)
+
+
+def evaluate_checkpoint(folder: str | Path, paths: dict[str, Path], device: Optional[str] = None) -> float:
+    """Greedy held-out accuracy of a saved checkpoint (its folder holds weights and tokenizer)."""
+    from lion_min.checkpoint import load_model
+    from lion_min.tokenizer import Tokenizer
+
+    model = load_model(str(folder), device=device or "cpu")
+    return evaluate_accuracy(model, Tokenizer.from_dir(folder), read_test(paths["test"]))
