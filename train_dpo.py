@@ -18,7 +18,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from lion_min.dpo import (compute_ref_logps, encode_pairs, fingerprint, load_or_
                           make_dpo_objective, pair_batches)
 from lion_min.losses import DPO_LOSS_TYPES
 from lion_min.parallel import build_model, init_distributed
-from lion_min.stage import append_summary, check_seq_len, load_policy, resolve_dtype
+from lion_min.stage import append_summary, check_seq_len, load_policy, resolve_dtype, run_cli
 from lion_min.train import train
 
 
@@ -180,8 +179,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # one clear line, non-zero exit
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -26,7 +26,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import dataclasses
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from lion_min.dpo import EncodedPair, write_jsonl
 from lion_min.judges import make_judge
 from lion_min.parallel import barrier, init_distributed
 from lion_min.sample import encode_prompt, generate, read_prompts
-from lion_min.stage import append_summary, resolve_dtype
+from lion_min.stage import append_summary, resolve_dtype, run_cli
 from lion_min.tokenizer import Tokenizer
 from train_dpo import DPOConfig, check_config, run_dpo
 
@@ -241,8 +240,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # one clear line, non-zero exit
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

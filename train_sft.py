@@ -17,7 +17,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,7 +29,8 @@ from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import pack
 from lion_min.parallel import barrier, build_model, init_distributed
-from lion_min.stage import append_summary, check_seq_len, encode_conversations, load_policy, resolve_dtype
+from lion_min.stage import (append_summary, check_seq_len, encode_conversations, load_policy, resolve_dtype,
+                            run_cli)
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import row_batches, train
 
@@ -182,8 +182,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # one clear line, non-zero exit
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

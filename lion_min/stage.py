@@ -60,3 +60,15 @@ def append_summary(out_dir: Path, **fields):
     path = out_dir / "summary.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     path.write_text(json.dumps(data | fields, indent=2))
+
+
+def run_cli(main) -> None:
+    """Run a stage's main(); bad input (a ValueError naming the file, line or key), a missing file,
+    or a non-finite loss ends the process with that one line on stderr and exit status 2."""
+    import sys
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
