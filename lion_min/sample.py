@@ -244,7 +244,7 @@ def read_prompts(path: str) -> list:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--prompts_file={path}: no such file")
+        raise ConfigError(f"{path}: no such file (expected prompts: .jsonl or one per line)")
     lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if p.suffix != ".jsonl":
         return lines
