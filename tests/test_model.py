@@ -108,3 +108,25 @@ def test_bf16_difference_is_small(hf_checkpoints, name):
     with torch.no_grad():
         diff = (hf(x).logits.float() - ours(x).float()).abs().max().item()
     assert diff <= 0.05, diff
+
+
+@pytest.mark.parametrize("name", ["gemma-2b", "llama-3-8b"])
+def test_packed_row_gradients_equal_documents_alone(hf_checkpoints, name):
+    # Per-token log-probs (the SFT path, targets inside each document) and their gradients.
+    model = lion_min.load_model(hf_checkpoints[name])
+    gen = torch.Generator().manual_seed(5)
+    docs = [torch.randint(0, 512, (n,), generator=gen) for n in (6, 10, 4)]
+    targets = [torch.cat([d[1:], torch.tensor([-100])]) for d in docs]  # no target across a boundary
+    tokens, tgt = torch.cat(docs)[None], torch.cat(targets)[None]
+    pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    weights = torch.randn(tokens.shape[1], generator=gen)  # a non-uniform loss so every token matters
+    packed = model(tokens, positions=pos, doc_ids=doc_ids, targets=tgt)[0]
+    (packed * weights).sum().backward()
+    g_packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    alone = torch.cat([model(d[None], targets=t[None])[0] for d, t in zip(docs, targets)])
+    (alone * weights).sum().backward()
+    torch.testing.assert_close(packed, alone.detach(), atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g_packed[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
