@@ -54,7 +54,7 @@ class DPOConfig(DataConfig):
     max_len: int = 2048
     max_prompt_len: int = 512
 
-    # The demo's settings (lion_min/demo.py: DPO_SETTINGS); the real presets set their own.
+    # The demo's settings (measured: README, The demo); the real presets set their own.
     lr: float = 1e-4
     lr_schedule: str = "linear"
     warmup_ratio: float = 0.1

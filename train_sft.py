@@ -55,7 +55,7 @@ class SFTConfig(DataConfig):
     overflow: str = "truncate"
     """Conversations longer than seq_len: 'truncate' or 'drop' (both counted)."""
 
-    # The demo's settings (lion_min/demo.py: SFT_SETTINGS).
+    # The demo's settings (measured: README, The demo); the real presets set their own.
     lr: float = 3e-3
     warmup_ratio: float = 0.05
     beta2: float = 0.98

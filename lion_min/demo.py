@@ -174,14 +174,8 @@ def demo_model_args(tokenizer_or_vocab_size) -> ModelArgs:
                      head_dim=32, hidden_dim=384, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=2048, **ids)
 
 
-# Settings measured to give each stage a clear gain on 2 CPU cores (see tests/test_demo.py and the
-# numbers in the module docstring of train_sft.py / the README). Keys are the scripts' config fields.
-SFT_SETTINGS = dict(seq_len=256, batch_size=8, micro_batch_size=8, epochs=1, lr=3e-3, lr_schedule="cosine",
-                    warmup_ratio=0.05)
-DPO_SETTINGS = dict(beta=0.1, lr=1e-4, lr_schedule="linear", warmup_ratio=0.1, epochs=1, batch_size=16,
-                    micro_batch_size=16, max_len=128, max_prompt_len=64)
-ONLINE_SETTINGS = dict(rounds=2, n_samples=5, temperature=0.8, max_new_tokens=8, beta=0.1, lr=5e-5,
-                       lr_schedule="constant", batch_size=16, micro_batch_size=16, max_len=128, max_prompt_len=64)
+# The demo's training settings are the default values of the scripts' config dataclasses
+# (SFTConfig, DPOConfig, OnlineConfig), which is where they are read from.
 
 
 # --- data files ----------------------------------------------------------------------------------
