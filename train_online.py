@@ -154,6 +154,16 @@ def mean_score(records: list[dict]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
+def print_demo_table(dpo_folder: Path, dpo_acc: float, online_folder: Path, online_acc: float):
+    """The demo's accuracy after each stage; the SFT figure is the one the DPO run recorded."""
+    summary = dpo_folder / "summary.json"
+    sft = json.loads(summary.read_text()) if summary.is_file() else {}
+    rows = [("SFT", sft.get("demo_accuracy_start")), ("offline DPO", dpo_acc), ("online DPO", online_acc)]
+    print("\nstage         greedy accuracy on held-out problems")
+    for stage, acc in rows:
+        print(f"{stage:13s} {'n/a' if acc is None else f'{acc:.3f}'}")
+
+
 def main(argv=None):
     cfg = parse_cli(OnlineConfig, PRESETS, argv)
     check_config(cfg)
@@ -235,6 +245,7 @@ def main(argv=None):
             acc1 = demo.evaluate_checkpoint(out_dir, demo_paths)
             append_summary(out_dir, demo_accuracy_start=acc0, demo_accuracy=acc1)
             print(f"demo task accuracy (greedy, held-out): {cfg.model}: {acc0:.3f} -> {cfg.out_dir}: {acc1:.3f}")
+            print_demo_table(start_folder, acc0, out_dir, acc1)
     barrier(d)
     return history
 
