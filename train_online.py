@@ -58,7 +58,8 @@ class OnlineConfig(DPOConfig):
     temperature: float = 0.8
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 8
+    max_new_tokens: int = 32
+    """Demo replies show their working ("7+8=15, 4+3+1=8, so 85"), up to ~25 tokens."""
     rounds: int = 2
     sample_batch_size: int = 64
     """Prompts per sampling batch (each row is one sample of one prompt)."""

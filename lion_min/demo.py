@@ -1,21 +1,26 @@
 """The built-in demo: two-digit addition taught by a sloppy teacher, fixed by preference tuning.
 
-    python train_sft.py && python train_dpo.py && python train_online.py     # ~10 min on 2 CPU cores
+    python train_sft.py && python train_dpo.py && python train_online.py     # ~4-5 min on 2 CPU cores
 
-The task is "What is 47+38?" -> "85" (both operands 10..99). It has a verifiable answer, so a rule
-judges it and greedy accuracy on held-out problems measures each stage.
+The task is "What is 47+38?" with operands 10..99. The reply works the columns, then answers:
+"7+8=15, 4+3+1=8, so 85" (see `worked_answer`). The answer is verifiable, so a rule (`check`)
+judges replies and greedy accuracy on 500 held-out problems measures each stage.
 
-Why a sloppy teacher: the SFT demonstrations come from a teacher that, on problems whose units digits
-carry (45% of them), forgets the carry TEACHER_FORGETS_CARRY of the time ("47+38" -> "75"). A model
-trained from scratch on them learns to imitate that majority answer, so greedy SFT accuracy lands
-near the share of carry-free problems (~55-60%), whatever the seed. (A merely under-trained model
-would also be imperfect, but where it lands after a fixed budget swings from 15% to 99% across
-seeds, because these tiny models learn addition in a sudden jump.) The correct answer is still the
-teacher's minority answer on carry problems, so:
-  - offline DPO (train_dpo.py) learns from shipped pairs: correct answer vs a plausible slip
-    (a dropped carry, or a digit off by one);
-  - online DPO (train_online.py) samples 5 answers at temperature 0.8, where the correct one
-    often appears, and trains best vs worst as scored by `check`.
+Why a sloppy teacher: the SFT demonstrations come from a teacher that, on problems whose units
+column carries (45% of them), forgets the carry TEACHER_FORGETS_CARRY of the time
+("7+8=15, 4+3=7, so 75"). A model trained from scratch learns to imitate that majority habit, so
+greedy SFT accuracy lands on the share of carry-free test problems (0.582) whatever the seed.
+(A merely under-trained model would also be imperfect, but where it lands after a fixed budget
+swung from 16% to 99% across seeds in our runs: these tiny models learn addition in a sudden jump.)
+The right answer is still the teacher's minority answer on carry problems, so:
+  - offline DPO (train_dpo.py) learns from shipped pairs: the right worked answer vs a plausible
+    slip (the forgotten carry, a column sum off by one, an invented carry);
+  - online DPO (train_online.py) samples 5 replies at temperature 0.8, where the right one often
+    appears, and trains best vs worst as scored by `check`.
+
+Measured on 2 CPU cores (seeds 0 / 1, greedy held-out accuracy): SFT 0.582 / 0.582 (~3 min),
+offline DPO at lr 7e-5 0.900 / 0.876 (~40 s), online DPO, 2 rounds, 0.960 / 0.922 (~20 s), the
+judged reward of the samples rising 0.85 -> 0.93 / 0.81 -> 0.87.
 
 Everything here is deterministic and needs no downloads: the tokenizer is character-level and is
 written from the list below.
@@ -25,7 +30,6 @@ import json
 import os
 import random
 import re
-import string
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -50,6 +54,8 @@ N_SFT = 16000
 """SFT conversations; problems repeat, each time with a fresh draw of the teacher's answer."""
 N_DPO = 2000
 N_ONLINE = 256
+MAX_REPLY_TOKENS = 32
+"""Enough for the longest reply, "9+9=18, 9+9+1=19, so 198" (25 characters), and its end-of-turn."""
 
 
 def problem_text(a: int, b: int) -> str:
@@ -74,36 +80,68 @@ def carries(a: int, b: int) -> bool:
     return a % 10 + b % 10 >= 10
 
 
+def worked_answer(a: int, b: int, carry: Optional[bool] = None, units_slip: int = 0, tens_slip: int = 0) -> str:
+    """The answer format: units, then tens with the carry written out, then the result.
+
+        47+38 -> "7+8=15, 4+3+1=8, so 85"        12+34 -> "2+4=6, 1+3=4, so 46"
+
+    Writing the two column sums first lets a 0.8M-parameter model learn the task in a few hundred
+    steps (straight to "85", the same model can sit at chance for 1000+ steps before it jumps).
+    The keyword arguments make the wrong answers: carry=False forgets the carry (True adds one that
+    is not there), and a slip adds to a column sum; the final number always follows from the steps.
+    """
+    units = a % 10 + b % 10 + units_slip
+    c = (units >= 10) if carry is None else carry
+    tens = a // 10 + b // 10 + int(c) + tens_slip
+    tens_step = f"{a // 10}+{b // 10}{'+1' if c else ''}={tens}"
+    return f"{a % 10}+{b % 10}={units}, {tens_step}, so {tens * 10 + units % 10}"
+
+
 def teacher_answer(a: int, b: int, rng: random.Random, forget: float = TEACHER_FORGETS_CARRY) -> str:
-    """The sloppy teacher's SFT answer: on a carry problem, the sum without the carry `forget` of the time."""
+    """The sloppy teacher's SFT answer: on a carry problem, it forgets the carry `forget` of the time."""
     if carries(a, b) and rng.random() < forget:
-        return str(a + b - 10)
-    return str(a + b)
+        return worked_answer(a, b, carry=False)
+    return worked_answer(a, b)
 
 
 def plausible_wrong(a: int, b: int, rng: random.Random) -> str:
     """A rejected answer for the offline pairs: the kind of slip a partly trained model makes.
 
-    On a carry problem, half the time the dropped carry (the SFT model's own mistake); otherwise a
-    units or tens digit off by one. The other half of the pairs (and every carry-free problem)
-    therefore teaches "be exact" rather than "carry", which leaves online DPO, which trains on the
-    model's own samples, something to add.
+    On a carry problem, half the time the forgotten carry (the SFT model's own mistake); otherwise
+    one column sum off by one (or a carry invented where there is none). The other half of the
+    pairs therefore teaches "be exact" rather than "carry", which leaves online DPO, which trains
+    on the model's own samples, something to add.
     """
-    s = a + b
     if carries(a, b) and rng.random() < 0.5:
-        return str(s - 10)
-    return str(s + rng.choice([1, -1, 10, -10]))
+        return worked_answer(a, b, carry=False)
+    slip = rng.choice(["units+", "units-", "tens+", "tens-", "carry"])
+    if slip == "carry" and not carries(a, b):
+        return worked_answer(a, b, carry=True)
+    if slip.startswith("units") and (a % 10 + b % 10) not in (0, 9, 10):  # keep the carry unchanged
+        return worked_answer(a, b, units_slip=1 if slip == "units+" else -1)
+    return worked_answer(a, b, tens_slip=-1 if slip == "tens-" else 1)
+
+
+_FINAL_RE = re.compile(r"so (\d+)\s*$")
+
+
+def final_answer(response: str) -> Optional[str]:
+    """The number after the last "so " at the end of the reply, or None (no final answer)."""
+    m = _FINAL_RE.search(response)
+    return m[1] if m else None
 
 
 def check(prompt: str, response: str) -> float:
-    """The rule judge. 1.0: the exact sum. A well-formed but wrong number (digits only, after
-    stripping surrounding whitespace): 0.5 x the fraction of digit positions, aligned from the
-    right, that match the sum (so "75" for 85 scores 0.25, "74" scores 0.0). Anything else
-    (empty, words, cut off): 0.0. The partial credit only orders wrong answers for best-vs-worst
-    pair selection; a correct answer always beats every wrong one."""
+    """The rule judge, on the final answer only (the steps are not checked).
+
+    1.0: the final answer is the exact sum. A wrong final number: 0.5 x the fraction of its digit
+    positions, aligned from the right, that match the sum ("so 75" for 85 scores 0.25, "so 74"
+    0.0). No final answer (cut off, other text): 0.0. The partial credit only orders wrong replies
+    for best-vs-worst pair selection; a correct answer always beats every wrong one.
+    """
     a, b = parse_problem(prompt)
-    got, want = response.strip(), str(a + b)
-    if not got.isascii() or not got.isdigit():
+    got, want = final_answer(response), str(a + b)
+    if got is None:
         return 0.0
     if got == want:
         return 1.0
@@ -112,7 +150,7 @@ def check(prompt: str, response: str) -> float:
 
 
 def is_correct(prompt: str, response: str) -> bool:
-    """The accuracy metric: the response is exactly the sum (surrounding whitespace ignored)."""
+    """The accuracy metric: the reply ends with "so <the exact sum>"."""
     return check(prompt, response) == 1.0
 
 
@@ -169,7 +207,7 @@ def demo_model_args(tokenizer_or_vocab_size) -> ModelArgs:
     ids = {} if isinstance(tok, int) else dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                                               pad_token_id=tok.pad_id)
     # max_seq_len only bounds what the scripts accept (RoPE has no table); 2048 lets the DPO
-    # script's default max_len through. Training rows are 256 tokens; a demo turn is ~40.
+    # script's default max_len through. Training rows are 256 tokens; a demo conversation ~60.
     return ModelArgs(family="llama", vocab_size=vocab, dim=128, n_layers=4, n_heads=4, n_kv_heads=4,
                      head_dim=32, hidden_dim=384, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=2048, **ids)
 
@@ -180,7 +218,7 @@ def demo_model_args(tokenizer_or_vocab_size) -> ModelArgs:
 
 # --- data files ----------------------------------------------------------------------------------
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 FILES = {"sft": "sft.jsonl", "sft_eval": "sft_eval.jsonl", "dpo": "dpo.jsonl", "prompts": "prompts.jsonl",
          "test": "test.jsonl"}
 
@@ -192,12 +230,9 @@ def demo_dir(run_dir: str | Path) -> Path:
 
 
 def demo_paths(out_dir: str | Path) -> dict[str, Path]:
-    """The demo files in out_dir, written first (seed 0) if they are not there yet."""
-    out_dir = Path(out_dir)
-    paths = {k: out_dir / f for k, f in FILES.items()} | {"tokenizer": out_dir / "tokenizer"}
-    if not (out_dir / "meta.json").is_file():
-        return write_demo_data(out_dir, seed=0)
-    return paths
+    """The demo files in out_dir, written first (seed 0, as train_sft.py does) if they are missing
+    or from another DATA_VERSION."""
+    return write_demo_data(out_dir, seed=0)
 
 
 def _split(seed: int) -> tuple[list, list, list]:
@@ -222,7 +257,7 @@ def write_demo_data(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     paths = {k: out_dir / f for k, f in FILES.items()} | {"tokenizer": out_dir / "tokenizer"}
     meta = {"version": DATA_VERSION, "seed": seed}
     meta_file = out_dir / "meta.json"
-    if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
+    if _read_json(meta_file) == meta:
         return paths
 
     test, sft_eval, train = _split(seed)
@@ -231,7 +266,7 @@ def write_demo_data(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         "test": [{"prompt": problem_text(a, b), "answer": str(a + b)} for a, b in test],
         "sft_eval": [_conversation(a, b, teacher_answer(a, b, rng)) for a, b in sft_eval],
         "sft": [_conversation(a, b, teacher_answer(a, b, rng)) for a, b in (rng.choice(train) for _ in range(N_SFT))],
-        "dpo": [{"prompt": problem_text(a, b), "chosen": str(a + b), "rejected": plausible_wrong(a, b, rng)}
+        "dpo": [{"prompt": problem_text(a, b), "chosen": worked_answer(a, b), "rejected": plausible_wrong(a, b, rng)}
                 for a, b in (rng.choice(train) for _ in range(N_DPO))],
         "prompts": [{"prompt": problem_text(a, b)} for a, b in rng.sample(train, N_ONLINE)],
     }
@@ -243,9 +278,17 @@ def write_demo_data(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     paths["tokenizer"].mkdir(exist_ok=True)
     for f in tmp.iterdir():
         os.replace(f, (paths["tokenizer"] if f.name.startswith("tokenizer") else out_dir) / f.name)
+    (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+    os.replace(tmp / "meta.json", meta_file)
     tmp.rmdir()
-    meta_file.write_text(json.dumps(meta) + "\n")
     return paths
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -256,8 +299,8 @@ def read_test(path: str | Path) -> list[str]:
 
 
 def evaluate_accuracy(model, tokenizer, test_prompts: list[str], batch_size: int = 256,
-                      max_new_tokens: int = 8, chat_template: str = "chatml") -> float:
-    """Greedy accuracy: the share of prompts whose reply (up to the end-of-turn token) is the exact sum."""
+                      max_new_tokens: int = MAX_REPLY_TOKENS, chat_template: str = "chatml") -> float:
+    """Greedy accuracy: the share of prompts whose reply (up to the end-of-turn token) `is_correct`."""
     import torch
 
     from lion_min.chat import encode_chat, stop_token_ids
