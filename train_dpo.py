@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 
 from lion_min.chat import get_template
-from lion_min.checkpoint import load_model, resolve_path
+from lion_min.checkpoint import resolve_path
 from lion_min.config import ConfigError, DataConfig, parse_cli
 from lion_min.data import load_preferences, train_eval_split
 from lion_min.dpo import (compute_ref_logps, encode_pairs, fingerprint, load_or_compute_ref_logps,
                           make_dpo_objective, pair_batches)
 from lion_min.losses import DPO_LOSS_TYPES
-from lion_min.parallel import build_model, init_distributed
-from lion_min.stage import append_summary, check_seq_len, load_policy, resolve_dtype, run_cli
+from lion_min.parallel import init_distributed
+from lion_min.stage import append_summary, build_from_folder, check_seq_len, load_policy, resolve_dtype, run_cli
+from lion_min.tokenizer import Tokenizer
 from lion_min.train import train
 
 
@@ -101,8 +102,7 @@ def run_dpo(cfg: DPOConfig, d, pairs, eval_pairs, dtype, summary: dict):
     ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else folder
 
     def make_ref():
-        return build_model(args, d, load_weights=lambda: load_model(ref_folder).state_dict(), param_dtype=dtype,
-                           attn_backend=cfg.attn_backend).requires_grad_(False).eval()
+        return build_from_folder(ref_folder, args, d, dtype, attn_backend=cfg.attn_backend).requires_grad_(False).eval()
 
     ref_model, ref_logps, eval_ref = None, None, None
     if cfg.precompute_ref:
@@ -151,8 +151,6 @@ def main(argv=None):
         data = str(demo_paths["dpo"])
     else:
         data = cfg.data
-    from lion_min.tokenizer import Tokenizer
-
     tokenizer = Tokenizer.from_dir(resolve_path(cfg.model, cfg.revision))
     prefs, stats = load_preferences(data, schema=cfg.schema, skip_bad=cfg.skip_bad, seed=cfg.seed)
     if cfg.eval_data:

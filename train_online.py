@@ -35,7 +35,7 @@ import torch.distributed as dist
 from lion_min.chat import stop_token_ids
 from lion_min.checkpoint import load_model, resolve_path, save_model
 from lion_min.config import ConfigError, parse_cli
-from lion_min.dpo import EncodedPair, write_jsonl
+from lion_min.dpo import EncodedPair, truncate, write_jsonl
 from lion_min.judges import make_judge
 from lion_min.parallel import barrier, init_distributed
 from lion_min.sample import encode_prompt, generate, read_prompts
@@ -140,8 +140,6 @@ def choose_pair(record: dict) -> str:
 
 def to_pair(record: dict, max_len: int, max_prompt_len: int) -> EncodedPair:
     """The sampled tokens themselves (not a re-tokenization of their text) are scored."""
-    from lion_min.dpo import truncate
-
     sides = []
     for k in (record["chosen"], record["rejected"]):
         ids = record["prompt_ids"] + record["samples"][k]
@@ -234,8 +232,7 @@ def main(argv=None):
     final = sample_and_judge(cfg, d, policy, prompts, judge, cfg.seed, dtype)
     if d.main:
         save_model(load_model(policy), out_dir, tokenizer=Tokenizer.from_dir(policy))
-        for f in ("metrics.jsonl",):
-            shutil.copy(policy / f, out_dir / f"last_round_{f}")
+        shutil.copy(policy / "metrics.jsonl", out_dir / "last_round_metrics.jsonl")
         before, after = history[0]["mean_reward"], mean_score(final)
         append_summary(out_dir, rounds=history, mean_reward_start=before, mean_reward_final=after)
         print(f"mean judged reward: start {before:.4f} -> final {after:.4f}")

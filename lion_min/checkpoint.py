@@ -241,8 +241,8 @@ def load_model(
     files = weight_files(folder)
     with torch.device("meta"):
         model = Transformer(args)
-    model.to_empty(device=device)
-    model.to(dtype)
+    # Cast while still on meta (free), so the one allocation is already in the target dtype.
+    model.to(dtype).to_empty(device=device)
     load_weights(model, files)
     model.init_buffers()
     return model.eval()

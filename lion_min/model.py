@@ -293,9 +293,7 @@ class Transformer(nn.Module):
         self.cache_doc = None
 
     def _cache_mask(self, doc_ids, cache_slots, batch) -> AttnMask:
-        q_doc = torch.zeros(batch, len(cache_slots), dtype=torch.long, device=cache_slots.device)
-        if doc_ids is not None:
-            q_doc = doc_ids
+        q_doc = doc_ids if doc_ids is not None else cache_slots.new_zeros(batch, len(cache_slots))
         self.cache_doc[:, cache_slots] = q_doc
         k_slots = torch.arange(self.cache_doc.shape[1], device=cache_slots.device)
         return AttnMask("sdpa", dense=dense_mask(q_doc, cache_slots, self.cache_doc, k_slots))

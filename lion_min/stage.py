@@ -24,14 +24,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def build_from_folder(folder: Path, args, d: Dist, param_dtype: torch.dtype, **wrap):
+    """build_model with the weights of a checkpoint folder (read by rank 0 only)."""
+    return build_model(args, d, load_weights=lambda: load_model(folder).state_dict(), param_dtype=param_dtype, **wrap)
+
+
 def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] = None):
     """The starting checkpoint as a wrapped training model, its ModelArgs and its tokenizer."""
     folder = folder or resolve_path(cfg.model, cfg.revision)
     args = read_config(folder)
     tokenizer = Tokenizer.from_dir(folder)
-    model = build_model(args, d, load_weights=lambda: load_model(folder).state_dict(), param_dtype=param_dtype,
-                        activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
-                        attn_backend=cfg.attn_backend)
+    model = build_from_folder(folder, args, d, param_dtype, activation_checkpointing=cfg.activation_checkpointing,
+                              compile=cfg.compile, attn_backend=cfg.attn_backend)
     return model, args, tokenizer, folder
 
 

@@ -14,7 +14,6 @@ not depend on gradient accumulation or world size.
 
 import json
 import math
-import os
 import re
 import resource
 import shutil
@@ -25,7 +24,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from lion_min.checkpoint import save_model
 from lion_min.config import TrainConfig, config_to_json

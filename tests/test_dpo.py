@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import lion_min
-from lion_min.dpo import EncodedPair, encode_pairs, pair_logps, pair_micro, truncate
+from lion_min.dpo import encode_pairs, pair_logps, pair_micro, truncate
 from lion_min.data import Preference
 from lion_min.tokenizer import Tokenizer
 
