@@ -13,7 +13,9 @@ Each round:
   4. reference log-probs are computed with the reference model (the starting model unless
      --ref_model says otherwise), then one epoch of DPO runs with the offline stage's code and
      exports out_dir/round_K/.
-A run that stops resumes at the first round without its out_dir/round_K.done marker.
+A run that stops resumes at the first round without its out_dir/round_K.done marker. At the end,
+out_dir/curves.png plots the loss and reward curves of the runs this one descends from and of
+every round (lion_min/plot.py; skipped with a message without matplotlib).
 """
 
 import os
@@ -38,6 +40,7 @@ from lion_min.config import ConfigError, parse_cli
 from lion_min.dpo import EncodedPair, truncate, write_jsonl
 from lion_min.judges import make_judge
 from lion_min.parallel import barrier, init_distributed
+from lion_min.plot import earlier_runs, plot_pipeline
 from lion_min.sample import encode_prompt, generate, read_prompts
 from lion_min.stage import append_summary, resolve_dtype, run_cli
 from lion_min.tokenizer import Tokenizer
@@ -244,6 +247,9 @@ def main(argv=None):
             append_summary(out_dir, demo_accuracy_start=acc0, demo_accuracy=acc1)
             print(f"demo task accuracy (greedy, held-out): {cfg.model}: {acc0:.3f} -> {cfg.out_dir}: {acc1:.3f}")
             print_demo_table(start_folder, acc0, out_dir, acc1)
+        png = plot_pipeline(out_dir / "curves.png", online=out_dir, **earlier_runs(start_folder))
+        if png is not None:
+            print(f"wrote the loss and reward curves to {png}")
     barrier(d)
     return history
 
