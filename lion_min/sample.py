@@ -245,17 +245,19 @@ def read_prompts(path: str) -> list:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: no such file (expected prompts: .jsonl or one per line)")
-    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ConfigError(f"{path}: no prompts in the file")
     if p.suffix != ".jsonl":
-        return lines
+        return [line for _, line in lines]
     prompts = []
-    for n, line in enumerate(lines, 1):
+    for n, line in lines:  # n counts blank lines too, so it is the line an editor shows
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({e})") from None
+            raise ConfigError(f"{path}: line {n}: not valid JSON ({e})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), (str, list)):
-            raise ConfigError(f"{path}:{n}: expected an object with a \"prompt\" field (text or messages)")
+            raise ConfigError(f"{path}: line {n}: expected an object with a \"prompt\" field (text or messages)")
         prompts.append(record["prompt"])
     return prompts
 

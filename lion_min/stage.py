@@ -74,5 +74,7 @@ def run_cli(main) -> None:
     try:
         main()
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One line, even when a library's message (huggingface_hub's, say) spans several.
+        message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -47,10 +47,10 @@ class Batches:
     def __init__(self, num_items: int, batch_size: int, micro_batch_size: int, epochs: int, seed: int, d: Dist,
                  make_micro: Callable[[np.ndarray], dict], norm: Callable[[np.ndarray], float], shuffle: bool = True):
         if batch_size % (micro_batch_size * d.world):
-            raise ValueError(f"batch_size={batch_size} must be a multiple of micro_batch_size * world size "
+            raise ValueError(f"--batch_size={batch_size} must be a multiple of --micro_batch_size * world size "
                              f"= {micro_batch_size} * {d.world}")
         if num_items < batch_size:
-            raise ValueError(f"only {num_items} items of data for batch_size={batch_size}: lower batch_size or add data")
+            raise ValueError(f"only {num_items} items of data for --batch_size={batch_size}: lower it or add data")
         self.num_items, self.batch_size, self.micro, self.seed, self.d = num_items, batch_size, micro_batch_size, seed, d
         self.make_micro, self.norm, self.shuffle = make_micro, norm, shuffle
         self.steps_per_epoch = num_items // batch_size

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 import train_dpo  # noqa: E402
 import train_online  # noqa: E402
 import train_sft  # noqa: E402
+from lion_min.stage import run_cli  # noqa: E402
 from tokenizers_for_tests import build_gemma_tokenizer  # noqa: E402
 
 
@@ -28,6 +29,10 @@ def files(tiny_chat_model, tmp_path_factory):
     (root / "badrole.jsonl").write_text(lines[0] + "\n" + json.dumps(
         {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}) + "\n")
     (root / "wrongschema.jsonl").write_text(json.dumps({"text": "just text"}) + "\n")
+    (root / "empty.jsonl").write_text("")
+    (root / "sft_format.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (root / "bad_prompts.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": \n')
+    (root / "empty_prompts.jsonl").write_text("\n")
     (root / "prefs_missing.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
                                               + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
     # A checkpoint whose tokenizer lacks ChatML's special tokens.
@@ -50,7 +55,8 @@ CASES = [
     ("sft", {"data": "{root}/malformed.jsonl"}, "malformed.jsonl: line 3"),
     ("sft", {"data": "{root}/noassistant.jsonl"}, "noassistant.jsonl: line 1"),
     ("sft", {"data": "{root}/badrole.jsonl"}, "badrole.jsonl: line 2: 'messages[1].role'"),
-    ("sft", {"data": "{root}/wrongschema.jsonl"}, "wrongschema.jsonl"),
+    ("sft", {"data": "{root}/wrongschema.jsonl"}, "wrongschema.jsonl: line 1: cannot tell the schema"),
+    ("sft", {"data": "{root}/empty.jsonl"}, "empty.jsonl: no records"),
     ("sft", {"model": "{root}/no_model"}, "no_model: no such checkpoint folder"),
     ("sft", {"model": "{plain}"}, "lacks the special token '<|im_start|>'"),
     ("sft", {"micro_batch_size": 8}, "--micro_batch_size=8 is larger than --batch_size=4"),
@@ -58,13 +64,22 @@ CASES = [
     ("sft", {"chat_template": "vicuna"}, "unknown chat template 'vicuna'"),
     ("sft", {"preset": "lion-mistral"}, "unknown preset 'lion-mistral'"),
     ("sft", {"lr": "fast"}, "--lr: expected float"),
-    ("sft", {"batch_size": 1000}, "only 32 items of data for batch_size=1000"),
+    ("sft", {"lr_rate": 1}, "unknown option --lr_rate"),
+    ("sft", {"dtype": "fp8"}, "--dtype=fp8: expected auto, float32 or bfloat16"),
+    ("sft", {"batch_size": 6, "micro_batch_size": 4}, "--batch_size=6 must be a multiple of --micro_batch_size * world size = 4 * 1"),
+    ("sft", {"resume": "{root}/no_ckpt"}, "no_ckpt: not a complete checkpoint folder"),
+    ("sft", {"batch_size": 1000}, "only 32 items of data for --batch_size=1000"),
     ("sft", {"model": "no-such-org/no-such-model"}, "no-such-org/no-such-model: could not get it from the Hugging Face hub"),
     ("dpo", {"data": "{root}/prefs_missing.jsonl"}, "prefs_missing.jsonl: line 2: 'rejected'"),
+    ("dpo", {"data": "{root}/sft_format.jsonl"}, "sft_format.jsonl: line 1: cannot tell the schema"),
+    ("dpo", {"ref_model": "{root}/no_ref"}, "no_ref: no such checkpoint folder"),
     ("dpo", {"loss_type": "kto"}, "--loss_type=kto: expected one of sigmoid, ipo, hinge"),
     ("dpo", {"max_prompt_len": 4096, "max_len": 2048}, "--max_prompt_len=4096 must be smaller than --max_len=2048"),
     ("online", {"prompts": "{root}/no_prompts.jsonl"}, "no_prompts.jsonl: no such file"),
+    ("online", {"prompts": "{root}/bad_prompts.jsonl"}, "bad_prompts.jsonl: line 3: not valid JSON"),
+    ("online", {"prompts": "{root}/empty_prompts.jsonl"}, "empty_prompts.jsonl: no prompts"),
     ("online", {"judge": "oracle"}, "unknown judge 'oracle'"),
+    ("online", {"judge": "{root}/no_rm"}, "no_rm: no such checkpoint folder"),
     ("online", {"n_samples": 1}, "--n_samples=1: need at least 2 samples"),
 ]
 
@@ -85,14 +100,22 @@ def build_argv(script, over, f, out):
 
 
 @pytest.mark.parametrize("script, over, message", CASES, ids=[f"{c[0]}-{'-'.join(c[1])}" for c in CASES])
-def test_clear_error_and_no_output(files, tmp_path, monkeypatch, script, over, message):
+def test_clear_error_and_no_output(files, tmp_path, monkeypatch, capsys, script, over, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "out"
     module, argv = build_argv(script, over, files, out)
-    with pytest.raises(ValueError) as e:
-        module.main(argv)
-    assert message in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: module.main(argv))  # what `python train_X.py ...` runs
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_readme_lists_every_case():
+    readme = (ROOT / "README.md").read_text().replace("\\|", "|")  # a table cell writes | as \|
+    missing = [message for _, _, message in CASES if message not in readme]
+    assert not missing, f"README's bad-input table lacks {missing}"
 
 
 def test_exit_code_and_one_line_on_stderr(files, tmp_path):

@@ -280,7 +280,7 @@ def test_cli_errors(chat_model, tmp_path):
         main([f"--model={chat_model}", "--prompt=hi", "--chat_template=vicuna"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt field"}\n')
-    with pytest.raises(ConfigError, match="bad.jsonl:1"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl: line 1: expected an object with a \"prompt\" field"):
         main([f"--model={chat_model}", f"--prompts_file={bad}"])
     # As a module: a missing model folder is one clear line and a non-zero exit.
     missing = tmp_path / "no_such_model"
