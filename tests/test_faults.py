@@ -113,12 +113,30 @@ def test_skip_nonfinite_counts_skipped_steps(tiny_chat_model, tmp_path):
     assert last["skipped_steps"] == 3  # step 1 updated (to huge weights), steps 2-4 skipped
 
 
-def test_resume_auto_ignores_incomplete_checkpoint(tiny_chat_model, tmp_path):
-    out = tmp_path / "partial"
-    train_sft.main(sft_args(tiny_chat_model, out, max_steps=4, save_every=2))
-    # A save that crashed half-way leaves a .tmp folder: never picked by resume=auto.
-    (out / "checkpoints" / "step_8.tmp").mkdir()
+def test_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_chat_model, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train_sft.main(sft_args(tiny_chat_model, full, max_steps=6, save_every=2))
+    real_save, calls = dcp.save, []
+
+    def save_then_crash(state, checkpoint_id):  # the second save writes its tensors, then the process "dies"
+        calls.append(checkpoint_id)
+        real_save(state, checkpoint_id=checkpoint_id)
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(dcp, "save", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        train_sft.main(sft_args(tiny_chat_model, crashed, max_steps=6, save_every=2))
+    monkeypatch.setattr(dcp, "save", real_save)
+    ckpts = sorted(p.name for p in (crashed / "checkpoints").iterdir())
+    assert ckpts == ["step_2", "step_4.tmp"]  # the half-written save never got its final name
+
     from lion_min.config import TrainConfig
     from lion_min.train import resolve_resume
 
-    assert resolve_resume(TrainConfig(resume="auto"), out).name == "step_2"
+    assert resolve_resume(TrainConfig(resume="auto"), crashed).name == "step_2"
+    train_sft.main(sft_args(tiny_chat_model, crashed, max_steps=6, save_every=2, resume="auto"))
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(crashed / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
