@@ -156,7 +156,7 @@ def mean_score(records: list[dict]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def print_demo_table(dpo_folder: Path, dpo_acc: float, online_folder: Path, online_acc: float):
+def print_demo_table(dpo_folder: Path, dpo_acc: float, online_acc: float):
     """The demo's accuracy after each stage; the SFT figure is the one the DPO run recorded."""
     summary = dpo_folder / "summary.json"
     sft = json.loads(summary.read_text()) if summary.is_file() else {}
@@ -246,7 +246,7 @@ def main(argv=None):
             acc1 = demo.evaluate_checkpoint(out_dir, demo_paths)
             append_summary(out_dir, demo_accuracy_start=acc0, demo_accuracy=acc1)
             print(f"demo task accuracy (greedy, held-out): {cfg.model}: {acc0:.3f} -> {cfg.out_dir}: {acc1:.3f}")
-            print_demo_table(start_folder, acc0, out_dir, acc1)
+            print_demo_table(start_folder, acc0, acc1)
         png = plot_pipeline(out_dir / "curves.png", online=out_dir, **earlier_runs(start_folder))
         if png is not None:
             print(f"wrote the loss and reward curves to {png}")

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins")
+PANELS = {"sft": "sft", "dpo": "dpo", "rewards": "dpo", "judged": "judged"}
+"""Each panel, left to right, and the series of collect_curves() it draws."""
 
 
 def read_metrics(folder: Path) -> tuple[list[dict], list[dict]]:
@@ -85,9 +87,8 @@ def collect_curves(sft: Optional[Path] = None, dpo: Optional[Path] = None, onlin
                 d[k] += [r[k] for r in train]
             offset += train[-1]["step"] if train else 0
         curves["dpo"] = d
-    summary = Path(online) / "summary.json" if online is not None else None
-    if summary is not None and summary.is_file():
-        s = json.loads(summary.read_text())
+    if online is not None and (Path(online) / "summary.json").is_file():
+        s = json.loads((Path(online) / "summary.json").read_text())
         rewards = [r["mean_reward"] for r in s.get("rounds", [])] + [s["mean_reward_final"]]
         curves["judged"] = {"round": list(range(len(rewards))), "mean_reward": rewards}
     return curves
@@ -106,8 +107,7 @@ def plot_pipeline(out_png: Path, sft: Optional[Path] = None, dpo: Optional[Path]
               "loss and reward curves")
         return None
     curves = collect_curves(sft, dpo, online)
-    panels = [name for name in ("sft", "dpo", "rewards", "judged") if name in curves or
-              (name == "rewards" and "dpo" in curves)]
+    panels = [panel for panel, series in PANELS.items() if series in curves]
     if not panels:
         raise ValueError("no metrics to plot: give at least one of --sft, --dpo, --online")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
