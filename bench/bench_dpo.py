@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from bench_sft import header, interleaved, lognormal_lengths  # noqa: E402
+from bench_sft import CPUBench, header, interleaved, lognormal_lengths  # noqa: E402
 from lion_min.config import TrainConfig, parse_cli  # noqa: E402
 from lion_min.dpo import EncodedPair, compute_ref_logps, make_dpo_objective, pair_logps, pair_micro  # noqa: E402
 from lion_min.model import ModelArgs, Transformer  # noqa: E402
@@ -46,26 +46,13 @@ from train_sft import sft_objective  # noqa: E402
 
 
 @dataclass
-class BenchConfig:
-    threads: int = 2
-    """torch.set_num_threads."""
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    hidden_dim: int = 688
-    vocab_size: int = 8192
-    rows: int = 2
+class BenchConfig(CPUBench):
     fill: float = 0.95
     """Pairs are drawn until their tokens fill this fraction of `rows` rows (pack() may need one row more)."""
-    seq_len: int = 512
     prompt_median: int = 60
     reply_median: int = 50
     """Median lengths (log-normal, sigma 0.6; the prompt is in both sides): ~220 tokens per pair."""
-    repeats: int = 5
-    """Timed steps per variant, interleaved; one warm-up step each before."""
     beta: float = 0.1
-    lr: float = 1e-4
 
 
 def make_pairs(cfg: BenchConfig) -> list[EncodedPair]:

@@ -56,7 +56,9 @@ from train_sft import sft_objective  # noqa: E402
 
 
 @dataclass
-class BenchConfig:
+class CPUBench:
+    """What the CPU step benchmarks share (bench_dpo.py too): threads, model shape, rows, repeats."""
+
     threads: int = 2
     """torch.set_num_threads."""
     dim: int = 256
@@ -67,13 +69,17 @@ class BenchConfig:
     vocab_size: int = 8192
     rows: int = 2
     seq_len: int = 512
-    doc_median: int = 100
-    """Median document length in part 1's packed rows (log-normal, sigma 0.7): ~4 per 512-token row."""
     repeats: int = 5
     """Timed steps per variant, interleaved; one warm-up step each before."""
+    lr: float = 1e-4
+
+
+@dataclass
+class BenchConfig(CPUBench):
+    doc_median: int = 100
+    """Median document length in part 1's packed rows (log-normal, sigma 0.7): ~4 per 512-token row."""
     diagnose: bool = True
     """Also time the two diagnostic lion_min variants (doubles part 1's time)."""
-    lr: float = 1e-4
 
     packing: bool = True
     """Run part 2."""
