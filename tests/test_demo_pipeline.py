@@ -1,6 +1,7 @@
 """The built-in demo, shortened: each script runs on its defaults (plus a step cap), the SFT loss
 falls, and what each stage exports is a Hugging Face folder transformers loads with equal logits."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -48,3 +49,13 @@ def test_demo_pipeline_short(tmp_path):
     assert len(rounds) == 256 and all(len(r["samples"]) == 5 for r in rounds)
     s = json.loads((online / "summary.json").read_text())
     assert {"mean_reward_start", "mean_reward_final", "demo_accuracy", "demo_accuracy_start"} <= s.keys()
+
+    # The closing plot finds the earlier stages through the real train_config.json files.
+    from lion_min import plot
+
+    assert plot.earlier_runs(dpo) == {"dpo": dpo, "sft": sft}
+    curves = plot.collect_curves(sft, dpo, online)
+    assert curves["sft"]["step"] == list(range(1, 41)) and curves["dpo"]["step"] == list(range(1, 7))
+    assert curves["judged"]["mean_reward"] == [s["mean_reward_start"], s["mean_reward_final"]]
+    if importlib.util.find_spec("matplotlib"):
+        assert (online / "curves.png").read_bytes()[:4] == b"\x89PNG"
