@@ -9,7 +9,7 @@ very same examples list, so both objectives see identical tokens, positions, doc
 (only the replies are targets); the script checks that. Each timed step is objective, backward,
 AdamW step, zero_grad on the same random lion_min model (fp32, CPU):
 
-  sft              train_sft.sft_objective
+  sft              lion_min.sft.sft_objective
   dpo, live ref    make_dpo_objective(ref_model=...): policy forward + backward, plus a reference
                    forward under no_grad
   dpo, precomputed make_dpo_objective() with the micro-batch's ref_logps from compute_ref_logps:
@@ -42,7 +42,7 @@ from lion_min.model import ModelArgs, Transformer  # noqa: E402
 from lion_min.packing import pack  # noqa: E402
 from lion_min.parallel import Dist  # noqa: E402
 from lion_min.train import make_optimizer  # noqa: E402
-from train_sft import sft_objective  # noqa: E402
+from lion_min.sft import sft_objective  # noqa: E402
 
 
 @dataclass
@@ -90,7 +90,7 @@ def main(argv=None):
     ref_logps = compute_ref_logps(ref, pairs, Dist(0, 1, 0, device), len(pairs), cfg.seq_len, pad_id=0)  # (pairs, 2)
     dpo_micro = pair_micro(pairs, sel, cfg.seq_len, 0, device, ref_logps=ref_logps)
     examples = [side for p in pairs for side in (p.chosen, p.rejected)]
-    packed = pack(examples, cfg.seq_len, pad_id=0, mode="pack", loss_mask=True, overflow="drop")
+    packed = pack(examples, cfg.seq_len, pad_id=0, mode="pack", overflow="drop")
     sft_micro = {k: torch.from_numpy(v) for k, v in packed.rows.items()}
     for k, v in sft_micro.items():
         assert torch.equal(v, dpo_micro[k]), f"SFT and DPO rows differ in {k}"

@@ -8,7 +8,7 @@ Part 1 (CPU, fp32): one random Llama-shaped checkpoint written by tests/conftest
 make_hf_checkpoint and loaded by both sides, so the weights are identical. Each step is forward,
 loss, backward, AdamW step, zero_grad (no clipping on either side) on the same token rows:
   lion_min      packed rows, several documents per row: model(tokens, positions, doc_ids, targets)
-                + losses.sft_loss, i.e. train_sft.sft_objective (dense block-diagonal SDPA mask);
+                + losses.sft_loss, i.e. lion_min.sft.sft_objective (dense block-diagonal SDPA mask);
   transformers  LlamaForCausalLM on the same rows as plain causal rows (it has no document masking
                 by default, so lion_min does strictly more work), logits + F.cross_entropy on the
                 same targets, summed and divided by the same target count.
@@ -20,7 +20,7 @@ Part 2: packing efficiency of best-fit-decreasing pack() against one conversatio
 (mode="pad") on log-normal conversation lengths (median ~400 tokens, tail past 4k), and pack()'s time.
 
 Part 3 (CUDA): a random Gemma-2b-shaped model (tests/data/configs/gemma-2b.json) built as
-train_sft.py builds it (bf16 compute under FSDP's mixed precision, fp32 master weights), one packed
+lion_min.sft builds it (bf16 compute under FSDP's mixed precision, fp32 master weights), one packed
 row of 8192 tokens per step: step time, MFU from lion_min.train.flops_per_token against the 989e12
 H100/H200 bf16 peak, peak memory. Then FlexAttention and varlen attention against the dense SDPA
 mask on random q/k/v with packed doc_ids, forward and backward.
@@ -52,7 +52,7 @@ from lion_min.config import TrainConfig, parse_cli  # noqa: E402
 from lion_min.losses import IGNORE_INDEX, sft_loss  # noqa: E402
 from lion_min.packing import best_fit_decreasing, collate, pack  # noqa: E402
 from lion_min.train import make_optimizer  # noqa: E402
-from train_sft import sft_objective  # noqa: E402
+from lion_min.sft import sft_objective  # noqa: E402
 
 
 @dataclass

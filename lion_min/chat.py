@@ -19,7 +19,7 @@ reply.
 """
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 from lion_min.tokenizer import Tokenizer
 
@@ -191,8 +191,9 @@ def render(
     return _render_with_spans(messages, _as_template(template), add_generation_prompt, bos_token)[0]
 
 
-@dataclass
-class ChatEncoding:
+class ChatEncoding(NamedTuple):
+    """One encoded example, the type SFT, DPO and sampling share: `ids, mask = encoding` unpacks it."""
+
     input_ids: list[int]
     loss_mask: list[bool]
     """loss_mask[i]: token i is a training target (predicted from position i - 1)."""

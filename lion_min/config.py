@@ -1,17 +1,31 @@
-"""The training options every stage shares, and `--key=value` parsing over a config dataclass.
+"""The training options every stage shares, recipes, and the command line over a config dataclass.
 
-Each script defines one dataclass that extends TrainConfig with its stage's fields and a dict of
-named presets (plain instances). The command line is `--preset=NAME` (applied first) followed by
-`--key=value` overrides, each checked against the field's type.
+Each stage (lion_min/sft.py, dpo.py, online.py) defines one dataclass that extends TrainConfig (or
+DataConfig) with its own fields; the field defaults are for fine-tuning a pretrained checkpoint.
+The command line is
+
+    [--preset=NAME | --config=FILE] [--key=value | --key value | --flag] ...
+
+A preset is a recipe file lion_min/recipes/NAME.toml (the LION recipes, each value citing its
+source) or the built-in demo (lion_min/demo.py); --config=FILE reads a recipe file of your own. A
+recipe's [shared] table applies to every stage, then the stage's own table ([sft], [dpo],
+[online]); flags on the command line override both. `--help` lists every flag and the presets.
 """
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import json
+import re
 import sys
+import tomllib
 import typing
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
+
+RECIPES = Path(__file__).parent / "recipes"
 
 
 class ConfigError(ValueError):
@@ -20,13 +34,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
+    # -- model
     model: str = ""
-    """Starting checkpoint: a Hugging Face folder or hub id ('' = the stage's built-in default)."""
+    """Starting checkpoint: a Hugging Face folder or hub id."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) to pin the download to."""
-    out_dir: str = "out"
+    preset: str = ""
+    """The recipe applied before the flags (recorded here; see --help for the list)."""
+    out_dir: str = "out/run"
     """Metrics, checkpoints and the final Hugging Face folder go here."""
     seed: int = 0
+
+    # -- hardware and parallelism
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     dtype: str = "auto"
@@ -35,48 +54,57 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each block."""
     activation_checkpointing: bool = False
+    """Recompute each block in backward instead of keeping its activations."""
     attn_backend: str = "auto"
     """How packed documents are isolated: 'auto', 'sdpa' (dense mask), 'flex', 'varlen'."""
 
+    # -- optimisation
     lr: float = 2e-5
+    """Peak learning rate (the LION SFT value; the DPO stages set their own)."""
     lr_schedule: str = "cosine"
     """'cosine', 'linear' (decay to 0) or 'constant', after linear warmup."""
     warmup_ratio: float = 0.1
     """Fraction of the total steps spent warming up linearly from 0."""
     min_lr_ratio: float = 0.0
+    """The schedule decays to lr * min_lr_ratio."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay, applied to matrices only (not norms)."""
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
-
     epochs: int = 1
     max_steps: int = 0
-    """Stop after this many optimizer steps (0 = run all epochs)."""
+    """Run exactly this many optimizer steps, cycling the data as needed; overrides epochs, as in the
+    Hugging Face Trainer (0 = run all epochs)."""
     batch_size: int = 32
     """Global batch per optimizer step, over all ranks and accumulation steps (rows or pairs)."""
     micro_batch_size: int = 1
     """Per forward pass on one rank; accumulation = batch_size / (micro_batch_size * world)."""
+    skip_nonfinite: bool = False
+    """On a NaN/inf loss or gradient: False stops the run naming the step; True skips the update."""
 
+    # -- logging and checkpoints
     log_every: int = 1
     eval_every: int = 0
     """Evaluate held-out loss every N steps and at the end (0 = only at the end, if eval data)."""
     save_every: int = 0
     """Write a resumable checkpoint every N steps (0 = never)."""
     keep_checkpoints: int = 2
+    """How many resumable checkpoints to keep (the newest)."""
     resume: str = ""
     """'' (start fresh), 'auto' (newest complete checkpoint in out_dir, if any), or a checkpoint path."""
-    skip_nonfinite: bool = False
-    """On a NaN/inf loss or gradient: False stops the run naming the step; True skips the update."""
+    export_dtype: str = "source"
+    """dtype of the exported weights: 'source' (the starting checkpoint's), 'float32', 'bfloat16', 'float16'."""
 
 
 @dataclass
 class DataConfig(TrainConfig):
     """The data fields of the stages that read a dataset through a chat template (SFT, DPO)."""
 
+    # -- data
     data: str = ""
-    """A file, glob, folder, hub dataset or mixture (see lion_min/data.py); '' = the demo's data."""
+    """A file, glob, folder, hub dataset or mixture (see lion_min/data.py)."""
     eval_data: str = ""
     eval_fraction: float = 0.0
     """Hold out this fraction of `data` for eval loss when eval_data is not given."""
@@ -88,6 +116,51 @@ class DataConfig(TrainConfig):
     """chatml | llama3 | gemma."""
     system_prompt: Optional[str] = None
     """Inserted as the system turn when a conversation has none (LION: '' with ChatML)."""
+
+
+# --- recipes ---------------------------------------------------------------------------------------
+
+
+def read_recipe(path: Path, stage: str) -> dict:
+    """A recipe file's [shared] table updated with its [stage] table."""
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable recipe file ({e})") from None
+    unknown = set(recipe) - {"shared", "sft", "dpo", "online"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; expected shared, sft, dpo, online")
+    return recipe.get("shared", {}) | recipe.get(stage, {})
+
+
+def recipe_presets(stage: str) -> dict[str, dict]:
+    """Every recipe in lion_min/recipes/ that has a table for `stage`, by file name."""
+    return {p.stem: read_recipe(p, stage) for p in sorted(RECIPES.glob("*.toml"))
+            if stage in tomllib.loads(p.read_text())}
+
+
+def recipe_summary(name: str) -> str:
+    """The first comment line of a recipe file (its one-line description)."""
+    path = RECIPES / f"{name}.toml"
+    first = path.read_text().splitlines()[0] if path.is_file() else ""
+    return first.lstrip("# ").strip()
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+# Other tools' names for our flags, so a ported command line gets a pointer instead of a guess.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "micro_batch_size",
+    "output_dir": "out_dir", "model_name_or_path": "model", "max_seq_length": "seq_len", "max_length": "max_len",
+    "max_prompt_length": "max_prompt_len", "lr_scheduler_type": "lr_schedule", "max_grad_norm": "grad_clip",
+    "logging_steps": "log_every", "save_steps": "save_every", "eval_steps": "eval_every",
+    "gradient_checkpointing": "activation_checkpointing", "save_total_limit": "keep_checkpoints",
+    "resume_from_checkpoint": "resume", "adam_beta1": "beta1", "adam_beta2": "beta2",
+}
+ALIAS_NOTES = {
+    "gradient_accumulation_steps": "lion_min derives accumulation: give the global --batch_size (rows or pairs per "
+                                   "optimizer step over all ranks) and --micro_batch_size (per forward on one rank)",
+}
 
 
 def _convert(value: str, annotation, key: str):
@@ -110,33 +183,161 @@ def _convert(value: str, annotation, key: str):
     return value
 
 
-def parse_cli(cls, presets: dict, argv: Optional[list[str]] = None):
-    """`--preset=NAME --key=value ...` -> an instance of `cls`."""
-    argv = sys.argv[1:] if argv is None else argv
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    pairs = []
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"arguments look like --key=value, got {arg!r}")
-        pairs.append(arg[2:].split("=", 1))
-    cfg = cls()
-    for key, value in pairs:
-        if key == "preset":
-            if value not in presets:
-                raise ConfigError(f"unknown preset {value!r}; known presets: {', '.join(presets)}")
-            cfg = dataclasses.replace(presets[value])
-    for key, value in pairs:
-        if key == "preset":
-            continue
+def _split_argv(argv: list[str], hints: dict) -> list[tuple[str, Optional[str]]]:
+    """['--a=1', '--b', '2', '--flag'] -> [('a', '1'), ('b', '2'), ('flag', None)]."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"arguments look like --key=value or --key value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
+        if not eq:
+            is_bool = hints.get(key) is bool
+            if not is_bool and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:  # a bare --flag: true for a boolean; anything else is reported when converted
+                value = None
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def _unknown(key: str, fields) -> ConfigError:
+    if key in ALIASES and ALIASES[key] in fields:
+        return ConfigError(f"unknown option --{key}: lion_min calls it --{ALIASES[key]}")
+    if key in ALIAS_NOTES:
+        return ConfigError(f"unknown option --{key}: {ALIAS_NOTES[key]}")
+    close = difflib.get_close_matches(key, list(fields), n=3)
+    hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
+    return ConfigError(f"unknown option --{key}{hint}")
+
+
+def parse_cli(cls, presets: dict[str, dict], argv: Optional[list[str]] = None,
+              default_preset: Optional[Callable[[set], Optional[str]]] = None, doc: str = ""):
+    """The command line (see the module docstring) -> an instance of `cls`.
+
+    presets: name -> {field: value}. default_preset(keys given on the command line) names the preset
+    to apply when neither --preset nor --config is given (the scripts use it for the demo).
+    `--help` prints `doc`, the presets and every flag, then exits 0.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(help_text(cls, presets, doc))
+        sys.exit(0)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    pairs = _split_argv(argv, hints)
+    given = {k for k, _ in pairs}
+    overrides: dict = {}
+    name = next((v for k, v in pairs if k == "preset"), None)
+    if name is None and "config" not in given and default_preset is not None:
+        name = default_preset(given)
+    if name is not None:
+        if name not in presets:
+            raise ConfigError(f"--preset={name}: unknown preset; known presets: {', '.join(presets) or 'none'}")
+        # keys starting with "_" describe the preset (its --help line); they are not settings
+        overrides = {k: v for k, v in presets[name].items() if not k.startswith("_")} | {"preset": name}
+    for key, value in pairs:
+        if key == "config":
+            if value is None or not Path(value).is_file():
+                raise ConfigError(f"--config={value}: no such recipe file")
+            stage = getattr(cls, "STAGE", "")
+            overrides = read_recipe(Path(value), stage) | {"preset": value}
+    cfg = cls()
+    for key, value in overrides.items():  # recipe values are already typed (TOML)
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
-            hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
-            raise ConfigError(f"unknown option --{key}{hint}")
+            raise ConfigError(f"preset {overrides.get('preset')}: unknown option {key!r}")
+        setattr(cfg, key, value)
+    for key, value in pairs:
+        if key in ("preset", "config"):
+            continue
+        if key not in fields:
+            raise _unknown(key, fields)
+        if value is None:
+            if hints[key] is not bool:
+                raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")
+            value = "true"
         setattr(cfg, key, _convert(value, hints[key], key))
     return cfg
 
 
 def config_to_json(cfg) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2)
+
+
+def format_config(cfg) -> str:
+    """The config as an aligned block, one `key  value` per line."""
+    items = dataclasses.asdict(cfg)
+    width = max(map(len, items))
+    return "\n".join(f"  {k:<{width}}  {v!r}" for k, v in items.items())
+
+
+# --- --help ----------------------------------------------------------------------------------------
+
+
+def field_docs(cls) -> dict[str, tuple[str, str]]:
+    """field -> (group, one-line doc) from the attribute docstrings and `# -- group` comments of
+    `cls` and its bases (the source is the documentation; nothing is repeated for --help)."""
+    out: dict[str, tuple[str, str]] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        lines = inspect.getsource(klass).splitlines()
+        body = ast.parse(inspect.cleandoc("\n".join(lines))).body[0].body
+        group = getattr(klass, "GROUP", "") or klass.__name__
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign):
+                marks = [ln for ln in lines[: node.lineno] if re.match(r"\s*# -- ", ln)]
+                name = node.target.id
+                if marks:
+                    group = marks[-1].split("# -- ", 1)[1].strip()
+                nxt = body[i + 1] if i + 1 < len(body) else None
+                doc = ""
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    doc = " ".join(str(nxt.value.value).split())
+                # a stage that changes a base field's default keeps the base's group and doc
+                base_group, base_doc = out.get(name, (group, ""))
+                out[name] = (base_group, doc or base_doc)
+    return out
+
+
+def help_text(cls, presets: dict[str, dict], doc: str = "") -> str:
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    groups: dict[str, list[str]] = {}
+    for name, (group, text) in field_docs(cls).items():
+        hint = hints[name]
+        optional = typing.get_origin(hint) is typing.Union
+        kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+        kind = kind.__name__ + (" or none" if optional else "")
+        line = f"  --{name}={getattr(defaults, name)!r}  ({kind})"
+        groups.setdefault(group, []).append(line + (f"\n      {text}" if text else ""))
+    parts = [doc.strip()] if doc else []
+    if presets:
+        parts.append("presets (--preset=NAME; flags after it override its values):")
+        parts += [f"  {n:<16} {recipe_summary(n) or presets[n].get('_doc', '')}".rstrip() for n in presets]
+    parts.append("--config=FILE reads a recipe file (TOML: [shared] and [sft] / [dpo] / [online] tables).")
+    for group, lines in groups.items():
+        parts.append(f"\n{group}:")
+        parts += lines
+    return "\n".join(parts)
+
+
+def run_cli(main) -> None:
+    """Run a stage's main(); bad input (a ValueError naming the file, line or key), a missing file,
+    or a non-finite loss ends the process with that one line on stderr and exit status 2."""
+    import torch.distributed as dist
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        # One line, even when a library's message (huggingface_hub's, say) spans several.
+        message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    # Leave the process group cleanly (after success only: a failed rank must not wait for the
+    # others): exiting with it alive can abort a gloo rank at teardown ("terminate called without
+    # an active exception", seen once in the 2-rank SFT test).
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """The built-in demo: two-digit addition taught by a sloppy teacher, fixed by preference tuning.
 
-    python train_sft.py && python train_dpo.py && python train_online.py     # ~4-5 min on 2 CPU cores
+    python train_sft.py && python train_dpo.py && python train_online.py     # about 10 min on 2 CPU cores
 
 The task is "What is 47+38?" with operands 10..99. The reply works the columns, then answers:
 "7+8=15, 4+3+1=8, so 85" (see `worked_answer`). The answer is verifiable, so a rule (`check`)
@@ -212,8 +212,66 @@ def demo_model_args(tokenizer_or_vocab_size) -> ModelArgs:
                      head_dim=32, hidden_dim=384, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=2048, **ids)
 
 
-# The demo's training settings are the default values of the scripts' config dataclasses
-# (SFTConfig, DPOConfig, OnlineConfig), which is where they are read from.
+# The demo's settings, per stage: what the no-flag `python train_sft.py` (etc.) runs, over the
+# stage dataclass's real-run defaults. Measured: README, "The demo". `model` and `data` are
+# filled in by `prepare` (the demo's own files); "debug" is the same pipeline cut to seconds.
+SETTINGS = {
+    "sft": dict(
+        out_dir="out/demo/sft", seq_len=256, epochs=2, batch_size=12, micro_batch_size=12, log_every=25,
+        lr=3e-3, lr_schedule="cosine", warmup_ratio=0.05,
+        # The demo model learns addition in a sudden jump; with beta2 0.999 it did not get there in 3 epochs.
+        beta2=0.98),
+    "dpo": dict(
+        model="out/demo/sft", out_dir="out/demo/dpo", epochs=1, batch_size=16, micro_batch_size=16, log_every=25,
+        # 1e-4 or a second epoch overshoots (accuracy can fall below the SFT model's); 2e-5 does nothing.
+        lr=7e-5, lr_schedule="linear", warmup_ratio=0.1, beta=0.1, precompute_ref=False, max_len=2048,
+        max_prompt_len=512),
+    "online": dict(
+        model="out/demo/dpo", out_dir="out/demo/online", judge="demo", n_samples=5, temperature=0.8,
+        # Demo replies show their working ("7+8=15, 4+3+1=8, so 85"), up to ~25 tokens.
+        max_new_tokens=32, rounds=2, epochs=1, batch_size=16, micro_batch_size=16, log_every=25,
+        lr=5e-5, lr_schedule="constant", warmup_ratio=0.0, beta=0.1, precompute_ref=True, max_len=128,
+        max_prompt_len=64),
+}
+DEBUG = {
+    "sft": dict(out_dir="out/debug/sft", max_steps=3, batch_size=4, micro_batch_size=2, seq_len=128, log_every=1),
+    "dpo": dict(model="out/debug/sft", out_dir="out/debug/dpo", max_steps=3, batch_size=4, micro_batch_size=2,
+                log_every=1),
+    # judge "length": a debug model's replies are all wrong, so the demo rule would tie them all
+    "online": dict(model="out/debug/dpo", out_dir="out/debug/online", judge="length", max_new_tokens=8, rounds=1, n_samples=3,
+                   batch_size=2, micro_batch_size=2, log_every=1),
+}
+
+
+def presets(stage: str) -> dict[str, dict]:
+    """The demo's presets for a stage: "demo" and "debug" (the demo at a few steps)."""
+    return {"demo": SETTINGS[stage] | {"_doc": "the built-in demo on CPU (what no flags at all run)"},
+            "debug": SETTINGS[stage] | DEBUG[stage] | {"_doc": "the demo cut to a few steps, for a smoke test"}}
+
+
+def wanted(stage: str):
+    """default_preset for config.parse_cli: the demo when the command line names no starting model
+    and no data (a --model without --data is an error of the stage, not a demo)."""
+    needed = {"sft": ("model", "data"), "dpo": ("model", "data"), "online": ("model", "prompts")}[stage]
+    return lambda given: None if given & set(needed) else "demo"
+
+
+def init_model(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
+    """The demo's starting checkpoint: demo_model_args with weights initialised from `seed`,
+    written once as a Hugging Face folder so the SFT stage loads it like any other model."""
+    from lion_min.checkpoint import save_model
+    from lion_min.model import Transformer
+    from lion_min.tokenizer import Tokenizer
+
+    meta = {"version": DATA_VERSION, "seed": seed}
+    if _read_json(folder / "init_meta.json") == meta:
+        return folder
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    model = Transformer(demo_model_args(tokenizer))
+    model.init_weights(seed=seed)
+    save_model(model, folder, tokenizer=tokenizer)
+    (folder / "init_meta.json").write_text(json.dumps(meta) + "\n")
+    return folder
 
 
 # --- data files ----------------------------------------------------------------------------------
@@ -224,6 +282,7 @@ FILES = {"sft": "sft.jsonl", "sft_eval": "sft_eval.jsonl", "dpo": "dpo.jsonl", "
 
 
 def demo_dir(run_dir: str | Path) -> Path:
+    # (called with the SFT stage's out_dir, or the DPO / online stage's starting model)
     """Where the demo's data and tokenizer live for a stage folder (out/sft, out/dpo, ...): one shared
     sibling folder, so every stage reads the files the SFT stage wrote."""
     return Path(run_dir).parent / "demo_data"
@@ -326,3 +385,63 @@ def evaluate_checkpoint(folder: str | Path, paths: dict[str, Path], device: Opti
 
     model = load_model(str(folder), device=device or "cpu")
     return evaluate_accuracy(model, Tokenizer.from_dir(folder), read_test(paths["test"]))
+
+
+# --- the demo around a stage -------------------------------------------------------------------------
+
+
+def run_stage(stage: str, cfg, run):
+    """Run `run(cfg)` (the stage) on the demo's files, then report greedy held-out accuracy.
+
+    SFT writes the demo's data, tokenizer and starting model into demo_dir(out_dir) and trains
+    from that model; DPO and online DPO read the files beside their starting model (the previous
+    stage's out_dir). Each stage adds demo_accuracy (and demo_accuracy_start) to its summary.json;
+    the online stage ends with the table of all three stages.
+    """
+    from lion_min.judges import RULES, make_judge
+    from lion_min.parallel import barrier, init_distributed
+    from lion_min.stage import append_summary
+
+    d = init_distributed(cfg.device)
+    if stage == "sft":
+        folder = demo_dir(cfg.out_dir)
+        if d.main:
+            paths = write_demo_data(folder, seed=0)
+            init_model(folder / "init_model", paths["tokenizer"], cfg.seed)
+        barrier(d)
+        paths = demo_paths(folder)
+        cfg.model = cfg.model or str(folder / "init_model")
+        cfg.data, cfg.eval_data = cfg.data or str(paths["sft"]), cfg.eval_data or str(paths["sft_eval"])
+    else:
+        paths = demo_paths(demo_dir(cfg.model))
+        if stage == "dpo":
+            cfg.data = cfg.data or str(paths["dpo"])
+        else:
+            cfg.prompts = cfg.prompts or str(paths["prompts"])
+    if stage == "online":
+        result = run(cfg, judge=make_judge(cfg.judge, rules=RULES | {"demo": judge_rule}))
+    else:
+        result = run(cfg)
+
+    if d.main:
+        out_dir = Path(cfg.out_dir)
+        after = evaluate_checkpoint(out_dir, paths)
+        if stage == "sft":
+            append_summary(out_dir, demo_accuracy=after)
+            print(f"demo task accuracy (greedy, held-out): {after:.3f}")
+        else:
+            before = evaluate_checkpoint(cfg.model, paths)
+            append_summary(out_dir, demo_accuracy_start=before, demo_accuracy=after)
+            print(f"demo task accuracy (greedy, held-out): {cfg.model}: {before:.3f} -> {cfg.out_dir}: {after:.3f}")
+            if stage == "online":
+                print_table(Path(cfg.model), before, after)
+    return result
+
+
+def print_table(dpo_folder: Path, dpo_acc: float, online_acc: float):
+    """The demo's accuracy after each stage; the SFT figure is the one the DPO run recorded."""
+    summary = _read_json(dpo_folder / "summary.json") or {}
+    rows = [("SFT", summary.get("demo_accuracy_start")), ("offline DPO", dpo_acc), ("online DPO", online_acc)]
+    print("\nstage         greedy accuracy on held-out problems")
+    for stage, acc in rows:
+        print(f"{stage:13s} {'n/a' if acc is None else f'{acc:.3f}'}")

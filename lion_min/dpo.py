@@ -1,11 +1,17 @@
-"""DPO pieces shared by the offline (train_dpo.py) and online (train_online.py) stages.
+"""Stage 2: offline DPO on preference pairs (and the DPO run each online round reuses).
 
 A preference pair becomes two token sequences, prompt + chosen and prompt + rejected, rendered by
 the chat template; only the final response and its end-of-turn token are scored. The pairs of a
 micro-batch are packed together into rows (chosen = example 2i, rejected = 2i + 1), so one policy
 forward scores both sides with no padding waste, and `sequence_logps` sums each side's tokens.
+
+The reference is the starting model (or --ref_model): either a frozen copy kept in memory, or
+(--precompute_ref=true, the LION recipe) its log-probabilities computed once up front and stored
+in out_dir, after which no reference model is held. The loss is losses.dpo_loss (DPO Eq. 7,
+cDPO, IPO, hinge), averaged over the pairs of the global batch.
 """
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -17,18 +23,67 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lion_min.chat import encode_chat
-from lion_min.losses import dpo_loss, sequence_logps
-from lion_min.packing import pack
-from lion_min.parallel import Dist, all_reduce_sum
-from lion_min.stage import with_system
-from lion_min.train import Batches
+from lion_min.chat import ChatEncoding, encode_chat, get_template
+from lion_min.checkpoint import resolve_path
+from lion_min.config import ConfigError, DataConfig
+from lion_min.data import load_preferences, train_eval_split
+from lion_min.losses import DPO_LOSS_TYPES, dpo_loss, global_mean, sequence_logps
+from lion_min.packing import collate, pack
+from lion_min.parallel import Dist, all_reduce_sum, init_distributed
+from lion_min.stage import (build_from_folder, check_seq_len, export_dtype, load_policy, resolve_dtype,
+                            with_system)
+from lion_min.tokenizer import Tokenizer
+from lion_min.train import Batches, TrainResult, train
+
+
+@dataclass
+class DPOConfig(DataConfig):
+    """`data` holds preference pairs (schema text_pairs | message_pairs | hh_rlhf)."""
+
+    STAGE = "dpo"
+    GROUP = "dpo"
+
+    out_dir: str = "out/dpo"
+    lr: float = 5e-7
+    """LION's DPO learning rate (both models)."""
+    lr_schedule: str = "linear"
+    batch_size: int = 128
+    """LION: 128 pairs per optimizer step."""
+    # -- dpo
+    beta: float = 0.1
+    """KL strength (the DPO paper's and TRL's default; LION uses 0.05 for Gemma-2b, 0.01 for Llama-3-8b)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO), ipo or hinge."""
+    label_smoothing: float = 0.0
+    """cDPO: probability that a label is flipped (sigmoid loss only)."""
+    ref_model: str = ""
+    """Reference checkpoint ('' = the starting model)."""
+    precompute_ref: bool = True
+    """Compute reference log-probs once up front (stored in out_dir) and train without a reference
+    in memory (LION); false keeps a frozen reference model."""
+    max_len: int = 2048
+    """Tokens per sequence, prompt included (LION: 2048)."""
+    max_prompt_len: int = 512
+    """Prompt tokens kept, from the end (LION Gemma-2b: 512)."""
+
+
+def check_config(cfg: DPOConfig):
+    if not cfg.model:
+        raise ConfigError("--model is required (run with no flags at all for the built-in demo)")
+    if cfg.micro_batch_size > cfg.batch_size:
+        raise ConfigError(f"--micro_batch_size={cfg.micro_batch_size} is larger than --batch_size={cfg.batch_size}")
+    if cfg.loss_type not in DPO_LOSS_TYPES:
+        raise ConfigError(f"--loss_type={cfg.loss_type}: expected one of {', '.join(DPO_LOSS_TYPES)}")
+    if cfg.max_prompt_len >= cfg.max_len:
+        raise ConfigError(f"--max_prompt_len={cfg.max_prompt_len} must be smaller than --max_len={cfg.max_len}")
+    if cfg.beta <= 0:
+        raise ConfigError(f"--beta={cfg.beta} must be positive")
 
 
 @dataclass
 class EncodedPair:
-    chosen: tuple[list[int], list[bool]]
-    rejected: tuple[list[int], list[bool]]
+    chosen: ChatEncoding
+    rejected: ChatEncoding
 
 
 @dataclass
@@ -67,15 +122,14 @@ def encode_pairs(prefs, tokenizer, template: str, max_len: int, max_prompt_len: 
         for response in (p.chosen, p.rejected):
             enc = encode_chat(tokenizer, with_system(list(p.prompt) + list(response), system_prompt), template,
                               train_on="last")
-            ids, mask, p_cut, r_cut = truncate(enc.input_ids, enc.loss_mask, max_len, max_prompt_len)
-            sides.append((ids, mask, p_cut, r_cut))
+            sides.append(truncate(enc.input_ids, enc.loss_mask, max_len, max_prompt_len))
         st.pairs += 1
         if not all(any(s[1]) for s in sides):
             st.dropped += 1
             continue
         st.prompt_truncated += any(s[2] for s in sides)
         st.response_truncated += any(s[3] for s in sides)
-        out.append(EncodedPair(chosen=sides[0][:2], rejected=sides[1][:2]))
+        out.append(EncodedPair(chosen=ChatEncoding(*sides[0][:2]), rejected=ChatEncoding(*sides[1][:2])))
     return out, st
 
 
@@ -83,8 +137,8 @@ def pair_micro(pairs: list[EncodedPair], sel: np.ndarray, max_len: int, pad_id: 
                ref_logps: Optional[torch.Tensor] = None) -> dict:
     """The pairs `sel` packed into rows of max_len: example 2i = chosen, 2i + 1 = rejected."""
     examples = [side for i in sel for side in (pairs[i].chosen, pairs[i].rejected)]
-    packed = pack(examples, max_len, pad_id, mode="pack", loss_mask=True, overflow="drop")
-    micro = {k: torch.from_numpy(v).to(device) for k, v in packed.rows.items()}
+    packed = pack(examples, max_len, pad_id, mode="pack", overflow="drop")
+    micro = collate(packed.rows, device)
     micro["num_pairs"] = len(sel)
     if ref_logps is not None:  # (num_pairs_total, 2) precomputed: chosen, rejected
         micro["ref_logps"] = ref_logps[torch.as_tensor(sel)].to(device)
@@ -132,7 +186,7 @@ def make_dpo_objective(beta: float, label_smoothing: float, loss_type: str, ref_
             "logratios/chosen": (pc - rc).detach().sum().item(),
             "logratios/rejected": (pr - rr).detach().sum().item(),
         }
-        return losses.sum() / norm, sums
+        return global_mean(losses.sum(), norm), sums
 
     return objective
 
@@ -198,7 +252,70 @@ def load_or_compute_ref_logps(path: Path, fp: str, compute, d: Dist) -> torch.Te
     return ref
 
 
-def write_jsonl(path: Path, rows: list[dict]):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(path)
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def train_pairs(cfg: DPOConfig, d, pairs: list[EncodedPair], eval_pairs: list[EncodedPair], dtype,
+                summary: dict) -> TrainResult:
+    """Policy, reference, batches, then the shared loop. The online stage calls it for each round."""
+    model, args, tokenizer, folder = load_policy(cfg, d, dtype)
+    check_seq_len(cfg.max_len, args, "max_len")
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else folder
+
+    def make_ref():
+        return build_from_folder(ref_folder, args, d, dtype, attn_backend=cfg.attn_backend).requires_grad_(False).eval()
+
+    def precomputed(which: list[EncodedPair], name: str) -> torch.Tensor:
+        def compute():
+            ref = make_ref()
+            return compute_ref_logps(ref, which, d, cfg.micro_batch_size, cfg.max_len, pad_id)
+
+        fp = fingerprint(which, ref_folder, cfg.chat_template)
+        return load_or_compute_ref_logps(Path(cfg.out_dir) / name, fp, compute, d)
+
+    ref_model, ref_logps, eval_ref = None, None, None
+    if cfg.precompute_ref:
+        ref_logps = precomputed(pairs, "reference_logps.safetensors")
+        if eval_pairs:
+            eval_ref = precomputed(eval_pairs, "reference_logps_eval.safetensors")
+    else:
+        ref_model = make_ref()
+
+    batches = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,
+                           pad_id, ref_logps)
+    eval_batches = None
+    n_eval = len(eval_pairs) - len(eval_pairs) % (cfg.micro_batch_size * d.world)
+    if n_eval:
+        eval_batches = pair_batches(eval_pairs[:n_eval], n_eval, cfg.micro_batch_size, 1, 0, d, cfg.max_len, pad_id,
+                                    eval_ref[:n_eval] if eval_ref is not None else None, shuffle=False)
+    objective = make_dpo_objective(cfg.beta, cfg.label_smoothing, cfg.loss_type, ref_model)
+    summary = summary | {"pairs": len(pairs), "pairs_dropped_last_batch": batches.dropped_items}
+    return train(cfg, model, objective, batches, d, eval_batches=eval_batches, tokenizer=tokenizer,
+                 chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.max_len,
+                 export_dtype=export_dtype(cfg, folder), summary=summary)
+
+
+def run(cfg: DPOConfig) -> TrainResult:
+    check_config(cfg)
+    if not cfg.data:
+        raise ConfigError("--data is required (run with no flags at all for the built-in demo)")
+    d = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    dtype = resolve_dtype(cfg.dtype, d.device)
+    if d.main:
+        print(f"config: {dataclasses.asdict(cfg)}")
+    tokenizer = Tokenizer.from_dir(resolve_path(cfg.model, cfg.revision))
+    prefs, stats = load_preferences(cfg.data, schema=cfg.schema, skip_bad=cfg.skip_bad, seed=cfg.seed)
+    if cfg.eval_data:
+        eval_prefs, _ = load_preferences(cfg.eval_data, schema=cfg.schema, skip_bad=cfg.skip_bad, seed=cfg.seed)
+    else:
+        prefs, eval_prefs = train_eval_split(prefs, cfg.eval_fraction, cfg.seed)
+    pairs, pst = encode_pairs(prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len, cfg.system_prompt)
+    eval_pairs, _ = encode_pairs(eval_prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len,
+                                 cfg.system_prompt)
+    if d.main:
+        print(stats.summary())
+        print(f"{pst.pairs} pairs: {pst.prompt_truncated} with the prompt truncated, {pst.response_truncated} with a "
+              f"response truncated, {pst.dropped} dropped (nothing left to score)")
+    return train_pairs(cfg, d, pairs, eval_pairs, dtype, {"data": stats.summary(), **dataclasses.asdict(pst)})

@@ -49,18 +49,27 @@ def token_logprobs(
     return torch.cat(out).reshape(targets.shape).clone()
 
 
+def global_mean(total, global_count: float):
+    """`total` (a sum over this micro-batch's items: target tokens for SFT, pairs for DPO) divided by
+    the number of items in the WHOLE global batch (every micro-batch on every rank).
+
+    This is the one normalisation of every objective and logged metric. Each micro-batch then
+    contributes its exact share of the global mean, so summing losses and gradients over
+    micro-batches and ranks gives the same loss and update whatever the accumulation or world
+    size. (Dividing by the local count would weight an item by 1 / its micro-batch's count.) A
+    global batch with no items gives 0, not 0/0 = NaN.
+    """
+    return total / max(global_count, 1)
+
+
 def sft_loss(token_logp: torch.Tensor, targets: torch.Tensor, num_target_tokens: float) -> torch.Tensor:
     """L = -(1 / N_global) * sum over target tokens t of log p(x_t | x_<t).
 
     token_logp, targets (B, T). num_target_tokens is the count of targets != IGNORE_INDEX over the
-    WHOLE global batch (every micro-batch on every rank), not this micro-batch: each micro-batch then
-    contributes its exact share of the global mean, so summing losses and gradients over
-    micro-batches and ranks gives the same loss and update whatever the accumulation or world size.
-    (Dividing by the local count would weight a token by 1 / its micro-batch's count instead.)
+    WHOLE global batch, not this micro-batch (see global_mean).
     """
     summed = torch.where(targets != IGNORE_INDEX, token_logp, 0.0).sum()
-    # A global batch with no targets at all gives 0, not 0/0 = NaN.
-    return -summed / max(num_target_tokens, 1)
+    return global_mean(-summed, num_target_tokens)
 
 
 def sequence_logps(token_logp: torch.Tensor, doc_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Packing: tokenized examples -> fixed-length rows for the model and the losses.
 
-Each example is the chat template's `(input_ids, loss_mask)`; loss_mask[i] says token i is a
-training target, i.e. is predicted from position i - 1 (so loss_mask[0] is never used). A row is
-seq_len tokens holding one or more whole examples ("documents") followed by padding, as four
-(num_rows, seq_len) int64 arrays:
+Each example is the chat template's `ChatEncoding(input_ids, loss_mask)` (or any such pair);
+loss_mask[i] says token i is a training target, i.e. is predicted from position i - 1 (so
+loss_mask[0] is never used). A row is seq_len tokens holding one or more whole examples
+("documents") followed by padding, as four (num_rows, seq_len) int64 arrays:
 
     tokens     the token ids; pad_id after the last document
     positions  RoPE positions, restarting at 0 for each document; 0 on padding
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lion_min.chat import ChatEncoding
 from lion_min.losses import IGNORE_INDEX
 
 FIELDS = ("tokens", "positions", "doc_ids", "targets")
@@ -76,19 +77,16 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack(
-    examples: list[tuple[list[int], list[bool]]],
+    examples: list[ChatEncoding],
     seq_len: int,
     pad_id: int,
     mode: str = "pack",
-    loss_mask: bool = True,
     overflow: str = "truncate",
 ) -> Packed:
-    """Lay examples out in rows of exactly seq_len tokens.
+    """Lay examples (ids, loss mask) out in rows of exactly seq_len tokens.
 
     mode: "pack" fills rows with several examples (best-fit-decreasing); "pad" puts one example per
         row, right-padded.
-    loss_mask: False trains on every next token inside each document, ignoring the template's mask
-        (the "no masking" ablation).
     overflow: what to do with an example longer than seq_len: "truncate" keeps its first seq_len
         tokens (the cut-off token is not a target), "drop" leaves it out. Both are counted.
     """
@@ -127,7 +125,7 @@ def pack(
         for i in docs:
             n = length[i]
             ids = np.asarray(examples[i][0][:n], dtype=np.int64)  # (n,)
-            trains = np.asarray(examples[i][1][1:n], dtype=bool) if loss_mask else True  # (n-1,)
+            trains = np.asarray(examples[i][1][1:n], dtype=bool)  # (n-1,)
             span = slice(start, start + n)
             rows["tokens"][r, span] = ids
             rows["positions"][r, span] = np.arange(n)
@@ -149,6 +147,6 @@ def pack(
     )
 
 
-def collate(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Rows (all of Packed.rows, or a selection like {k: v[idx]}) -> (B, T) int64 tensors."""
-    return {k: torch.from_numpy(np.ascontiguousarray(rows[k])) for k in FIELDS}
+def collate(rows: dict[str, np.ndarray], device=None) -> dict[str, torch.Tensor]:
+    """Rows (all of Packed.rows, or a selection like {k: v[idx]}) -> (B, T) int64 tensors on `device`."""
+    return {k: torch.from_numpy(np.ascontiguousarray(rows[k])).to(device) for k in FIELDS}

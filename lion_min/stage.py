@@ -1,5 +1,5 @@
-"""Set-up steps the three stage scripts share: devices and dtypes, the starting checkpoint and its
-tokenizer, and conversations -> (ids, loss mask) examples."""
+"""Set-up steps the three stages share: devices and dtypes, the starting checkpoint and its
+tokenizer, the system turn, and the run's summary.json."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,6 @@ from typing import Optional
 
 import torch
 
-from lion_min.chat import encode_chat
 from lion_min.checkpoint import load_model, read_config, resolve_path
 from lion_min.config import ConfigError
 from lion_min.parallel import Dist, build_model
@@ -39,6 +38,20 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
     return model, args, tokenizer, folder
 
 
+def export_dtype(cfg, folder: Path) -> Optional[torch.dtype]:
+    """--export_dtype: 'source' = the dtype the starting checkpoint's config.json names (so a bf16
+    checkpoint is exported in bf16, not in the fp32 of the master weights), else as named."""
+    name = cfg.export_dtype
+    if name == "source":
+        config = json.loads((folder / "config.json").read_text())
+        name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    dtypes = DTYPES | {"float16": torch.float16}
+    if name not in dtypes:
+        raise ConfigError(f"--export_dtype={cfg.export_dtype}: expected source, float32, bfloat16 or float16 "
+                          f"(the source says {name!r})")
+    return dtypes[name]
+
+
 def check_seq_len(seq_len: int, args, key: str = "seq_len"):
     if seq_len > args.max_seq_len:
         raise ConfigError(f"--{key}={seq_len} is above the model's max_position_embeddings ({args.max_seq_len})")
@@ -52,29 +65,7 @@ def with_system(messages: list[dict], system_prompt: Optional[str]) -> list[dict
     return [{"role": "system", "content": system_prompt}] + messages
 
 
-def encode_conversations(convs, tokenizer, template: str, train_on: str, system_prompt=None):
-    out = []
-    for conv in convs:
-        enc = encode_chat(tokenizer, with_system(conv, system_prompt), template, train_on=train_on)
-        out.append((enc.input_ids, enc.loss_mask))
-    return out
-
-
 def append_summary(out_dir: Path, **fields):
     path = out_dir / "summary.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     path.write_text(json.dumps(data | fields, indent=2))
-
-
-def run_cli(main) -> None:
-    """Run a stage's main(); bad input (a ValueError naming the file, line or key), a missing file,
-    or a non-finite loss ends the process with that one line on stderr and exit status 2."""
-    import sys
-
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        # One line, even when a library's message (huggingface_hub's, say) spans several.
-        message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)

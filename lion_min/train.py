@@ -4,19 +4,20 @@ A stage supplies two things:
 - `batches`: which rows each rank sees at each step (`micro_batches(step)`), plus the global
   normaliser of that step (target tokens for SFT, pairs for DPO) that every rank knows without
   communicating, because every rank builds the same deterministic plan;
-- `objective(model, micro, norm) -> (loss, sums)`: the micro-batch's share of the global mean
-  (its sum divided by the global normaliser) and the raw sums of the metrics to log.
+- `objective(model, micro, norm) -> (loss, sums)`: the micro-batch's share of the global mean,
+  `losses.global_mean(its sum, norm)`, and the raw sums of the metrics to log.
 
 Because each micro-batch loss is divided by the *global* count, summing gradients over
 micro-batches and ranks gives exactly the gradient of the global mean: the loss and the update do
-not depend on gradient accumulation or world size.
+not depend on gradient accumulation or world size (losses.global_mean says why in full; the
+logged metrics are the same global means of their sums).
+
+Resumable checkpoints live in lion_min/train_state.py; the Hugging Face export in checkpoint.py.
 """
 
 import json
 import math
-import re
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,10 @@ import torch
 
 from lion_min.checkpoint import save_model
 from lion_min.config import TrainConfig, config_to_json
-from lion_min.losses import IGNORE_INDEX
+from lion_min.losses import IGNORE_INDEX, global_mean
+from lion_min.packing import collate
 from lion_min.parallel import Dist, all_reduce_sum, barrier
+from lion_min.train_state import load_checkpoint, resolve_resume, save_checkpoint
 
 Objective = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]]
 
@@ -76,7 +79,7 @@ def row_batches(rows: dict[str, np.ndarray], batch_size: int, micro_batch_size: 
     """Batches of packed rows (SFT); the normaliser is the global batch's number of target tokens."""
     return Batches(
         len(rows["tokens"]), batch_size, micro_batch_size, epochs, seed, d,
-        make_micro=lambda sel: {k: torch.from_numpy(v[sel]).to(d.device) for k, v in rows.items()},
+        make_micro=lambda sel: collate({k: v[sel] for k, v in rows.items()}, d.device),
         norm=lambda sel: float((rows["targets"][sel] != IGNORE_INDEX).sum()),
         shuffle=shuffle,
     )
@@ -130,78 +133,6 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
 
 
-# --- checkpoints ---------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A folder is complete once renamed from its .tmp name,
-    which happens only after every rank finished writing and trainer_state.json exists."""
-    root = out_dir / "checkpoints"
-    found = [p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig, d: Dist, extra: dict):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final = out_dir / "checkpoints" / f"step_{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(d)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    for t in model_sd.values():
-        local = t.to_local() if hasattr(t, "to_local") else t
-        if not torch.isfinite(local).all():
-            raise FloatingPointError(f"step {step}: model weights contain NaN/inf; checkpoint not written")
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    rng = {"cpu": torch.get_rng_state()}
-    if d.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(d.device)
-    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
-    barrier(d)
-    if d.main:
-        state = {"step": step, "config": json.loads(config_to_json(cfg)), **extra}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        tmp.rename(final)
-        for old in checkpoint_dirs(out_dir)[: -cfg.keep_checkpoints or None]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(d)
-
-
-def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no trainer_state.json)")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_file = path / f"rng_rank{d.rank}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and d.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], d.device)
-    return json.loads((path / "trainer_state.json").read_text())
-
-
-def resolve_resume(cfg: TrainConfig, out_dir: Path) -> Optional[Path]:
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        found = checkpoint_dirs(out_dir)
-        return found[-1] if found else None
-    path = Path(cfg.resume)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume={cfg.resume}: not a complete checkpoint folder (no trainer_state.json)")
-    return path
-
-
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """Every parameter gathered to full size on CPU (a collective under FSDP: all ranks call it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -223,7 +154,6 @@ def fmt_time(seconds: float) -> str:
 @dataclass
 class TrainResult:
     steps: int
-    last_metrics: dict
     eval_loss: Optional[float]
 
 
@@ -237,13 +167,13 @@ def evaluate(model, objective: Objective, batches: Batches, d: Dist) -> dict[str
             micros, norm = batches.micro_batches(step)
             norm_total += norm
             for micro in micros:
-                _, sums = objective(model, micro, 1.0)
+                _, sums = objective(model, micro, norm)
                 for k, v in sums.items():
                     totals[k] = totals.get(k, 0.0) + v
     model.train()
     keys = sorted(totals)
     reduced = all_reduce_sum([totals[k] for k in keys], d)
-    return {k: v / max(norm_total, 1.0) for k, v in zip(keys, reduced)}
+    return {k: global_mean(v, norm_total) for k, v in zip(keys, reduced)}
 
 
 def train(
@@ -260,19 +190,23 @@ def train(
     export_dtype: Optional[torch.dtype] = None,
     summary: Optional[dict] = None,
 ) -> TrainResult:
-    """Run the optimizer over `batches`, log, evaluate, checkpoint, and export a Hugging Face folder.
+    """Run the optimizer over `batches`, log, evaluate, checkpoint, and export a Hugging Face folder
+    (weights in `export_dtype`, default: as trained).
 
     `model` is the parallelized module; its `.args` describe the architecture for MFU and export.
+    --max_steps, when given, is the number of steps (the data is cycled as needed, epoch after
+    epoch, as in the Hugging Face Trainer); otherwise every epoch is run.
     """
     out_dir = Path(cfg.out_dir)
-    total = batches.num_steps if not cfg.max_steps else min(cfg.max_steps, batches.num_steps)
+    total = cfg.max_steps or batches.num_steps
     if total <= 0:
         raise ValueError("no optimizer steps to run: the data gives fewer rows than one batch")
     optimizer = make_optimizer(model, cfg)
-    start = 0
+    start, tokens_seen, skipped = 0, 0, 0
     resume_from = resolve_resume(cfg, out_dir)
     if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, d)["step"]
+        state = load_checkpoint(resume_from, model, optimizer, d)
+        start, tokens_seen, skipped = state["step"], state.get("tokens", 0), state.get("skipped_steps", 0)
     metrics_path = out_dir / "metrics.jsonl"
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,8 +219,7 @@ def train(
         print(f"training {total} steps from step {start}" + (f" (resumed from {resume_from})" if resume_from else ""))
     peak = peak_flops(d.device)
     fpt = flops_per_token(model, seq_len) if seq_len else 0.0
-    tokens_seen, skipped, t_start = 0, 0, time.perf_counter()
-    last: dict = {}
+    t_start = time.perf_counter()
     model.train()
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -306,7 +239,7 @@ def train(
             real_tokens += int((micro["doc_ids"] >= 0).sum())
         keys = sorted(sums)
         reduced = all_reduce_sum([sums[k] for k in keys] + [real_tokens], d)
-        metrics = {k: v / max(norm, 1.0) for k, v in zip(keys, reduced)}
+        metrics = {k: global_mean(v, norm) for k, v in zip(keys, reduced)}
         real_tokens = int(reduced[-1])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -335,19 +268,11 @@ def train(
             with metrics_path.open("a") as f:
                 f.write(json.dumps(line) + "\n")
             if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == total:
-                elapsed = time.perf_counter() - t_start
-                eta = elapsed / (step + 1 - start) * (total - step - 1)
-                parts = [f"step {step + 1}/{total}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]
-                parts += [f"lr {lr:.2e}", f"gnorm {grad_norm:.3f}", f"{line['tokens_per_s']:,.0f} tok/s"]
-                if "mfu" in line:
-                    parts.append(f"mfu {100 * line['mfu']:.1f}%")
-                parts += [f"mem {line['memory_gib']:.2f}GiB", f"eta {fmt_time(eta)}"]
-                if any(k.startswith("eval/") for k in line):
-                    parts.append(f"eval_loss {line.get('eval/loss', float('nan')):.4f}")
-                print(" | ".join(parts), flush=True)
-        last = line
+                print(progress_line(line, total, eta=(time.perf_counter() - t_start) / (step + 1 - start)
+                                    * (total - step - 1)), flush=True)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, {"tokens": tokens_seen})
+            save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d,
+                            {"tokens": tokens_seen, "skipped_steps": skipped})
 
     eval_loss = None
     if eval_batches is not None:
@@ -368,4 +293,22 @@ def train(
             (out_dir / "summary.json").write_text(json.dumps(summary | {"steps": total, "eval_loss": eval_loss}, indent=2))
         print(f"wrote the Hugging Face folder {out_dir}")
     barrier(d)
-    return TrainResult(total, last, eval_loss)
+    return TrainResult(total, eval_loss)
+
+
+# The progress line: these keys first, in this order, then any other metric of the stage.
+PROGRESS = [("loss", "loss", "{:.4f}"), ("rewards/accuracies", "acc", "{:.3f}"), ("rewards/margins", "margin", "{:.3f}"),
+            ("rewards/chosen", "chosen", "{:+.3f}"), ("rewards/rejected", "rejected", "{:+.3f}")]
+
+
+def progress_line(line: dict, total: int, eta: float) -> str:
+    """One line per logged step: step, the stage's metrics, lr, grad norm, tokens/s, (MFU,) memory, eta."""
+    parts = [f"step {line['step']}/{total}"]
+    parts += [f"{short} {fmt.format(line[key])}" for key, short, fmt in PROGRESS if key in line]
+    parts += [f"lr {line['lr']:.2e}", f"gnorm {line['grad_norm']:.3f}", f"{line['tokens_per_s']:,.0f} tok/s"]
+    if "mfu" in line:
+        parts.append(f"mfu {100 * line['mfu']:.1f}%")
+    parts += [f"mem {line['memory_gib']:.2f}GiB", f"eta {fmt_time(eta)}"]
+    if "eval/loss" in line:
+        parts.append(f"eval_loss {line['eval/loss']:.4f}")
+    return " | ".join(parts)

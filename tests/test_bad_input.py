@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 import train_dpo  # noqa: E402
 import train_online  # noqa: E402
 import train_sft  # noqa: E402
-from lion_min.stage import run_cli  # noqa: E402
+from lion_min.config import run_cli  # noqa: E402
 from tokenizers_for_tests import build_gemma_tokenizer  # noqa: E402
 
 
@@ -62,7 +62,11 @@ CASES = [
     ("sft", {"micro_batch_size": 8}, "--micro_batch_size=8 is larger than --batch_size=4"),
     ("sft", {"seq_len": 100000}, "--seq_len=100000 is above the model's max_position_embeddings (8192)"),
     ("sft", {"chat_template": "vicuna"}, "unknown chat template 'vicuna'"),
-    ("sft", {"preset": "lion-mistral"}, "unknown preset 'lion-mistral'"),
+    ("sft", {"preset": "lion-mistral"}, "--preset=lion-mistral: unknown preset"),
+    ("sft", {"data": ""}, "--data is required (run with no flags at all for the built-in demo)"),
+    ("sft", {"learning_rate": "1e-5"}, "unknown option --learning_rate: lion_min calls it --lr"),
+    ("dpo", {"data": ""}, "--data is required"),
+    ("online", {"judge": ""}, "--judge is required"),
     ("sft", {"lr": "fast"}, "--lr: expected float"),
     ("sft", {"lr_rate": 1}, "unknown option --lr_rate"),
     ("sft", {"dtype": "fp8"}, "--dtype=fp8: expected auto, float32 or bfloat16"),

@@ -1,6 +1,7 @@
 """The --key=value command line and the learning-rate schedule."""
 
 import math
+import dataclasses
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -16,21 +17,25 @@ class Cfg(TrainConfig):
     name: Optional[str] = None
 
 
-PRESETS = {"tiny": Cfg(lr=1e-3, batch_size=4)}
+PRESETS = {"tiny": {"lr": 1e-3, "batch_size": 4}}
 
 
 def test_types_presets_and_overrides():
     cfg = parse_cli(Cfg, PRESETS, ["--lr=3e-4", "--preset=tiny", "--compile=true", "--max-steps=7", "--name=none"])
     assert (cfg.lr, cfg.batch_size, cfg.compile, cfg.max_steps, cfg.name) == (3e-4, 4, True, 7, None)
-    assert PRESETS["tiny"].lr == 1e-3  # presets are not mutated
+    assert PRESETS["tiny"] == {"lr": 1e-3, "batch_size": 4}  # presets are not mutated
+    assert cfg.preset == "tiny" and Cfg().lr == 2e-5
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--lr=fast"], "--lr: expected float, got 'fast'"),
     (["--compile=maybe"], "--compile: expected true or false"),
     (["--lrr=1"], r"unknown option --lrr \(did you mean --lr"),
-    (["--preset=huge"], "unknown preset 'huge'; known presets: tiny"),
+    (["--preset=huge"], "--preset=huge: unknown preset; known presets: tiny"),
     (["lr=1"], "arguments look like --key=value"),
+    (["--learning_rate=1"], "unknown option --learning_rate: lion_min calls it --lr"),
+    (["--gradient_accumulation_steps=4"], "lion_min derives accumulation: give the global --batch_size"),
+    (["--lr"], "--lr needs a value"),
 ])
 def test_bad_flags(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -48,3 +53,71 @@ def test_lr_schedule_shapes():
     assert lr_at(50, 100, replace(cfg, lr_schedule="constant")) == 1.0
     with pytest.raises(ValueError, match="unknown lr_schedule"):
         lr_at(50, 100, replace(cfg, lr_schedule="step"))
+
+
+def test_space_form_and_bare_boolean_flags():
+    cfg = parse_cli(Cfg, PRESETS, ["--lr", "3e-4", "--compile", "--name", "x", "--activation_checkpointing=false"])
+    assert (cfg.lr, cfg.compile, cfg.name, cfg.activation_checkpointing) == (3e-4, True, "x", False)
+
+
+def test_help_lists_every_flag_with_its_doc_and_the_presets(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_cli(Cfg, PRESETS, ["--help"], doc="usage line")
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage line") and "  tiny" in out
+    for f in dataclasses.fields(Cfg):
+        assert f"--{f.name}=" in out, f.name
+    assert "Clip the global gradient norm to this (0 = off)." in out  # the attribute docstring
+    assert "\noptimisation:\n" in out and "\nmodel:\n" in out
+
+
+def test_demo_is_the_default_only_without_model_and_data():
+    from lion_min import demo
+    from lion_min.sft import SFTConfig
+
+    presets = demo.presets("sft")
+    pick = demo.wanted("sft")
+    assert parse_cli(SFTConfig, presets, [], default_preset=pick).preset == "demo"
+    assert parse_cli(SFTConfig, presets, ["--max_steps=3"], default_preset=pick).preset == "demo"
+    assert parse_cli(SFTConfig, presets, ["--model=m"], default_preset=pick).preset == ""
+    assert parse_cli(SFTConfig, presets, ["--data=d.jsonl"], default_preset=pick).preset == ""
+
+
+@pytest.mark.parametrize("stage, cls", [("sft", "lion_min.sft.SFTConfig"), ("dpo", "lion_min.dpo.DPOConfig"),
+                                        ("online", "lion_min.online.OnlineConfig")])
+def test_recipes_load_for_every_stage_and_flags_override(stage, cls):
+    """Every recipe value is a field of the stage (parse_cli refuses unknown keys), has a comment
+    naming its source, and a flag after --preset wins."""
+    import importlib
+
+    from lion_min.config import RECIPES, recipe_presets
+
+    module, name = cls.rsplit(".", 1)
+    klass = getattr(importlib.import_module(module), name)
+    presets = recipe_presets(stage)
+    assert {"lion-gemma-2b", "lion-llama3-8b"} <= presets.keys()
+    for preset in presets:
+        cfg = parse_cli(klass, presets, [f"--preset={preset}", "--lr=1e-3"])
+        assert cfg.lr == 1e-3 and cfg.chat_template == "chatml" and cfg.out_dir.startswith(f"out/{preset}/")
+    gemma = parse_cli(klass, presets, ["--preset=lion-gemma-2b"])
+    expect = {"sft": dict(lr=2e-5, epochs=3, batch_size=32, seq_len=8192),
+              "dpo": dict(lr=5e-7, beta=0.05, epochs=2, batch_size=128, max_prompt_len=512),
+              "online": dict(lr=5e-7, beta=0.05, batch_size=32, n_samples=5, temperature=0.8)}[stage]
+    assert {k: getattr(gemma, k) for k in expect} == expect
+    for path in RECIPES.glob("*.toml"):
+        for line in path.read_text().splitlines():
+            if "=" in line and not line.lstrip().startswith("#"):
+                assert "#" in line, f"{path.name}: a value without its source: {line}"
+
+
+def test_config_file_of_your_own(tmp_path):
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('[shared]\nlr = 0.5\nseed = 3\n[sft]\nbatch_size = 8\n')
+    from lion_min.sft import SFTConfig
+
+    cfg = parse_cli(SFTConfig, {}, [f"--config={recipe}", "--seed=4"])
+    assert (cfg.lr, cfg.batch_size, cfg.seed, cfg.preset) == (0.5, 8, 4, str(recipe))
+    recipe.write_text('[shared]\nlrr = 0.5\n')
+    with pytest.raises(ConfigError, match="unknown option 'lrr'"):
+        parse_cli(SFTConfig, {}, [f"--config={recipe}"])

@@ -134,7 +134,7 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_chat_m
     assert ckpts == ["step_2", "step_4.tmp"]  # the half-written save never got its final name
 
     from lion_min.config import TrainConfig
-    from lion_min.train import resolve_resume
+    from lion_min.train_state import resolve_resume
 
     assert resolve_resume(TrainConfig(resume="auto"), crashed).name == "step_2"
     train_sft.main(sft_args(tiny_chat_model, crashed, max_steps=6, save_every=2, resume="auto"))

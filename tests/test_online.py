@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_online  # noqa: E402
-from train_online import choose_pair, to_pair  # noqa: E402
+from lion_min.online import choose_pair, to_pair  # noqa: E402
 
 
 @pytest.mark.parametrize("samples, scores, expect", [

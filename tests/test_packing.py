@@ -68,13 +68,12 @@ def check_rows(packed, examples, seq_len, loss_mask=True):
 
 
 @pytest.mark.parametrize("mode", ["pack", "pad"])
-@pytest.mark.parametrize("loss_mask", [True, False])
-def test_rows_hold_every_token_once(mode, loss_mask):
+def test_rows_hold_every_token_once(mode):
     rng = np.random.default_rng(0)
     seq_len = 64
     examples = chat_like(rng, rng.integers(1, 60, 200).tolist())
-    packed = pack(examples, seq_len, PAD, mode=mode, loss_mask=loss_mask)
-    seen = check_rows(packed, examples, seq_len, loss_mask)
+    packed = pack(examples, seq_len, PAD, mode=mode)
+    seen = check_rows(packed, examples, seq_len)
     assert sorted(seen) == list(range(len(examples)))
     assert packed.num_truncated == packed.num_dropped == 0
     if mode == "pad":
@@ -117,8 +116,10 @@ def test_pad_mode_and_no_mask_counts_exact():
     assert 1 - padded.efficiency == pytest.approx(1 - sum(lengths) / (300 * seq_len))  # pad fraction
     assert padded.target_tokens == trained_by_template
 
+    # No loss masking (chat.encode_chat with train_on="all"): every token but the first trains.
+    unmasked = [(ids, [False] + [True] * (len(ids) - 1)) for ids, _ in examples]
     for mode in ("pack", "pad"):
-        no_mask = pack(examples, seq_len, PAD, mode=mode, loss_mask=False)
+        no_mask = pack(unmasked, seq_len, PAD, mode=mode)
         assert no_mask.target_tokens == sum(n - 1 for n in lengths)  # every next token inside each doc
         assert pack(examples, seq_len, PAD, mode=mode).target_tokens == trained_by_template
 

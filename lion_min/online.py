@@ -1,0 +1,217 @@
+"""Stage 3: online (iterative) DPO: sample from the current policy, judge, train on best vs worst.
+
+Each round:
+  1. every rank loads the current policy unsharded (the previous round's exported Hugging Face
+     folder, i.e. the full weights gathered once per round) and samples n_samples responses for
+     its share of the prompts (sample.generate, a batched KV-cache sampler);
+  2. the judge scores them (judges.py); a prompt whose samples are all identical, or whose best
+     and worst scores tie, is dropped; otherwise chosen = best, rejected = worst, as the sampled
+     tokens themselves (no re-tokenization of their text);
+  3. out_dir/round_K.jsonl records prompts, samples, scores and pairs, for auditing;
+  4. reference log-probs are computed with the reference model (the starting model unless
+     --ref_model says otherwise), then DPO runs with the offline stage's code (dpo.train_pairs)
+     and exports out_dir/round_K/.
+A run that stops resumes at the first round without its out_dir/round_K.done marker. At the end,
+out_dir/curves.png plots the loss and reward curves of the runs this one descends from and of
+every round (lion_min/plot.py; skipped with a message without matplotlib).
+"""
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lion_min.chat import ChatEncoding, stop_token_ids
+from lion_min.checkpoint import load_model, resolve_path, save_model
+from lion_min.config import ConfigError
+from lion_min.dpo import DPOConfig, EncodedPair, check_config as check_dpo_config, train_pairs, truncate
+from lion_min.judges import Judge, make_judge
+from lion_min.parallel import Dist, barrier, init_distributed
+from lion_min.plot import earlier_runs, plot_pipeline
+from lion_min.sample import encode_prompt, generate, read_prompts
+from lion_min.stage import append_summary, resolve_dtype
+from lion_min.tokenizer import Tokenizer
+
+
+@dataclass
+class OnlineConfig(DPOConfig):
+    """`prompts` holds the prompts to sample from; `judge` scores the samples."""
+
+    STAGE = "online"
+    GROUP = "online"
+
+    out_dir: str = "out/online"
+    batch_size: int = 32
+    """LION Gemma-2b online: 32 pairs per optimizer step."""
+    # -- online
+    prompts: str = ""
+    """Prompts: .jsonl with a "prompt" field (text or a list of messages), or one per line."""
+    judge: str = ""
+    """A rule name (lion_min.judges.RULES) or a reward-model checkpoint folder / hub id."""
+    n_samples: int = 5
+    """Samples per prompt (LION: 5)."""
+    temperature: float = 0.8
+    """LION: 0.8."""
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 2048
+    """LION: up to 2048 new tokens."""
+    rounds: int = 1
+    sample_batch_size: int = 64
+    """Prompts per sampling batch (each row is one sample of one prompt)."""
+
+
+def check_config(cfg: OnlineConfig):
+    check_dpo_config(cfg)
+    for key in ("prompts", "judge"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"--{key} is required (run with no flags at all for the built-in demo)")
+    if cfg.n_samples < 2:
+        raise ConfigError(f"--n_samples={cfg.n_samples}: need at least 2 samples to form a pair")
+    if cfg.rounds < 1:
+        raise ConfigError(f"--rounds={cfg.rounds} must be at least 1")
+
+
+def gather(items: list, d: Dist) -> list:
+    """Concatenate every rank's list, in rank order."""
+    if d.world == 1:
+        return items
+    out = [None] * d.world
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def sample_and_judge(cfg: OnlineConfig, d: Dist, policy_folder: Path, prompts: list, judge: Judge, seed: int,
+                     dtype) -> list[dict]:
+    """Every prompt's samples (tokens and text) and scores; each rank does prompts[rank::world]."""
+    tokenizer = Tokenizer.from_dir(policy_folder)
+    model = load_model(policy_folder, dtype=dtype, device=d.device)
+    stop = stop_token_ids(tokenizer, cfg.chat_template)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    mine = list(range(d.rank, len(prompts), d.world))
+    records = []
+    for start in range(0, len(mine), cfg.sample_batch_size):
+        idx = mine[start : start + cfg.sample_batch_size]
+        messages = [[{"role": "user", "content": prompts[i]}] if isinstance(prompts[i], str) else prompts[i] for i in idx]
+        ids = [encode_prompt(tokenizer, m, cfg.chat_template) for m in messages]
+        rows = [p for p in ids for _ in range(cfg.n_samples)]
+        out = generate(model, rows, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                       top_k=cfg.top_k, stop_ids=stop, pad_id=pad_id, seed=seed * 100003 + d.rank * 1009 + start)
+        for j, i in enumerate(idx):
+            samples = out[j * cfg.n_samples : (j + 1) * cfg.n_samples]
+            texts = [tokenizer.decode([t for t in s if t not in stop]) for s in samples]
+            records.append({"index": i, "messages": messages[j], "prompt_ids": ids[j], "samples": samples,
+                            "texts": texts, "scores": judge.score(messages[j], texts)})
+    del model
+    return sorted(gather(records, d), key=lambda r: r["index"])
+
+
+def choose_pair(record: dict) -> str:
+    """Set record["chosen"]/["rejected"] (indices of best / worst) or return why the prompt is dropped."""
+    samples, scores = record["samples"], record["scores"]
+    if all(s == samples[0] for s in samples):
+        return "all samples identical"
+    best = max(range(len(scores)), key=lambda k: scores[k])  # first index among equal scores
+    worst = min(range(len(scores)), key=lambda k: scores[k])
+    if scores[best] == scores[worst]:
+        return "best and worst scores tie"
+    record["chosen"], record["rejected"] = best, worst
+    return ""
+
+
+def to_pair(record: dict, max_len: int, max_prompt_len: int) -> EncodedPair:
+    """The sampled tokens themselves (not a re-tokenization of their text) are scored."""
+    sides = []
+    for k in (record["chosen"], record["rejected"]):
+        ids = record["prompt_ids"] + record["samples"][k]
+        mask = [False] * len(record["prompt_ids"]) + [True] * len(record["samples"][k])
+        sides.append(ChatEncoding(*truncate(ids, mask, max_len, max_prompt_len)[:2]))
+    return EncodedPair(chosen=sides[0], rejected=sides[1])
+
+
+def mean_score(records: list[dict]) -> float:
+    scores = [s for r in records for s in r["scores"]]
+    return sum(scores) / max(len(scores), 1)
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.rename(path)
+
+
+def run_round(cfg: OnlineConfig, d: Dist, k: int, policy: Path, ref_folder: Path, prompts: list, judge: Judge,
+              dtype) -> dict:
+    """Sample, judge, pick pairs, write round_k.jsonl, train; returns the round's statistics."""
+    out_dir = Path(cfg.out_dir)
+    records = sample_and_judge(cfg, d, policy, prompts, judge, cfg.seed + k, dtype)
+    pairs, dropped = [], {}
+    for r in records:
+        r["dropped"] = why = choose_pair(r)
+        if why:
+            dropped[why] = dropped.get(why, 0) + 1
+        else:
+            pairs.append(to_pair(r, cfg.max_len, cfg.max_prompt_len))
+    if d.main:
+        write_jsonl(out_dir / f"round_{k}.jsonl", [
+            {"prompt": r["messages"], "samples": r["texts"], "scores": r["scores"],
+             "chosen": r.get("chosen"), "rejected": r.get("rejected"), "dropped": r["dropped"]} for r in records])
+        print(f"round {k}: mean judged reward {mean_score(records):.4f} | {len(pairs)} pairs | dropped: {dropped}")
+    if len(pairs) < cfg.batch_size:
+        raise ValueError(f"round {k}: only {len(pairs)} usable pairs for batch_size={cfg.batch_size} "
+                         f"(dropped: {dropped}); use more prompts or samples, or a smaller batch")
+    round_cfg = dataclasses.replace(cfg, model=str(policy), ref_model=str(ref_folder),
+                                    out_dir=str(out_dir / f"round_{k}"), resume="", seed=cfg.seed + k)
+    train_pairs(round_cfg, d, pairs, [], dtype, {"round": k, "pairs": len(pairs), "dropped": dropped})
+    return {"round": k, "mean_reward": mean_score(records), "pairs": len(pairs), "dropped": dropped}
+
+
+def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
+    """All rounds, then the final policy's judged reward, the export and the curves.
+    `judge` replaces --judge (the demo passes its rule this way)."""
+    check_config(cfg)
+    d = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    dtype = resolve_dtype(cfg.dtype, d.device)
+    out_dir = Path(cfg.out_dir)
+    start_folder = resolve_path(cfg.model, cfg.revision)
+    ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else start_folder
+    prompts = read_prompts(cfg.prompts)
+    judge = judge or make_judge(cfg.judge, chat_template=cfg.chat_template, dtype=dtype, device=d.device)
+    if d.main:
+        print(f"config: {dataclasses.asdict(cfg)}")
+        print(f"{len(prompts)} prompts, judge {cfg.judge!r}, {cfg.rounds} round(s) of {cfg.n_samples} samples each")
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    policy, history = start_folder, []
+    for k in range(cfg.rounds):
+        round_dir, done = out_dir / f"round_{k}", out_dir / f"round_{k}.done"
+        if done.is_file():
+            history.append(json.loads(done.read_text()))
+            if d.main:
+                print(f"round {k}: already done, resuming after it")
+        else:
+            history.append(run_round(cfg, d, k, policy, ref_folder, prompts, judge, dtype))
+            if d.main:
+                done.with_name(done.name + ".tmp").write_text(json.dumps(history[-1]))
+                done.with_name(done.name + ".tmp").rename(done)
+            barrier(d)
+        policy = round_dir
+
+    # The judged reward of the final policy, sampled the same way as round 0's.
+    final = sample_and_judge(cfg, d, policy, prompts, judge, cfg.seed, dtype)
+    if d.main:
+        save_model(load_model(policy), out_dir, tokenizer=Tokenizer.from_dir(policy))
+        shutil.copy(policy / "metrics.jsonl", out_dir / "last_round_metrics.jsonl")
+        before, after = history[0]["mean_reward"], mean_score(final)
+        append_summary(out_dir, rounds=history, mean_reward_start=before, mean_reward_final=after)
+        print(f"mean judged reward: start {before:.4f} -> final {after:.4f}")
+        png = plot_pipeline(out_dir / "curves.png", online=out_dir, **earlier_runs(start_folder))
+        if png is not None:
+            print(f"wrote the loss and reward curves to {png}")
+    barrier(d)
+    return history

@@ -1,0 +1,92 @@
+"""Resumable training state: step folders written with torch.distributed.checkpoint (DCP).
+
+Not to be confused with the Hugging Face folder a run exports (lion_min/checkpoint.py) or with
+activation checkpointing (recomputing blocks in backward). A run with --save_every=N writes
+
+    out_dir/checkpoints/step_N/    model and optimizer shards (DCP, each rank its own),
+                                   rng_rank{R}.pt, and trainer_state.json (step, config, counters)
+
+A step folder is written as step_N.tmp and renamed once every rank has finished and
+trainer_state.json exists, so a folder without the .tmp suffix is complete. The oldest are pruned
+to --keep_checkpoints. --resume=auto picks the newest complete one.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lion_min.config import TrainConfig, config_to_json
+from lion_min.parallel import Dist, barrier
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A folder is complete once renamed from its .tmp name,
+    which happens only after every rank finished writing and trainer_state.json exists."""
+    root = out_dir / "checkpoints"
+    found = [p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig, d: Dist, extra: dict):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = out_dir / "checkpoints" / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    for t in model_sd.values():
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if not torch.isfinite(local).all():
+            raise FloatingPointError(f"step {step}: model weights contain NaN/inf; checkpoint not written")
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    rng = {"cpu": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(d.device)
+    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    barrier(d)
+    if d.main:
+        state = {"step": step, "config": json.loads(config_to_json(cfg)), **extra}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        tmp.rename(final)
+        if cfg.keep_checkpoints > 0:  # 0 keeps them all; the one just written is always kept
+            for old in checkpoint_dirs(out_dir)[: -cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no trainer_state.json)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / f"rng_rank{d.rank}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and d.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], d.device)
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def resolve_resume(cfg: TrainConfig, out_dir: Path) -> Optional[Path]:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        found = checkpoint_dirs(out_dir)
+        return found[-1] if found else None
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume={cfg.resume}: not a complete checkpoint folder (no trainer_state.json)")
+    return path
