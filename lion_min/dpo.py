@@ -13,7 +13,6 @@ cDPO, IPO, hinge), averaged over the pairs of the global batch.
 
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

@@ -9,7 +9,6 @@ the global batch (losses.sft_loss), whatever the micro-batching or world size.
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
