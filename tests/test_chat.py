@@ -19,6 +19,7 @@ from lion_min.chat import (
     get_template,
     render,
     stop_token_ids,
+    template_of,
 )
 from lion_min.tokenizer import Tokenizer, TokenizerError, UnknownTokenError
 from tokenizers_for_tests import (
@@ -106,6 +107,18 @@ def trained_runs(tok: Tokenizer, ids: list[int], mask: list[bool]) -> list[str]:
             runs.append(tok.decode(cur))
             cur = []
     return runs + ([tok.decode(cur)] if cur else [])
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_stored_jinja_is_the_official_text_byte_for_byte(name):
+    """ChatTemplate.jinja is what an export writes as chat_template; tools recognise a template by
+    its exact string, so it must be the released text (real newlines inside the Jinja string
+    literals, as tokenizer_config.json decodes to), not just one that renders the same."""
+    official = (TEMPLATE_DIR / f"{name}.jinja").read_bytes()
+    assert b"\\n" not in official  # the reference copy itself has no backslash-n escapes
+    assert TEMPLATES[name].jinja.encode() == official
+    assert template_of(official.decode()) is TEMPLATES[name]
+    assert template_of(official.decode().replace("\n", "\\n")) is None  # the escaped variant is not it
 
 
 # --- render and encode_chat against Jinja ---------------------------------------------------------
