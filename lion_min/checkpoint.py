@@ -174,7 +174,7 @@ def generation_config(args: ModelArgs, stop_id: Optional[int] = None) -> dict:
     eos = gen.get("eos_token_id")
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     if stop_id is not None and stop_id not in eos:
-        gen["eos_token_id"] = eos + [stop_id]
+        gen["eos_token_id"] = eos + [stop_id]  # a list, as in Meta's release: [<|end_of_text|>, <|eot_id|>]
     return gen
 
 

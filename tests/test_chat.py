@@ -404,3 +404,43 @@ def test_save_round_trip_and_transformers(toks, tmp_path, template, tok_name):
         assert text == render(messages, template, True, bos_token=tok.bos_token)
         hf_ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
         assert list(hf_ids) == ours.input_ids
+
+
+def test_save_writes_back_the_folder_files_and_only_changed_tokens(tok_dirs, tmp_path):
+    """save() writes the files read by from_dir byte for byte; a special token that differs from the
+    config's is updated in tokenizer_config.json and in special_tokens_map.json (where that file has
+    it); a token in the AddedToken form that did not change stays in that form."""
+    import shutil
+
+    src = shutil.copytree(tok_dirs["gemma"], tmp_path / "src")
+    pad = {"content": "<pad>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    (src / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": pad}))
+    (src / "tokenizer.model").write_bytes(b"\x00 sentencepiece bytes, carried as they are")
+    tok = Tokenizer.from_dir(src)
+    tok.save(tmp_path / "same")
+    for f in src.iterdir():
+        assert (tmp_path / "same" / f.name).read_bytes() == f.read_bytes(), f.name
+
+    changed = Tokenizer(tok._tok, bos_token="<bos>", eos_token="<end_of_turn>", pad_token="<pad>",
+                        config=tok.config | {"pad_token": {"__type": "AddedToken"} | pad}, files=tok.files)
+    out = changed.save(tmp_path / "changed")
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config == tok.config | {"eos_token": "<end_of_turn>", "pad_token": {"__type": "AddedToken"} | pad}
+    assert json.loads((out / "special_tokens_map.json").read_text()) == {"eos_token": "<end_of_turn>", "pad_token": pad}
+    assert Tokenizer.from_dir(out).eos_id == 107
+
+
+def test_save_of_a_tokenizer_built_in_memory(tok_dirs, tmp_path):
+    import tokenizers
+    import transformers
+
+    tok = Tokenizer(tokenizers.Tokenizer.from_file(str(tok_dirs["gemma"] / "tokenizer.json")), bos_token="<bos>",
+                    eos_token="<eos>")
+    out = tok.save(tmp_path / "out", chat_template=TEMPLATES["gemma"].jinja)
+    assert sorted(f.name for f in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {
+        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, "bos_token": "<bos>",
+        "eos_token": "<eos>", "chat_template": TEMPLATES["gemma"].jinja}
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    messages = msgs("user", "Hello there!", "assistant", "Paris.")
+    assert hf.apply_chat_template(messages, tokenize=True, return_dict=False) == encode_chat(tok, messages, "gemma").input_ids
