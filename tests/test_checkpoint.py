@@ -136,6 +136,16 @@ def test_bad_tensors(hf_checkpoints, tmp_path, edit_tensors, message):
     assert str(folder) in str(e.value)
 
 
+def test_bad_generation_config(hf_checkpoints, tmp_path):
+    folder = broken_copy(hf_checkpoints["llama-3-8b"], tmp_path / "bad")
+    (folder / "generation_config.json").write_text('{"eos_token_id": 1,')
+    with pytest.raises(CheckpointError, match=f"{folder / 'generation_config.json'}: not valid JSON"):
+        load_model(folder)
+    (folder / "generation_config.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match="generation_config.json: expected a JSON object"):
+        load_model(folder)
+
+
 def test_missing_folder_and_pickled_weights(hf_checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):
         load_model(str(tmp_path / "nope"))

@@ -48,7 +48,7 @@ def test_transformers_loads_the_export_as_the_source(case, tmp_path):
     assert type(tok) is type(hf_src) and tok.all_special_tokens == hf_src.all_special_tokens
     text = render(CONVERSATION[:2], t, add_generation_prompt=False, bos_token=tok.bos_token)
     assert tok(text, add_special_tokens=False).input_ids == hf_src(text, add_special_tokens=False).input_ids
-    messages = CONVERSATION if t.allow_system or t.alternate else [{"role": "system", "content": "Be brief."}, *CONVERSATION]
+    messages = [{"role": "system", "content": "Be brief."}, *CONVERSATION] if t.allow_system else CONVERSATION
     assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         render(messages, t, add_generation_prompt=True, bos_token=tok.bos_token)
 
