@@ -57,13 +57,16 @@ class ChatTemplate:
 
 
 # The official templates, verbatim (data, not run here): Meta-Llama-3-8B-Instruct, gemma-2b-it,
-# and ChatML with a leading BOS as the LION models use it.
+# and ChatML with a leading BOS as the LION models use it. The "\n" below are real newlines inside
+# the Jinja string literals, as in the released tokenizer_config.json files: the rendered text would
+# be the same with backslash-n escapes, but tools that recognise a template by its exact string (TRL
+# maps known templates to training templates) would not know an export that carried that variant.
 _LLAMA3_JINJA = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim "
     "+ '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
     "{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 _GEMMA_JINJA = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
@@ -71,13 +74,13 @@ _GEMMA_JINJA = (
     "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
     "user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}"
     "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
 _CHATML_JINJA = (
-    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -127,6 +130,11 @@ def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
         raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def template_of(jinja: Optional[str]) -> Optional[ChatTemplate]:
+    """The known template whose official Jinja text is exactly `jinja`, else None."""
+    return next((t for t in TEMPLATES.values() if t.jinja == jinja), None)
 
 
 def _as_template(template: ChatTemplate | str) -> ChatTemplate:

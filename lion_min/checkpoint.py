@@ -4,12 +4,17 @@ Loading builds the module on the meta device, allocates it once on the target de
 tensors in one at a time from the memory-mapped safetensors files, so the host never holds a second
 full copy of the weights. Weights are only ever read from safetensors (never unpickled).
 Writing goes to a temporary folder that is renamed into place, so a crash leaves no half folder.
+An export is the folder it was loaded from with only what training changed: config.json and
+generation_config.json are written back as read (args.hf_config, args.hf_generation_config), the
+tokenizer writes back its own files, and the differences are the weights, their dtype, the chat
+template and its end-of-turn token among the stop ids (tests/test_checkpoint.py names each).
 """
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lion_min.chat import TEMPLATES, template_of
 from lion_min.model import ModelArgs, Transformer
 
 
@@ -113,13 +119,31 @@ def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     )
 
 
+def _architecture(args: ModelArgs) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(args) if not f.name.startswith("hf_")}
+
+
 def config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
-    """A config.json that both transformers 4.4x and 5 read: the keys it was loaded from, with
-    every architectural key written from args (old key style, which both versions accept)."""
+    """The config.json of an export. The one args were read from (args.hf_config) comes back as it
+    was while args still describe it, with only the dtype of the written weights updated (and
+    `architectures` where it is not the causal LM). Otherwise (args built in code, or changed since)
+    every architectural key is written from args, in the old key style that transformers 4.4x and 5
+    both read."""
     gemma = args.family == "gemma"
-    cfg = {k: v for k, v in args.hf_config.items() if k not in ("rope_parameters", "dtype", "torch_dtype")}
-    cfg.update(
-        architectures=["GemmaForCausalLM" if gemma else "LlamaForCausalLM"],
+    cfg = dict(args.hf_config)
+    if not cfg or _architecture(args_from_config(cfg)) != _architecture(args):
+        cfg = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "dtype", "torch_dtype", "hidden_activation")}
+        cfg.update(_architecture_keys(args))
+    cfg["architectures"] = ["GemmaForCausalLM" if gemma else "LlamaForCausalLM"]
+    # transformers 5 writes "dtype", 4.x (and the hub's files) "torch_dtype"; 5 reads both.
+    for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
+        cfg[key] = str(dtype).removeprefix("torch.")
+    return cfg
+
+
+def _architecture_keys(args: ModelArgs) -> dict:
+    gemma = args.family == "gemma"
+    return dict(
         model_type=args.family,
         vocab_size=args.vocab_size,
         hidden_size=args.dim,
@@ -138,10 +162,20 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
         bos_token_id=args.bos_token_id,
         eos_token_id=args.eos_token_id,
         pad_token_id=args.pad_token_id,
-        torch_dtype=str(dtype).removeprefix("torch."),
     )
-    cfg.pop("hidden_activation", None)
-    return cfg
+
+
+def generation_config(args: ModelArgs, stop_id: Optional[int] = None) -> dict:
+    """The generation_config.json of an export: the one read with the checkpoint (else bos / eos /
+    pad from args), with `stop_id` (the chat template's end-of-turn token) added to eos_token_id, so
+    that generate() ends a reply there as it does for the released chat models."""
+    ids = {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id, "pad_token_id": args.pad_token_id}
+    gen = dict(args.hf_generation_config) or {k: v for k, v in ids.items() if v is not None}
+    eos = gen.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if stop_id is not None and stop_id not in eos:
+        gen["eos_token_id"] = eos + [stop_id]  # a list, as in Meta's release: [<|end_of_text|>, <|eot_id|>]
+    return gen
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -167,15 +201,26 @@ def resolve_path(path_or_hub_id: str, revision: Optional[str] = None) -> Path:
                               f"(revision={revision}, HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}") from e
 
 
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
 def read_config(folder: Path) -> ModelArgs:
+    """ModelArgs from folder/config.json, keeping that file and generation_config.json (if any)
+    for the export."""
     file = folder / "config.json"
     if not file.is_file():
         raise CheckpointError(f"{file}: not found")
-    try:
-        cfg = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
-    return args_from_config(cfg, str(file))
+    args = args_from_config(_read_json(file), str(file))
+    gen = folder / "generation_config.json"
+    args.hf_generation_config = _read_json(gen) if gen.is_file() else {}
+    return args
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -277,30 +322,43 @@ def shard_state_dict(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[d
     return shards
 
 
+# Files an export writes. In an existing folder, those the new export lacks are removed, so that no
+# stale shard or tokenizer file outlives it (a chat_template.jinja would even win over the config's).
+EXPORT_FILES = ("model*.safetensors*", "config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+                "chat_template.jinja")
+
+
 def atomic_dir(out_dir: Path):
     """Context: yields a temporary sibling folder whose files land in out_dir only if the block succeeds.
 
     A new out_dir is one rename. An existing one (a training run's folder also holds metrics and
-    checkpoints) gets each file moved in by its own atomic rename, weights before config.json,
-    and stale weight shards of an earlier export removed.
+    checkpoints) gets each file moved in by its own atomic rename, weights before config.json, and
+    the EXPORT_FILES of an earlier export that this one lacks removed. Files and folder get the
+    usual permissions for the umask (0644 / 0755), not the private ones of temporary files.
     """
 
     class _Atomic:
         def __enter__(self):
             out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+            # mkdir, not tempfile.mkdtemp: that one makes the folder 0700, and a new out_dir is this folder.
+            self.tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+            self.tmp.mkdir()
             return self.tmp
 
         def __exit__(self, exc_type, exc, tb):
             if exc_type is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 return False
+            file_mode = self.tmp.stat().st_mode & 0o666  # 0777 & ~umask for the folder -> 0666 & ~umask
+            new = sorted(self.tmp.iterdir(), key=lambda f: f.name == "config.json")
+            for f in new:
+                f.chmod(file_mode)  # safetensors writes its files 0600
             if not out_dir.exists():
                 self.tmp.rename(out_dir)
                 return False
-            new = sorted(self.tmp.iterdir(), key=lambda f: f.name == "config.json")
-            for stale in out_dir.glob("model*.safetensors*"):
-                if not (self.tmp / stale.name).exists():
+            for stale in [f for pattern in EXPORT_FILES for f in out_dir.glob(pattern)]:
+                if stale.is_file() and not (self.tmp / stale.name).exists():
                     stale.unlink()
             for f in new:
                 os.replace(f, out_dir / f.name)
@@ -330,12 +388,24 @@ def save_model(
     chat_template: Optional[str] = None,
     state_dict: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
-    """Write a Hugging Face folder: config.json, safetensors (sharded with an index when larger than
-    max_shard_size), generation_config.json, and the tokenizer files when a tokenizer is given.
+    """Write a Hugging Face folder: safetensors (sharded with an index when larger than
+    max_shard_size), config.json and generation_config.json as the checkpoint had them (see
+    config_from_args, generation_config), and the tokenizer's files when a tokenizer is given.
 
+    chat_template: a Jinja string or a known template's name ("chatml", "llama3", "gemma"), stored
+    with the tokenizer; None keeps the tokenizer's own. When the template is a known one, its
+    end-of-turn token joins the eos ids of generation_config.json.
     `state_dict` (our parameter names) replaces model.state_dict(), e.g. the full weights gathered
     from an FSDP-sharded model."""
     out_dir = Path(out_dir)
+    if chat_template in TEMPLATES:
+        chat_template = TEMPLATES[chat_template].jinja
+    stop_id = None
+    if tokenizer is not None:
+        known = template_of(chat_template if chat_template is not None else tokenizer.chat_template)
+        stop_id = tokenizer.token_id(known.end_of_turn) if known else None
+    elif chat_template is not None:
+        raise ValueError("save_model: a chat_template is stored with the tokenizer; pass tokenizer= too")
     tensors = hf_state_dict(state_dict if state_dict is not None else model.state_dict(), dtype)
     saved_dtype = next(iter(tensors.values())).dtype
     args = model.args
@@ -352,9 +422,8 @@ def save_model(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config_from_args(args, saved_dtype), indent=2))
-        gen = {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id, "pad_token_id": args.pad_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_from_args(args, saved_dtype), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(args, stop_id), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp, chat_template=chat_template)
     return out_dir

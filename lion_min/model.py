@@ -50,6 +50,8 @@ class ModelArgs:
     pad_token_id: Optional[int] = None
     hf_config: dict = field(default_factory=dict, repr=False)
     """The config.json this was read from, kept so an export writes back every key it had."""
+    hf_generation_config: dict = field(default_factory=dict, repr=False)
+    """The generation_config.json beside it (sampling defaults, stop ids), written back on export."""
 
     def __post_init__(self):
         if self.family not in FAMILIES:

@@ -5,6 +5,10 @@ Text is always encoded with add_special_tokens=False: the chat template writes t
 the released Llama-3 and Gemma tokenizers have a post-processor that would prepend a second one.
 Special-token strings written in the text (`<|eot_id|>`, `<start_of_turn>`, ...) are still
 recognised as single added tokens.
+
+A tokenizer read from a folder remembers that folder's files byte for byte, and save() writes them
+back unchanged except where something changed (the chat template, a special token), so an export
+carries the original tokenizer_config.json, special_tokens_map.json, ... as other tools know them.
 """
 
 import json
@@ -12,6 +16,14 @@ from pathlib import Path
 from typing import Optional
 
 import tokenizers
+
+
+# Files of a tokenizer folder that save() writes back byte for byte (tokenizer.model: the
+# sentencepiece model that slow tokenizers load; the fast ones read tokenizer.json).
+SIDE_FILES = ("tokenizer.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json")
+CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.5x saves a template; read before the config's
+TOKEN_NAMES = ("bos_token", "eos_token", "pad_token")
 
 
 class TokenizerError(ValueError):
@@ -33,6 +45,21 @@ def _token_str(value: object) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+def _json_bytes(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _set_token(config: dict, name: str, token: Optional[str], add: bool) -> None:
+    """Write `token` under `name` only if it differs from what config says (a token stored in the
+    AddedToken form stays as it was); add=False: only update a key that config already has."""
+    if _token_str(config.get(name)) == token:
+        return
+    if token is None:
+        config.pop(name, None)
+    elif add or name in config:
+        config[name] = token
+
+
 class Tokenizer:
     def __init__(
         self,
@@ -42,14 +69,23 @@ class Tokenizer:
         pad_token: Optional[str] = None,
         source: str = "<in memory>",
         config: Optional[dict] = None,
+        files: Optional[dict[str, bytes]] = None,
     ):
         self._tok = tok
         self.source = source
         """Where the tokenizer came from, for error messages."""
         self.config = dict(config or {})
         """The tokenizer_config.json read by from_dir; save() writes its other keys back."""
+        self.files = dict(files or {})
+        """The files of the folder it was read from (SIDE_FILES, the config, the template file),
+        byte for byte; save() writes them back."""
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         template = self.config.get("chat_template")  # a list of named templates is left alone
+        if TEMPLATE_FILE in self.files:  # transformers reads this file first, so it wins
+            try:
+                template = self.files[TEMPLATE_FILE].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"cannot read {TEMPLATE_FILE} of {source}: {e}") from e
         self.chat_template: Optional[str] = template if isinstance(template, str) else None
         # Resolve now so a config naming a token the vocabulary lacks fails at load time.
         self.bos_id = None if bos_token is None else self.token_id(bos_token)
@@ -60,19 +96,22 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
-        """Load `path/tokenizer.json` and, if present, `path/tokenizer_config.json`."""
+        """Load `path/tokenizer.json` and, if present, `path/tokenizer_config.json` (and
+        `path/chat_template.jinja`, which transformers prefers to the config's template)."""
         path = Path(path)
-        tok_file, cfg_file = path / "tokenizer.json", path / "tokenizer_config.json"
+        tok_file, cfg_file = path / "tokenizer.json", path / CONFIG_FILE
         if not tok_file.is_file():
             raise TokenizerError(f"no tokenizer.json in {path}")
+        files = {f.name: f.read_bytes() for f in map(path.joinpath, (*SIDE_FILES, CONFIG_FILE, TEMPLATE_FILE))
+                 if f.is_file()}
         try:
-            tok = tokenizers.Tokenizer.from_file(str(tok_file))
+            tok = tokenizers.Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
         except Exception as e:  # the Rust side raises a bare Exception for bad JSON or schema
             raise TokenizerError(f"cannot load {tok_file}: {e}") from e
         config = {}
-        if cfg_file.is_file():
+        if CONFIG_FILE in files:
             try:
-                config = json.loads(cfg_file.read_text(encoding="utf-8"))
+                config = json.loads(files[CONFIG_FILE].decode("utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise TokenizerError(f"cannot parse {cfg_file}: {e}") from e
             if not isinstance(config, dict):
@@ -84,6 +123,7 @@ class Tokenizer:
             pad_token=_token_str(config.get("pad_token")),
             source=str(path),
             config=config,
+            files=files,
         )
 
     def encode(self, text: str) -> list[int]:
@@ -110,23 +150,38 @@ class Tokenizer:
         return i
 
     def save(self, out_dir: str | Path, chat_template: Optional[str] = None) -> Path:
-        """Write tokenizer.json and tokenizer_config.json, loadable by from_dir and by transformers'
-        AutoTokenizer. chat_template (a Jinja string, e.g. ChatTemplate.jinja) is stored for
-        apply_chat_template; None keeps the one loaded with the tokenizer, if any."""
+        """Write the tokenizer files, loadable by from_dir and by transformers' AutoTokenizer.
+
+        A tokenizer read from a folder writes that folder's files back byte for byte; only
+        tokenizer_config.json changes, and only where something did: the chat template (a Jinja
+        string, e.g. ChatTemplate.jinja; None keeps the loaded one) and bos/eos/pad if they were
+        changed. The template goes where the folder kept it: chat_template.jinja if it had one, else
+        the config's "chat_template". save_model calls this inside its temporary folder."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(out_dir / "tokenizer.json"))
+        files = dict(self.files)
+        files.pop(CONFIG_FILE, None)
+        if "tokenizer.json" not in files:  # built in memory
+            files["tokenizer.json"] = self._tok.to_str(pretty=True).encode("utf-8")
         config = dict(self.config)
-        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-        # transformers would otherwise "clean up" spaces before punctuation when decoding.
-        config.setdefault("clean_up_tokenization_spaces", False)
-        for name, token in (("bos_token", self.bos_token), ("eos_token", self.eos_token), ("pad_token", self.pad_token)):
-            if token is None:
-                config.pop(name, None)
-            else:
-                config[name] = token
+        if CONFIG_FILE not in self.files:  # what transformers needs to load a bare tokenizer.json
+            config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+            # transformers would otherwise "clean up" spaces before punctuation when decoding.
+            config.setdefault("clean_up_tokenization_spaces", False)
+        specials = json.loads(files.get("special_tokens_map.json", b"{}"))
+        new_specials = dict(specials)
+        for name in TOKEN_NAMES:
+            _set_token(config, name, getattr(self, name), add=True)
+            _set_token(new_specials, name, getattr(self, name), add=False)
+        if new_specials != specials:
+            files["special_tokens_map.json"] = _json_bytes(new_specials)
         template = chat_template if chat_template is not None else self.chat_template
-        if template is not None:
+        if template is not None and TEMPLATE_FILE in files:
+            files[TEMPLATE_FILE] = template.encode("utf-8")
+        elif template is not None:
             config["chat_template"] = template
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        unchanged = CONFIG_FILE in self.files and config == self.config
+        files[CONFIG_FILE] = self.files[CONFIG_FILE] if unchanged else _json_bytes(config)
+        for name, data in files.items():
+            (out_dir / name).write_bytes(data)
         return out_dir

@@ -19,6 +19,7 @@ from lion_min.chat import (
     get_template,
     render,
     stop_token_ids,
+    template_of,
 )
 from lion_min.tokenizer import Tokenizer, TokenizerError, UnknownTokenError
 from tokenizers_for_tests import (
@@ -106,6 +107,18 @@ def trained_runs(tok: Tokenizer, ids: list[int], mask: list[bool]) -> list[str]:
             runs.append(tok.decode(cur))
             cur = []
     return runs + ([tok.decode(cur)] if cur else [])
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_stored_jinja_is_the_official_text_byte_for_byte(name):
+    """ChatTemplate.jinja is what an export writes as chat_template; tools recognise a template by
+    its exact string, so it must be the released text (real newlines inside the Jinja string
+    literals, as tokenizer_config.json decodes to), not just one that renders the same."""
+    official = (TEMPLATE_DIR / f"{name}.jinja").read_bytes()
+    assert b"\\n" not in official  # the reference copy itself has no backslash-n escapes
+    assert TEMPLATES[name].jinja.encode() == official
+    assert template_of(official.decode()) is TEMPLATES[name]
+    assert template_of(official.decode().replace("\n", "\\n")) is None  # the escaped variant is not it
 
 
 # --- render and encode_chat against Jinja ---------------------------------------------------------
@@ -391,3 +404,43 @@ def test_save_round_trip_and_transformers(toks, tmp_path, template, tok_name):
         assert text == render(messages, template, True, bos_token=tok.bos_token)
         hf_ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
         assert list(hf_ids) == ours.input_ids
+
+
+def test_save_writes_back_the_folder_files_and_only_changed_tokens(tok_dirs, tmp_path):
+    """save() writes the files read by from_dir byte for byte; a special token that differs from the
+    config's is updated in tokenizer_config.json and in special_tokens_map.json (where that file has
+    it); a token in the AddedToken form that did not change stays in that form."""
+    import shutil
+
+    src = shutil.copytree(tok_dirs["gemma"], tmp_path / "src")
+    pad = {"content": "<pad>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    (src / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": pad}))
+    (src / "tokenizer.model").write_bytes(b"\x00 sentencepiece bytes, carried as they are")
+    tok = Tokenizer.from_dir(src)
+    tok.save(tmp_path / "same")
+    for f in src.iterdir():
+        assert (tmp_path / "same" / f.name).read_bytes() == f.read_bytes(), f.name
+
+    changed = Tokenizer(tok._tok, bos_token="<bos>", eos_token="<end_of_turn>", pad_token="<pad>",
+                        config=tok.config | {"pad_token": {"__type": "AddedToken"} | pad}, files=tok.files)
+    out = changed.save(tmp_path / "changed")
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config == tok.config | {"eos_token": "<end_of_turn>", "pad_token": {"__type": "AddedToken"} | pad}
+    assert json.loads((out / "special_tokens_map.json").read_text()) == {"eos_token": "<end_of_turn>", "pad_token": pad}
+    assert Tokenizer.from_dir(out).eos_id == 107
+
+
+def test_save_of_a_tokenizer_built_in_memory(tok_dirs, tmp_path):
+    import tokenizers
+    import transformers
+
+    tok = Tokenizer(tokenizers.Tokenizer.from_file(str(tok_dirs["gemma"] / "tokenizer.json")), bos_token="<bos>",
+                    eos_token="<eos>")
+    out = tok.save(tmp_path / "out", chat_template=TEMPLATES["gemma"].jinja)
+    assert sorted(f.name for f in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {
+        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, "bos_token": "<bos>",
+        "eos_token": "<eos>", "chat_template": TEMPLATES["gemma"].jinja}
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    messages = msgs("user", "Hello there!", "assistant", "Paris.")
+    assert hf.apply_chat_template(messages, tokenize=True, return_dict=False) == encode_chat(tok, messages, "gemma").input_ids

@@ -1,7 +1,10 @@
 """Hugging Face folders in and out: round trips, sharding, config styles, and bad input."""
 
 import json
+import os
 import shutil
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +59,10 @@ def test_dtype_and_export_dtype(hf_checkpoints, tmp_path):
     model = load_model(hf_checkpoints["gemma-2b"], dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     save_model(model, tmp_path / "bf16")
-    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    # The source was written by transformers 5, which names the key "dtype": that key is updated.
+    assert cfg["dtype"] == "bfloat16" and "torch_dtype" not in cfg
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
     assert all(t.dtype == torch.bfloat16 for t in read_tensors(tmp_path / "bf16").values())
 
 
@@ -128,6 +134,16 @@ def test_bad_tensors(hf_checkpoints, tmp_path, edit_tensors, message):
     with pytest.raises(CheckpointError, match=message) as e:
         load_model(folder)
     assert str(folder) in str(e.value)
+
+
+def test_bad_generation_config(hf_checkpoints, tmp_path):
+    folder = broken_copy(hf_checkpoints["llama-3-8b"], tmp_path / "bad")
+    (folder / "generation_config.json").write_text('{"eos_token_id": 1,')
+    with pytest.raises(CheckpointError, match=f"{folder / 'generation_config.json'}: not valid JSON"):
+        load_model(folder)
+    (folder / "generation_config.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match="generation_config.json: expected a JSON object"):
+        load_model(folder)
 
 
 def test_missing_folder_and_pickled_weights(hf_checkpoints, tmp_path):
@@ -205,3 +221,181 @@ def test_nothing_is_unpickled_outside_weights_only():
                 assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
                     f"{f}:{node.lineno}: torch.load without weights_only=True"
     assert loads >= 1  # the trainer's RNG state is read this way, so the scan did see the call
+
+
+# --- exports that other tools take for the original checkpoint -----------------------------------
+# A source folder as the hub has it (the real config.json scaled down, bf16 weights, the files a
+# 4.x-era release ships), exported by lion_min after loading in fp32. Every file is compared with
+# the source's key by key; the only differences allowed are the ones named in ALLOWED.
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# case -> (config name, tokenizer builder, bos, eos, pad, template the export is given)
+HUB_CASES = {
+    "llama3": ("llama-3-8b", "gemma", "<|begin_of_text|>", "<|end_of_text|>", None, "llama3"),
+    "gemma": ("gemma-2b", "gemma", "<bos>", "<eos>", "<pad>", "gemma"),
+    "chatml": ("gemma-2b", "gemma_chatml", "<bos>", "<eos>", "<pad>", "chatml"),  # the LION recipe
+}
+HUB_VOCAB = 1024
+
+
+def added_token(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def hub_checkpoint(case: str, out_dir, template_in_source: bool = False):
+    """A checkpoint folder in the released layout for `case` (see HUB_CASES); template_in_source:
+    it already carries its chat template (an instruct release), in tokenizer_config.json."""
+    import tokenizers
+    from tokenizers_for_tests import build_gemma_chatml_tokenizer, build_gemma_tokenizer
+    from conftest import make_hf_checkpoint
+    from lion_min.chat import get_template
+
+    name, tok_kind, bos, eos, pad, template = HUB_CASES[case]
+    (build_gemma_chatml_tokenizer if tok_kind == "gemma_chatml" else build_gemma_tokenizer)(out_dir)
+    tok = tokenizers.Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    if case == "llama3":  # the Llama-3 special tokens, after the small vocabulary
+        tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in LLAMA3_SPECIALS])
+        tok.save(str(out_dir / "tokenizer.json"))
+    ids = {s: tok.token_to_id(s) for s in (bos, eos, pad) if s}
+    make_hf_checkpoint(name, out_dir, vocab_size=HUB_VOCAB, bos_token_id=ids[bos], eos_token_id=ids[eos],
+                       pad_token_id=ids.get(pad))
+    # The hub's files: old key style, bf16 weights, sampling defaults, tokens in the AddedToken form.
+    cfg = small_config(name, HUB_VOCAB) | {"bos_token_id": ids[bos], "eos_token_id": ids[eos],
+                                            "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0"}
+    if pad:
+        cfg["pad_token_id"] = ids[pad]
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen = {"bos_token_id": ids[bos], "eos_token_id": ids[eos], "do_sample": True, "temperature": 0.6,
+           "top_p": 0.9, "max_length": 4096, "transformers_version": "4.40.0.dev0"}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    weights = {k: v.to(torch.bfloat16) for k, v in load_file(str(out_dir / "model.safetensors")).items()}
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tok_cfg = {
+        "added_tokens_decoder": {str(i): added_token(s) | {"special": True} for i, s in
+                                 sorted((i, s) for s, i in vocab.items() if s.startswith("<") and s.endswith(">"))},
+        "bos_token": bos,
+        "clean_up_tokenization_spaces": True,
+        "eos_token": eos,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 1000000000000000019884624838656,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    specials_map = {"bos_token": added_token(bos), "eos_token": added_token(eos)}
+    if pad:
+        tok_cfg["pad_token"] = {"__type": "AddedToken"} | added_token(pad)  # an older form, kept as it is
+        specials_map["pad_token"] = added_token(pad)
+    if template_in_source:
+        tok_cfg["chat_template"] = get_template(template).jinja
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials_map, indent=2))
+    return out_dir
+
+
+def folder_differences(src, out) -> dict:
+    """{file: difference} for every file of either folder: for JSON files {key: (source, export)}
+    per differing top-level key; for safetensors {name: (source, export)} per tensor whose dtype,
+    shape or value (compared in the source dtype) differs, plus "dtype" (source dtypes, export
+    dtypes) when they differ; for other files "bytes"."""
+    diffs = {}
+    for name in sorted({f.name for f in src.iterdir()} | {f.name for f in out.iterdir()}):
+        a, b = src / name, out / name
+        if not (a.is_file() and b.is_file()):
+            diffs[name] = "only in " + ("source" if a.is_file() else "export")
+        elif name.endswith(".json"):
+            ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+            d = {k: (ja.get(k), jb.get(k)) for k in ja.keys() | jb.keys() if ja.get(k) != jb.get(k) or (k in ja) != (k in jb)}
+            if d:
+                diffs[name] = d
+        elif name.endswith(".safetensors"):
+            ta, tb = load_file(str(a)), load_file(str(b))
+            d = {k: "missing" for k in ta.keys() ^ tb.keys()}
+            d |= {k: "values" for k in ta.keys() & tb.keys()
+                  if ta[k].shape != tb[k].shape or not torch.equal(ta[k], tb[k].to(ta[k].dtype))}
+            dtypes = ({str(t.dtype) for t in ta.values()}, {str(t.dtype) for t in tb.values()})
+            if dtypes[0] != dtypes[1]:
+                d["dtype"] = dtypes
+            if d:
+                diffs[name] = d
+        elif a.read_bytes() != b.read_bytes():
+            diffs[name] = "bytes"
+    return diffs
+
+
+@pytest.mark.parametrize("case", list(HUB_CASES))
+def test_export_differs_from_the_source_only_where_training_changed_it(case, tmp_path):
+    from lion_min.chat import get_template
+    from lion_min.tokenizer import Tokenizer
+
+    src = hub_checkpoint(case, tmp_path / "src")
+    tok = Tokenizer.from_dir(src)
+    t = get_template(HUB_CASES[case][-1])
+    save_model(load_model(src), tmp_path / "out", tokenizer=tok, chat_template=t.jinja)
+    eos, eot = tok.eos_id, tok.token_id(t.end_of_turn)
+    ALLOWED = {
+        # lion_min loaded the weights in fp32 and wrote them as they were (values equal in bf16).
+        "config.json": {"torch_dtype": ("bfloat16", "float32")},
+        "model.safetensors": {"dtype": ({"torch.bfloat16"}, {"torch.float32"})},
+        # Generation stops at the end of a reply: the template's end-of-turn joins the eos ids.
+        "generation_config.json": {"eos_token_id": (eos, [eos, eot])},
+        # The chat template the model was trained with, the official text byte for byte.
+        "tokenizer_config.json": {"chat_template": (None, t.jinja)},
+    }
+    assert folder_differences(src, tmp_path / "out") == ALLOWED
+    exported = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"]
+    assert exported.encode() == (Path(__file__).parent / "data" / "chat_templates" / f"{t.name}.jinja").read_bytes()
+
+
+def test_export_of_an_instruct_checkpoint_in_its_own_dtype_is_the_source(tmp_path):
+    """A source that already has its template, exported in its dtype with no template given: the
+    same files, except the end-of-turn token joining the eos ids of generation_config.json."""
+    from lion_min.tokenizer import Tokenizer
+
+    src = hub_checkpoint("gemma", tmp_path / "src", template_in_source=True)
+    save_model(load_model(src), tmp_path / "out", tokenizer=Tokenizer.from_dir(src), dtype=torch.bfloat16)
+    assert folder_differences(src, tmp_path / "out") == {"generation_config.json": {"eos_token_id": (1, [1, 107])}}
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):  # not even reformatted
+        assert (src / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+
+
+def test_template_file_of_a_transformers5_folder_is_where_the_template_goes(tmp_path):
+    """transformers >= 4.5x saves the template as chat_template.jinja and reads that file before the
+    config's key: an export of such a folder must update the file, or the old template would win."""
+    from lion_min.tokenizer import Tokenizer
+
+    src = hub_checkpoint("chatml", tmp_path / "src")
+    (src / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    tok = Tokenizer.from_dir(src)
+    assert tok.chat_template == "{{ messages[0]['content'] }}"
+    save_model(load_model(src), tmp_path / "out", tokenizer=tok, chat_template="chatml", dtype=torch.bfloat16)
+    diffs = folder_differences(src, tmp_path / "out")
+    assert diffs.pop("chat_template.jinja") == "bytes" and diffs.pop("generation_config.json")
+    assert diffs == {}  # tokenizer_config.json untouched
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    from lion_min.chat import get_template
+    assert hf.chat_template == get_template("chatml").jinja
+
+
+def test_stale_export_files_are_removed_and_permissions_are_ordinary(tmp_path):
+    """Exports get 0644 files in a 0755 folder under umask 022 (mkdtemp would give 0700, and
+    safetensors writes 0600); a second export into the same folder removes the tokenizer files and
+    shards of the first that it does not write itself, and keeps everything else."""
+    from lion_min.tokenizer import Tokenizer
+
+    src = hub_checkpoint("gemma", tmp_path / "src")
+    model, tok = load_model(src), Tokenizer.from_dir(src)
+    old = os.umask(0o022)
+    try:
+        out = save_model(model, tmp_path / "out", tokenizer=tok, max_shard_size="40KB")
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {f.name: 0o644 for f in out.iterdir()}
+        assert len(list(out.glob("model-*.safetensors"))) > 2
+        (out / "chat_template.jinja").write_text("stale")
+        (out / "metrics.jsonl").write_text("{}\n")  # a run's own file
+        os.umask(0o027)
+        save_model(model, out, tokenizer=None)
+    finally:
+        os.umask(old)
+    names = {f.name for f in out.iterdir()}
+    assert names == {"config.json", "generation_config.json", "model.safetensors", "metrics.jsonl"}
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o640
