@@ -1,6 +1,6 @@
 """Loss and reward curves of the three stages in one PNG, read from the runs' metrics files.
 
-    python -m lion_min.plot --sft=out/sft --dpo=out/dpo --online=out/online --out=out/curves.png
+    python -m lion_min.plot --sft=out/demo/sft --dpo=out/demo/dpo --online=out/demo/online --out=out/curves.png
 
 train_online.py draws it at the end of the demo. matplotlib is an optional extra
 (`pip install -r requirements-plot.txt`); without it the plot is skipped with a message.
