@@ -259,6 +259,75 @@ class PairRMJudge:
 # --- one-time conversion of the original llm-blender/PairRM folder --------------------------------
 
 
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(buf: bytes):
+    """(field number, value) of each field of one protobuf message: varints as int, fixed-width and
+    length-delimited fields as bytes. Enough to read a SentencePiece model without protobuf."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i : i + n], i + n
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i : i + n], i + n
+        else:
+            raise TokenizerError(f"unsupported protobuf wire type {wire}: not a SentencePiece model?")
+        yield key >> 3, value
+
+
+def tokenizer_from_spm(spm_file: Path):
+    """A `tokenizers` Tokenizer equal to what transformers' DebertaV2Converter builds from a DeBERTa-v3
+    spm.model (do_lower_case and split_by_punct off, as in deberta-v3-large), plus [MASK] after the
+    pieces as deberta-v3's tokenizer_config adds it. Reads the SentencePiece protobuf directly:
+    ModelProto 1 = pieces (1 piece, 2 score as float32, 3 type), 2 = trainer_spec (3 model_type,
+    40 unk_id), 3 = normalizer_spec (2 precompiled_charsmap)."""
+    import struct
+
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, \
+        pre_tokenizers, processors
+
+    pieces, unk_id, model_type, charsmap = [], 0, 1, b""
+    for field, value in _fields(spm_file.read_bytes()):
+        if field == 1:
+            p = {1: b"", 2: b"\0\0\0\0", 3: 1} | dict(_fields(value))  # type NORMAL unless given
+            pieces.append((p[1].decode("utf-8"), struct.unpack("<f", p[2])[0], p[3]))
+        elif field == 2:
+            spec = dict(_fields(value))
+            unk_id, model_type = spec.get(40, 0), spec.get(3, 1)
+        elif field == 3:
+            charsmap = dict(_fields(value)).get(2, b"")
+    if model_type != 1 or not pieces:
+        raise TokenizerError(f"{spm_file}: not a SentencePiece unigram model")
+    tok = HFTokenizer(models.Unigram([(p, s) for p, s, _ in pieces], unk_id=unk_id, byte_fallback=False))
+    # Control pieces ([PAD] [CLS] [SEP]) are special tokens, user-defined ones plain added tokens.
+    tok.add_tokens([AddedToken(p, normalized=False, special=t == 3) for p, _, t in pieces if t in (3, 4)])
+    steps = [normalizers.Strip()] + ([normalizers.Precompiled(charsmap)] if charsmap else [])
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    ids = {p: i for i, (p, _, _) in enumerate(pieces)}
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    tok.add_special_tokens([AddedToken("[MASK]", normalized=False, special=True)])
+    return tok
+
+
 def _convert_weights(src: Path) -> dict[str, torch.Tensor]:
     files = sorted(src.glob("*.safetensors"))
     if files:
@@ -277,15 +346,20 @@ def _convert_weights(src: Path) -> dict[str, torch.Tensor]:
 
 def convert(src: Path, tokenizer_dir: Path, out: Path) -> Path:
     """Write out/ (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) from an
-    llm-blender/PairRM or PairRM-hf folder and a DeBERTa-v3 tokenizer folder holding tokenizer.json.
-    The prefix tokens are added to the tokenizer when missing (as llm-blender's collator does)."""
+    llm-blender/PairRM or PairRM-hf folder and a DeBERTa-v3 tokenizer folder holding tokenizer.json
+    or spm.model. The prefix tokens are added to the tokenizer when missing (as llm-blender's
+    collator does)."""
     import tokenizers
 
     src_cfg = _read_json(src / "config.json")
     tok_file = tokenizer_dir / "tokenizer.json"
-    if not tok_file.is_file():
-        raise TokenizerError(f"{tokenizer_dir}: no tokenizer.json (see docs/pairrm.md for spm.model)")
-    tok = tokenizers.Tokenizer.from_file(str(tok_file))
+    if tok_file.is_file():
+        tok = tokenizers.Tokenizer.from_file(str(tok_file))
+    elif (tokenizer_dir / "spm.model").is_file():
+        tok_file = tokenizer_dir / "spm.model"
+        tok = tokenizer_from_spm(tok_file)
+    else:
+        raise TokenizerError(f"{tokenizer_dir}: neither tokenizer.json nor spm.model")
     tok.add_tokens([t for t in PREFIX_TOKENS.values() if tok.token_to_id(t) is None])
     ids = {k: tok.token_to_id(t) for k, t in PREFIX_TOKENS.items()}
     tensors = _convert_weights(src)
@@ -328,7 +402,7 @@ def main(argv: Optional[list[str]] = None):
     c = sub.add_parser("convert", help="make a folder judges.py loads from an llm-blender/PairRM download")
     c.add_argument("src", type=Path, help="llm-blender/PairRM or PairRM-hf folder")
     c.add_argument("out", type=Path)
-    c.add_argument("--tokenizer", type=Path, help="folder with a DeBERTa-v3 tokenizer.json (default: src)")
+    c.add_argument("--tokenizer", type=Path, help="folder with a DeBERTa-v3 tokenizer.json or spm.model (default: src)")
     a = p.parse_args(argv)
     out = convert(a.src, a.tokenizer or a.src, a.out)
     print(f"wrote {out}")

@@ -313,3 +313,53 @@ def test_online_round_judged_by_pairrm(tiny_chat_model, tiny_pairrm, tmp_path):
             assert r["scores"][r["chosen"]] == max(r["scores"]) and r["scores"][r["rejected"]] == min(r["scores"])
     assert history[0]["pairs"] == sum(not r["dropped"] for r in records) >= 4
     assert (out / "round_0.done").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_flops_formula_matches_torch_flop_counter():
+    """The bench's GPU estimate rests on DebertaEncoder.flops; torch counts the same matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for overrides in ({}, dict(share_att_key=False, pos_att_type="c2p")):
+        ours = ours_from(random_deberta(V3_TINY | overrides))
+        # The math backend runs attention as matmuls the counter sees (it skips the CPU flash kernel).
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            ours(torch.randint(4, 120, (3, 40)))
+        assert counter.get_total_flops() == ours.flops(3, 40)
+
+
+def test_spm_conversion_matches_transformers_converter(tmp_path):
+    """tokenizer_from_spm reads spm.model without protobuf; checked against transformers'
+    DebertaV2Converter on a small unigram model trained here (needs the optional sentencepiece and
+    protobuf packages, test-only)."""
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    import io
+    from types import SimpleNamespace
+
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import DebertaV2Converter
+
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Résumé: naïve café, 2+2=4!", "What is the capital of France?",
+              "Paris is the capital of France.", "def add(a, b):\n    return a + b", "Hello   world,  again."] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=120, hard_vocab_limit=False, model_type="unigram",
+                                   pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]",
+                                   eos_piece="[SEP]", unk_piece="[UNK]", user_defined_symbols=["<url>"],
+                                   normalization_rule_name="nmt_nfkc", minloglevel=2)
+    spm_file = tmp_path / "spm.model"
+    spm_file.write_bytes(model.getvalue())
+    pieces = spm.SentencePieceProcessor(model_file=str(spm_file))
+    stub = SimpleNamespace(vocab_file=str(spm_file), do_lower_case=False, split_by_punct=False, add_prefix_space=True,
+                           convert_tokens_to_ids=pieces.piece_to_id)
+    expect = DebertaV2Converter(stub).converted()
+    expect.add_special_tokens([AddedToken("[MASK]", normalized=False, special=True)])
+    got = P.tokenizer_from_spm(spm_file)
+    for t in (expect, got):
+        t.add_tokens(list(P.PREFIX_TOKENS.values()))
+    assert got.get_vocab(with_added_tokens=True) == expect.get_vocab(with_added_tokens=True)
+    texts = corpus[:6] + ["  leading and trailing  ", "tabs\tand\nnewlines", "ﬁ ligature ① and ＡＢＣ", "<url> [SEP] x",
+                          "<|source|>What?<|candidate|> Yes.", "unseen zqxj words", ""]
+    for text in texts:
+        assert got.encode(text).ids == expect.encode(text).ids, text
+        assert got.encode(text, add_special_tokens=False).ids == expect.encode(text, add_special_tokens=False).ids
