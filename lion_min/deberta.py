@@ -14,8 +14,9 @@ DeBERTa differs in a few places, each marked `# DeBERTa:` where it acts:
 - one table of relative embeddings for the whole encoder, LayerNorm-ed once (`norm_rel_ebd`);
 - the embedding LayerNorm's output is zeroed at padding positions.
 
-Parameter names follow the Hugging Face checkpoint (`DebertaV2Model`), so a PairRM state dict loads
-with its prefix stripped (see `load_encoder_weights`).
+Inference only (no dropout). Module names are short (`w1`, `ffn_norm`, ...; the attention keeps
+DeBERTa's query_proj / key_proj / value_proj, which c2p and p2c reuse); `hf_name` maps them to
+DebertaV2Model's tensor names and `load_encoder_weights` reads a checkpoint through it.
 """
 
 import math
