@@ -6,10 +6,10 @@ response, so any scorer fits behind it:
 - RewardModelJudge: a Hugging Face LlamaForSequenceClassification / GemmaForSequenceClassification
   checkpoint run on our own backbone plus its linear score head.
 - RuleJudge: a plain Python function (prompt messages, response text) -> float, e.g. a verifier.
-- A pairwise ranker such as PairRM compares the responses with each other; it fits the same method
-  by returning ranks as scores (e.g. its number of pairwise wins).
+- PairRMJudge (lion_min/pairrm.py, spec "pairrm:DIR"): the paper's pairwise ranker compares every
+  ordered pair of responses and scores each by llm-blender's mean logit margin.
 
-make_judge turns a command-line spec (a rule name, or a reward-model folder) into one of these.
+make_judge turns a command-line spec (a rule name, "pairrm:DIR", or a reward-model folder) into one of these.
 """
 
 import dataclasses
@@ -25,6 +25,7 @@ from safetensors import safe_open
 from lion_min.chat import encode_chat
 from lion_min.checkpoint import CheckpointError, load_weights, read_config, resolve_path, weight_files
 from lion_min.model import Transformer
+from lion_min.pairrm import PairRMJudge
 from lion_min.tokenizer import Tokenizer
 
 Messages = list[dict]
@@ -199,11 +200,16 @@ def make_judge(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
 ) -> Judge:
-    """spec: a rule name (from `rules`, which default to RULES), or a reward-model checkpoint folder
-    or hub id "org/name" (then chat_template is required; tokenizer defaults to the checkpoint's)."""
+    """spec: a rule name (from `rules`, which default to RULES), "pairrm:DIR" (a PairRM folder, see
+    docs/pairrm.md), or a reward-model checkpoint folder or hub id "org/name" (then chat_template is
+    required; tokenizer defaults to the checkpoint's)."""
     rules = RULES if rules is None else rules
     if spec in rules:
         return RuleJudge(rules[spec], name=spec)
+    if spec.startswith("pairrm:"):
+        if not spec.removeprefix("pairrm:"):
+            raise ValueError("judge 'pairrm:' needs a folder: --judge=pairrm:DIR")
+        return PairRMJudge(spec.removeprefix("pairrm:"), dtype=dtype, device=device, batch_size=batch_size)
     if Path(spec).expanduser().is_dir() or "/" in spec:  # a folder, or a hub id (resolve_path says if neither)
         if chat_template is None:
             raise ValueError(f"judge {spec!r} is a reward model: it needs the chat_template its inputs are rendered with")
