@@ -62,7 +62,7 @@ class TrainConfig:
     lr: float = 2e-5
     """Peak learning rate (the LION SFT value; the DPO stages set their own)."""
     lr_schedule: str = "cosine"
-    """'cosine', 'linear' (decay to 0) or 'constant', after linear warmup."""
+    """'cosine', 'linear' (both decay to lr * min_lr_ratio) or 'constant', after linear warmup."""
     warmup_ratio: float = 0.1
     """Fraction of the total steps spent warming up linearly from 0."""
     min_lr_ratio: float = 0.0

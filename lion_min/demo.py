@@ -214,7 +214,7 @@ def demo_model_args(tokenizer_or_vocab_size) -> ModelArgs:
 
 # The demo's settings, per stage: what the no-flag `python train_sft.py` (etc.) runs, over the
 # stage dataclass's real-run defaults. Measured: README, "The demo". `model` and `data` are
-# filled in by `prepare` (the demo's own files); "debug" is the same pipeline cut to seconds.
+# filled in by `run_stage` (the demo's own files); "debug" is the same pipeline cut to seconds.
 SETTINGS = {
     "sft": dict(
         out_dir="out/demo/sft", seq_len=256, epochs=2, batch_size=12, micro_batch_size=12, log_every=25,

@@ -3,7 +3,7 @@
 A preference pair becomes two token sequences, prompt + chosen and prompt + rejected, rendered by
 the chat template; only the final response and its end-of-turn token are scored. The pairs of a
 micro-batch are packed together into rows (chosen = example 2i, rejected = 2i + 1), so one policy
-forward scores both sides with no padding waste, and `sequence_logps` sums each side's tokens.
+forward scores both sides with little padding, and `sequence_logps` sums each side's tokens.
 
 The reference is the starting model (or --ref_model): either a frozen copy kept in memory, or
 (--precompute_ref=true, the LION recipe) its log-probabilities computed once up front and stored

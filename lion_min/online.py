@@ -33,7 +33,7 @@ from lion_min.judges import Judge, make_judge
 from lion_min.parallel import Dist, barrier, init_distributed
 from lion_min.plot import earlier_runs, plot_pipeline
 from lion_min.sample import encode_prompt, generate, read_prompts
-from lion_min.stage import append_summary, resolve_dtype
+from lion_min.stage import append_summary, resolve_dtype, with_system
 from lion_min.tokenizer import Tokenizer
 
 
@@ -96,7 +96,8 @@ def sample_and_judge(cfg: OnlineConfig, d: Dist, policy_folder: Path, prompts: l
     records = []
     for start in range(0, len(mine), cfg.sample_batch_size):
         idx = mine[start : start + cfg.sample_batch_size]
-        messages = [[{"role": "user", "content": prompts[i]}] if isinstance(prompts[i], str) else prompts[i] for i in idx]
+        messages = [with_system([{"role": "user", "content": prompts[i]}] if isinstance(prompts[i], str) else prompts[i],
+                                cfg.system_prompt) for i in idx]
         ids = [encode_prompt(tokenizer, m, cfg.chat_template) for m in messages]
         rows = [p for p in ids for _ in range(cfg.n_samples)]
         out = generate(model, rows, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -134,6 +135,8 @@ def to_pair(record: dict, max_len: int, max_prompt_len: int) -> EncodedPair:
 
 
 def mean_score(records: list[dict]) -> float:
+    """Mean judged reward of all samples. Meaningless for a pairwise judge (judge.relative: PairRM's
+    scores of a prompt's samples sum to 0), where it is reported but not compared across rounds."""
     scores = [s for r in records for s in r["scores"]]
     return sum(scores) / max(len(scores), 1)
 
@@ -209,7 +212,10 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
         shutil.copy(policy / "metrics.jsonl", out_dir / "last_round_metrics.jsonl")
         before, after = history[0]["mean_reward"], mean_score(final)
         append_summary(out_dir, rounds=history, mean_reward_start=before, mean_reward_final=after)
-        print(f"mean judged reward: start {before:.4f} -> final {after:.4f}")
+        if getattr(judge, "relative", False):
+            print("the judge scores samples only relative to each other (pairwise): no mean reward to compare")
+        else:
+            print(f"mean judged reward: start {before:.4f} -> final {after:.4f}")
         png = plot_pipeline(out_dir / "curves.png", online=out_dir, **earlier_runs(start_folder))
         if png is not None:
             print(f"wrote the loss and reward curves to {png}")

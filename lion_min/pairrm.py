@@ -221,6 +221,9 @@ class PairRMJudge:
     """judge.score(prompt, responses): every ordered pair compared (N(N-1) rows, batch_size rows
     per forward, no grad, in the model's dtype), then llm-blender's max_logits score per response."""
 
+    relative = True
+    """Scores only rank a prompt's own samples (they sum to 0 per prompt): no absolute reward."""
+
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", batch_size: int = 8,
                  tokenizer: Optional[Tokenizer] = None):
         folder = resolve_path(str(path))

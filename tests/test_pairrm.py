@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_online  # noqa: E402
+from lion_min import online  # noqa: E402
 from lion_min import pairrm as P  # noqa: E402
 from lion_min.checkpoint import CheckpointError  # noqa: E402
 from lion_min.deberta import DebertaEncoder, args_from_config, load_encoder_weights, relative_buckets  # noqa: E402
@@ -242,11 +243,11 @@ def test_judge_picks_best_and_worst_on_a_constructed_case(tiny_pairrm):
     judge.pair.source_max_length = judge.pair.candidate_max_length = 64  # no truncation here
     prompt = [{"role": "user", "content": "Tell me."}]
     record = {"samples": [[1], [2], [3], [4]], "scores": judge.score(prompt, ["mid len", "x", "the longest one", "midd"])}
-    assert train_online.choose_pair(record) == "" and (record["chosen"], record["rejected"]) == (2, 1)
+    assert online.choose_pair(record) == "" and (record["chosen"], record["rejected"]) == (2, 1)
     # All equal: the bias cancels exactly, every score is 0 and the prompt is dropped as a tie.
     record = {"samples": [[1], [2], [3]], "scores": judge.score(prompt, ["abc", "def", "ghi"])}
     assert record["scores"] == [0.0, 0.0, 0.0]
-    assert train_online.choose_pair(record) == "best and worst scores tie"
+    assert online.choose_pair(record) == "best and worst scores tie"
 
 
 def test_make_judge_and_bad_folders(tiny_pairrm, tmp_path):
