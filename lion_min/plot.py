@@ -166,7 +166,7 @@ class PlotConfig:
 def main(argv=None):
     from lion_min.config import parse_cli
 
-    cfg = parse_cli(PlotConfig, {}, argv)
+    cfg = parse_cli(PlotConfig, {}, argv, doc=__doc__)
     paths = {k: Path(v) for k, v in dataclasses.asdict(cfg).items() if k != "out" and v}
     for k, p in paths.items():
         if not ((p / "metrics.jsonl").is_file() or (p / "round_0" / "metrics.jsonl").is_file()):
@@ -177,6 +177,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from lion_min.stage import run_cli
+    from lion_min.config import run_cli
 
     run_cli(main)

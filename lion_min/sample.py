@@ -21,7 +21,6 @@ The same seed, prompts and batch_size give the same tokens (on the same device a
 
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     from lion_min.stage import resolve_dtype
     from lion_min.tokenizer import Tokenizer
 
-    cfg = parse_cli(SampleConfig, {}, argv)
+    cfg = parse_cli(SampleConfig, {}, argv, doc=__doc__)
     if not cfg.model:
         raise ConfigError("--model=DIR is required")
     if not cfg.prompt and not cfg.prompts_file:
@@ -311,9 +310,6 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    from lion_min.config import ConfigError
+    from lion_min.config import run_cli
 
-    try:
-        main()
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)  # bad input: exit 2 and one `error:` line, like the training scripts

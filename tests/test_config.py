@@ -121,3 +121,18 @@ def test_config_file_of_your_own(tmp_path):
     recipe.write_text('[shared]\nlrr = 0.5\n')
     with pytest.raises(ConfigError, match="unknown option 'lrr'"):
         parse_cli(SFTConfig, {}, [f"--config={recipe}"])
+
+
+@pytest.mark.parametrize("entry", ["train_sft.py", "train_dpo.py", "train_online.py", "-m lion_min.sample",
+                                   "-m lion_min.plot"])
+def test_every_entry_point_answers_help(entry):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, *entry.split()] + ["--help"], capture_output=True, text=True, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--model=" in res.stdout or "--sft=" in res.stdout
+    if entry.startswith("train_"):
+        assert "lion-gemma-2b" in res.stdout and "demo" in res.stdout
