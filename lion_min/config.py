@@ -118,6 +118,67 @@ class DataConfig(TrainConfig):
     """Inserted as the system turn when a conversation has none (LION: '' with ChatML)."""
 
 
+# --- values: checked when the command line is parsed, before anything is loaded ---------------------
+
+# Allowed range of each numeric flag, as an interval ("[" includes the end, "(" excludes it).
+RANGES = {
+    "lr": "(0, inf)", "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)",
+    "beta1": "[0, 1)", "beta2": "[0, 1)", "grad_clip": "[0, inf)", "epochs": "[1, inf)", "max_steps": "[0, inf)",
+    "batch_size": "[1, inf)", "micro_batch_size": "[1, inf)", "log_every": "[1, inf)", "eval_every": "[0, inf)",
+    "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)", "seed": "[0, inf)", "eval_fraction": "[0, 1)",
+    "seq_len": "[16, inf)", "beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "max_len": "[16, inf)",
+    "max_prompt_len": "[1, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]", "top_k": "[0, inf)",
+    "max_new_tokens": "[1, inf)", "sample_batch_size": "[1, inf)",
+}
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
+    "attn_backend": ("auto", "sdpa", "flex", "varlen"), "lr_schedule": ("cosine", "linear", "constant"),
+    "export_dtype": ("source", "float32", "bfloat16", "float16"), "loss_type": ("sigmoid", "ipo", "hinge"),
+    "train_on": ("assistant", "last"), "overflow": ("truncate", "drop"),
+}
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return above and below
+
+
+def check_values(cfg) -> None:
+    """Every range, choice and combination the flags must satisfy; one ConfigError naming the flag."""
+    for key, interval in RANGES.items():
+        value = getattr(cfg, key, None)
+        if value is not None and not _in_interval(value, interval):
+            raise ConfigError(f"--{key}={value}: must be in {interval}")
+    from lion_min.chat import TEMPLATES
+
+    # A config class may widen a choice (the sampler's chat_template also takes "none").
+    choices_of = CHOICES | {"chat_template": tuple(TEMPLATES)} | getattr(type(cfg), "CHOICES", {})
+    for key, choices in choices_of.items():
+        value = getattr(cfg, key, None)
+        if value is not None and value not in choices:
+            raise ConfigError(f"--{key}={value}: expected one of {', '.join(choices)}")
+    if getattr(cfg, "label_smoothing", 0) and getattr(cfg, "loss_type", "sigmoid") != "sigmoid":
+        raise ConfigError(f"--label_smoothing={cfg.label_smoothing} applies to --loss_type=sigmoid only (cDPO), "
+                          f"not {cfg.loss_type}")
+    if getattr(cfg, "max_prompt_len", 0) >= getattr(cfg, "max_len", float("inf")):
+        raise ConfigError(f"--max_prompt_len={cfg.max_prompt_len} must be smaller than --max_len={cfg.max_len}")
+    if hasattr(cfg, "micro_batch_size") and cfg.micro_batch_size > cfg.batch_size:
+        raise ConfigError(f"--micro_batch_size={cfg.micro_batch_size} is larger than --batch_size={cfg.batch_size}")
+    if getattr(cfg, "device", "auto") == "cuda" or getattr(cfg, "attn_backend", "auto") == "varlen":
+        import torch
+
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device=cuda: no CUDA device is available here (use --device=cpu or auto)")
+        on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if cfg.attn_backend == "varlen" and (cfg.dtype == "float32" or not on_gpu):
+            raise ConfigError("--attn_backend=varlen needs a CUDA device and --dtype=bfloat16 (flash varlen kernels "
+                              "have no float32 or CPU version); use sdpa or flex")
+    if getattr(cfg, "out_dir", None) == "":
+        raise ConfigError("--out_dir is empty: name the folder the run writes to")
+
+
 # --- recipes ---------------------------------------------------------------------------------------
 
 
@@ -259,6 +320,7 @@ def parse_cli(cls, presets: dict[str, dict], argv: Optional[list[str]] = None,
                 raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")
             value = "true"
         setattr(cfg, key, _convert(value, hints[key], key))
+    check_values(cfg)
     return cfg
 
 

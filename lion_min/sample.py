@@ -215,6 +215,8 @@ def generate(
 
 @dataclass
 class SampleConfig:
+    CHOICES = {"chat_template": ("chatml", "llama3", "gemma", "none")}
+
     model: str = ""
     """Hugging Face checkpoint folder (or hub id) holding the weights and tokenizer.json."""
     prompt: str = ""
