@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lion_min
-from lion_min.chat import get_template
+from lion_min.chat import ChatFormatError, get_template
 from lion_min.checkpoint import atomic_dir, hf_name, load_model, resolve_path, weight_files
 from lion_min.config import ConfigError, parse_cli
 from lion_min.data import DataError, load_conversations, load_preferences, resolve_files
@@ -276,11 +276,8 @@ def compute(cfg: GoldenConfig) -> Golden:
     folder = resolve_path(cfg.model, cfg.revision)
     tokenizer = Tokenizer.from_dir(folder)
     kind, records = _load_records(cfg)
-    # The float32 weights are the master copy the optimizer step updates; a bf16 run computes with a
-    # rounded copy and hands its gradients back in float32 (as FSDP's mixed precision does).
-    master = load_model(folder, dtype=torch.float32, device=cfg.device)
     dtype = DTYPES[cfg.dtype]
-    model = master if dtype == torch.float32 else load_model(folder, dtype=dtype, device=cfg.device)
+    model = load_model(folder, dtype=dtype, device=cfg.device)
     if model.args.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids, the model only {model.args.vocab_size}")
     if cfg.seq_len > model.args.max_seq_len:
@@ -291,15 +288,18 @@ def compute(cfg: GoldenConfig) -> Golden:
     fingerprints = {"model": sha256_files(_model_files(folder)), "tokenizer": sha256_files(_tokenizer_files(folder)),
                     "template": hashlib.sha256(get_template(cfg.chat_template).jinja.encode()).hexdigest(),
                     "data": sha256_files(resolve_files(cfg.data, None))}
-    if kind == "sft":
-        scalars, tensors = _sft(cfg, model, tokenizer, records, pad_id, mode)
-    else:
-        ref = None
-        if cfg.ref_model:
-            ref_folder = resolve_path(cfg.ref_model, cfg.revision)
-            fingerprints["ref_model"] = sha256_files(_model_files(ref_folder))
-            ref = load_model(ref_folder, dtype=dtype, device=cfg.device).requires_grad_(False)
-        scalars, tensors = _dpo(cfg, model, ref, tokenizer, records, pad_id, mode)
+    ref = None
+    if kind == "dpo" and cfg.ref_model:
+        ref_folder = resolve_path(cfg.ref_model, cfg.revision)
+        fingerprints["ref_model"] = sha256_files(_model_files(ref_folder))
+        ref = load_model(ref_folder, dtype=dtype, device=cfg.device).requires_grad_(False)
+    try:
+        if kind == "sft":
+            scalars, tensors = _sft(cfg, model, tokenizer, records, pad_id, mode)
+        else:
+            scalars, tensors = _dpo(cfg, model, ref, tokenizer, records, pad_id, mode)
+    except ChatFormatError as e:  # say which file the template refused
+        raise ChatFormatError(f"{cfg.data}: {e}") from None
 
     grads = {hf_name(n): p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
     per_tensor = {n: g.norm().item() for n, g in grads.items()}
@@ -313,13 +313,18 @@ def compute(cfg: GoldenConfig) -> Golden:
         "grad_norm": {"total": math.sqrt(sum(v * v for v in per_tensor.values())), "per_tensor": per_tensor},
     }
     if cfg.lr > 0:
-        meta["update_norm"] = _one_step(cfg, master, model)
+        meta["update_norm"] = _one_step(cfg, folder, model)
     return Golden(meta=meta, tensors={k: v.contiguous() for k, v in sorted(tensors.items())})
 
 
-def _one_step(cfg: GoldenConfig, master, model) -> dict[str, float]:
-    """||p_after - p_before|| per tensor after one AdamW step on the float32 weights."""
-    if master is not model:
+def _one_step(cfg: GoldenConfig, folder: Path, model) -> dict[str, float]:
+    """||p_after - p_before|| per tensor after one AdamW step on the float32 weights.
+
+    A bf16 run steps the checkpoint's float32 weights with its gradients cast to float32, as FSDP's
+    mixed precision keeps float32 master weights. (Its gradients add up over micro-batches in bf16.)"""
+    master = model
+    if next(model.parameters()).dtype != torch.float32:
+        master = load_model(folder, dtype=torch.float32, device=cfg.device)
         for p32, p in zip(master.parameters(), model.parameters()):
             p32.grad = None if p.grad is None else p.grad.float()
     before = {n: p.detach().clone() for n, p in master.named_parameters()}

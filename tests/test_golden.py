@@ -146,10 +146,12 @@ def hand_dpo_losses(h: torch.Tensor, beta: float, loss_type: str, eps: float) ->
 
 @pytest.mark.parametrize("name", DPO)
 def test_dpo_vectors_equal_hand_computed(name):
+    import transformers
+
     g = golden.load(VECTORS / name)
     s = g.meta["settings"]
     policy, ref = hf_model(s["model"]), hf_model(s["ref_model"])
-    tok = __import__("transformers").AutoTokenizer.from_pretrained(ROOT / s["model"])
+    tok = transformers.AutoTokenizer.from_pretrained(ROOT / s["model"])
     prefs = [json.loads(line) for line in (ROOT / s["data"]).read_text().splitlines()]
     P = g.meta["scalars"]["num_pairs"]
     assert P == len(prefs) and indices(g) == list(range(2 * P))
@@ -328,10 +330,7 @@ def documented(section: str) -> list[list[str]]:
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and prefix + k not in ("settings",):
-            out |= flatten(v, f"{prefix}{k}.")
-        else:
-            out[prefix + k] = v
+        out |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
     return out
 
 
@@ -412,8 +411,16 @@ def test_worked_example_in_the_docs(monkeypatch, capsys):
     assert row(results["loss_on_prompt"], "loss_mask").first.startswith("example 0, token 1:")
     assert row(results["loss_on_prompt"], "num_target_tokens").status == "FAIL"
     assert row(results["packed_no_isolation"], "token_logps").first.startswith("example 3, token 1:")
-    for table in capsys.readouterr().out.split("=== ")[1:]:  # the doc shows this output
-        assert table.split("\n", 1)[1].strip() in DOC.read_text(), table.split("\n", 1)[0]
+    # The doc shows this output: the same quantities with the same results, table by table (the
+    # digits of differences near rounding noise may vary from one CPU to another).
+    def verdicts(table: str) -> list[tuple[str, str]]:
+        return [(line.split()[0], line.split()[-1]) for line in table.splitlines()
+                if line.split() and line.split()[-1] in ("ok", "FAIL", "missing")]
+
+    printed = [verdicts(t) for t in capsys.readouterr().out.split("=== ")[1:]]
+    blocks = DOC.read_text().split("```python\n", 1)[1].split("```\n")[2::2]  # the code, then text / output
+    shown = [v for v in map(verdicts, blocks) if v]
+    assert printed == shown
 
 
 def test_bad_input(tmp_path):
@@ -430,6 +437,8 @@ def test_bad_input(tmp_path):
     (tmp_path / "odd.jsonl").write_text('{"text": "hello"}\n')
     with pytest.raises(DataError, match="neither conversations .* nor preference pairs"):
         golden.compute(golden.GoldenConfig(**cfg | {"data": str(tmp_path / "odd.jsonl")}))
+    with pytest.raises(ValueError, match="chats.jsonl: message 0: system role not supported by the gemma"):
+        golden.compute(golden.GoldenConfig(**cfg | {"data": str(GOLDEN / "data" / "chats.jsonl")}))
     with pytest.raises(ConfigError, match="--loss_type=kto"):
         golden.compute(golden.GoldenConfig(**cfg | {"loss_type": "kto"}))
     proc = subprocess.run([sys.executable, "-m", "lion_min.golden", "compare", str(tmp_path / "nothing"),
