@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -279,9 +279,11 @@ def compute(cfg: GoldenConfig) -> Golden:
     dtype = DTYPES[cfg.dtype]
     model = load_model(folder, dtype=dtype, device=cfg.device)
     if model.args.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids, the model only {model.args.vocab_size}")
+        raise ConfigError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids, the model only "
+                          f"{model.args.vocab_size}")
     if cfg.seq_len > model.args.max_seq_len:
-        raise ConfigError(f"--seq_len={cfg.seq_len} is above the model's max_position_embeddings ({model.args.max_seq_len})")
+        raise ConfigError(f"--seq_len={cfg.seq_len} is above the model's max_position_embeddings "
+                          f"({model.args.max_seq_len})")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     mode = "pack" if cfg.packing else "pad"
     model.train()  # no dropout in either family; train() only so nothing differs from training
@@ -338,7 +340,8 @@ def write(golden: Golden, out_dir: str | Path) -> Path:
     if out_dir.exists():
         other = sorted(f.name for f in out_dir.iterdir() if f.name not in FILES) if out_dir.is_dir() else [""]
         if other:
-            raise ConfigError(f"--out={out_dir}: holds other files ({', '.join(other[:3])}); give an empty or new folder")
+            raise ConfigError(f"--out={out_dir}: holds other files ({', '.join(other[:3])}); "
+                              "give an empty or new folder")
     with atomic_dir(out_dir) as tmp:
         (tmp / "golden.json").write_text(json.dumps(golden.meta, indent=2, ensure_ascii=False) + "\n")
         save_file(golden.tensors, str(tmp / "golden.safetensors"), metadata={"format": FORMAT})
@@ -454,8 +457,8 @@ def _compare_ints(name: str, e: dict, a: dict, agree: dict, kind: str) -> Row:
             agree[k] = n if j < 0 else j
         if j >= 0:
             differ += 1
-            got = lambda t: str(int(t[j])) if j < len(t) else "end"  # noqa: E731
-            first = first or f"{_example_name(kind, k)}, token {j}: {got(x)} vs {got(y)} (length {len(x)} vs {len(y)})"
+            at = [str(int(t[j])) if j < len(t) else "end" for t in (x, y)]
+            first = first or f"{_example_name(kind, k)}, token {j}: {at[0]} vs {at[1]} (length {len(x)} vs {len(y)})"
     return Row(name, f"{differ} example(s) differ" if differ else "0", first or "-", first or "-",
                "FAIL" if differ else "ok")
 
@@ -486,13 +489,14 @@ def _compare_numbers(exp: Golden, act: Golden, rtol: float, atol: float) -> list
     for name in PAIR_TENSORS:
         if name not in exp.tensors:
             continue
-        if name not in act.tensors or act.tensors[name].shape != exp.tensors[name].shape:
-            rows.append(Row(name, "-", "-", "-", "missing"))
+        e, a = exp.tensors[name], act.tensors.get(name)
+        if a is None or a.shape != e.shape:
+            shapes = "missing" if a is None else f"shape {tuple(e.shape)} vs {tuple(a.shape)}"
+            rows.append(Row(name, "-", shapes, shapes, "missing" if a is None else "FAIL"))
             continue
         w = _Worst(rtol, atol)
-        cols = exp.tensors[name].shape[1] if exp.tensors[name].ndim == 2 else 1
-        where = lambda i: f"pair {i // cols}" + ("" if cols == 1 else f" {('chosen', 'rejected')[i % cols]}")  # noqa: E731
-        w.add(exp.tensors[name], act.tensors[name], where)
+        # (P, 2) flattens to chosen, rejected, chosen, ...; (P,) to one entry per pair.
+        w.add(e, a, lambda i: f"pair {i // 2} {('chosen', 'rejected')[i % 2]}" if e.ndim == 2 else f"pair {i}")
         rows.append(w.row(name))
     e_s, a_s = exp.meta.get("scalars", {}), act.meta.get("scalars", {})
     for name, value in e_s.items():
@@ -506,9 +510,9 @@ def _compare_numbers(exp: Golden, act: Golden, rtol: float, atol: float) -> list
             w = _Worst(rtol, atol)
             w.add(torch.tensor([float(value)]), torch.tensor([float(a_s[name])]), lambda i: "value")
             rows.append(w.row(name))
-    groups = [("grad_norm.total", exp.meta.get("grad_norm", {}).get("total"), act.meta.get("grad_norm", {}).get("total")),
-              ("grad_norm.per_tensor", exp.meta.get("grad_norm", {}).get("per_tensor"),
-               act.meta.get("grad_norm", {}).get("per_tensor")),
+    e_g, a_g = exp.meta.get("grad_norm", {}), act.meta.get("grad_norm", {})
+    groups = [("grad_norm.total", e_g.get("total"), a_g.get("total")),
+              ("grad_norm.per_tensor", e_g.get("per_tensor"), a_g.get("per_tensor")),
               ("update_norm", exp.meta.get("update_norm"), act.meta.get("update_norm"))]
     for name, e, a in groups:
         if e is None:
@@ -578,7 +582,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["compare"]:
         paths = [a for a in argv[1:] if not a.startswith("--")]
         if len(paths) != 2:
-            raise ConfigError("usage: python -m lion_min.golden compare EXPECTED ACTUAL [--rtol=R --atol=A --partial=true]")
+            raise ConfigError("usage: python -m lion_min.golden compare EXPECTED ACTUAL "
+                              "[--rtol=R --atol=A --partial=true]")
         opts = parse_cli(CompareConfig, {}, [a for a in argv[1:] if a.startswith("--")])
         result = compare(*paths, rtol=opts.rtol, atol=opts.atol, partial=opts.partial)
         print(result.table())

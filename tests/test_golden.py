@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lion_min import golden
@@ -285,7 +284,8 @@ def test_compare_fails_on_a_double_bos():
             ids = expected.tensors[f"input_ids.{k}"]
             ids = torch.cat([ids[:1], ids])
             tensors |= {f"input_ids.{k}": ids, f"token_logps.{k}": hf_logps(model, ids),
-                        f"loss_mask.{k}": torch.cat([torch.zeros(1, dtype=torch.uint8), expected.tensors[f"loss_mask.{k}"]])}
+                        f"loss_mask.{k}": torch.cat([torch.zeros(1, dtype=torch.uint8),
+                                                     expected.tensors[f"loss_mask.{k}"]])}
     result = golden.compare(expected, golden.Golden(expected.meta, tensors))
     assert not result.ok
     assert row(result, "input_ids").first == "example 0, token 1: 653 vs 651 (length 36 vs 37)"
@@ -351,7 +351,8 @@ def test_layout_is_as_documented(name):
     assert {f"settings.{f.name}" for f in golden.dataclasses.fields(golden.GoldenConfig)} == {
         k for k in keys if k.startswith("settings.")}
     # golden.safetensors: names, dtypes and shapes.
-    table = {key.split(".")[0]: (dtype, shape, applies[when]) for key, dtype, shape, when, _ in documented("golden.safetensors")}
+    table = {key.split(".")[0]: (dtype, shape, applies[when])
+             for key, dtype, shape, when, _ in documented("golden.safetensors")}
     lengths = {}
     for key, t in g.tensors.items():
         base = key.split(".")[0]
@@ -392,7 +393,8 @@ def test_inputs_rebuild_to_the_checked_in_ones(tmp_path):
     for model in (GOLDEN / "models").iterdir():
         for name in ("tokenizer.json", "tokenizer_config.json"):
             assert (tmp_path / "models" / model.name / name).read_text() == (model / name).read_text()
-        new, old = (load_file(str(d / model.name / "model.safetensors")) for d in (tmp_path / "models", GOLDEN / "models"))
+        new = load_file(str(tmp_path / "models" / model.name / "model.safetensors"))
+        old = load_file(str(model / "model.safetensors"))
         assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old), model.name
 
 
