@@ -165,6 +165,8 @@ def _load_records(cfg: GoldenConfig) -> tuple[str, list]:
         try:
             return "dpo", load_preferences(cfg.data, schema=cfg.schema)[0]
         except DataError as as_pairs:
+            if str(as_pairs) == str(as_conversations):  # not about the records (a missing file, say)
+                raise as_pairs from None
             raise DataError(f"{cfg.data}: neither conversations ({as_conversations}) nor preference pairs "
                             f"({as_pairs})") from None
 
@@ -339,8 +341,10 @@ def _one_step(cfg: GoldenConfig, folder: Path, model) -> dict[str, float]:
 def write(golden: Golden, out_dir: str | Path) -> Path:
     """golden.json and golden.safetensors into out_dir, atomically; refuses a folder holding other files."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out={out_dir}: is a file, not a folder")
     if out_dir.exists():
-        other = sorted(f.name for f in out_dir.iterdir() if f.name not in FILES) if out_dir.is_dir() else [""]
+        other = sorted(f.name for f in out_dir.iterdir() if f.name not in FILES)
         if other:
             raise ConfigError(f"--out={out_dir}: holds other files ({', '.join(other[:3])}); "
                               "give an empty or new folder")

@@ -447,6 +447,8 @@ def test_bad_input(tmp_path):
     (tmp_path / "odd.jsonl").write_text('{"text": "hello"}\n')
     with pytest.raises(DataError, match="neither conversations .* nor preference pairs"):
         golden.compute(golden.GoldenConfig(**cfg | {"data": str(tmp_path / "odd.jsonl")}))
+    with pytest.raises(DataError, match=r"^\S*missing.jsonl: no such file or folder"):
+        golden.compute(golden.GoldenConfig(**cfg | {"data": str(tmp_path / "missing.jsonl")}))
     with pytest.raises(ValueError, match="chats.jsonl: message 0: system role not supported by the gemma"):
         golden.compute(golden.GoldenConfig(**cfg | {"data": str(GOLDEN / "data" / "chats.jsonl")}))
     with pytest.raises(ConfigError, match="--loss_type=kto"):
