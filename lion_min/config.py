@@ -147,13 +147,13 @@ def _in_interval(value: float, interval: str) -> bool:
 
 def check_values(cfg) -> None:
     """Every range, choice and combination the flags must satisfy; one ConfigError naming the flag."""
-    for key, interval in RANGES.items():
+    # A config class may widen a range or a choice (golden's lr 0 = no step; the sampler's "none" template).
+    for key, interval in (RANGES | getattr(type(cfg), "RANGES", {})).items():
         value = getattr(cfg, key, None)
         if value is not None and not _in_interval(value, interval):
             raise ConfigError(f"--{key}={value}: must be in {interval}")
     from lion_min.chat import TEMPLATES
 
-    # A config class may widen a choice (the sampler's chat_template also takes "none").
     choices_of = CHOICES | {"chat_template": tuple(TEMPLATES)} | getattr(type(cfg), "CHOICES", {})
     for key, choices in choices_of.items():
         value = getattr(cfg, key, None)
@@ -164,7 +164,7 @@ def check_values(cfg) -> None:
                           f"not {cfg.loss_type}")
     if getattr(cfg, "max_prompt_len", 0) >= getattr(cfg, "max_len", float("inf")):
         raise ConfigError(f"--max_prompt_len={cfg.max_prompt_len} must be smaller than --max_len={cfg.max_len}")
-    if hasattr(cfg, "micro_batch_size") and cfg.micro_batch_size > cfg.batch_size:
+    if getattr(cfg, "micro_batch_size", 0) > getattr(cfg, "batch_size", float("inf")):
         raise ConfigError(f"--micro_batch_size={cfg.micro_batch_size} is larger than --batch_size={cfg.batch_size}")
     if getattr(cfg, "device", "auto") == "cuda" or getattr(cfg, "attn_backend", "auto") == "varlen":
         import torch

@@ -36,7 +36,9 @@ from lion_min.data import DataError, load_conversations, load_preferences, parse
 from lion_min.dpo import encode_pairs
 from lion_min.losses import DPO_LOSS_TYPES, IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss
 from lion_min.packing import collate, pack
-from lion_min.stage import DTYPES, encode_conversations, run_cli
+from lion_min.config import run_cli
+from lion_min.sft import encode_conversations
+from lion_min.stage import DTYPES
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import make_optimizer
 
@@ -58,6 +60,8 @@ PAIR_TENSORS = ("policy_logps", "reference_logps", "dpo_losses")
 
 @dataclass
 class GoldenConfig:
+    RANGES = {"lr": "[0, inf)"}  # 0 = no optimizer step
+
     model: str = ""
     """Checkpoint folder or hub id; the tokenizer is read from the same folder."""
     revision: Optional[str] = None
@@ -174,15 +178,16 @@ def _load_records(cfg: GoldenConfig) -> tuple[str, list]:
 def _rows(examples: list, seq_len: int, pad_id: int, mode: str, overflow: str):
     """The packed rows (with the training targets) and, for the same layout (packing depends only on
     lengths), targets at every next token of each document: (R, T) int64."""
-    packed = pack(examples, seq_len, pad_id, mode=mode, loss_mask=True, overflow=overflow)
-    every = pack(examples, seq_len, pad_id, mode=mode, loss_mask=False, overflow=overflow)
+    packed = pack(examples, seq_len, pad_id, mode=mode, overflow=overflow)
+    unmasked = [(ids, [False] + [True] * (len(ids) - 1)) for ids, _ in examples]  # as train_on="all"
+    every = pack(unmasked, seq_len, pad_id, mode=mode, overflow=overflow)
     return packed, every.rows["targets"]
 
 
 def _score(model, rows: dict, all_targets: np.ndarray, device):
     """Rows on the device, and log p (R, T) fp32 of every next token; the objective reads only the
     training targets, the per-token output all of them."""
-    b = {k: v.to(device) for k, v in collate(rows).items()}
+    b = collate(rows, device)
     logp = model(b["tokens"], b["positions"], b["doc_ids"], targets=torch.from_numpy(all_targets).to(device))
     return b, logp
 
