@@ -227,9 +227,10 @@ ALIAS_NOTES = {
 def _convert(value: str, annotation, key: str):
     origin = typing.get_origin(annotation)
     if origin is typing.Union:  # Optional[X]
-        if value.lower() in ("none", "null", ""):
-            return None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        # --system_prompt= is the empty string (LION's empty system turn); none / null is None.
+        if value.lower() in ("none", "null") or (value == "" and annotation is not str):
+            return None
     if annotation is bool:
         if value.lower() in ("1", "true", "yes", "on"):
             return True

@@ -136,3 +136,11 @@ def test_every_entry_point_answers_help(entry):
     assert "--model=" in res.stdout or "--sft=" in res.stdout
     if entry.startswith("train_"):
         assert "lion-gemma-2b" in res.stdout and "demo" in res.stdout
+
+
+def test_empty_string_is_kept_for_optional_text_and_none_means_none():
+    from lion_min.sft import SFTConfig
+
+    assert parse_cli(SFTConfig, {}, ["--model=m", "--data=d", "--system_prompt="]).system_prompt == ""
+    assert parse_cli(SFTConfig, {}, ["--model=m", "--data=d", "--system_prompt=none"]).system_prompt is None
+    assert parse_cli(Cfg, {}, ["--name=null"]).name is None
