@@ -94,6 +94,8 @@ class TrainConfig:
     """How many resumable checkpoints to keep (the newest)."""
     resume: str = ""
     """'' (start fresh), 'auto' (newest complete checkpoint in out_dir, if any), or a checkpoint path."""
+    overwrite: bool = False
+    """Replace a run already in out_dir (its checkpoints, metrics and export are removed first)."""
     export_dtype: str = "source"
     """dtype of the exported weights: 'source' (the starting checkpoint's), 'float32', 'bfloat16', 'float16'."""
 
@@ -392,8 +394,13 @@ def run_cli(main) -> None:
     or a non-finite loss ends the process with that one line on stderr and exit status 2."""
     import torch.distributed as dist
 
+    from lion_min.train import StopRequested
+
     try:
         main()
+    except StopRequested as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.code)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         # One line, even when a library's message (huggingface_hub's, say) spans several.
         message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())

@@ -29,6 +29,7 @@ from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import DPO_LOSS_TYPES, dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
 from lion_min.parallel import Dist, all_reduce_sum, init_distributed
+from lion_min.run_dir import claim
 from lion_min.stage import (build_from_folder, check_seq_len, export_dtype, load_policy, resolve_dtype,
                             with_system)
 from lion_min.tokenizer import Tokenizer
@@ -254,45 +255,51 @@ def load_or_compute_ref_logps(path: Path, fp: str, compute, d: Dist) -> torch.Te
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def train_pairs(cfg: DPOConfig, d, pairs: list[EncodedPair], eval_pairs: list[EncodedPair], dtype,
-                summary: dict) -> TrainResult:
-    """Policy, reference, batches, then the shared loop. The online stage calls it for each round."""
-    model, args, tokenizer, folder = load_policy(cfg, d, dtype)
-    check_seq_len(cfg.max_len, args, "max_len")
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else folder
+def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pairs: list[EncodedPair],
+              eval_pairs: list[EncodedPair]):
+    """(frozen reference model, None, None), or with --precompute_ref (None, its log-probs of the
+    training pairs, of the eval pairs), computed once and stored in out_dir under a fingerprint."""
 
     def make_ref():
         return build_from_folder(ref_folder, args, d, dtype, attn_backend=cfg.attn_backend).requires_grad_(False).eval()
 
+    if not cfg.precompute_ref:
+        return make_ref(), None, None
+
     def precomputed(which: list[EncodedPair], name: str) -> torch.Tensor:
         def compute():
-            ref = make_ref()
-            return compute_ref_logps(ref, which, d, cfg.micro_batch_size, cfg.max_len, pad_id)
+            return compute_ref_logps(make_ref(), which, d, cfg.micro_batch_size, cfg.max_len, pad_id)
 
         fp = fingerprint(which, ref_folder, cfg.chat_template)
         return load_or_compute_ref_logps(Path(cfg.out_dir) / name, fp, compute, d)
 
-    ref_model, ref_logps, eval_ref = None, None, None
-    if cfg.precompute_ref:
-        ref_logps = precomputed(pairs, "reference_logps.safetensors")
-        if eval_pairs:
-            eval_ref = precomputed(eval_pairs, "reference_logps_eval.safetensors")
-    else:
-        ref_model = make_ref()
+    ref_logps = precomputed(pairs, "reference_logps.safetensors")
+    eval_ref = precomputed(eval_pairs, "reference_logps_eval.safetensors") if eval_pairs else None
+    return None, ref_logps, eval_ref
 
-    batches = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,
-                           pad_id, ref_logps)
-    eval_batches = None
-    n_eval = len(eval_pairs) - len(eval_pairs) % (cfg.micro_batch_size * d.world)
-    if n_eval:
-        eval_batches = pair_batches(eval_pairs[:n_eval], n_eval, cfg.micro_batch_size, 1, 0, d, cfg.max_len, pad_id,
-                                    eval_ref[:n_eval] if eval_ref is not None else None, shuffle=False)
-    objective = make_dpo_objective(cfg.beta, cfg.label_smoothing, cfg.loss_type, ref_model)
-    summary = summary | {"pairs": len(pairs), "pairs_dropped_last_batch": batches.dropped_items}
-    return train(cfg, model, objective, batches, d, eval_batches=eval_batches, tokenizer=tokenizer,
-                 chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.max_len,
-                 export_dtype=export_dtype(cfg, folder), summary=summary)
+
+def train_pairs(cfg: DPOConfig, d, pairs: list[EncodedPair], eval_pairs: list[EncodedPair], dtype,
+                summary: dict, inputs: dict) -> TrainResult:
+    """Policy, reference, batches, then the shared loop. The online stage calls it for each round.
+    `inputs` (flag -> path) are what the run folder must not overlap and what a resume must match."""
+    model, args, tokenizer, folder = load_policy(cfg, d, dtype)
+    check_seq_len(cfg.max_len, args, "max_len")
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else folder
+    with claim(cfg, d, inputs | {"--model": folder, "--ref_model": ref_folder}) as record:
+        ref_model, ref_logps, eval_ref = reference(cfg, d, args, dtype, ref_folder, pad_id, pairs, eval_pairs)
+        batches = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,
+                               pad_id, ref_logps)
+        eval_batches = None
+        n_eval = len(eval_pairs) - len(eval_pairs) % (cfg.micro_batch_size * d.world)
+        if n_eval:
+            eval_batches = pair_batches(eval_pairs[:n_eval], n_eval, cfg.micro_batch_size, 1, 0, d, cfg.max_len,
+                                        pad_id, eval_ref[:n_eval] if eval_ref is not None else None, shuffle=False)
+        objective = make_dpo_objective(cfg.beta, cfg.label_smoothing, cfg.loss_type, ref_model)
+        summary = summary | {"pairs": len(pairs), "pairs_dropped_last_batch": batches.dropped_items}
+        return train(cfg, model, objective, batches, d, eval_batches=eval_batches, tokenizer=tokenizer,
+                     chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.max_len,
+                     export_dtype=export_dtype(cfg, folder), summary=summary, run_record=record)
 
 
 def run(cfg: DPOConfig) -> TrainResult:
@@ -317,4 +324,5 @@ def run(cfg: DPOConfig) -> TrainResult:
         print(stats.summary())
         print(f"{pst.pairs} pairs: {pst.prompt_truncated} with the prompt truncated, {pst.response_truncated} with a "
               f"response truncated, {pst.dropped} dropped (nothing left to score)")
-    return train_pairs(cfg, d, pairs, eval_pairs, dtype, {"data": stats.summary(), **dataclasses.asdict(pst)})
+    return train_pairs(cfg, d, pairs, eval_pairs, dtype, {"data": stats.summary(), **dataclasses.asdict(pst)},
+                       inputs={"--data": cfg.data, "--eval_data": cfg.eval_data})

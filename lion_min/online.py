@@ -32,6 +32,7 @@ from lion_min.dpo import DPOConfig, EncodedPair, check_config as check_dpo_confi
 from lion_min.judges import Judge, make_judge
 from lion_min.parallel import Dist, barrier, init_distributed
 from lion_min.plot import earlier_runs, plot_pipeline
+from lion_min.run_dir import claim
 from lion_min.sample import encode_prompt, generate, read_prompts
 from lion_min.stage import append_summary, resolve_dtype, with_system
 from lion_min.tokenizer import Tokenizer
@@ -167,9 +168,10 @@ def run_round(cfg: OnlineConfig, d: Dist, k: int, policy: Path, ref_folder: Path
     if len(pairs) < cfg.batch_size:
         raise ValueError(f"round {k}: only {len(pairs)} usable pairs for batch_size={cfg.batch_size} "
                          f"(dropped: {dropped}); use more prompts or samples, or a smaller batch")
+    # A round that stopped part way is redone from its sampling: its DPO folder is replaced.
     round_cfg = dataclasses.replace(cfg, model=str(policy), ref_model=str(ref_folder),
-                                    out_dir=str(out_dir / f"round_{k}"), resume="", seed=cfg.seed + k)
-    train_pairs(round_cfg, d, pairs, [], dtype, {"round": k, "pairs": len(pairs), "dropped": dropped})
+                                    out_dir=str(out_dir / f"round_{k}"), resume="", seed=cfg.seed + k, overwrite=True)
+    train_pairs(round_cfg, d, pairs, [], dtype, {"round": k, "pairs": len(pairs), "dropped": dropped}, inputs={})
     return {"round": k, "mean_reward": mean_score(records), "pairs": len(pairs), "dropped": dropped}
 
 
@@ -180,7 +182,6 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
     d = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, d.device)
-    out_dir = Path(cfg.out_dir)
     start_folder = resolve_path(cfg.model, cfg.revision)
     ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else start_folder
     prompts = read_prompts(cfg.prompts)
@@ -188,8 +189,16 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
     if d.main:
         print(f"config: {dataclasses.asdict(cfg)}")
         print(f"{len(prompts)} prompts, judge {cfg.judge!r}, {cfg.rounds} round(s) of {cfg.n_samples} samples each")
-        out_dir.mkdir(parents=True, exist_ok=True)
+    judge_dir = cfg.judge.removeprefix("pairrm:")
+    inputs = {"--model": start_folder, "--ref_model": ref_folder, "--prompts": cfg.prompts, "--judge": judge_dir}
+    # Finished rounds are always reused, so the folder must hold this same run (or be replaced).
+    with claim(cfg, d, inputs, resuming=True):
+        return rounds(cfg, d, start_folder, ref_folder, prompts, judge, dtype)
 
+
+def rounds(cfg: OnlineConfig, d: Dist, start_folder: Path, ref_folder: Path, prompts: list, judge: Judge,
+           dtype) -> list[dict]:
+    out_dir = Path(cfg.out_dir)
     policy, history = start_folder, []
     for k in range(cfg.rounds):
         round_dir, done = out_dir / f"round_{k}", out_dir / f"round_{k}.done"

@@ -19,6 +19,7 @@ from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import Packed, pack
 from lion_min.parallel import init_distributed
+from lion_min.run_dir import claim
 from lion_min.stage import check_seq_len, export_dtype, load_policy, resolve_dtype, with_system
 from lion_min.train import Batches, TrainResult, row_batches, train
 
@@ -127,6 +128,8 @@ def run(cfg: SFTConfig) -> TrainResult:
         print(f"packed {packed.num_examples} conversations into {len(packed.rows['tokens'])} rows of {cfg.seq_len} "
               f"tokens: efficiency {packed.efficiency:.3f}, {packed.target_tokens} target tokens, "
               f"{packed.num_truncated} truncated, {packed.num_dropped} dropped")
-    return train(cfg, model, sft_objective, batches, d, eval_batches=evals, tokenizer=tokenizer,
-                 chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.seq_len,
-                 export_dtype=export_dtype(cfg, folder), summary=summary)
+    inputs = {"--model": folder, "--data": cfg.data, "--eval_data": cfg.eval_data}
+    with claim(cfg, d, inputs) as record:
+        return train(cfg, model, sft_objective, batches, d, eval_batches=evals, tokenizer=tokenizer,
+                     chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.seq_len,
+                     export_dtype=export_dtype(cfg, folder), summary=summary, run_record=record)

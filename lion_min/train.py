@@ -18,6 +18,8 @@ Resumable checkpoints live in lion_min/train_state.py; the Hugging Face export i
 import json
 import math
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from lion_min.checkpoint import save_model
-from lion_min.config import TrainConfig, config_to_json
+from lion_min.config import ConfigError, TrainConfig, config_to_json
 from lion_min.losses import IGNORE_INDEX, global_mean
 from lion_min.packing import collate
 from lion_min.parallel import Dist, all_reduce_sum, barrier
@@ -189,11 +191,14 @@ def train(
     seq_len: int = 0,
     export_dtype: Optional[torch.dtype] = None,
     summary: Optional[dict] = None,
+    run_record: Optional[dict] = None,
 ) -> TrainResult:
     """Run the optimizer over `batches`, log, evaluate, checkpoint, and export a Hugging Face folder
     (weights in `export_dtype`, default: as trained).
 
     `model` is the parallelized module; its `.args` describe the architecture for MFU and export.
+    `run_record` (run_dir.claim's) goes into every checkpoint; a resume must match it.
+    SIGTERM / SIGINT stop the run at the next step boundary with a checkpoint (StopRequested).
     --max_steps, when given, is the number of steps (the data is cycled as needed, epoch after
     epoch, as in the Hugging Face Trainer); otherwise every epoch is run.
     """
@@ -203,20 +208,18 @@ def train(
         raise ValueError("no optimizer steps to run: the data gives fewer rows than one batch")
     optimizer = make_optimizer(model, cfg)
     start, tokens_seen, skipped = 0, 0, 0
-    resume_from = resolve_resume(cfg, out_dir)
+    resume_from = resolve_resume(cfg, out_dir, d.main)
     if resume_from is not None:
+        check_same_run(resume_from, cfg, run_record)
         state = load_checkpoint(resume_from, model, optimizer, d)
         start, tokens_seen, skipped = state["step"], state.get("tokens", 0), state.get("skipped_steps", 0)
     metrics_path = out_dir / "metrics.jsonl"
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(config_to_json(cfg))
-        if start == 0:
-            metrics_path.write_text("")
-        else:  # keep the lines of the steps that the checkpoint covers, drop any written after it
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= start]
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        metrics_path.write_text("".join(ln + "\n" for ln in metrics_until(metrics_path, start)))
         print(f"training {total} steps from step {start}" + (f" (resumed from {resume_from})" if resume_from else ""))
+    stop = StopSignals()
     peak = peak_flops(d.device)
     fpt = flops_per_token(model, seq_len) if seq_len else 0.0
     t_start = time.perf_counter()
@@ -238,9 +241,10 @@ def train(
                 sums[k] = sums.get(k, 0.0) + v
             real_tokens += int((micro["doc_ids"] >= 0).sum())
         keys = sorted(sums)
-        reduced = all_reduce_sum([sums[k] for k in keys] + [real_tokens], d)
+        # One reduction carries the metrics, the token count and whether any rank was told to stop.
+        reduced = all_reduce_sum([sums[k] for k in keys] + [real_tokens, float(stop.received is not None)], d)
         metrics = {k: global_mean(v, norm) for k, v in zip(keys, reduced)}
-        real_tokens = int(reduced[-1])
+        real_tokens, stop_now = int(reduced[-2]), reduced[-1] > 0
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())):
@@ -270,9 +274,16 @@ def train(
             if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == total:
                 print(progress_line(line, total, eta=(time.perf_counter() - t_start) / (step + 1 - start)
                                     * (total - step - 1)), flush=True)
+        counters = {"tokens": tokens_seen, "skipped_steps": skipped, "run": run_record}
+        if stop_now and step + 1 < total:
+            path = save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
+            stop.restore()
+            raise StopRequested(f"stopped by {stop.received or 'a signal on another rank'} after step {step + 1}: "
+                                f"checkpoint {path}; continue with the same command and --resume=auto",
+                                code=130 if stop.received == "SIGINT" else 143)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d,
-                            {"tokens": tokens_seen, "skipped_steps": skipped})
+            save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
+    stop.restore()
 
     eval_loss = None
     if eval_batches is not None:
@@ -294,6 +305,65 @@ def train(
         print(f"wrote the Hugging Face folder {out_dir}")
     barrier(d)
     return TrainResult(total, eval_loss)
+
+
+class StopRequested(Exception):
+    """The run stopped on SIGTERM / SIGINT after saving a checkpoint (run_cli: one line, exit 128 + signal)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class StopSignals:
+    """While training: SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C) only record that they
+    came; the loop agrees on it across ranks and stops at the step boundary with a checkpoint."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._record)
+
+    def _record(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+
+def metrics_until(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl that a resume from `step` keeps (0: none); a torn last line (a
+    crash mid-write) is dropped with a warning."""
+    if step == 0 or not path.is_file():
+        return []
+    kept = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            print(f"warning: {path}: line {n} is not complete JSON (a crash mid-write?); dropped")
+            continue
+        if record is not None and record.get("step", 0) <= step:
+            kept.append(line)
+    return kept
+
+
+def check_same_run(checkpoint: Path, cfg, run_record: Optional[dict]):
+    """Resume only the same run: the checkpoint's settings and input fingerprints must match."""
+    from lion_min.run_dir import differences
+
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    run = saved.get("run") or {"config": saved.get("config", {}), "inputs": {}}
+    refused, noted = differences(run["config"], run.get("inputs", {}), cfg, (run_record or {}).get("inputs", {}))
+    if refused:
+        raise ConfigError(f"--resume: {checkpoint} belongs to another run: {', '.join(refused)} differ "
+                          f"(start a new run in another --out_dir, or resume with the same settings)")
+    for k in noted:
+        print(f"note: resuming {checkpoint} with {k}={getattr(cfg, k)!r} (was {run['config'].get(k)!r})")
 
 
 # The progress line: these keys first, in this order, then any other metric of the stage.

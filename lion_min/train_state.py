@@ -14,6 +14,7 @@ to --keep_checkpoints. --resume=auto picks the newest complete one.
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -30,35 +31,47 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig, d: Dist, extra: dict):
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, read-only folder...): one line naming the path."""
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig, d: Dist, extra: dict) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = out_dir / "checkpoints" / f"step_{step}"
     tmp = final.with_name(final.name + ".tmp")
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(d)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     for t in model_sd.values():
         local = t.to_local() if hasattr(t, "to_local") else t
         if not torch.isfinite(local).all():
             raise FloatingPointError(f"step {step}: model weights contain NaN/inf; checkpoint not written")
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    rng = {"cpu": torch.get_rng_state()}
-    if d.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(d.device)
-    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    try:
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(d)
+        with warnings.catch_warnings():  # DCP warns when there is no process group: one process is fine
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        rng = {"cpu": torch.get_rng_state()}
+        if d.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(d.device)
+        torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    except OSError as e:  # a half-written step folder is removed; the previous checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"{tmp}: cannot write the checkpoint of step {step}: {e.strerror or e}") from e
     barrier(d)
     if d.main:
         state = {"step": step, "config": json.loads(config_to_json(cfg)), **extra}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)  # a damaged folder of the same step (resume passed over it)
         tmp.rename(final)
         if cfg.keep_checkpoints > 0:  # 0 keeps them all; the one just written is always kept
             for old in checkpoint_dirs(out_dir)[: -cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(d)
+    return final
 
 
 def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
@@ -69,7 +82,9 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no trainer_state.json)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{d.rank}.pt"
     if rng_file.is_file():
@@ -80,12 +95,28 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def resolve_resume(cfg: TrainConfig, out_dir: Path) -> Optional[Path]:
+def readable(path: Path) -> bool:
+    """A complete folder whose trainer_state.json parses and whose DCP metadata is there."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return (path / ".metadata").is_file()
+
+
+def resolve_resume(cfg: TrainConfig, out_dir: Path, verbose: bool = True) -> Optional[Path]:
+    """--resume=auto: the newest readable checkpoint (a corrupt newer one is passed over with a
+    warning); --resume=PATH: that checkpoint, which may belong to another out_dir."""
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
-        found = checkpoint_dirs(out_dir)
-        return found[-1] if found else None
+        for path in reversed(checkpoint_dirs(out_dir)):
+            if readable(path):
+                return path
+            if verbose:
+                print(f"warning: {path} is damaged (unreadable trainer_state.json or no DCP metadata); "
+                      f"trying the previous checkpoint")
+        return None
     path = Path(cfg.resume)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--resume={cfg.resume}: not a complete checkpoint folder (no trainer_state.json)")

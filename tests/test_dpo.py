@@ -26,7 +26,7 @@ import train_dpo  # noqa: E402
 def args(tiny, out, **over):
     a = dict(model=tiny["model"], data=tiny["prefs"], out_dir=out, max_len=64, max_prompt_len=32, batch_size=4,
              micro_batch_size=2, max_steps=3, lr=1e-3, warmup_ratio=0.0, lr_schedule="constant", beta=0.1,
-             seed=0, device="cpu", log_every=1)
+             seed=0, device="cpu", log_every=1, precompute_ref=False)
     return [f"--{k}={v}" for k, v in (a | over).items()]
 
 
@@ -58,15 +58,23 @@ def test_first_step_is_ln2_and_precomputed_equals_live(tiny_chat_model, tmp_path
 
 
 def test_stale_reference_file_is_refused(tiny_chat_model, tmp_path):
+    import shutil
+
     out = tmp_path / "pre"
     train_dpo.main(args(tiny_chat_model, out, precompute_ref=True, max_steps=1))
-    # Same out_dir, different truncation: the stored log-probs no longer describe the data.
+    # A new run folder holding those log-probs, for other truncation: they no longer describe the data.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(out / "reference_logps.safetensors", other)
     with pytest.raises(ValueError, match="reference log-probs were computed for other data"):
-        train_dpo.main(args(tiny_chat_model, out, precompute_ref=True, max_steps=1, max_prompt_len=8))
+        train_dpo.main(args(tiny_chat_model, other, precompute_ref=True, max_steps=1, max_prompt_len=8))
+    assert sorted(p.name for p in other.iterdir()) == ["reference_logps.safetensors"]  # nothing else written
     # The same settings reuse the file (its bytes are unchanged).
-    before = (out / "reference_logps.safetensors").read_bytes()
-    train_dpo.main(args(tiny_chat_model, out, precompute_ref=True, max_steps=1))
-    assert (out / "reference_logps.safetensors").read_bytes() == before
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copy(out / "reference_logps.safetensors", same)
+    train_dpo.main(args(tiny_chat_model, same, precompute_ref=True, max_steps=1))
+    assert (same / "reference_logps.safetensors").read_bytes() == (out / "reference_logps.safetensors").read_bytes()
 
 
 def test_packed_pairs_equal_separate_forwards(tiny_chat_model):

@@ -127,11 +127,16 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_chat_m
             raise OSError("disk full")
 
     monkeypatch.setattr(dcp, "save", save_then_crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ValueError, match=r"step_4.tmp: cannot write the checkpoint of step 4: disk full"):
         train_sft.main(sft_args(tiny_chat_model, crashed, max_steps=6, save_every=2))
     monkeypatch.setattr(dcp, "save", real_save)
     ckpts = sorted(p.name for p in (crashed / "checkpoints").iterdir())
-    assert ckpts == ["step_2", "step_4.tmp"]  # the half-written save never got its final name
+    assert ckpts == ["step_2"]  # the half-written save was removed
+    # What a killed process leaves (a .tmp folder) and a damaged newest checkpoint are passed over.
+    (crashed / "checkpoints" / "step_5.tmp").mkdir()
+    damaged = crashed / "checkpoints" / "step_4"
+    damaged.mkdir()
+    (damaged / "trainer_state.json").write_text('{"step": 4')  # torn
 
     from lion_min.config import TrainConfig
     from lion_min.train_state import resolve_resume

@@ -1,0 +1,207 @@
+"""The run folder's contract: a run writes only into its own out_dir, and only after every input is
+checked and the model is loaded; it never writes into its own inputs, into a folder that holds
+another run, or beside a live run; a resume continues the same run or refuses, naming what differs.
+
+    with claim(cfg, d, inputs):      # after loading, before the first write
+        train(...)
+
+`claim` refuses (ConfigError, one line) an out_dir that equals, contains or lies inside an input;
+one that holds a run (run.json, metrics, an export or checkpoints) unless this run resumes it
+(--resume, or the online stage's finished rounds) and is the same run, or --overwrite=true, which
+first removes the files a run writes (and nothing else); and one that a live process has locked.
+A lock left by a dead process is taken over with a message. If the run fails before its first
+step, the folder it created is removed again.
+
+"Same run" = the same settings except SAFE_KEYS and the same fingerprints of the inputs (file sizes
+and the first and last MiB of each file, plus the whole of small files: under a second even for a
+16 GB checkpoint).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+from lion_min.config import ConfigError
+from lion_min.parallel import Dist, barrier
+
+# Keys that do not change what a step computes: cadence of logging, eval and saving; how the global
+# batch is split (the loss is invariant to micro_batch_size and world size); hardware and speed;
+# where and how the run is started. max_steps is allowed with a note (the schedule changes length).
+SAFE_KEYS = {"log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "overwrite", "micro_batch_size",
+             "device", "compile", "activation_checkpointing", "attn_backend", "preset", "out_dir", "export_dtype",
+             "sample_batch_size", "revision"}
+NOTED_KEYS = {"max_steps"}
+RUN_RECORDS = ["run.json", "train_config.json", "metrics.jsonl", "summary.json", "checkpoints", "reference_logps*",
+               "round_*", "last_round_metrics.jsonl", "curves.png"]
+EXPORT_FILES = ["model*.safetensors*", "config.json", "generation_config.json", "tokenizer*",
+                "special_tokens_map.json", "chat_template.jinja"]
+RUN_FILES = RUN_RECORDS + EXPORT_FILES
+"""Everything a run writes into out_dir (what --overwrite removes)."""
+LOCK = ".lion_min.lock"
+
+
+def _file_digest(path: Path, h) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        if size <= 4 << 20:
+            h.update(f.read())
+        else:  # the first and last MiB: catches a different or truncated file without reading GBs
+            h.update(f.read(1 << 20))
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+
+
+def _is_input_file(p: Path, root: Path) -> bool:
+    """A file of a model or data folder, not a record a run left there (a lion_min run's folder is
+    also a checkpoint: its metrics, summary and checkpoints change without changing the model)."""
+    rel = p.relative_to(root)
+    record = any(Path(rel.parts[0]).match(pattern) for pattern in RUN_RECORDS)
+    return p.is_file() and not record and not any(part.startswith(".") for part in rel.parts)
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over a file, or over the input files of a folder (sorted)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if _is_input_file(p, path))
+    for f in files:
+        _file_digest(f, h)
+    return h.hexdigest()
+
+
+def local_inputs(inputs: dict[str, Optional[str | Path]]) -> dict[str, Path]:
+    """The inputs that are existing local files or folders (hub ids and mixtures are not)."""
+    out = {}
+    for flag, value in inputs.items():
+        if value and Path(str(value)).expanduser().exists():
+            out[flag] = Path(str(value)).expanduser().resolve()
+    return out
+
+
+def differences(saved_config: dict, saved_prints: dict, cfg, prints: dict) -> tuple[list[str], list[str]]:
+    """(keys that make it another run, keys that changed harmlessly but are worth a note)."""
+    now = dataclasses.asdict(cfg)
+    changed = sorted(k for k in now.keys() | saved_config.keys() if now.get(k) != saved_config.get(k))
+    refused = [k for k in changed if k not in SAFE_KEYS | NOTED_KEYS]
+    refused += [f"{k} (contents)" for k in sorted(prints) if k in saved_prints and prints[k] != saved_prints[k]]
+    return refused, [k for k in changed if k in NOTED_KEYS]
+
+
+def _holds_run(out_dir: Path) -> list[str]:
+    return [n for n in ("run.json", "train_config.json", "metrics.jsonl", "model.safetensors",
+                        "model.safetensors.index.json", "checkpoints", "round_0.jsonl") if (out_dir / n).exists()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool) -> tuple[dict, list[str]]:
+    """Everything claim refuses, without writing: returns (fingerprints, notes)."""
+    out_dir = Path(cfg.out_dir).expanduser().resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out_dir={cfg.out_dir}: is a file, not a folder")
+    local = local_inputs(inputs)
+    for flag, path in local.items():
+        if out_dir == path or out_dir in path.parents or path in out_dir.parents:
+            how = "is" if out_dir == path else "contains" if out_dir in path.parents else "lies inside"
+            raise ConfigError(f"--out_dir={cfg.out_dir} {how} {flag}={inputs[flag]}: a run never writes into its "
+                              f"own inputs; pick another --out_dir")
+    prints = {flag: fingerprint(path) for flag, path in local.items()}
+    notes = []
+    found = _holds_run(out_dir) if out_dir.is_dir() else []
+    if found and not cfg.overwrite:
+        saved = _read(out_dir / "run.json") or {"config": _read(out_dir / "train_config.json") or {}, "inputs": {}}
+        if not resuming:
+            raise ConfigError(f"--out_dir={cfg.out_dir} holds a run ({', '.join(found)}); continue it with "
+                              f"--resume=auto, pick another --out_dir, or replace it with --overwrite=true")
+        refused, noted = differences(saved["config"], saved.get("inputs", {}), cfg, prints)
+        if refused:
+            raise ConfigError(f"--out_dir={cfg.out_dir} holds another run: {', '.join(refused)} differ; pick "
+                              f"another --out_dir, or replace it with --overwrite=true")
+        notes += [f"note: {k} changed from {saved['config'].get(k)!r} to {getattr(cfg, k)!r} since the run began"
+                  for k in noted]
+    lock = out_dir / LOCK
+    if lock.is_file():
+        owner = _read(lock) or {}
+        if owner.get("host") == socket.gethostname() and _pid_alive(int(owner.get("pid", -1))):
+            raise ConfigError(f"--out_dir={cfg.out_dir}: another run (pid {owner['pid']}) is writing there "
+                              f"(lock {lock}); wait for it or pick another --out_dir")
+        notes.append(f"note: taking over the lock of a run that is no longer alive (pid {owner.get('pid')})")
+    return prints, notes
+
+
+def _read(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _broadcast(value, d: Dist):
+    if d.world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextmanager
+def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optional[bool] = None):
+    """Check out_dir (rank 0 decides, every rank raises the same error), lock it, write run.json;
+    yields the run record {"config", "inputs"} for the checkpoints; unlocks at the end."""
+    resuming = bool(cfg.resume) if resuming is None else resuming
+    out_dir = Path(cfg.out_dir)
+    result = None
+    if d.main:
+        try:
+            result = check(cfg, inputs, resuming)
+        except ConfigError as e:
+            result = e
+    result = _broadcast(result, d)
+    if isinstance(result, ConfigError):
+        raise result
+    prints, notes = result
+    record = {"config": dataclasses.asdict(cfg), "inputs": prints}
+    created, new_record = not out_dir.exists(), not (out_dir / "run.json").exists()
+    if d.main:
+        for note in notes:
+            print(note)
+        if cfg.overwrite:
+            for pattern in RUN_FILES:
+                for p in out_dir.glob(pattern):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        if not (out_dir / "run.json").is_file() or cfg.overwrite or not resuming:
+            (out_dir / "run.json").write_text(json.dumps(record, indent=2))
+    barrier(d)
+    try:
+        yield record
+    except BaseException:
+        # A run that failed before its first step leaves nothing behind (a folder it did not create
+        # keeps what it had, less the lock and run.json it added).
+        metrics = out_dir / "metrics.jsonl"
+        if d.main and not (metrics.is_file() and metrics.stat().st_size):
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            elif new_record:
+                (out_dir / "run.json").unlink(missing_ok=True)
+        raise
+    finally:
+        if d.main:
+            (out_dir / LOCK).unlink(missing_ok=True)

@@ -1,0 +1,156 @@
+"""A run folder's contract: never destroy, mix or mislabel another run; resume only the same run;
+a signal stops at a step boundary with a checkpoint; a run that fails before its first step
+leaves nothing behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_online  # noqa: E402
+import train_sft  # noqa: E402
+from lion_min.config import ConfigError  # noqa: E402
+from lion_min.run_dir import LOCK  # noqa: E402
+
+
+def sft_args(tiny, out, **over):
+    a = dict(model=tiny["model"], data=tiny["data"], out_dir=out, seq_len=96, batch_size=4, micro_batch_size=1,
+             max_steps=4, lr=1e-3, warmup_ratio=0.0, lr_schedule="cosine", seed=0, device="cpu") | over
+    return [f"--{k}={v}" for k, v in a.items()]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def lines(out):
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(line: dict) -> dict:
+    return {k: v for k, v in line.items() if k not in ("tokens_per_s", "step_time_s", "memory_gib", "mfu")}
+
+
+def test_a_finished_run_is_refused_unchanged_and_overwrite_replaces_it(tiny_chat_model, tmp_path):
+    out = tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, out))
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match=r"holds a run \(run.json, train_config.json, metrics.jsonl, "
+                                          r"model.safetensors\); continue it with --resume=auto"):
+        train_sft.main(sft_args(tiny_chat_model, out, lr=5e-4))
+    assert snapshot(out) == before  # not one byte changed
+    train_sft.main(sft_args(tiny_chat_model, out, lr=5e-4, overwrite="true"))
+    assert json.loads((out / "train_config.json").read_text())["lr"] == 5e-4
+    assert load_file(str(out / "model.safetensors")).keys() == load_file(str(tiny_chat_model["model"] /
+                                                                            "model.safetensors")).keys()
+
+
+@pytest.mark.parametrize("where", ["model", "inside_model", "contains_data"])
+def test_out_dir_never_overlaps_an_input(tiny_chat_model, tmp_path, where):
+    model = tiny_chat_model["model"]
+    out = {"model": model, "inside_model": model / "run", "contains_data": tiny_chat_model["data"].parent}[where]
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"--out_dir=.* (is|lies inside|contains) --(model|data)=.*: a run never "
+                                          r"writes into its own inputs"):
+        train_sft.main(sft_args(tiny_chat_model, out))
+    assert snapshot(model) == before and not (model / "run").exists()
+
+
+def test_a_live_lock_refuses_and_a_dead_one_is_taken_over(tiny_chat_model, tmp_path, capsys):
+    out = tmp_path / "locked"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK).write_text(json.dumps({"pid": live.pid, "host": os.uname().nodename}))
+        with pytest.raises(ConfigError, match=f"another run \\(pid {live.pid}\\) is writing there"):
+            train_sft.main(sft_args(tiny_chat_model, out))
+    finally:
+        live.kill()
+        live.wait()
+    capsys.readouterr()
+    train_sft.main(sft_args(tiny_chat_model, out))  # the same lock, its process now dead
+    assert f"taking over the lock of a run that is no longer alive (pid {live.pid})" in capsys.readouterr().out
+    assert not (out / LOCK).exists() and (out / "model.safetensors").is_file()
+
+
+def test_resume_refuses_another_run_and_allows_safe_changes(tiny_chat_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=6, save_every=2))
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match=r"holds another run: lr, seq_len differ"):
+        train_sft.main(sft_args(tiny_chat_model, out, max_steps=6, save_every=2, resume="auto", lr=5e-4, seq_len=128))
+    assert snapshot(out) == before
+    # Another checkpoint given by path, into a fresh folder: checked against the checkpoint itself.
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ConfigError, match=r"belongs to another run: lr differ"):
+        train_sft.main(sft_args(tiny_chat_model, fresh, max_steps=6, lr=5e-4,
+                                resume=out / "checkpoints" / "step_4"))
+    assert not fresh.exists()  # failed before its first step: nothing left behind
+    # Cadence and micro-batching may change; the result is the uninterrupted run's.
+    train_sft.main(sft_args(tiny_chat_model, fresh, max_steps=6, resume=out / "checkpoints" / "step_4",
+                            log_every=3, micro_batch_size=2))
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(fresh / "model.safetensors"))
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-6, k
+
+
+def test_torn_metrics_line_is_dropped_with_a_warning(tiny_chat_model, tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_sft.main(sft_args(tiny_chat_model, full, max_steps=6, save_every=2))
+    train_sft.main(sft_args(tiny_chat_model, part, max_steps=6, save_every=2))
+    with (part / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "loss": 0.1')  # a crash mid-write
+    capsys.readouterr()
+    train_sft.main(sft_args(tiny_chat_model, part, max_steps=6, save_every=2, resume="auto"))
+    assert "line 7 is not complete JSON" in capsys.readouterr().out
+    assert [without_timings(x) for x in lines(part)] == [without_timings(x) for x in lines(full)]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_boundary_and_resume_is_bit_identical(tiny_chat_model, tmp_path):
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    args = dict(max_steps=40, epochs=8, log_every=1)
+    train_sft.main(sft_args(tiny_chat_model, full, **args))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_sft.py"), *sft_args(tiny_chat_model, stopped, **args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = stopped / "metrics.jsonl"
+        if metrics.is_file() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.count("\n") == 1 and err.startswith("stopped by SIGTERM after step ") and "Traceback" not in err
+    step = int(err.split("after step ")[1].split(":")[0])
+    assert step < 40 and (stopped / "checkpoints" / f"step_{step}").is_dir()
+    train_sft.main(sft_args(tiny_chat_model, stopped, resume="auto", **args))
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(stopped / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    assert [without_timings(x) for x in lines(stopped)] == [without_timings(x) for x in lines(full)]
+
+
+def test_online_refuses_finished_rounds_of_another_judge(tiny_chat_model, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in "abcdefgh"))
+    out = tmp_path / "online"
+    argv = [f"--model={tiny_chat_model['model']}", f"--prompts={prompts}", "--judge=length", f"--out_dir={out}",
+            "--n_samples=3", "--max_new_tokens=6", "--rounds=1", "--batch_size=4", "--micro_batch_size=2",
+            "--max_len=64", "--max_prompt_len=48", "--lr=1e-3", "--device=cpu", "--temperature=1.0"]
+    train_online.main(argv)
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match="holds another run: judge differ"):
+        train_online.main(argv[:2] + ["--judge=brevity"] + argv[3:])
+    with pytest.raises(ConfigError, match="holds another run: temperature differ"):
+        train_online.main(argv[:-1] + ["--temperature=0.5"])
+    assert snapshot(out) == before
