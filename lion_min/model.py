@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lion_min.attention import AttnMask, attend, build_mask, dense_mask
+from lion_min.losses import token_logprobs
 
 FAMILIES = ("llama", "gemma")
 
@@ -174,6 +175,23 @@ class FeedForward(nn.Module):
         return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
+def project(h: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor] = None,
+            chunk: int = 1024) -> torch.Tensor:
+    """The output head: h (B, T, dim) -> logits (B, T, vocab) in h's dtype, or, given targets, the
+    per-token log p(target) (B, T) fp32 without ever holding the full fp32 logits (losses.py)."""
+    if targets is None:
+        return F.linear(h, weight)
+    return token_logprobs(h, weight, targets, chunk_size=chunk)
+
+
+class Head(nn.Linear):
+    """The untied output projection. A module rather than a bare weight so that FSDP can make it a
+    unit of its own with the final norm (parallel.py): FSDP gathers a unit's weights in its forward."""
+
+    def forward(self, h: torch.Tensor, targets: Optional[torch.Tensor] = None, chunk: int = 1024) -> torch.Tensor:
+        return project(h, self.weight, targets, chunk)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -196,7 +214,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, args.family == "gemma")
         # Gemma and Llama-3.2: the head reuses the embedding matrix (no separate parameter).
-        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = None if args.tie_embeddings else Head(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.attn_backend = "auto"
         """'auto' | 'sdpa' | 'flex' | 'varlen': how doc_ids become a mask (see attention.py)."""
@@ -238,11 +256,9 @@ class Transformer(nn.Module):
         and it never materialises the full fp32 logits (see losses.token_logprobs).
         """
         h = self.hidden(tokens, positions, doc_ids, cache_slots)
-        if targets is not None:
-            from lion_min.losses import token_logprobs
-
-            return token_logprobs(h, self.head_weight, targets, chunk_size=logits_chunk)
-        return F.linear(h, self.head_weight)
+        if self.output is not None:
+            return self.output(h, targets, logits_chunk)
+        return project(h, self.tok_embeddings.weight, targets, logits_chunk)  # tied: the embedding matrix
 
     def hidden(
         self,
@@ -269,7 +285,7 @@ class Transformer(nn.Module):
         if cache_slots is not None:
             mask = self._cache_mask(doc_ids, cache_slots, B)
         else:
-            mask = build_mask(doc_ids, self.attn_backend)
+            mask = build_mask(doc_ids, self.attn_backend, h.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, mask, cache_slots, use_reentrant=False)
