@@ -156,7 +156,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
+        if cache_slots is not None:  # a forward without slots ignores the cache (scoring, training)
             k, v = self.cache.update(cache_slots, k, v)  # (B, Hkv, max_len, hd)
         y = attend(q, k, v, mask)  # (B, Hq, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -216,6 +216,10 @@ class Transformer(nn.Module):
         # Gemma and Llama-3.2: the head reuses the embedding matrix (no separate parameter).
         self.output = None if args.tie_embeddings else Head(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        # The doc id written in each KV-cache slot while caches are set up (setup_caches). A buffer,
+        # not a plain attribute: torch.compile treats buffers as fixed-address inputs, which a CUDA
+        # graph may write in place.
+        self.register_buffer("cache_doc", None, persistent=False)
         self.attn_backend = "auto"
         """'auto' | 'sdpa' | 'flex' | 'varlen': how doc_ids become a mask (see attention.py)."""
         self.activation_checkpointing = False
@@ -296,9 +300,17 @@ class Transformer(nn.Module):
     # --- KV cache for generation ---------------------------------------------------------------
 
     def setup_caches(self, batch: int, max_len: int, dtype=None):
-        """Allocate a KV cache per layer; forward then writes at `cache_slots`."""
+        """Allocate a KV cache per layer; forward then writes at `cache_slots`.
+
+        Caches of the same shape already set up are reused, only marked empty: a step captured in a
+        CUDA graph (sample.py) reads the caches at fixed addresses. Stale keys are never attended:
+        their slots' doc id is -2, which no query has."""
         w = self.tok_embeddings.weight
         dtype = dtype or w.dtype
+        cache = self.layers[0].attention.cache
+        if cache is not None and cache.k.shape[0] == batch and cache.k.shape[2] == max_len and cache.k.dtype == dtype:
+            self.cache_doc.fill_(-2)
+            return
         for layer in self.layers:
             layer.attention.cache = KVCache(batch, max_len, self.args.n_kv_heads, self.args.head_dim, dtype, w.device)
         self.cache_doc = torch.full((batch, max_len), -2, dtype=torch.long, device=w.device)
