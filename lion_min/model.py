@@ -133,6 +133,11 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # A CUDA graph of the decode step (sample.py) writes these in place: tell torch.compile their
+        # addresses are fixed, so that it neither copies them nor declines to capture (no guard: a new
+        # cache of the same shape re-records the graph instead of recompiling).
+        torch._dynamo.mark_static_address(self.k)
+        torch._dynamo.mark_static_address(self.v)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         self.k[:, :, slots] = k  # (B, Hkv, T, hd) written at `slots`
@@ -216,9 +221,8 @@ class Transformer(nn.Module):
         # Gemma and Llama-3.2: the head reuses the embedding matrix (no separate parameter).
         self.output = None if args.tie_embeddings else Head(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
-        # The doc id written in each KV-cache slot while caches are set up (setup_caches). A buffer,
-        # not a plain attribute: torch.compile treats buffers as fixed-address inputs, which a CUDA
-        # graph may write in place.
+        # The doc id written in each KV-cache slot while caches are set up (setup_caches); a buffer,
+        # like the caches, so that torch.compile sees it as module state rather than a loose input.
         self.register_buffer("cache_doc", None, persistent=False)
         self.attn_backend = "auto"
         """'auto' | 'sdpa' | 'flex' | 'varlen': how doc_ids become a mask (see attention.py)."""
@@ -314,6 +318,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = KVCache(batch, max_len, self.args.n_kv_heads, self.args.head_dim, dtype, w.device)
         self.cache_doc = torch.full((batch, max_len), -2, dtype=torch.long, device=w.device)
+        torch._dynamo.mark_static_address(self.cache_doc)  # as KVCache's k and v
 
     def clear_caches(self):
         for layer in self.layers:
