@@ -33,7 +33,7 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 # Compiled once per process and used whether or not the model's blocks are compiled (torchtitan
 # does the same): eager flex_attention is an unfused reference that materialises the (B, H, T, T)
 # scores, and eager create_block_mask builds the dense (B, T, T) mask before reducing it to tiles.
-# Inside a compiled block these are inlined into the block's graph.
+# Inside a compiled block, flex_attention is traced into the block's graph.
 _compiled_flex_attention = torch.compile(flex_attention)
 _compiled_create_block_mask = torch.compile(create_block_mask)
 

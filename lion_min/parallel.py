@@ -96,9 +96,9 @@ def parallelize(model: Transformer, d: Dist, *, param_dtype: torch.dtype, activa
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if not dist.is_initialized():  # bf16 on one process: FSDP still needs a (trivial) group
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-            dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", rank=0, world_size=1)
+            # An in-process store: no TCP port to pick, so nothing to collide with other jobs' ports.
+            dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         if model.output is None:
             fully_shard([model.tok_embeddings, model.norm], mp_policy=mp, reshard_after_forward=False)
