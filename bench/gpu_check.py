@@ -62,8 +62,8 @@ class Skip(Exception):
 class Check:
     """Shapes and repeats for a GPU run or a --smoke run, and the output, tee'd to a file."""
 
-    def __init__(self, smoke: bool, device: torch.device):
-        self.smoke, self.device = smoke, device
+    def __init__(self, smoke: bool, device: torch.device, attn_backend: str = "auto"):
+        self.smoke, self.device, self.attn_backend = smoke, device, attn_backend
         self.lines: list[str] = []
         self.failures: list[str] = []
         self.reps = 1 if smoke else 5
@@ -207,6 +207,9 @@ def section_attention(c: Check):
                         f"{3 * fwd_flops / fb_s / 1e12:8.2f}")
             except Skip as e:
                 c.print(f"  {backend:8s} skipped: {e}")
+            except Exception as e:  # report it and go on with the other kernels
+                c.failures.append(f"attention {backend} ({name})")
+                c.print(f"  {backend:8s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         auto = resolve_backend("auto", c.device, torch.bfloat16)
         fastest = min(best, key=best.get) if best else "none"
         c.print(f"  auto picks {auto} for bf16 here; fastest forward + backward measured: {fastest}"
@@ -231,7 +234,7 @@ def sft_step(model, opt, row: dict) -> tuple[float, float]:
 def wrapped(c: Check, args: ModelArgs, state: dict, dtype: torch.dtype, compile: bool, ac: bool):
     """The model as the training scripts build it (meta init, parallelize, weights from `state`)."""
     model = build_model(args, Dist(0, 1, 0, c.device), load_weights=lambda: state, param_dtype=dtype,
-                        activation_checkpointing=ac, compile=compile)
+                        activation_checkpointing=ac, compile=compile, attn_backend=c.attn_backend)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
 
 
@@ -285,33 +288,44 @@ def section_compile(c: Check):
 def section_sft(c: Check):
     T = 256 if c.smoke else 8192
     for name in ("gemma-2b", "llama-3.2-1b"):
-        args = c.model_args(name)
+        try:
+            sft_shape(c, name, T)
+        except Exception as e:  # report it and go on with the other shape
+            c.failures.append(f"sft {name}")
+            c.print(f"{name}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            c.print("".join(traceback.format_exc(limit=-4)).rstrip())
         c.reset_memory()
-        model, opt = wrapped(c, args, init_state(args), torch.bfloat16, compile=True, ac=True)
-        lengths = packed_lengths(np.random.default_rng(4), T, min(400, T / 8))  # median 400 tokens at T = 8192
-        row = packed_row(np.random.default_rng(3), T, args.vocab_size, lengths, c.device)
-        lengths = document_lengths(row["doc_ids"].cpu())
-        t = time.perf_counter()
-        sft_step(model, opt, row)
-        c.sync()
-        warm = time.perf_counter() - t
-        step_s = c.timed(lambda: sft_step(model, opt, row))
-        mem = c.peak_memory()
-        real = sum(lengths)
-        line = (f"{name}-shaped ({args.num_params() / 1e9:.2f}B params), 1 row x {T} tokens, {len(lengths)} documents "
-                f"({real} real tokens); attention {resolve_backend(model.attn_backend, c.device, torch.bfloat16)}; "
-                f"first step {warm:.1f} s (compiles unless cached)")
-        c.print(line)
-        c.print(f"  step {step_s * 1e3:.1f} ms, {T / step_s:,.0f} row tok/s, {real / step_s:,.0f} real tok/s, "
-                f"peak memory {mem}")
-        if c.peak_flops:
-            c.print(f"  MFU (torchtitan convention) {mfu(args, T, T, step_s, c.peak_flops):.1%}, useful MFU "
-                    f"{mfu_useful(args, lengths, step_s, c.peak_flops):.1%} of {c.peak_flops / 1e12:.0f} TFLOP/s")
-        else:
-            c.print("  MFU: n/a (no known peak for this device)")
-        del model, opt
-        c.reset_memory()
-        head_share(c, args, T, step_s, row["targets"])
+
+
+def sft_shape(c: Check, name: str, T: int):
+    """One model shape of the sft section."""
+    args = c.model_args(name)
+    c.reset_memory()
+    model, opt = wrapped(c, args, init_state(args), torch.bfloat16, compile=True, ac=True)
+    lengths = packed_lengths(np.random.default_rng(4), T, min(400, T / 8))  # median 400 tokens at T = 8192
+    row = packed_row(np.random.default_rng(3), T, args.vocab_size, lengths, c.device)
+    lengths = document_lengths(row["doc_ids"].cpu())
+    t = time.perf_counter()
+    sft_step(model, opt, row)
+    c.sync()
+    warm = time.perf_counter() - t
+    step_s = c.timed(lambda: sft_step(model, opt, row))
+    mem = c.peak_memory()
+    real = sum(lengths)
+    line = (f"{name}-shaped ({args.num_params() / 1e9:.2f}B params), 1 row x {T} tokens, {len(lengths)} documents "
+            f"({real} real tokens); attention {resolve_backend(model.attn_backend, c.device, torch.bfloat16)}; "
+            f"first step {warm:.1f} s (compiles unless cached)")
+    c.print(line)
+    c.print(f"  step {step_s * 1e3:.1f} ms, {T / step_s:,.0f} row tok/s, {real / step_s:,.0f} real tok/s, "
+            f"peak memory {mem}")
+    if c.peak_flops:
+        c.print(f"  MFU (torchtitan convention) {mfu(args, T, T, step_s, c.peak_flops):.1%}, useful MFU "
+                f"{mfu_useful(args, lengths, step_s, c.peak_flops):.1%} of {c.peak_flops / 1e12:.0f} TFLOP/s")
+    else:
+        c.print("  MFU: n/a (no known peak for this device)")
+    del model, opt
+    c.reset_memory()
+    head_share(c, args, T, step_s, row["targets"])
 
 
 def head_share(c: Check, args: ModelArgs, T: int, step_s: float, targets: torch.Tensor):
@@ -399,6 +413,7 @@ def section_sample(c: Check):
     model.init_weights(seed=0)
     dtype = torch.bfloat16 if c.device.type == "cuda" else torch.float32
     model = model.to(c.device, dtype).eval()
+    model.init_buffers()  # the RoPE frequencies back in fp32, as load_model leaves them
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, args.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(B)]
     kv_bytes_per_slot = B * args.n_layers * 2 * args.n_kv_heads * args.head_dim * model.tok_embeddings.weight.element_size()
@@ -430,6 +445,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (the test suite runs this)")
     parser.add_argument("--out", default="", help="also write the output to this file")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--attn_backend", default="auto", choices=("auto", "sdpa", "flex", "varlen"),
+                        help="attention in the compile, sft and dpo sections (e.g. to rerun them with another kernel)")
     opts = parser.parse_args(argv)
     sections = [s for s in opts.sections.split(",") if s]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -438,7 +455,7 @@ def main(argv=None) -> int:
     if not opts.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU, or use --smoke for the CPU run at tiny shapes")
     device = torch.device("cpu" if opts.smoke else "cuda")
-    c = Check(opts.smoke, device)
+    c = Check(opts.smoke, device, opts.attn_backend)
     if opts.smoke:
         torch.set_num_threads(1)
     t_start = time.perf_counter()
