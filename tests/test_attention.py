@@ -76,9 +76,9 @@ def test_varlen_seqlens():
     for a, b in zip(cu[:-1], cu[1:]):
         assert len(set(flat[a:b])) == 1 and a // 300 == (b - 1) // 300
         assert b == len(flat) or flat[b] != flat[b - 1] or b % 300 == 0
-    mask = build_mask(doc, "varlen", torch.bfloat16) if torch.cuda.is_available() else None
-    if mask is not None:
-        assert mask.max_seqlen == 300
+    if torch.cuda.is_available():  # the mask itself needs a CUDA tensor
+        mask = build_mask(doc.cuda(), "varlen", torch.bfloat16)
+        assert mask.cu_seqlens.tolist() == cu and mask.max_seqlen == 300  # the row length bounds every document
 
 
 def test_resolve_backend():
