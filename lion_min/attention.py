@@ -6,10 +6,14 @@ document only. That block-diagonal causal rule is turned into whatever the kerne
 
 - "sdpa":  a dense (B, 1, Tq, Tk) boolean mask for F.scaled_dot_product_attention. Works
            everywhere, O(T^2) memory; the reference the others are checked against.
-- "flex":  a FlexAttention BlockMask (skips fully masked tiles; needs CUDA + compile to be fast,
-           and has no backward on CPU).
-- "varlen": cu_seqlens for torch.nn.attention.varlen.varlen_attn (CUDA only; needs B == 1
-           after flattening, which we do here, and documents that are contiguous in the row).
+- "flex":  a FlexAttention BlockMask (skips fully masked 128 x 128 tiles). Always the compiled
+           kernel (see below); it has no backward on CPU.
+- "varlen": cu_seqlens for torch.nn.attention.varlen.varlen_attn (FlashAttention-2: CUDA, bf16/fp16
+           only; rows are flattened into one sequence, documents must be contiguous in the row).
+
+"auto" picks, per device and activation dtype: CPU -> sdpa (flex has no CPU backward, varlen no
+CPU kernel); CUDA bf16/fp16 -> varlen (exact document boundaries, no partly masked tiles, no mask
+to build); CUDA fp32 -> flex (FlashAttention has no fp32 kernel). bench/gpu_check.py times all three.
 
 Without doc_ids the mask is plain causal and SDPA's `is_causal` fast path is used. With a KV cache
 the key side is the cache: its slots carry the doc id of the token written there, so left-padded
@@ -21,8 +25,17 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 BACKENDS = ("auto", "sdpa", "flex", "varlen")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+# Compiled once per process and used whether or not the model's blocks are compiled (torchtitan
+# does the same): eager flex_attention is an unfused reference that materialises the (B, H, T, T)
+# scores, and eager create_block_mask builds the dense (B, T, T) mask before reducing it to tiles.
+# Inside a compiled block, flex_attention is traced into the block's graph.
+_compiled_flex_attention = torch.compile(flex_attention)
+_compiled_create_block_mask = torch.compile(create_block_mask)
 
 
 @dataclass
@@ -36,13 +49,18 @@ class AttnMask:
     max_seqlen: int = 0
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend to use for activations of `dtype` on `device`; ValueError if it cannot run there."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "varlen" and (device.type != "cuda" or dtype not in HALF_DTYPES):
+        raise ValueError(f"attn_backend='varlen' (FlashAttention) runs on CUDA in bfloat16/float16 only, not "
+                         f"{device.type} {str(dtype).replace('torch.', '')}; use attn_backend='flex' or 'sdpa'")
     if backend != "auto":
         return backend
-    # FlexAttention has no CPU backward, so the dense SDPA mask is the CPU path.
-    return "flex" if device.type == "cuda" else "sdpa"
+    if device.type != "cuda":
+        return "sdpa"
+    return "varlen" if dtype in HALF_DTYPES else "flex"
 
 
 def dense_mask(q_doc: torch.Tensor, q_slot: torch.Tensor, k_doc: torch.Tensor, k_slot: torch.Tensor) -> torch.Tensor:
@@ -56,32 +74,37 @@ def dense_mask(q_doc: torch.Tensor, q_slot: torch.Tensor, k_doc: torch.Tensor, k
     return (same_doc & causal)[:, None]
 
 
-def build_mask(doc_ids: Optional[torch.Tensor], backend: str = "auto") -> AttnMask:
-    """Mask for a training/scoring forward over (B, T) rows without a KV cache."""
+def varlen_seqlens(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (B, T) -> cu_seqlens (n + 1,) int32 of the flattened rows: 0, the start of every run of
+    equal doc ids (a new row always starts one), B * T. Padding runs count as documents of their own,
+    which is harmless: nothing reads their outputs. One host sync (nonzero's output size)."""
+    B, T = doc_ids.shape
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    idx = torch.nonzero(starts.reshape(-1)).flatten()
+    return torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+
+
+def build_mask(doc_ids: Optional[torch.Tensor], backend: str = "auto", dtype: torch.dtype = torch.float32) -> AttnMask:
+    """Mask for a training/scoring forward over (B, T) rows without a KV cache; `dtype` is the
+    activation dtype (it decides "auto" and whether varlen can run)."""
     if doc_ids is None:
         return AttnMask("causal")
-    backend = resolve_backend(backend, doc_ids.device)
+    backend = resolve_backend(backend, doc_ids.device, dtype)
     B, T = doc_ids.shape
     if backend == "sdpa":
         slots = torch.arange(T, device=doc_ids.device)
         return AttnMask("sdpa", dense=dense_mask(doc_ids, slots, doc_ids, slots))
     if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
 
         def document_causal(b, h, q_idx, kv_idx):
             return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
 
-        block_mask = create_block_mask(document_causal, B, None, T, T, device=doc_ids.device)
+        block_mask = _compiled_create_block_mask(document_causal, B, None, T, T, device=doc_ids.device)
         return AttnMask("flex", block_mask=block_mask)
-    # varlen: rows are flattened into one long sequence; a new document starts wherever the doc id
-    # changes (padding runs count as their own documents, which is harmless: nothing reads them).
-    flat = doc_ids.reshape(-1)
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    starts[torch.arange(0, B * T, T, device=flat.device)] = True  # rows never share a document
-    idx = torch.nonzero(starts).flatten()
-    cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
-    return AttnMask("varlen", cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
+    # varlen: max_seqlen only sizes the kernel's grid (tiles past a document's end return at once),
+    # so the row length T, an upper bound known without reading the data, saves a host sync.
+    return AttnMask("varlen", cu_seqlens=varlen_seqlens(doc_ids), max_seqlen=T)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) -> torch.Tensor:
@@ -95,9 +118,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) ->
     if mask.backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
     if mask.backend == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+        return _compiled_flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     if mask.backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 

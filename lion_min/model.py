@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lion_min.attention import AttnMask, attend, build_mask, dense_mask
+from lion_min.losses import token_logprobs
 
 FAMILIES = ("llama", "gemma")
 
@@ -134,6 +135,11 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # A CUDA graph of the decode step (sample.py) writes these in place: tell torch.compile their
+        # addresses are fixed, so that it neither copies them nor declines to capture (no guard: a new
+        # cache of the same shape re-records the graph instead of recompiling).
+        torch._dynamo.mark_static_address(self.k)
+        torch._dynamo.mark_static_address(self.v)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         self.k[:, :, slots] = k  # (B, Hkv, T, hd) written at `slots`
@@ -157,7 +163,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
+        if cache_slots is not None:  # a forward without slots ignores the cache (scoring, training)
             k, v = self.cache.update(cache_slots, k, v)  # (B, Hkv, max_len, hd)
         y = attend(q, k, v, mask)  # (B, Hq, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -174,6 +180,23 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
+def project(h: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor] = None,
+            chunk: int = 1024) -> torch.Tensor:
+    """The output head: h (B, T, dim) -> logits (B, T, vocab) in h's dtype, or, given targets, the
+    per-token log p(target) (B, T) fp32 without ever holding the full fp32 logits (losses.py)."""
+    if targets is None:
+        return F.linear(h, weight)
+    return token_logprobs(h, weight, targets, chunk_size=chunk)
+
+
+class Head(nn.Linear):
+    """The untied output projection. A module rather than a bare weight so that FSDP can make it a
+    unit of its own with the final norm (parallel.py): FSDP gathers a unit's weights in its forward."""
+
+    def forward(self, h: torch.Tensor, targets: Optional[torch.Tensor] = None, chunk: int = 1024) -> torch.Tensor:
+        return project(h, self.weight, targets, chunk)
 
 
 class Block(nn.Module):
@@ -198,8 +221,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, args.family == "gemma")
         # Gemma and Llama-3.2: the head reuses the embedding matrix (no separate parameter).
-        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = None if args.tie_embeddings else Head(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        # The doc id written in each KV-cache slot while caches are set up (setup_caches); a buffer,
+        # like the caches, so that torch.compile sees it as module state rather than a loose input.
+        self.register_buffer("cache_doc", None, persistent=False)
         self.attn_backend = "auto"
         """'auto' | 'sdpa' | 'flex' | 'varlen': how doc_ids become a mask (see attention.py)."""
         self.activation_checkpointing = False
@@ -240,11 +266,9 @@ class Transformer(nn.Module):
         and it never materialises the full fp32 logits (see losses.token_logprobs).
         """
         h = self.hidden(tokens, positions, doc_ids, cache_slots)
-        if targets is not None:
-            from lion_min.losses import token_logprobs
-
-            return token_logprobs(h, self.head_weight, targets, chunk_size=logits_chunk)
-        return F.linear(h, self.head_weight)
+        if self.output is not None:
+            return self.output(h, targets, logits_chunk)
+        return project(h, self.tok_embeddings.weight, targets, logits_chunk)  # tied: the embedding matrix
 
     def hidden(
         self,
@@ -271,7 +295,7 @@ class Transformer(nn.Module):
         if cache_slots is not None:
             mask = self._cache_mask(doc_ids, cache_slots, B)
         else:
-            mask = build_mask(doc_ids, self.attn_backend)
+            mask = build_mask(doc_ids, self.attn_backend, h.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, mask, cache_slots, use_reentrant=False)
@@ -282,12 +306,21 @@ class Transformer(nn.Module):
     # --- KV cache for generation ---------------------------------------------------------------
 
     def setup_caches(self, batch: int, max_len: int, dtype=None):
-        """Allocate a KV cache per layer; forward then writes at `cache_slots`."""
+        """Allocate a KV cache per layer; forward then writes at `cache_slots`.
+
+        Caches of the same shape already set up are reused, only marked empty: a step captured in a
+        CUDA graph (sample.py) reads the caches at fixed addresses. Stale keys are never attended:
+        their slots' doc id is -2, which no query has."""
         w = self.tok_embeddings.weight
         dtype = dtype or w.dtype
+        cache = self.layers[0].attention.cache
+        if cache is not None and cache.k.shape[0] == batch and cache.k.shape[2] == max_len and cache.k.dtype == dtype:
+            self.cache_doc.fill_(-2)
+            return
         for layer in self.layers:
             layer.attention.cache = KVCache(batch, max_len, self.args.n_kv_heads, self.args.head_dim, dtype, w.device)
         self.cache_doc = torch.full((batch, max_len), -2, dtype=torch.long, device=w.device)
+        torch._dynamo.mark_static_address(self.cache_doc)  # as KVCache's k and v
 
     def clear_caches(self):
         for layer in self.layers:

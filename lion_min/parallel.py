@@ -73,11 +73,20 @@ def parallelize(model: Transformer, d: Dist, *, param_dtype: torch.dtype, activa
 
     1. activation checkpointing per block (recompute the block in backward),
     2. torch.compile per block (small graphs compile fast and are reused by every layer),
-    3. FSDP2 fully_shard on each block, then on the root (embedding, final norm, head).
+    3. FSDP2 fully_shard on each block, on the two ends of the model, then on the root.
 
     FSDP is used when there is more than one rank or when training in bf16: its
     MixedPrecisionPolicy keeps fp32 master weights and reduces gradients in fp32 while computing in
     param_dtype. A single fp32 process runs the plain module.
+
+    Units and when their gathered weights are freed (torchtitan's layout): each block is freed after
+    its forward and gathered again in backward, so only about one block is ever whole. The ends are
+    units of their own rather than part of the root, so that their all-gathers overlap with compute
+    instead of all running before the first layer (1.05B parameters for Llama-3-8B): the embedding
+    alone (needed again only at the very end of backward, so freed), and the final norm with the
+    head (the last unit of forward is the first of backward, so kept). A tied head is the embedding
+    matrix, so embedding, norm and head are then one unit, kept from the embedding's forward to the
+    end of backward.
     """
     model.activation_checkpointing = activation_checkpointing
     if compile:
@@ -87,12 +96,17 @@ def parallelize(model: Transformer, d: Dist, *, param_dtype: torch.dtype, activa
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if not dist.is_initialized():  # bf16 on one process: FSDP still needs a (trivial) group
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-            dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", rank=0, world_size=1)
+            # An in-process store: no TCP port to pick, so nothing to collide with other jobs' ports.
+            dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        if model.output is None:
+            fully_shard([model.tok_embeddings, model.norm], mp_policy=mp, reshard_after_forward=False)
+        else:
+            fully_shard(model.tok_embeddings, mp_policy=mp, reshard_after_forward=True)
+            fully_shard([model.norm, model.output], mp_policy=mp, reshard_after_forward=False)
         for block in model.layers:
-            fully_shard(block, mp_policy=mp)
+            fully_shard(block, mp_policy=mp, reshard_after_forward=True)
         fully_shard(model, mp_policy=mp)
     return model
 

@@ -14,6 +14,14 @@ returns max_new_tokens tokens and does not end with one; that is how a caller te
 was cut off. Rows that have finished keep running (emitting pad, which is dropped) until every
 row has finished or max_new_tokens is reached.
 
+On CUDA the decode step (one token per row) is compiled with mode="reduce-overhead", which
+captures it in a CUDA graph (gpt-fast's approach): a step of a 2B model is about a thousand small
+kernels, so launching them one by one, not the GPU, would set the pace. A graph needs fixed
+shapes and addresses: the cache length is rounded up to a multiple of CACHE_ROUND, and the caches
+stay on the model after generate() for the next call of the same shape (model.clear_caches()
+frees them). "All rows done?" is a host sync, so on CUDA it is asked every STOP_CHECK_EVERY steps
+(finished rows emit pad meanwhile; what is returned is the same). The prefill runs eagerly.
+
 Sampling, in fp32 whatever the model dtype: logits / temperature, then top-k, then top-p (the
 order transformers uses), then one draw from a torch.Generator. temperature=0 is greedy argmax.
 The same seed, prompts and batch_size give the same tokens (on the same device and dtype).
@@ -112,7 +120,15 @@ def _last_logits(model: Transformer, tokens, positions, doc_ids, slots) -> torch
     return F.linear(h, model.head_weight)  # (B, V), model dtype
 
 
-def _generate_chunk(model, prompts, max_new_tokens, temperature, top_k, top_p, stop, pad_id, generator):
+# Compiled lazily, at the first call; dynamo guards on shapes, not on the model or cache objects, so
+# every model of one architecture and every generate() call with one cache shape share the graph.
+_compiled_last_logits = torch.compile(_last_logits, mode="reduce-overhead", fullgraph=True)
+CACHE_ROUND = 256
+STOP_CHECK_EVERY = 8
+
+
+def _generate_chunk(model, prompts, max_new_tokens, temperature, top_k, top_p, stop, pad_id, generator,
+                    compiled: bool):
     device = model.tok_embeddings.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
@@ -129,26 +145,33 @@ def _generate_chunk(model, prompts, max_new_tokens, temperature, top_k, top_p, s
     stats = SampleStats(prompts=B, prompt_tokens=sum(len(p) for p in prompts))
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    model.setup_caches(B, T + max_new_tokens)
+    cache_len, decode, check_every = T + max_new_tokens, _last_logits, 1 if device.type == "cpu" else STOP_CHECK_EVERY
+    if compiled:
+        cache_len, decode = -(-cache_len // CACHE_ROUND) * CACHE_ROUND, _compiled_last_logits
+    model.setup_caches(B, cache_len)
     try:
         t0 = time.perf_counter()
         logits = _last_logits(model, tokens, positions, doc_ids, torch.arange(T, device=device))
         _sync(device)
         t1 = time.perf_counter()
+        slot = torch.tensor([T], device=device)  # (1,) the cache slot of the token being fed
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             nxt = torch.where(done, pad_id, nxt)  # finished rows emit pad (dropped below)
             out[:, step] = nxt
             done |= torch.isin(nxt, stop)
-            if step == max_new_tokens - 1 or bool(done.all()):
+            if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
                 break
-            slot = torch.tensor([T + step], device=device)
-            logits = _last_logits(model, nxt[:, None], next_pos + step, zeros, slot)
+            if compiled:  # the previous step's logits are consumed: the graph may overwrite them
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = decode(model, nxt[:, None], next_pos + step, zeros, slot)
+            slot += 1
             stats.steps += 1
         _sync(device)
         stats.prefill_s, stats.decode_s = t1 - t0, time.perf_counter() - t1
     finally:
-        model.clear_caches()
+        if not compiled:
+            model.clear_caches()
 
     results, stop_set = [], set(stop.tolist())
     for row in out.tolist():
@@ -173,6 +196,7 @@ def generate(
     generator: Optional[torch.Generator] = None,
     batch_size: Optional[int] = None,
     return_stats: bool = False,
+    compile: Optional[bool] = None,
 ):
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
 
@@ -182,6 +206,7 @@ def generate(
     the model's device) is used as is and advanced; neither: torch's global RNG.
     pad_id fills the left padding (never attended to) and what finished rows emit (dropped); any
     valid id works and nothing returned depends on it.
+    compile: the compiled, CUDA-graph decode step (see the module docstring); None: on CUDA.
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
@@ -195,13 +220,14 @@ def generate(
     if generator is None and seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    compiled = device.type == "cuda" if compile is None else compile
 
     results, stats = [], SampleStats()
     if max_new_tokens > 0:
         step = batch_size or max(len(prompts), 1)
         for i in range(0, len(prompts), step):
             chunk, s = _generate_chunk(model, prompts[i:i + step], max_new_tokens, temperature, top_k, top_p,
-                                       stop, pad_id, generator)
+                                       stop, pad_id, generator, compiled)
             results += chunk
             stats.add(s)
     else:

@@ -1,0 +1,49 @@
+"""The output head's two log-prob paths (losses.token_logprobs): fp32, and half_matmul (bf16/fp16
+products with fp32 sums and fp32 log-softmax, the CUDA default), forced here on the CPU."""
+
+import torch
+
+from lion_min.losses import IGNORE_INDEX, token_logprobs
+
+
+def _inputs(N=40, D=24, V=300, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=gen).to(dtype)
+    weight = (torch.randn(V, D, generator=gen) * 0.5).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[::7] = IGNORE_INDEX
+    targets[1] = V - 1  # the last column of the last vocabulary slice
+    return hidden, weight, targets
+
+
+def test_half_matmul_gradients_are_exact_in_float64():
+    # chunk_size 8 with 40 tokens and V 300 gives vocabulary slices of 60: five slices.
+    hidden, weight, targets = _inputs(dtype=torch.float64)
+    hidden.requires_grad_(True), weight.requires_grad_(True)
+    fn = lambda h, w: token_logprobs(h, w, targets, chunk_size=8, half_matmul=True)
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+    # ...and its values are the fp32 path's (which computes in fp32).
+    torch.testing.assert_close(fn(hidden, weight), token_logprobs(hidden, weight, targets).double(), atol=1e-5, rtol=0)
+
+
+def test_half_matmul_bf16_close_to_fp32_reference():
+    h32, w32, targets = _inputs(N=64, D=64, V=1000, seed=1)
+    h16, w16 = h32.bfloat16().requires_grad_(True), w32.bfloat16().requires_grad_(True)
+    half = token_logprobs(h16, w16, targets, chunk_size=16, half_matmul=True)
+    weights = torch.randn(targets.shape, generator=torch.Generator().manual_seed(2))
+    (half * weights).sum().backward()
+
+    # Reference: the fp32 path on the same bf16-rounded values. The products are identical, so the
+    # log-probs differ only by fp32 summation order; the gradients by bf16 rounding of d_logits.
+    hr, wr = h16.detach().float().requires_grad_(True), w16.detach().float().requires_grad_(True)
+    ref = token_logprobs(hr, wr, targets)
+    (ref * weights).sum().backward()
+    assert half.dtype == torch.float32 and (half[targets == IGNORE_INDEX] == 0).all()
+    assert (half - ref).abs().max() < 1e-4
+    for got, want in ((h16.grad, hr.grad), (w16.grad, wr.grad)):
+        assert got.dtype == torch.bfloat16
+        rel = (got.float() - want).norm() / want.norm()
+        assert rel < 1e-2, rel
+    # Against the unrounded fp32 inputs (the old bf16 behaviour cast to fp32 first): bf16 rounding of
+    # the inputs alone moves log-probs by about this much at these magnitudes (logits ~ +-30).
+    assert (half - token_logprobs(h32, w32, targets)).abs().max() < 0.5
