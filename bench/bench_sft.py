@@ -21,7 +21,7 @@ Part 2: packing efficiency of best-fit-decreasing pack() against one conversatio
 
 Part 3 (CUDA): a random Gemma-2b-shaped model (tests/data/configs/gemma-2b.json) built as
 lion_min.sft builds it (bf16 compute under FSDP's mixed precision, fp32 master weights), one packed
-row of 8192 tokens per step: step time, MFU from lion_min.train.flops_per_token against the 989e12
+row of 8192 tokens per step: step time, MFU from lion_min.flops.flops_per_token against the 989e12
 H100/H200 bf16 peak, peak memory. Then FlexAttention and varlen attention against the dense SDPA
 mask on random q/k/v with packed doc_ids, forward and backward.
 """
@@ -272,7 +272,7 @@ def gpu_model_args(shape: str):
 
 def part3_mfu(cfg: BenchConfig, device: torch.device):
     from lion_min.parallel import Dist, build_model
-    from lion_min.train import PEAK_BF16_FLOPS, flops_per_token
+    from lion_min.flops import flops_per_token, peak_flops
 
     args = gpu_model_args(cfg.gpu_shape)
     d = Dist(0, 1, 0, device)
@@ -313,16 +313,15 @@ def part3_mfu(cfg: BenchConfig, device: torch.device):
         sync()
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    flops = flops_per_token(model, T) * T
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 989e12)
+    flops = flops_per_token(model.args, T) * T
+    peak = peak_flops(device) or 989e12
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a on CPU"
     print(f"\npart 3a ({device}, {dtype}): {cfg.gpu_shape}-shaped random model, {args.num_params() / 1e9:.2f}B params; "
           f"1 row of {T} tokens, {n_docs} packed documents; compile {cfg.gpu_compile}, activation checkpointing "
           f"{cfg.gpu_ac}, attention {cfg.gpu_attn}; {cfg.gpu_warmup} warm-up steps ({t_warm:.1f} s), median of "
           f"{cfg.gpu_steps}")
     print(f"  step {med * 1e3:.1f} ms, {T / med:,.0f} tok/s, {flops / med / 1e12:.1f} TFLOP/s "
-          f"(flops_per_token {flops_per_token(model, T) / 1e9:.2f} GFLOP, full-row causal attention counted), "
+          f"(flops_per_token {flops_per_token(model.args, T) / 1e9:.2f} GFLOP, full-row causal attention counted), "
           f"MFU {flops / med / peak:.1%} of {peak / 1e12:.0f} TFLOP/s; peak memory {mem}")
 
 
@@ -349,7 +348,7 @@ def part3_attention(cfg: BenchConfig, device: torch.device):
 
     def run(backend: str, dt: torch.dtype):
         leaves = [x.to(dt).requires_grad_() for x in (q, k, v)]
-        out = attend(*leaves, build_mask(doc_ids, backend))
+        out = attend(*leaves, build_mask(doc_ids, backend, dt))
         out.backward(grad_out.to(dt))
         return [out.float()] + [x.grad.float() for x in leaves]
 

@@ -173,18 +173,19 @@ def make_dpo_objective(beta: float, label_smoothing: float, loss_type: str, ref_
         else:
             rc, rr = micro["ref_logps"][:, 0], micro["ref_logps"][:, 1]
         losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta, label_smoothing, loss_type)
+        # Sums as device tensors (the loop moves them to the host once per step).
         sums = {
-            "loss": losses.sum().item(),
-            "rewards/chosen": chosen_rewards.sum().item(),
-            "rewards/rejected": rejected_rewards.sum().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum().item(),
-            "logps/chosen": pc.detach().sum().item(),
-            "logps/rejected": pr.detach().sum().item(),
+            "loss": losses.detach().sum(),
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "logps/chosen": pc.detach().sum(),
+            "logps/rejected": pr.detach().sum(),
             # How far the policy has moved from the reference on each side (log pi - log pi_ref):
             # the paper watches the chosen log-probability fall while the margin grows.
-            "logratios/chosen": (pc - rc).detach().sum().item(),
-            "logratios/rejected": (pr - rr).detach().sum().item(),
+            "logratios/chosen": (pc - rc).detach().sum(),
+            "logratios/rejected": (pr - rr).detach().sum(),
         }
         return global_mean(losses.sum(), norm), sums
 

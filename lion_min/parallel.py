@@ -62,6 +62,13 @@ def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum a tensor over ranks, on the device (no host sync)."""
+    if d.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def barrier(d: Dist):
     if d.world > 1:
         dist.barrier()

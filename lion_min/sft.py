@@ -83,7 +83,7 @@ def sft_rows(convs, tokenizer, cfg: SFTConfig) -> Packed:
 def sft_objective(model, micro: dict, norm: float):
     """Token-mean cross-entropy over the global batch (norm = its number of target tokens)."""
     logp = model(micro["tokens"], micro["positions"], micro["doc_ids"], targets=micro["targets"])  # (B, T)
-    return sft_loss(logp, micro["targets"], norm), {"loss": -logp.sum().item()}
+    return sft_loss(logp, micro["targets"], norm), {"loss": -logp.detach().sum()}
 
 
 def eval_batches(packed: Packed, cfg: SFTConfig, d) -> Optional[Batches]:

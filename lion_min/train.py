@@ -32,7 +32,8 @@ from lion_min.checkpoint import save_model
 from lion_min.config import ConfigError, TrainConfig, config_to_json
 from lion_min.losses import IGNORE_INDEX, global_mean
 from lion_min.packing import collate
-from lion_min.parallel import Dist, all_reduce_sum, barrier
+from lion_min.flops import document_lengths, mfu, mfu_useful, peak_flops
+from lion_min.parallel import Dist, all_reduce_sum, all_reduce_tensor, barrier
 from lion_min.train_state import load_checkpoint, resolve_resume, save_checkpoint
 
 Objective = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]]
@@ -112,23 +113,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 # --- throughput ----------------------------------------------------------------------------------
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(model, seq_len: int) -> float:
-    """6N + 12 L H d_head T (PaLM / nanoGPT / torchtitan); N excludes the input embedding unless tied."""
-    a = model.args
-    n = a.num_params(embedding=False) + (a.vocab_size * a.dim if a.tie_embeddings else 0)
-    return 6 * n + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len
-
-
 def memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -171,10 +155,10 @@ def evaluate(model, objective: Objective, batches: Batches, d: Dist) -> dict[str
             for micro in micros:
                 _, sums = objective(model, micro, norm)
                 for k, v in sums.items():
-                    totals[k] = totals.get(k, 0.0) + v
+                    totals[k] = totals.get(k, 0.0) + v.double()
     model.train()
     keys = sorted(totals)
-    reduced = all_reduce_sum([totals[k] for k in keys], d)
+    reduced = all_reduce_sum([float(totals[k]) for k in keys], d)
     return {k: global_mean(v, norm_total) for k, v in zip(keys, reduced)}
 
 
@@ -221,7 +205,6 @@ def train(
         print(f"training {total} steps from step {start}" + (f" (resumed from {resume_from})" if resume_from else ""))
     stop = StopSignals()
     peak = peak_flops(d.device)
-    fpt = flops_per_token(model, seq_len) if seq_len else 0.0
     t_start = time.perf_counter()
     model.train()
     for step in range(start, total):
@@ -230,23 +213,26 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         micros, norm = batches.micro_batches(step)
-        sums: dict[str, float] = {}
-        real_tokens = 0
+        sums: dict[str, torch.Tensor] = {}  # on the device, float64: no host sync per micro-batch
+        real_tokens = torch.zeros((), dtype=torch.float64, device=d.device)
         for micro in micros:
             loss, micro_sums = objective(model, micro, norm)
             # FSDP averages gradients over ranks; the loss is already a share of the global mean,
             # so undo that average by scaling with the world size.
             (loss * d.world).backward()
             for k, v in micro_sums.items():
-                sums[k] = sums.get(k, 0.0) + v
-            real_tokens += int((micro["doc_ids"] >= 0).sum())
+                sums[k] = sums.get(k, 0.0) + v.double()
+            real_tokens += (micro["doc_ids"] >= 0).sum()
         keys = sorted(sums)
-        # One reduction carries the metrics, the token count and whether any rank was told to stop.
-        reduced = all_reduce_sum([sums[k] for k in keys] + [real_tokens, float(stop.received is not None)], d)
-        metrics = {k: global_mean(v, norm) for k, v in zip(keys, reduced)}
-        real_tokens, stop_now = int(reduced[-2]), reduced[-1] > 0
+        # One reduction carries the metrics, the token count and whether any rank was told to stop;
+        # with the gradient norm it reaches the host in the step's one sync.
+        stop_flag = torch.tensor(float(stop.received is not None), dtype=torch.float64, device=d.device)
+        reduced = all_reduce_tensor(torch.stack([sums[k] for k in keys] + [real_tokens, stop_flag]), d)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        *host, grad_norm = torch.cat([reduced, grad_norm.double().reshape(1)]).tolist()
+        metrics = {k: global_mean(v, norm) for k, v in zip(keys, host)}
+        real_tokens, stop_now = int(host[-2]), host[-1] > 0
         if not (math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())):
             if not cfg.skip_nonfinite:
                 raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient "
@@ -263,8 +249,10 @@ def train(
         tokens_seen += real_tokens
         line = {"step": step + 1, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
                 "tokens_per_s": real_tokens / dt, "step_time_s": dt, "skipped_steps": skipped}
-        if peak and fpt:  # per rank: this rank's row tokens (padding included) against its own peak
-            line["mfu"] = fpt * sum(m["tokens"].numel() for m in micros) / dt / peak
+        if peak and seq_len:  # per rank: this rank's rows against its own peak (lion_min/flops.py)
+            line["mfu"] = mfu(model.args, sum(m["tokens"].numel() for m in micros), seq_len, dt, peak)
+            lengths = [n for m in micros for n in document_lengths(m["doc_ids"].cpu())]
+            line["mfu_useful"] = mfu_useful(model.args, lengths, dt, peak)
         line["memory_gib"] = memory_gib(d.device)
         if eval_batches is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
             line |= {f"eval/{k}": v for k, v in evaluate(model, objective, eval_batches, d).items()}
