@@ -71,6 +71,17 @@ def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
             raise CheckpointError(f"{source}: missing required key {key!r}")
         return cfg[key]
 
+    # Numbers must be numbers (a "64" string would fail deep inside torch); bool is not an int here.
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size", "max_position_embeddings"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise CheckpointError(f"{source}: {key} must be a positive integer, got {value!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise CheckpointError(f"{source}: {key} must be a number, got {value!r}")
+
     family = need("model_type")
     if family not in _ACTIVATIONS:
         raise CheckpointError(f"{source}: model_type {family!r} is not supported (supported: llama, gemma)")
@@ -252,7 +263,11 @@ def load_weights(model: Transformer, files: list[Path], extra: Optional[dict] = 
     seen = set()
     tied_head = model.output is None
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error type for a corrupt or truncated file
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        with handle as f:
             for key in f.keys():
                 if key not in wanted:
                     if tied_head and key == "lm_head.weight":

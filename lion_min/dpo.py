@@ -30,8 +30,8 @@ from lion_min.losses import DPO_LOSS_TYPES, dpo_loss, global_mean, sequence_logp
 from lion_min.packing import collate, pack
 from lion_min.parallel import Dist, all_reduce_sum, init_distributed
 from lion_min.run_dir import claim
-from lion_min.stage import (build_from_folder, check_seq_len, export_dtype, load_policy, resolve_dtype,
-                            with_system)
+from lion_min.stage import (build_from_folder, check_same_architecture, check_seq_len, export_dtype, load_policy,
+                            resolve_dtype, with_system)
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import Batches, TrainResult, train
 
@@ -93,6 +93,8 @@ class PairStats:
     response_truncated: int = 0
     dropped: int = 0
     """Pairs whose response would keep no scored token (e.g. an empty reply after truncation)."""
+    identical: int = 0
+    """Pairs whose chosen and rejected sequences are the same tokens (nothing to prefer): dropped."""
 
 
 def truncate(ids: list[int], mask: list[bool], max_len: int, max_prompt_len: int):
@@ -126,6 +128,9 @@ def encode_pairs(prefs, tokenizer, template: str, max_len: int, max_prompt_len: 
         st.pairs += 1
         if not all(any(s[1]) for s in sides):
             st.dropped += 1
+            continue
+        if sides[0][:2] == sides[1][:2]:
+            st.identical += 1
             continue
         st.prompt_truncated += any(s[2] for s in sides)
         st.response_truncated += any(s[3] for s in sides)
@@ -287,12 +292,17 @@ def train_pairs(cfg: DPOConfig, d, pairs: list[EncodedPair], eval_pairs: list[En
     check_seq_len(cfg.max_len, args, "max_len")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else folder
+    if ref_folder != folder:
+        check_same_architecture(ref_folder, args)
     with claim(cfg, d, inputs | {"--model": folder, "--ref_model": ref_folder}) as record:
         ref_model, ref_logps, eval_ref = reference(cfg, d, args, dtype, ref_folder, pad_id, pairs, eval_pairs)
         batches = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,
                                pad_id, ref_logps)
         eval_batches = None
         n_eval = len(eval_pairs) - len(eval_pairs) % (cfg.micro_batch_size * d.world)
+        if eval_pairs and not n_eval:
+            raise ConfigError(f"only {len(eval_pairs)} eval pairs, fewer than --micro_batch_size * world size = "
+                              f"{cfg.micro_batch_size * d.world}: give more eval data or a smaller micro batch")
         if n_eval:
             eval_batches = pair_batches(eval_pairs[:n_eval], n_eval, cfg.micro_batch_size, 1, 0, d, cfg.max_len,
                                         pad_id, eval_ref[:n_eval] if eval_ref is not None else None, shuffle=False)
@@ -324,6 +334,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     if d.main:
         print(stats.summary())
         print(f"{pst.pairs} pairs: {pst.prompt_truncated} with the prompt truncated, {pst.response_truncated} with a "
-              f"response truncated, {pst.dropped} dropped (nothing left to score)")
+              f"response truncated, {pst.dropped} dropped (nothing left to score), {pst.identical} dropped "
+              f"(chosen == rejected)")
     return train_pairs(cfg, d, pairs, eval_pairs, dtype, {"data": stats.summary(), **dataclasses.asdict(pst)},
                        inputs={"--data": cfg.data, "--eval_data": cfg.eval_data})

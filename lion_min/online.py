@@ -88,7 +88,8 @@ def gather(items: list, d: Dist) -> list:
 
 def sample_and_judge(cfg: OnlineConfig, d: Dist, policy_folder: Path, prompts: list, judge: Judge, seed: int,
                      dtype) -> list[dict]:
-    """Every prompt's samples (tokens and text) and scores; each rank does prompts[rank::world]."""
+    """Every prompt's samples (tokens and text) and scores; each rank does prompts[rank::world].
+    Prompts longer than --max_prompt_len tokens are cut to it (record["prompt_truncated"])."""
     tokenizer = Tokenizer.from_dir(policy_folder)
     model = load_model(policy_folder, dtype=dtype, device=d.device)
     stop = stop_token_ids(tokenizer, cfg.chat_template)
@@ -99,7 +100,9 @@ def sample_and_judge(cfg: OnlineConfig, d: Dist, policy_folder: Path, prompts: l
         idx = mine[start : start + cfg.sample_batch_size]
         messages = [with_system([{"role": "user", "content": prompts[i]}] if isinstance(prompts[i], str) else prompts[i],
                                 cfg.system_prompt) for i in idx]
-        ids = [encode_prompt(tokenizer, m, cfg.chat_template) for m in messages]
+        full = [encode_prompt(tokenizer, m, cfg.chat_template) for m in messages]
+        # A prompt longer than max_prompt_len keeps its BOS and its end (as DPO's truncate does).
+        ids = [p if len(p) <= cfg.max_prompt_len else p[:1] + p[len(p) - cfg.max_prompt_len + 1 :] for p in full]
         rows = [p for p in ids for _ in range(cfg.n_samples)]
         out = generate(model, rows, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                        top_k=cfg.top_k, stop_ids=stop, pad_id=pad_id, seed=seed * 100003 + d.rank * 1009 + start)
@@ -107,7 +110,8 @@ def sample_and_judge(cfg: OnlineConfig, d: Dist, policy_folder: Path, prompts: l
             samples = out[j * cfg.n_samples : (j + 1) * cfg.n_samples]
             texts = [tokenizer.decode([t for t in s if t not in stop]) for s in samples]
             records.append({"index": i, "messages": messages[j], "prompt_ids": ids[j], "samples": samples,
-                            "texts": texts, "scores": judge.score(messages[j], texts)})
+                            "texts": texts, "scores": judge.score(messages[j], texts),
+                            "prompt_truncated": len(full[j]) > cfg.max_prompt_len})
     del model
     return sorted(gather(records, d), key=lambda r: r["index"])
 
@@ -164,7 +168,9 @@ def run_round(cfg: OnlineConfig, d: Dist, k: int, policy: Path, ref_folder: Path
         write_jsonl(out_dir / f"round_{k}.jsonl", [
             {"prompt": r["messages"], "samples": r["texts"], "scores": r["scores"],
              "chosen": r.get("chosen"), "rejected": r.get("rejected"), "dropped": r["dropped"]} for r in records])
-        print(f"round {k}: mean judged reward {mean_score(records):.4f} | {len(pairs)} pairs | dropped: {dropped}")
+        cut = sum(r["prompt_truncated"] for r in records)
+        print(f"round {k}: mean judged reward {mean_score(records):.4f} | {len(pairs)} pairs | dropped: {dropped}"
+              + (f" | {cut} prompts cut to --max_prompt_len={cfg.max_prompt_len}" if cut else ""))
     if len(pairs) < cfg.batch_size:
         raise ValueError(f"round {k}: only {len(pairs)} usable pairs for batch_size={cfg.batch_size} "
                          f"(dropped: {dropped}); use more prompts or samples, or a smaller batch")

@@ -272,7 +272,14 @@ def read_prompts(path: str) -> list:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: no such file (expected prompts: .jsonl or one per line)")
-    lines = [(n, line) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    lines = []
+    for n, raw in enumerate(p.read_bytes().splitlines(), 1):  # n is the line an editor shows
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: line {n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if line.strip():
+            lines.append((n, line))
     if not lines:
         raise ConfigError(f"{path}: no prompts in the file")
     if p.suffix != ".jsonl":

@@ -72,12 +72,20 @@ def encode_conversations(convs, tokenizer, template: str, train_on: str, system_
     return [encode_chat(tokenizer, with_system(c, system_prompt), template, train_on=train_on) for c in convs]
 
 
-def sft_rows(convs, tokenizer, cfg: SFTConfig) -> Packed:
-    """Conversations -> packed (or padded) rows, as the config says."""
+def sft_rows(convs, tokenizer, cfg: SFTConfig, what: str = "--data") -> Packed:
+    """Conversations -> packed (or padded) rows, as the config says. Rows with nothing to train on
+    are refused, saying how many conversations lost their replies and why."""
     train_on = cfg.train_on if cfg.loss_mask else "all"
     examples = encode_conversations(convs, tokenizer, cfg.chat_template, train_on, cfg.system_prompt)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    return pack(examples, cfg.seq_len, pad_id, mode="pack" if cfg.packing else "pad", overflow=cfg.overflow)
+    packed = pack(examples, cfg.seq_len, pad_id, mode="pack" if cfg.packing else "pad", overflow=cfg.overflow)
+    if packed.target_tokens == 0:
+        lost = sum(not any(e.loss_mask[1 : cfg.seq_len]) for e in examples)
+        why = "dropped by --overflow=drop" if cfg.overflow == "drop" else "cut off by truncation"
+        raise ConfigError(f"{what}: no target tokens to train on: {lost} of {len(examples)} conversations have no "
+                          f"reply token within --seq_len={cfg.seq_len} ({why}; {packed.num_dropped} dropped, "
+                          f"{packed.num_truncated} truncated); raise --seq_len")
+    return packed
 
 
 def sft_objective(model, micro: dict, norm: float):
@@ -86,11 +94,12 @@ def sft_objective(model, micro: dict, norm: float):
     return sft_loss(logp, micro["targets"], norm), {"loss": -logp.detach().sum()}
 
 
-def eval_batches(packed: Packed, cfg: SFTConfig, d) -> Optional[Batches]:
+def eval_batches(packed: Packed, cfg: SFTConfig, d) -> Batches:
     """All eval rows in one pass; rows beyond a multiple of micro_batch_size * world are left out."""
     n = len(packed.rows["tokens"]) - len(packed.rows["tokens"]) % (cfg.micro_batch_size * d.world)
     if not n:
-        return None
+        raise ConfigError(f"only {len(packed.rows['tokens'])} eval rows, fewer than --micro_batch_size * world size "
+                          f"= {cfg.micro_batch_size * d.world}: give more eval data or a smaller micro batch")
     rows = {k: v[:n] for k, v in packed.rows.items()}
     return row_batches(rows, n, cfg.micro_batch_size, 1, 0, d, shuffle=False)
 
@@ -116,7 +125,7 @@ def run(cfg: SFTConfig) -> TrainResult:
 
     packed = sft_rows(convs, tokenizer, cfg)
     batches = row_batches(packed.rows, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d)
-    evals = eval_batches(sft_rows(eval_convs, tokenizer, cfg), cfg, d) if eval_convs else None
+    evals = eval_batches(sft_rows(eval_convs, tokenizer, cfg, "eval data"), cfg, d) if eval_convs else None
     summary = {
         "data": stats.summary(),
         "conversations": packed.num_examples, "rows": len(packed.rows["tokens"]),

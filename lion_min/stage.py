@@ -33,9 +33,27 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
     folder = folder or resolve_path(cfg.model, cfg.revision)
     args = read_config(folder)
     tokenizer = Tokenizer.from_dir(folder)
+    check_vocab(tokenizer, args, folder)
     model = build_from_folder(folder, args, d, param_dtype, activation_checkpointing=cfg.activation_checkpointing,
                               compile=cfg.compile, attn_backend=cfg.attn_backend)
     return model, args, tokenizer, folder
+
+
+def check_vocab(tokenizer: Tokenizer, args, folder: Path):
+    """Every token id must have an embedding row (a larger model vocabulary, padded, is fine)."""
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ConfigError(f"{folder}: the tokenizer has {tokenizer.vocab_size} token ids but config.json's "
+                          f"vocab_size (the embedding rows) is {args.vocab_size}; resizing embeddings is not supported")
+
+
+def check_same_architecture(ref_folder: Path, args, flag: str = "--ref_model"):
+    """The reference is run with the policy's architecture: refuse one of another shape."""
+    ref = read_config(ref_folder)
+    keys = ("family", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
+            "tie_embeddings")
+    diff = [f"{k} {getattr(ref, k)} vs {getattr(args, k)}" for k in keys if getattr(ref, k) != getattr(args, k)]
+    if diff:
+        raise ConfigError(f"{flag}={ref_folder}: another architecture than --model ({', '.join(diff)})")
 
 
 def export_dtype(cfg, folder: Path) -> Optional[torch.dtype]:

@@ -35,6 +35,19 @@ def files(tiny_chat_model, tmp_path_factory):
     (root / "empty_prompts.jsonl").write_text("\n")
     (root / "prefs_missing.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
                                               + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    (root / "sub").mkdir()
+    shutil.copy(good, root / "sub" / "chats.jsonl")
+    (root / "utf8_prompts.txt").write_bytes(b"fine\n\nalso fine\nbroken \xff here\n")
+    # Checkpoints broken in the ways a download or a hand edit breaks them.
+    model = tiny_chat_model["model"]
+    for name in ("corrupt", "types", "bigvocab", "otherarch"):
+        shutil.copytree(model, root / name)
+    data = (model / "model.safetensors").read_bytes()
+    (root / "corrupt" / "model.safetensors").write_bytes(data[: len(data) // 3])
+    config = json.loads((model / "config.json").read_text())
+    (root / "types" / "config.json").write_text(json.dumps(config | {"hidden_size": str(config["hidden_size"])}))
+    (root / "bigvocab" / "config.json").write_text(json.dumps(config | {"vocab_size": 100}))
+    (root / "otherarch" / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
     # A checkpoint whose tokenizer lacks ChatML's special tokens.
     plain = root / "plain_tok_model"
     shutil.copytree(tiny_chat_model["model"], plain)
@@ -85,6 +98,20 @@ CASES = [
     ("online", {"judge": "oracle"}, "unknown judge 'oracle'"),
     ("online", {"judge": "{root}/no_rm"}, "no_rm: no such checkpoint folder"),
     ("online", {"n_samples": 1}, "--n_samples=1: need at least 2 samples"),
+    ("online", {"prompts": "{root}/utf8_prompts.txt"}, "utf8_prompts.txt: line 4: not valid UTF-8"),
+    ("sft", {"model": "{root}/corrupt"}, "corrupt/model.safetensors: not a readable safetensors file"),
+    ("sft", {"model": "{root}/types"}, "types/config.json: hidden_size must be a positive integer, got '64'"),
+    ("sft", {"model": "{root}/bigvocab"}, "bigvocab: the tokenizer has 651 token ids but config.json's vocab_size (the embedding rows) is 100"),
+    ("dpo", {"ref_model": "{root}/otherarch"}, "otherarch: another architecture than --model (n_layers 1 vs 2)"),
+    ("sft", {"seq_len": 16}, "no target tokens to train on: 48 of 48 conversations have no reply token within "
+                             "--seq_len=16"),
+    ("sft", {"lr": 0}, "--lr=0.0: must be in (0, inf)"),
+    ("sft", {"label_smoothing": 0.1}, "unknown option --label_smoothing"),
+    ("dpo", {"loss_type": "ipo", "label_smoothing": 0.1}, "--label_smoothing=0.1 applies to --loss_type=sigmoid only"),
+    ("sft", {"attn_backend": "varlen"}, "--attn_backend=varlen needs a CUDA device and --dtype=bfloat16"),
+    ("sft", {"device": "cuda"}, "--device=cuda: no CUDA device is available here"),
+    ("sft", {"data": "{root}/sub/chats.jsonl", "out_dir": "{root}/sub"}, "contains --data="),
+    ("sft", {"out_dir": "{root}/empty.jsonl"}, "empty.jsonl: is a file, not a folder"),
 ]
 
 
