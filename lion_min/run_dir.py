@@ -178,18 +178,24 @@ def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optio
     prints, notes = result
     record = {"config": dataclasses.asdict(cfg), "inputs": prints}
     created, new_record = not out_dir.exists(), not (out_dir / "run.json").exists()
+    error = None
     if d.main:
         for note in notes:
             print(note)
-        if cfg.overwrite:
-            for pattern in RUN_FILES:
-                for p in out_dir.glob(pattern):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-        if not (out_dir / "run.json").is_file() or cfg.overwrite or not resuming:
-            (out_dir / "run.json").write_text(json.dumps(record, indent=2))
-    barrier(d)
+        try:
+            if cfg.overwrite:
+                for pattern in RUN_FILES:
+                    for p in out_dir.glob(pattern):
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+            if not (out_dir / "run.json").is_file() or cfg.overwrite or not resuming:
+                (out_dir / "run.json").write_text(json.dumps(record, indent=2))
+        except OSError as e:  # a read-only or full disk, a path through a file...
+            error = ConfigError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror or e})")
+    error = _broadcast(error, d)
+    if error is not None:
+        raise error
     try:
         yield record
     except BaseException:

@@ -34,7 +34,7 @@ from lion_min.losses import IGNORE_INDEX, global_mean
 from lion_min.packing import collate
 from lion_min.flops import document_lengths, mfu, mfu_useful, peak_flops
 from lion_min.parallel import Dist, all_reduce_sum, all_reduce_tensor, barrier
-from lion_min.train_state import load_checkpoint, resolve_resume, save_checkpoint
+from lion_min.train_state import CheckpointWriteError, load_checkpoint, resolve_resume, save_checkpoint
 
 Objective = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]]
 
@@ -286,8 +286,12 @@ def train(
         for k, v in sd.items():
             if not torch.isfinite(v).all():
                 raise FloatingPointError(f"final weights contain NaN/inf in {k}; not exported")
-        save_model(model, out_dir, tokenizer=tokenizer, dtype=export_dtype, state_dict=sd,
-                   chat_template=chat_template)
+        try:
+            save_model(model, out_dir, tokenizer=tokenizer, dtype=export_dtype, state_dict=sd,
+                       chat_template=chat_template)
+        except OSError as e:  # disk full, say: the export is written aside and moved in, so nothing half-made stays
+            raise CheckpointWriteError(f"{out_dir}: cannot write the Hugging Face export ({e.strerror or e}); "
+                                       f"the last checkpoint, if any, can be resumed") from e
         if summary is not None:
             (out_dir / "summary.json").write_text(json.dumps(summary | {"steps": total, "eval_loss": eval_loss}, indent=2))
         print(f"wrote the Hugging Face folder {out_dir}")

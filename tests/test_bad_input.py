@@ -112,6 +112,7 @@ CASES = [
     ("sft", {"device": "cuda"}, "--device=cuda: no CUDA device is available here"),
     ("sft", {"data": "{root}/sub/chats.jsonl", "out_dir": "{root}/sub"}, "contains --data="),
     ("sft", {"out_dir": "{root}/empty.jsonl"}, "empty.jsonl: is a file, not a folder"),
+    ("sft", {"out_dir": "/sys/lion_min_run"}, "--out_dir=/sys/lion_min_run: cannot write there"),
 ]
 
 

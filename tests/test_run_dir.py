@@ -154,3 +154,23 @@ def test_online_refuses_finished_rounds_of_another_judge(tiny_chat_model, tmp_pa
     with pytest.raises(ConfigError, match="holds another run: temperature differ"):
         train_online.main(argv[:-1] + ["--temperature=0.5"])
     assert snapshot(out) == before
+
+
+def test_disk_full_at_export_is_one_line_and_leaves_no_half_export(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from lion_min import checkpoint
+    from lion_min.config import run_cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: train_sft.main(sft_args(tiny_chat_model, out, max_steps=2)))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert "cannot write the Hugging Face export (No space left on device)" in err
+    assert not (out / "model.safetensors").exists() and not list(tmp_path.glob(".run.tmp-*"))
+    assert (out / "metrics.jsonl").read_text().count("\n") == 2  # the steps themselves are kept
