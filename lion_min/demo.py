@@ -244,9 +244,11 @@ DEBUG = {
 
 
 def presets(stage: str) -> dict[str, dict]:
-    """The demo's presets for a stage: "demo" and "debug" (the demo at a few steps)."""
-    return {"demo": SETTINGS[stage] | {"_doc": "the built-in demo on CPU (what no flags at all run)"},
-            "debug": SETTINGS[stage] | DEBUG[stage] | {"_doc": "the demo cut to a few steps, for a smoke test"}}
+    """The demo's presets for a stage: "demo" and "debug" (the demo at a few steps). Both replace
+    their own earlier run (overwrite): running the README's command again just runs it again."""
+    own = {"overwrite": True}
+    return {"demo": SETTINGS[stage] | own | {"_doc": "the built-in demo on CPU (what no flags at all run)"},
+            "debug": SETTINGS[stage] | DEBUG[stage] | own | {"_doc": "the demo cut to a few steps, for a smoke test"}}
 
 
 def wanted(stage: str):

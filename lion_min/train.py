@@ -192,6 +192,10 @@ def train(
         raise ValueError("no optimizer steps to run: the data gives fewer rows than one batch")
     optimizer = make_optimizer(model, cfg)
     start, tokens_seen, skipped = 0, 0, 0
+    summary_file = out_dir / "summary.json"
+    if cfg.resume and summary_file.is_file() and json.loads(summary_file.read_text()).get("steps") == total:
+        raise ConfigError(f"--resume: {out_dir} holds this run, finished ({total} steps) and exported: nothing to "
+                          f"do (--overwrite=true runs it again)")
     resume_from = resolve_resume(cfg, out_dir, d.main)
     if resume_from is not None:
         check_same_run(resume_from, cfg, run_record)

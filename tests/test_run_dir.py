@@ -104,13 +104,14 @@ def test_resume_refuses_another_run_and_allows_safe_changes(tiny_chat_model, tmp
 
 def test_torn_metrics_line_is_dropped_with_a_warning(tiny_chat_model, tmp_path, capsys):
     full, part = tmp_path / "full", tmp_path / "part"
-    train_sft.main(sft_args(tiny_chat_model, full, max_steps=6, save_every=2))
-    train_sft.main(sft_args(tiny_chat_model, part, max_steps=6, save_every=2))
+    train_sft.main(sft_args(tiny_chat_model, full, max_steps=6, save_every=2, lr_schedule="constant"))
+    # A run stopped after 4 of 6 steps (a constant schedule, so its first 4 steps are the full run's).
+    train_sft.main(sft_args(tiny_chat_model, part, max_steps=4, save_every=2, lr_schedule="constant"))
     with (part / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 7, "loss": 0.1')  # a crash mid-write
+        f.write('{"step": 5, "loss": 0.1')  # a crash mid-write
     capsys.readouterr()
-    train_sft.main(sft_args(tiny_chat_model, part, max_steps=6, save_every=2, resume="auto"))
-    assert "line 7 is not complete JSON" in capsys.readouterr().out
+    train_sft.main(sft_args(tiny_chat_model, part, max_steps=6, save_every=2, lr_schedule="constant", resume="auto"))
+    assert "line 5 is not complete JSON" in capsys.readouterr().out
     assert [without_timings(x) for x in lines(part)] == [without_timings(x) for x in lines(full)]
 
 
@@ -174,3 +175,12 @@ def test_disk_full_at_export_is_one_line_and_leaves_no_half_export(tiny_chat_mod
     assert "cannot write the Hugging Face export (No space left on device)" in err
     assert not (out / "model.safetensors").exists() and not list(tmp_path.glob(".run.tmp-*"))
     assert (out / "metrics.jsonl").read_text().count("\n") == 2  # the steps themselves are kept
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny_chat_model, tmp_path):
+    out = tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, out, save_every=2))
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match=r"holds this run, finished \(4 steps\) and exported: nothing to do"):
+        train_sft.main(sft_args(tiny_chat_model, out, save_every=2, resume="auto"))
+    assert snapshot(out) == before
