@@ -182,8 +182,15 @@ def test_judge_rule_reads_the_last_user_turn():
         demo.check("Why is the sky blue?", "so 85")
 
 
-def test_evaluate_accuracy_runs(tokenizer):
+def test_evaluate_accuracy_scores_the_decoded_replies(tokenizer, monkeypatch):
+    """Scripted generations, decoded without their end-of-turn token and checked against each
+    prompt's own sum: right, wrong sum, right without an end-of-turn (cut off), wrong final number."""
+    from lion_min import sample
+
+    stop = tokenizer.token_id("<|im_end|>")
+    replies = [("7+8=15, 4+3+1=8, so 85", True), ("2+4=6, 1+3=4, so 45", True), ("so 1", False), ("so 3", True)]
+    scripted = [tokenizer.encode(text) + ([stop] if ended else []) for text, ended in replies]
+    monkeypatch.setattr(sample, "generate", lambda model, ids, *a, **k: scripted[: len(ids)])
     model = Transformer(demo.demo_model_args(tokenizer))
-    model.init_weights(seed=0)
-    acc = demo.evaluate_accuracy(model, tokenizer, ["What is 47+38?", "What is 12+34?"], max_new_tokens=4)
-    assert acc == 0.0  # a random model does not end its reply with "so <sum>"
+    prompts = ["What is 47+38?", "What is 12+34?", "What is 0+1?", "What is 1+1?"]
+    assert demo.evaluate_accuracy(model, tokenizer, prompts) == 0.5  # the first and the third
