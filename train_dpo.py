@@ -7,16 +7,12 @@
 """
 
 import lion_min  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts)
-from lion_min import demo, dpo
-from lion_min.config import parse_cli, recipe_presets, run_cli
+from lion_min import dpo
+from lion_min.config import run_cli, stage_main
 
 
 def main(argv=None):
-    presets = demo.presets("dpo") | recipe_presets("dpo")
-    cfg = parse_cli(dpo.DPOConfig, presets, argv, default_preset=demo.wanted("dpo"), doc=__doc__)
-    if cfg.preset in ("demo", "debug"):
-        return demo.run_stage("dpo", cfg, dpo.run)
-    return dpo.run(cfg)
+    return stage_main(dpo.DPOConfig, dpo.run, argv, __doc__)
 
 
 if __name__ == "__main__":

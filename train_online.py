@@ -7,16 +7,12 @@
 """
 
 import lion_min  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts)
-from lion_min import demo, online
-from lion_min.config import parse_cli, recipe_presets, run_cli
+from lion_min import online
+from lion_min.config import run_cli, stage_main
 
 
 def main(argv=None):
-    presets = demo.presets("online") | recipe_presets("online")
-    cfg = parse_cli(online.OnlineConfig, presets, argv, default_preset=demo.wanted("online"), doc=__doc__)
-    if cfg.preset in ("demo", "debug"):
-        return demo.run_stage("online", cfg, online.run)
-    return online.run(cfg)
+    return stage_main(online.OnlineConfig, online.run, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,12 @@
 """
 
 import lion_min  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts)
-from lion_min import demo, sft
-from lion_min.config import parse_cli, recipe_presets, run_cli
+from lion_min import sft
+from lion_min.config import run_cli, stage_main
 
 
 def main(argv=None):
-    presets = demo.presets("sft") | recipe_presets("sft")
-    cfg = parse_cli(sft.SFTConfig, presets, argv, default_preset=demo.wanted("sft"), doc=__doc__)
-    if cfg.preset in ("demo", "debug"):
-        return demo.run_stage("sft", cfg, sft.run)
-    return sft.run(cfg)
+    return stage_main(sft.SFTConfig, sft.run, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -389,6 +389,20 @@ def help_text(cls, presets: dict[str, dict], doc: str = "") -> str:
     return "\n".join(parts)
 
 
+def stage_main(config_cls, run, argv: Optional[list[str]], doc: str):
+    """What each train_*.py script runs: the presets (the demo's and the recipes'), the command
+    line, then the stage, on the demo's files when the demo (or debug) preset is chosen, which is
+    what a command line without a model and data means (lion_min/demo.py)."""
+    from lion_min import demo
+
+    stage = config_cls.STAGE
+    presets = demo.presets(stage) | recipe_presets(stage)
+    cfg = parse_cli(config_cls, presets, argv, default_preset=demo.wanted(stage), doc=doc)
+    if cfg.preset in ("demo", "debug"):
+        return demo.run_stage(stage, cfg, run)
+    return run(cfg)
+
+
 def run_cli(main) -> None:
     """Run a stage's main(); bad input (a ValueError naming the file, line or key), a missing file,
     or a non-finite loss ends the process with that one line on stderr and exit status 2."""
