@@ -424,4 +424,5 @@ def run_cli(main) -> None:
     # others): exiting with it alive can abort a gloo rank at teardown ("terminate called without
     # an active exception", seen once in the 2-rank SFT test).
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank is done before any tears its connections down
         dist.destroy_process_group()
