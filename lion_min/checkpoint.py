@@ -121,7 +121,7 @@ def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         rope_theta=float(theta),
         rope_scaling=scaling,
         max_seq_len=cfg.get("max_position_embeddings", 8192),
-        # Gemma always ties its head; Llama says so in the config (3.2 does, 3.0/3.1 don't).
+        # Gemma checkpoints tie their head (the default when the key is absent); Llama says so (3.2 ties).
         tie_embeddings=cfg.get("tie_word_embeddings", family == "gemma"),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),

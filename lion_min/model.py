@@ -1,13 +1,16 @@
 """One decoder for Llama-3 (3.0, 3.1, 3.2) and Gemma (2b, 7b).
 
 The two families differ in a handful of places, each marked `# Gemma:` where it acts:
-RMSNorm scales by (1 + w), the embeddings are multiplied by sqrt(dim), the MLP gate is tanh-GELU
-instead of SiLU, and the output head is tied to the embedding. Llama-3.1/3.2 add the "llama3"
+RMSNorm scales by (1 + w), the embeddings are multiplied by sqrt(dim), and the MLP gate is
+tanh-GELU instead of SiLU (`family`); the output head is tied to the embedding when the config
+says so (`tie_embeddings`: Gemma's default, and Llama-3.2's). Llama-3.1/3.2 add the "llama3"
 RoPE frequency rescaling; Llama-3.2 ties the head too. head_dim is always explicit (Gemma-7b has
 head_dim 256 while dim / n_heads is 192).
 
-Nothing here knows about files, data or training: checkpoint.py builds ModelArgs from a
-config.json and fills the weights; losses.py turns the hidden states into log-probabilities.
+Nothing here reads files or data: checkpoint.py builds ModelArgs from a config.json and fills the
+weights. For training, forward(..., targets=) returns log p(target) per token through
+losses.token_logprobs (inside forward, so FSDP2 has the head gathered while it runs), and each
+block can recompute its activations in backward (activation checkpointing).
 """
 
 import math
@@ -28,7 +31,7 @@ FAMILIES = ("llama", "gemma")
 @dataclass
 class ModelArgs:
     family: str = "llama"
-    """'llama' or 'gemma'; switches the four documented differences."""
+    """'llama' or 'gemma'; switches the three documented differences (norm, embedding scale, GELU); tying is tie_embeddings."""
     vocab_size: int = 256
     dim: int = 64
     """hidden_size"""

@@ -1,7 +1,8 @@
 """Process group setup and the one function that wraps the model for training.
 
 `python train_x.py` runs as a world of one; `torchrun --nproc_per_node=N train_x.py` (and its
-multi-node form) sets RANK / WORLD_SIZE / MASTER_ADDR, which is all we read.
+multi-node form) sets RANK, WORLD_SIZE and LOCAL_RANK, read here, and MASTER_ADDR / MASTER_PORT,
+which init_process_group reads.
 """
 
 import os
