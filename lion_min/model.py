@@ -31,7 +31,8 @@ FAMILIES = ("llama", "gemma")
 @dataclass
 class ModelArgs:
     family: str = "llama"
-    """'llama' or 'gemma'; switches the three documented differences (norm, embedding scale, GELU); tying is tie_embeddings."""
+    """'llama' or 'gemma'; switches the three documented differences (norm, embedding scale, GELU);
+    the tied head is `tie_embeddings`."""
     vocab_size: int = 256
     dim: int = 64
     """hidden_size"""
