@@ -238,8 +238,8 @@ DEBUG = {
     "dpo": dict(model="out/debug/sft", out_dir="out/debug/dpo", max_steps=3, batch_size=4, micro_batch_size=2,
                 log_every=1),
     # judge "length": a debug model's replies are all wrong, so the demo rule would tie them all
-    "online": dict(model="out/debug/dpo", out_dir="out/debug/online", judge="length", max_new_tokens=8, rounds=1, n_samples=3,
-                   batch_size=2, micro_batch_size=2, log_every=1),
+    "online": dict(model="out/debug/dpo", out_dir="out/debug/online", judge="length", max_new_tokens=8, rounds=1,
+                   n_samples=3, batch_size=2, micro_batch_size=2, log_every=1),
 }
 
 
