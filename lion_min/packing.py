@@ -82,11 +82,15 @@ def pack(
     pad_id: int,
     mode: str = "pack",
     overflow: str = "truncate",
+    isolate: bool = True,
 ) -> Packed:
     """Lay examples (ids, loss mask) out in rows of exactly seq_len tokens.
 
     mode: "pack" fills rows with several examples (best-fit-decreasing); "pad" puts one example per
         row, right-padded.
+    isolate: False is the paper's ablation, naive packing: the documents of a row share one doc id
+        (the row's first), so they attend to the ones before them, and positions run on across
+        the row instead of restarting. Targets still never cross a document boundary.
     overflow: what to do with an example longer than seq_len: "truncate" keeps its first seq_len
         tokens (the cut-off token is not a target), "drop" leaves it out. Both are counted.
     """
@@ -128,8 +132,9 @@ def pack(
             trains = np.asarray(examples[i][1][1:n], dtype=bool)  # (n-1,)
             span = slice(start, start + n)
             rows["tokens"][r, span] = ids
-            rows["positions"][r, span] = np.arange(n)
-            rows["doc_ids"][r, span] = i
+            # isolate=False (the ablation): one document per row as far as attention and RoPE know.
+            rows["positions"][r, span] = np.arange(n) if isolate else np.arange(start, start + n)
+            rows["doc_ids"][r, span] = i if isolate else docs[0]
             # Position t predicts token t+1 of the same document; the document's last token
             # keeps IGNORE_INDEX, so no target crosses into the next document or padding.
             rows["targets"][r, start : start + n - 1] = np.where(trains, ids[1:], IGNORE_INDEX)

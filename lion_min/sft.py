@@ -39,6 +39,9 @@ class SFTConfig(DataConfig):
     """Tokens per packed row (LION: 8192; 2048 fits a 2B-8B model on one GPU without tuning)."""
     packing: bool = True
     """True: bin-pack conversations into rows; False: one conversation per row, padded."""
+    isolate_documents: bool = True
+    """False: the paper's ablation of naive packing: packed conversations attend to each other and
+    positions run on across the row (packing.pack isolate=False)."""
     loss_mask: bool = True
     """True: train on assistant replies only; False: on every token (the paper's ablation)."""
     train_on: str = "assistant"
@@ -78,7 +81,8 @@ def sft_rows(convs, tokenizer, cfg: SFTConfig, what: str = "--data") -> Packed:
     train_on = cfg.train_on if cfg.loss_mask else "all"
     examples = encode_conversations(convs, tokenizer, cfg.chat_template, train_on, cfg.system_prompt)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    packed = pack(examples, cfg.seq_len, pad_id, mode="pack" if cfg.packing else "pad", overflow=cfg.overflow)
+    packed = pack(examples, cfg.seq_len, pad_id, mode="pack" if cfg.packing else "pad", overflow=cfg.overflow,
+                  isolate=cfg.isolate_documents)
     if packed.target_tokens == 0:
         lost = sum(not any(e.loss_mask[1 : cfg.seq_len]) for e in examples)
         why = "dropped by --overflow=drop" if cfg.overflow == "drop" else "cut off by truncation"

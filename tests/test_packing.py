@@ -189,3 +189,35 @@ def test_packed_logprobs_equal_unpacked():
         with torch.no_grad():
             expected = model(single["tokens"], targets=single["targets"])[0]  # plain causal, positions 0..
         torch.testing.assert_close(logp[batch["doc_ids"] == i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_no_isolation_leaks_across_documents_exactly_as_naive_packing():
+    """The ablation (isolate=False): a document's log-probs change when another precedes it in
+    the row, and equal a plain causal run over the concatenated row; with isolation they do not."""
+    model = Transformer(ModelArgs(vocab_size=64, dim=32, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=48))
+    model.init_weights(std=0.2, seed=0)
+    first = ([1] + list(range(10, 19)), [False] + [True] * 9)
+    second = ([1] + list(range(30, 36)), [False] + [True] * 6)
+
+    def second_logps(isolate: bool) -> torch.Tensor:
+        packed = pack([first, second], 32, PAD, isolate=isolate)
+        assert len(packed.rows["tokens"]) == 1  # one row: first, then second
+        b = collate(packed.rows)
+        with torch.no_grad():
+            logp = model(b["tokens"], b["positions"], b["doc_ids"], targets=b["targets"])[0]
+        return logp[10:17], b
+
+    alone = collate(pack([second], 7, PAD).rows)
+    with torch.no_grad():
+        expected_alone = model(alone["tokens"], targets=alone["targets"])[0]
+    isolated, _ = second_logps(True)
+    torch.testing.assert_close(isolated, expected_alone, rtol=1e-5, atol=1e-5)
+    leaked, b = second_logps(False)
+    assert (leaked - expected_alone).abs().max() > 1e-2  # the second document now sees the first
+    assert b["positions"][0, :17].tolist() == list(range(17)) and set(b["doc_ids"][0, :17].tolist()) == {0}
+    # Naive packing is exactly a plain causal run over the concatenated documents.
+    row = torch.tensor([first[0] + second[0]])
+    with torch.no_grad():
+        plain = model(row, targets=b["targets"][:, :17])[0]
+    torch.testing.assert_close(leaked, plain[10:17], rtol=1e-5, atol=1e-5)
+    assert b["targets"][0, 9].item() == IGNORE_INDEX  # no target crosses the document boundary
