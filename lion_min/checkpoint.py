@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 from dataclasses import fields
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lion_min.chat import TEMPLATES, template_of
-from lion_min.hub import hub_error, looks_local
+from lion_min.hub import did_you_mean, hub_error, looks_local
 from lion_min.model import ModelArgs, Transformer
 
 
@@ -192,13 +191,10 @@ def resolve_path(path_or_hub_id: str, revision: Optional[str] = None) -> Path:
         return p
     if p.exists():
         raise CheckpointError(f"{p}: expected a checkpoint folder, found a file")
-    local = looks_local(path_or_hub_id)
-    if local or path_or_hub_id.count("/") != 1:
-        near = get_close_matches(p.name, [c.name for c in p.parent.iterdir() if c.is_dir()], n=1) if local \
-            and p.parent.is_dir() else []
-        raise CheckpointError(f"{path_or_hub_id}: no such checkpoint folder"
-                              + (f" (did you mean {p.parent / near[0]}?)" if near else "")
-                              + ("" if local else " (and not a hub id like org/name)"))
+    if looks_local(path_or_hub_id):
+        raise CheckpointError(f"{path_or_hub_id}: no such checkpoint folder{did_you_mean(path_or_hub_id)}")
+    if path_or_hub_id.count("/") != 1:
+        raise CheckpointError(f"{path_or_hub_id}: no such checkpoint folder (and not a hub id like org/name)")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*"]

@@ -86,7 +86,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 from urllib.parse import unquote
 
-from lion_min.hub import hub_error, looks_local
+from lion_min.hub import did_you_mean, hub_error, looks_local
 from lion_min.schemas import (PARSERS, PREFERENCE_SCHEMAS, SCHEMA_FIELDS, SFT_SCHEMAS, BadRecord, Columns,
                               Conversation, Preference, detect)
 
@@ -240,7 +240,7 @@ def resolve_files(path: str, revision: Optional[str] = None) -> list[Path]:
     hub = _parse_hub_spec(path)
     if hub is None:
         what = "no files match this glob" if glob.has_magic(path) else "no such file or folder"
-        hint = "" if looks_local(path) else " (and not a hub dataset like org/name)"
+        hint = did_you_mean(path) if looks_local(path) else " (and not a hub dataset like org/name)"
         raise DataError(f"{path}: {what}{hint}", path=path)
     return _hub_files(path, *hub, revision=revision)
 

@@ -162,7 +162,8 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(CheckpointError, match=r"no-such-org/no-such-model: could not get it from the Hugging Face hub "
-                                              r"\(HF_HUB_OFFLINE is set and there is no cached copy\)"):
+                                              r"\(HF_HUB_OFFLINE is set and there is no cached copy\); download "
+                                              r"it once with network access, or give a local path instead$"):
         load_model("no-such-org/no-such-model")
 
 
