@@ -116,7 +116,7 @@ def collect_curves(sft: Optional[Path] = None, dpo: Optional[Path] = None, onlin
     return curves
 
 
-def _mark_segments(ax, c: dict, legend: bool):
+def _mark_segments(ax, c: dict):
     """Name each DPO segment on a top axis (off the curves), shade every other one, and draw the
     step where the reference model changes."""
     starts = [step for step, _ in c["starts"]] + [c["step"][-1] if c["step"] else 0]
@@ -128,13 +128,15 @@ def _mark_segments(ax, c: dict, legend: bool):
         if i % 2:
             ax.axvspan(a, b, color="0.94", lw=0, zorder=0)
     for k, step in enumerate(c["ref_changes"]):
-        ax.axvline(step, color="tab:red", ls="--", lw=1.2, label="reference model changes" if legend and not k else None)
+        ax.axvline(step, color="tab:red", ls="--", lw=1.2, label=None if k else "reference model changes")
 
 
 def _step_label(c: dict) -> str:
     online = any(label.startswith("round") for _, label in c["starts"])
     offline = any(label == "offline DPO" for _, label in c["starts"])
-    return "step" + (" (offline DPO, then online rounds)" if online and offline else " (online rounds)" if online else "")
+    if not online:
+        return "step"
+    return "step (offline DPO, then online rounds)" if offline else "step (online rounds)"
 
 
 def plot_pipeline(out_png: Path, sft: Optional[Path] = None, dpo: Optional[Path] = None,
@@ -180,7 +182,7 @@ def plot_pipeline(out_png: Path, sft: Optional[Path] = None, dpo: Optional[Path]
                     ax.axhline(0, color="grey", lw=0.6)
                     ax.set(title="DPO implicit rewards", ylabel="beta * log(pi / pi_ref)")
                 ax.set_xlabel(_step_label(c))
-                _mark_segments(ax, c, legend=True)
+                _mark_segments(ax, c)
             else:
                 c = curves["judged"]
                 ax.plot(c["round"], c["mean_reward"], "o-")

@@ -303,8 +303,8 @@ def test_cli_takes_the_chat_template_from_the_model_folder(chat_model, tmp_path,
     (folder / "train_config.json").write_text(json.dumps({"chat_template": "gemma", "lr": 1e-5}))
     assert sample() == (gemma, f"chat template: gemma (from {folder / 'train_config.json'})")
     (folder / "train_config.json").write_text(json.dumps({"chat_template": "vicuna"}))
-    with pytest.raises(ConfigError, match=r"train_config.json: chat_template 'vicuna' is not one lion_min knows; "
-                                          r"pass --chat_template=none for raw text or name one \(llama3, gemma, chatml\)$"):
+    with pytest.raises(ConfigError, match=r"train_config.json: chat_template 'vicuna' is not one lion_min knows; pass "
+                                          r"--chat_template=none for raw text or name one \(llama3, gemma, chatml\)$"):
         sample()
     (folder / "train_config.json").unlink()
 
