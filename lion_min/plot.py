@@ -116,19 +116,42 @@ def collect_curves(sft: Optional[Path] = None, dpo: Optional[Path] = None, onlin
     return curves
 
 
+def segment_labels(starts: list[tuple[int, str]], end: float, lo: float,
+                   step_per_char: float) -> list[tuple[float, str]]:
+    """Where to name the DPO segments above a panel whose x axis runs from lo to past `end`: each
+    at its middle when every one has room (step_per_char: the steps one character takes at the
+    panel's width), else the online rounds under one name ("rounds 0-2") over their span. A label
+    never runs past either end of the axis."""
+    bounds = [s for s, _ in starts] + [end]
+    spans = [(a, b, label) for (a, label), b in zip(starts, bounds[1:])]
+    if not all(b - a >= (len(label) + 2) * step_per_char for a, b, label in spans):
+        rounds = [(a, b) for a, b, label in spans if label.startswith("round")]
+        spans = [s for s in spans if not s[2].startswith("round")]
+        if rounds:
+            n = len(rounds)
+            spans.append((rounds[0][0], rounds[-1][1], "round 0" if n == 1 else f"rounds 0-{n - 1}"))
+    out = []
+    for a, b, label in spans:
+        half = len(label) / 2 * step_per_char
+        out.append((min(max((a + b) / 2, lo + half), end - half), label))
+    return out
+
+
 def _mark_segments(ax, c: dict):
-    """Name each DPO segment on a top axis (off the curves), shade every other one, and draw the
+    """Name the DPO segments above the panel (off the curves), shade every other one, and draw the
     step where the reference model changes."""
-    starts = [step for step, _ in c["starts"]] + [c["step"][-1] if c["step"] else 0]
-    mids = [(a + b) / 2 for a, b in zip(starts, starts[1:])]
-    top = ax.secondary_xaxis("top")
-    top.set_xticks(mids, [label for _, label in c["starts"]])
-    top.tick_params(length=0, labelsize=9, labelcolor="dimgrey")
-    for i, (a, b) in enumerate(zip(starts, starts[1:])):
+    bounds = [step for step, _ in c["starts"]] + [c["step"][-1] if c["step"] else 0]
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
         if i % 2:
             ax.axvspan(a, b, color="0.94", lw=0, zorder=0)
     for k, step in enumerate(c["ref_changes"]):
         ax.axvline(step, color="tab:red", ls="--", lw=1.2, label=None if k else "reference model changes")
+    lo, hi = ax.get_xlim()
+    width_in = ax.get_position().width * ax.figure.get_figwidth()
+    step_per_char = (hi - lo) * (0.6 * 9 / 72) / width_in  # a 9-point character is about 0.6 em wide
+    for x, label in segment_labels(c["starts"], bounds[-1], lo, step_per_char):
+        ax.text(x, 1.01, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=9,
+                color="dimgrey", clip_on=False)
 
 
 def _step_label(c: dict) -> str:
@@ -158,7 +181,8 @@ def plot_pipeline(out_png: Path, sft: Optional[Path] = None, dpo: Optional[Path]
         raise ValueError("no metrics to plot: give at least one of --sft, --dpo, --online")
     cols = min(2, len(panels))
     rows = -(-len(panels) // cols)
-    with plt.rc_context({"font.size": 11, "axes.titlesize": 13, "legend.fontsize": 9}):
+    # axes.titlepad leaves room for the DPO segment names between a panel and its title
+    with plt.rc_context({"font.size": 11, "axes.titlesize": 13, "axes.titlepad": 16, "legend.fontsize": 9}):
         fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.6 * rows), squeeze=False)
         for ax in axes.flat[len(panels):]:
             ax.set_visible(False)

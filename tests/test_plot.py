@@ -114,3 +114,16 @@ def test_two_stages_draw_two_panels_side_by_side(pipeline, tmp_path):
     assert 1.2 < pixels.shape[1] / pixels.shape[0] < 1.6  # one panel
     pixels = image.imread(plot.plot_pipeline(tmp_path / "c.png", dpo=dpo))
     assert 2.4 < pixels.shape[1] / pixels.shape[0] < 3.2  # DPO loss and rewards, no empty row
+
+
+def test_segment_names_fit_or_the_rounds_share_one():
+    starts = [(0, "offline DPO"), (100, "round 0"), (200, "round 1")]
+    # Room for every name: each at the middle of its segment.
+    assert plot.segment_labels(starts, 300, 0, 1.0) == [(50, "offline DPO"), (150, "round 0"), (250, "round 1")]
+    # Short rounds (the demo's): one name over all of them, kept inside the axis.
+    starts = [(0, "offline DPO"), (125, "round 0"), (130, "round 1")]
+    assert plot.segment_labels(starts, 135, 0, 1.0) == [(62.5, "offline DPO"), (130, "rounds 0-1")]
+    assert plot.segment_labels(starts, 135, 0, 2.0) == [(62.5, "offline DPO"), (125, "rounds 0-1")]
+    assert plot.segment_labels(starts[:2], 135, 0, 2.0) == [(62.5, "offline DPO"), (128, "round 0")]
+    # A short first segment's name does not run off the left end either.
+    assert plot.segment_labels([(0, "offline DPO"), (4, "round 0")], 400, 0, 1.0)[0] == (5.5, "offline DPO")
