@@ -3,6 +3,7 @@ against the HBM-bandwidth ceiling.
 
     python bench/bench_sampler.py                        # CPU comparison (+ the CUDA part if a GPU is there)
     python bench/bench_sampler.py --roofline=true --roofline_shape=tiny --device=cpu   # smoke-run part 2
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_sampler.py --transformers=false --roofline=false  # short: lion_min only
 
 Part 1, on the CPU: one random Llama-shaped checkpoint (dim 256, 4 layers, vocab 2048 by default),
 a batch of prompts of different lengths, greedy, no stop tokens, so both sides produce exactly
@@ -15,13 +16,16 @@ fastest a step can be, and batch / that time the ceiling in tokens/s. Our cache 
 attention reads all of it every step (masked), so the full cache is counted.
 """
 
+import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+# As given, before torch loads OpenMP (importing lion_min afterwards sets PASSIVE too late to matter).
+WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "unset")
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,6 +43,8 @@ class BenchConfig:
     batch: int = 8
     new_tokens: int = 64
     repeats: int = 3
+    transformers: bool = True
+    """False: time lion_min alone (the short mode, e.g. to compare OMP_WAIT_POLICY settings)."""
     roofline: bool = True
     """Run part 2 (needs CUDA unless --device=cpu for a smoke run)."""
     roofline_shape: str = "gemma-2b"
@@ -66,6 +72,8 @@ def cpu_comparison(cfg: BenchConfig):
     import transformers
 
     transformers.logging.set_verbosity_error()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY {WAIT_POLICY}, "
+          f"1-min load average {os.getloadavg()[0]:.1f}")
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=8,
         num_key_value_heads=2, intermediate_size=4 * cfg.dim, max_position_embeddings=4096, pad_token_id=0,
@@ -96,11 +104,14 @@ def cpu_comparison(cfg: BenchConfig):
         results["hf"] = out[:, T:].tolist()
 
     n = cfg.batch * cfg.new_tokens
-    t_ours, t_hf = best_time(run_ours, cfg.repeats), best_time(run_hf, cfg.repeats)
+    t_ours = best_time(run_ours, cfg.repeats)
     print(f"part 1 (cpu, fp32, {torch.get_num_threads()} threads): dim {cfg.dim}, {cfg.n_layers} layers, "
           f"vocab {cfg.vocab_size}, batch {cfg.batch}, prompts {min(lens)}-{max(lens)} tokens, "
           f"{cfg.new_tokens} new tokens, greedy, best of {cfg.repeats}")
     print(f"  lion_min      {t_ours * 1e3:8.1f} ms  {n / t_ours:9.1f} tok/s")
+    if not cfg.transformers:
+        return
+    t_hf = best_time(run_hf, cfg.repeats)
     print(f"  transformers  {t_hf * 1e3:8.1f} ms  {n / t_hf:9.1f} tok/s")
     print(f"  ratio (lion_min / transformers tok/s): {t_hf / t_ours:.2f}x; "
           f"same tokens: {results['ours'] == results['hf']}")

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lion_min.chat import TEMPLATES, template_of
+from lion_min.hub import did_you_mean, hub_error, looks_local
 from lion_min.model import ModelArgs, Transformer
 
 
@@ -193,14 +194,17 @@ def generation_config(args: ModelArgs, stop_id: Optional[int] = None) -> dict:
 
 
 def resolve_path(path_or_hub_id: str, revision: Optional[str] = None) -> Path:
-    """A local folder as is; otherwise a hub id fetched with snapshot_download (which honours
-    HF_HUB_OFFLINE by using only the local cache)."""
+    """A local folder as is; otherwise a hub id (org/name) fetched with snapshot_download, which
+    honours HF_HUB_OFFLINE by using only the local cache. A name that looks like a local path
+    (hub.looks_local) is never sent to the hub: a missing one is reported as a missing folder."""
     p = Path(path_or_hub_id).expanduser()
     if p.is_dir():
         return p
     if p.exists():
         raise CheckpointError(f"{p}: expected a checkpoint folder, found a file")
-    if path_or_hub_id.count("/") != 1 or path_or_hub_id.startswith((".", "/", "~")):
+    if looks_local(path_or_hub_id):
+        raise CheckpointError(f"{path_or_hub_id}: no such checkpoint folder{did_you_mean(path_or_hub_id)}")
+    if path_or_hub_id.count("/") != 1:
         raise CheckpointError(f"{path_or_hub_id}: no such checkpoint folder (and not a hub id like org/name)")
     from huggingface_hub import snapshot_download
 
@@ -208,8 +212,7 @@ def resolve_path(path_or_hub_id: str, revision: Optional[str] = None) -> Path:
     try:
         return Path(snapshot_download(path_or_hub_id, revision=revision, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated, revision not found...
-        raise CheckpointError(f"{path_or_hub_id}: could not get it from the Hugging Face hub "
-                              f"(revision={revision}, HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}") from e
+        raise CheckpointError(hub_error(path_or_hub_id, e, revision)) from e
 
 
 def _read_json(file: Path) -> dict:

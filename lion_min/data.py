@@ -24,12 +24,13 @@ A source names where records come from:
     hf://org/name...            always the hub, never a local path (hf://datasets/org/name too)
 
 The forms combine in this order: `[hf://]org/name[@revision][/pattern][:split]`. A string is
-local when it names an existing file or folder or a glob that matches something; otherwise it is
-a hub dataset if it looks like one (org/name, not ending in a data-file extension). Hub files come
-through huggingface_hub (`hf_hub_download` for one file, else `snapshot_download`, both with
-repo_type="dataset"), so HF_HUB_OFFLINE=1 reads only the local cache. Without a pattern, the repo's
-.parquet files are used, else its .jsonl files, else its .json files (never a mix of types, so a
-dataset_infos.json beside parquet files is not read as data).
+local when it names an existing file or folder or a glob that matches something; a missing one
+that looks local (starts with . / or ~, or its first folder exists here: data/trian.jsonl) is an
+error, never a hub look-up; otherwise it is a hub dataset if it looks like one (org/name, not ending
+in a data-file extension). Hub files come through huggingface_hub (`hf_hub_download` for one
+file, else `snapshot_download`, both with repo_type="dataset"), so HF_HUB_OFFLINE=1 reads only the
+local cache. Without a pattern, the repo's .parquet files are used, else its .jsonl files, else its
+.json files (never a mix of types, so a dataset_infos.json beside parquet files is not read as data).
 
 File formats: JSONL, one JSON object per line (blank lines ignored); .json, either a JSON array of
 objects or JSON lines; Parquet (needs the optional pyarrow package).
@@ -85,6 +86,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 from urllib.parse import unquote
 
+from lion_min.hub import did_you_mean, hub_error, looks_local
 from lion_min.schemas import (PARSERS, PREFERENCE_SCHEMAS, SCHEMA_FIELDS, SFT_SCHEMAS, BadRecord, Columns,
                               Conversation, Preference, detect)
 
@@ -238,7 +240,8 @@ def resolve_files(path: str, revision: Optional[str] = None) -> list[Path]:
     hub = _parse_hub_spec(path)
     if hub is None:
         what = "no files match this glob" if glob.has_magic(path) else "no such file or folder"
-        raise DataError(f"{path}: {what} (and not a hub dataset like org/name)", path=path)
+        hint = did_you_mean(path) if looks_local(path) else " (and not a hub dataset like org/name)"
+        raise DataError(f"{path}: {what}{hint}", path=path)
     return _hub_files(path, *hub, revision=revision)
 
 
@@ -464,7 +467,7 @@ def _parse_hub_spec(spec: str) -> Optional[tuple[str, Optional[str], Optional[st
         return None
     repo_id, revision, pattern, split = m.groups()
     # A missing local file such as data/train.jsonl is a typo, not a hub dataset.
-    if not explicit and (pattern is None and repo_id.endswith(EXTENSIONS) or spec.startswith((".", "/", "~"))):
+    if not explicit and (pattern is None and repo_id.endswith(EXTENSIONS) or looks_local(spec)):
         return None
     return repo_id, unquote(revision) if revision else None, pattern, split
 
@@ -496,9 +499,7 @@ def _hub_files(spec: str, repo_id: str, spec_revision: Optional[str], pattern: O
             relpaths = [f.relative_to(root).as_posix() for f in found]
             files = found
     except Exception as e:  # offline without a cached copy, unknown repo, gated, revision not found...
-        offline = os.environ.get("HF_HUB_OFFLINE", "0")
-        raise DataError(f"{where}: not a local path, and could not get it from the Hugging Face hub "
-                        f"(HF_HUB_OFFLINE={offline}): {type(e).__name__}: {e}", path=spec) from e
+        raise DataError(hub_error(where, e), path=spec) from e
 
     pairs = list(zip(relpaths, files))
     if pattern:

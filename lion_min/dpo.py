@@ -24,14 +24,14 @@ from safetensors.torch import save_file
 
 from lion_min.chat import ChatEncoding, encode_chat, get_template
 from lion_min.checkpoint import resolve_path
-from lion_min.config import ConfigError, DataConfig
+from lion_min.config import ConfigError, DataConfig, format_config
 from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import DPO_LOSS_TYPES, dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
 from lion_min.parallel import Dist, all_reduce_sum, init_distributed
 from lion_min.run_dir import claim
 from lion_min.stage import (build_from_folder, check_same_architecture, check_seq_len, export_dtype, load_policy,
-                            resolve_dtype, with_system)
+                            opening_summary, resolve_dtype, with_system)
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import Batches, TrainResult, train
 
@@ -308,6 +308,17 @@ def train_pairs(cfg: DPOConfig, d, pairs: list[EncodedPair], eval_pairs: list[En
                                         pad_id, eval_ref[:n_eval] if eval_ref is not None else None, shuffle=False)
         objective = make_dpo_objective(cfg.beta, cfg.label_smoothing, cfg.loss_type, ref_model)
         summary = summary | {"pairs": len(pairs), "pairs_dropped_last_batch": batches.dropped_items}
+        if d.main:
+            scored = sum(sum(p.chosen.loss_mask) + sum(p.rejected.loss_mask) for p in pairs)
+            pairs_line = f"{len(pairs)} pairs"
+            if "prompt_truncated" in summary:  # offline DPO (an online round has printed its own)
+                pairs_line += (f" ({summary['prompt_truncated']} with the prompt truncated, "
+                               f"{summary['response_truncated']} with a response truncated, {summary['dropped']} "
+                               f"dropped: nothing left to score, {summary['identical']} dropped: chosen == rejected)")
+            lines = {"data": summary["data"].removeprefix("data: ")} if "data" in summary else {}
+            print(opening_summary(cfg, batches, "pairs", lines | {
+                "pairs": pairs_line, "target tokens": f"{scored:,} scored response tokens (chosen + rejected)",
+            }, eval_items=n_eval, export_dtype=export_dtype(cfg, folder)))
         return train(cfg, model, objective, batches, d, eval_batches=eval_batches, tokenizer=tokenizer,
                      chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.max_len,
                      export_dtype=export_dtype(cfg, folder), summary=summary, run_record=record)
@@ -321,7 +332,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, d.device)
     if d.main:
-        print(f"config: {dataclasses.asdict(cfg)}")
+        print(f"config:\n{format_config(cfg)}")
     tokenizer = Tokenizer.from_dir(resolve_path(cfg.model, cfg.revision))
     prefs, stats = load_preferences(cfg.data, schema=cfg.schema, skip_bad=cfg.skip_bad, seed=cfg.seed)
     if cfg.eval_data:
@@ -331,10 +342,5 @@ def run(cfg: DPOConfig) -> TrainResult:
     pairs, pst = encode_pairs(prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len, cfg.system_prompt)
     eval_pairs, _ = encode_pairs(eval_prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len,
                                  cfg.system_prompt)
-    if d.main:
-        print(stats.summary())
-        print(f"{pst.pairs} pairs: {pst.prompt_truncated} with the prompt truncated, {pst.response_truncated} with a "
-              f"response truncated, {pst.dropped} dropped (nothing left to score), {pst.identical} dropped "
-              f"(chosen == rejected)")
     return train_pairs(cfg, d, pairs, eval_pairs, dtype, {"data": stats.summary(), **dataclasses.asdict(pst)},
                        inputs={"--data": cfg.data, "--eval_data": cfg.eval_data})

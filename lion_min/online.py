@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from lion_min.chat import ChatEncoding, stop_token_ids
 from lion_min.checkpoint import load_model, resolve_path, save_model
-from lion_min.config import ConfigError
+from lion_min.config import ConfigError, format_config
 from lion_min.dpo import DPOConfig, EncodedPair, check_config as check_dpo_config, train_pairs, truncate
 from lion_min.judges import Judge, make_judge
 from lion_min.parallel import Dist, barrier, init_distributed
@@ -193,7 +193,7 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
     prompts = read_prompts(cfg.prompts)
     judge = judge or make_judge(cfg.judge, chat_template=cfg.chat_template, dtype=dtype, device=d.device)
     if d.main:
-        print(f"config: {dataclasses.asdict(cfg)}")
+        print(f"config:\n{format_config(cfg)}")
         print(f"{len(prompts)} prompts, judge {cfg.judge!r}, {cfg.rounds} round(s) of {cfg.n_samples} samples each")
     judge_dir = cfg.judge.removeprefix("pairrm:")
     inputs = {"--model": start_folder, "--ref_model": ref_folder, "--prompts": cfg.prompts, "--judge": judge_dir}

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from lion_min.config import ConfigError
-from lion_min.parallel import Dist, barrier
+from lion_min.parallel import Dist
 
 # Keys that do not change what a step computes: cadence of logging, eval and saving; how the global
 # batch is split (the loss is invariant to micro_batch_size and world size); hardware and speed;

@@ -1,7 +1,10 @@
 """Batched sampling with a preallocated KV cache (gpt-fast style), and a small CLI.
 
-    python -m lion_min.sample --model=DIR --prompt="Why is the sky blue?" --chat_template=gemma
+    python -m lion_min.sample --model=DIR --prompt="Why is the sky blue?"
     python -m lion_min.sample --model=DIR --prompts_file=prompts.jsonl --temperature=0.7 --top_p=0.9
+
+The chat template comes from the model folder unless --chat_template names one (none = raw text);
+one line says which is used.
 
 How a batch runs: prompts of different lengths are left-padded to the longest one, T. Padding has
 doc id -1 and real tokens doc id 0, and positions restart at 0 at each row's first real token, so
@@ -241,7 +244,7 @@ def generate(
 
 @dataclass
 class SampleConfig:
-    CHOICES = {"chat_template": ("chatml", "llama3", "gemma", "none")}
+    CHOICES = {"chat_template": ("auto", "chatml", "llama3", "gemma", "none")}
 
     model: str = ""
     """Hugging Face checkpoint folder (or hub id) holding the weights and tokenizer.json."""
@@ -250,8 +253,10 @@ class SampleConfig:
     prompts_file: str = ""
     """More prompts: .jsonl with a "prompt" field per line (text, or a list of messages), or plain
     text with one prompt per line."""
-    chat_template: str = "none"
-    """chatml | llama3 | gemma | none (raw text, preceded by the tokenizer's BOS if it has one)."""
+    chat_template: str = "auto"
+    """auto (the model folder's: the chat_template of the lion_min run that wrote it, else its
+    tokenizer's template if it is a known one) | chatml | llama3 | gemma | none (raw text, preceded
+    by the tokenizer's BOS if it has one)."""
     max_new_tokens: int = 128
     temperature: float = 1.0
     """0 = greedy."""
@@ -307,10 +312,33 @@ def encode_prompt(tokenizer, prompt, chat_template: str) -> list[int]:
     return encode_chat(tokenizer, messages, chat_template, add_generation_prompt=True).input_ids
 
 
+def folder_template(folder: Path, tokenizer) -> tuple[str, str]:
+    """--chat_template=auto: (the template's name, where it came from) for a model folder. The
+    train_config.json that a lion_min run writes beside its export names the template it trained
+    with; otherwise the tokenizer's Jinja template (chat_template.jinja or tokenizer_config.json) must
+    be exactly one that lion_min knows. A folder with no template at all gets raw text."""
+    from lion_min.chat import TEMPLATES, template_of
+    from lion_min.config import ConfigError
+
+    run = folder / "train_config.json"
+    name = json.loads(run.read_text()).get("chat_template") if run.is_file() else None
+    advice = f"pass --chat_template=none for raw text or name one ({', '.join(TEMPLATES)})"
+    if name:
+        if name not in TEMPLATES:
+            raise ConfigError(f"{run}: chat_template {name!r} is not one lion_min knows; {advice}")
+        return name, f"from {run}"
+    if tokenizer.chat_template is None:
+        return "none", f"{folder} has no chat template: raw text"
+    known = template_of(tokenizer.chat_template)
+    if known is None:
+        raise ConfigError(f"{folder}: its tokenizer's chat template is not one lion_min knows; {advice}")
+    return known.name, f"the tokenizer's template in {folder}"
+
+
 def main(argv: Optional[list[str]] = None) -> list[str]:
     from lion_min.chat import get_template, stop_token_ids
     from lion_min.checkpoint import load_model, resolve_path
-    from lion_min.config import ConfigError, parse_cli
+    from lion_min.config import ConfigError, format_config, parse_cli
     from lion_min.stage import resolve_dtype
     from lion_min.tokenizer import Tokenizer
 
@@ -319,21 +347,24 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
         raise ConfigError("--model=DIR is required")
     if not cfg.prompt and not cfg.prompts_file:
         raise ConfigError("give --prompt=TEXT or --prompts_file=FILE")
-    if cfg.chat_template != "none":
+    if cfg.chat_template not in ("none", "auto"):
         get_template(cfg.chat_template)  # unknown names fail here, before loading anything
     prompts = ([cfg.prompt] if cfg.prompt else []) + (read_prompts(cfg.prompts_file) if cfg.prompts_file else [])
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     folder = resolve_path(cfg.model)
-    model = load_model(folder, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(folder)
-    if cfg.chat_template == "none":
+    template, why = (folder_template(folder, tokenizer) if cfg.chat_template == "auto"
+                     else (cfg.chat_template, "--chat_template"))
+    ids = [encode_prompt(tokenizer, p, template) for p in prompts]  # bad prompts fail before the weights load
+    model = load_model(folder, dtype=dtype, device=device)
+    if template == "none":
         stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     else:
-        stop = stop_token_ids(tokenizer, cfg.chat_template)
-    ids = [encode_prompt(tokenizer, p, cfg.chat_template) for p in prompts]
-    print(f"config: {dataclasses.asdict(cfg)}")
+        stop = stop_token_ids(tokenizer, template)
+    print(f"config:\n{format_config(cfg)}")
+    print(f"chat template: {template} ({why})")
     out, stats = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                           top_k=cfg.top_k, stop_ids=stop, pad_id=tokenizer.pad_id or 0, seed=cfg.seed,
                           batch_size=cfg.batch_size, return_stats=True)

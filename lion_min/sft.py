@@ -7,20 +7,19 @@ targets unless loss_mask is off. The objective is the token mean of -log p over 
 the global batch (losses.sft_loss), whatever the micro-batching or world size.
 """
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from lion_min.chat import ChatEncoding, encode_chat, get_template
-from lion_min.config import ConfigError, DataConfig
+from lion_min.config import ConfigError, DataConfig, format_config
 from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import Packed, pack
 from lion_min.parallel import init_distributed
 from lion_min.run_dir import claim
-from lion_min.stage import check_seq_len, export_dtype, load_policy, resolve_dtype, with_system
+from lion_min.stage import check_seq_len, export_dtype, load_policy, opening_summary, resolve_dtype, with_system
 from lion_min.train import Batches, TrainResult, row_batches, train
 
 
@@ -114,7 +113,7 @@ def run(cfg: SFTConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, d.device)
     if d.main:
-        print(f"config: {dataclasses.asdict(cfg)}")
+        print(f"config:\n{format_config(cfg)}")
     model, args, tokenizer, folder = load_policy(cfg, d, dtype)
     check_seq_len(cfg.seq_len, args)
 
@@ -137,10 +136,13 @@ def run(cfg: SFTConfig) -> TrainResult:
         "target_tokens": packed.target_tokens, "rows_dropped_last_batch": batches.dropped_items,
     }
     if d.main:
-        print(stats.summary())
-        print(f"packed {packed.num_examples} conversations into {len(packed.rows['tokens'])} rows of {cfg.seq_len} "
-              f"tokens: efficiency {packed.efficiency:.3f}, {packed.target_tokens} target tokens, "
-              f"{packed.num_truncated} truncated, {packed.num_dropped} dropped")
+        print(opening_summary(cfg, batches, "rows", {
+            "data": stats.summary().removeprefix("data: "),
+            "rows": f"{len(packed.rows['tokens'])} rows of {cfg.seq_len} tokens from {packed.num_examples} "
+                    f"conversations ({packed.num_truncated} truncated, {packed.num_dropped} dropped), "
+                    f"packing efficiency {packed.efficiency:.3f}",
+            "target tokens": f"{packed.target_tokens:,}",
+        }, eval_items=evals.num_items if evals else 0, export_dtype=export_dtype(cfg, folder)))
     inputs = {"--model": folder, "--data": cfg.data, "--eval_data": cfg.eval_data}
     with claim(cfg, d, inputs) as record:
         return train(cfg, model, sft_objective, batches, d, eval_batches=evals, tokenizer=tokenizer,

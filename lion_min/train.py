@@ -362,19 +362,20 @@ def check_same_run(checkpoint: Path, cfg, run_record: Optional[dict]):
         print(f"note: resuming {checkpoint} with {k}={getattr(cfg, k)!r} (was {run['config'].get(k)!r})")
 
 
-# The progress line: these keys first, in this order, then any other metric of the stage.
+# The progress line: these keys, in this order. The rejected reward is left to metrics.jsonl and
+# the curves (it is chosen - margin), so a DPO line stays under ~160 characters.
 PROGRESS = [("loss", "loss", "{:.4f}"), ("rewards/accuracies", "acc", "{:.3f}"), ("rewards/margins", "margin", "{:.3f}"),
-            ("rewards/chosen", "chosen", "{:+.3f}"), ("rewards/rejected", "rejected", "{:+.3f}")]
+            ("rewards/chosen", "chosen", "{:+.3f}")]
 
 
 def progress_line(line: dict, total: int, eta: float) -> str:
-    """One line per logged step: step, the stage's metrics, lr, grad norm, tokens/s, (MFU,) memory, eta."""
+    """One line per logged step: step, the stage's metrics, lr, grad norm, tokens/s, (MFU,) memory, eta;
+    on an eval step a second line with the eval metrics."""
     parts = [f"step {line['step']}/{total}"]
     parts += [f"{short} {fmt.format(line[key])}" for key, short, fmt in PROGRESS if key in line]
     parts += [f"lr {line['lr']:.2e}", f"gnorm {line['grad_norm']:.3f}", f"{line['tokens_per_s']:,.0f} tok/s"]
     if "mfu" in line:
         parts.append(f"mfu {100 * line['mfu']:.1f}%")
-    parts += [f"mem {line['memory_gib']:.2f}GiB", f"eta {fmt_time(eta)}"]
-    if "eval/loss" in line:
-        parts.append(f"eval_loss {line['eval/loss']:.4f}")
-    return " | ".join(parts)
+    parts += [f"mem {line['memory_gib']:.1f}GiB", f"eta {fmt_time(eta)}"]
+    evals = [f"{short} {fmt.format(line['eval/' + key])}" for key, short, fmt in PROGRESS if "eval/" + key in line]
+    return " | ".join(parts) + ("\n  eval: " + " | ".join(evals) if evals else "")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -160,7 +161,9 @@ def test_missing_folder_and_pickled_weights(hf_checkpoints, tmp_path):
 def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(CheckpointError, match="no-such-org/no-such-model: could not get it from the Hugging Face hub"):
+    with pytest.raises(CheckpointError, match=r"no-such-org/no-such-model: could not get it from the Hugging Face hub "
+                                              r"\(HF_HUB_OFFLINE is set and there is no cached copy\); download "
+                                              r"it once with network access, or give a local path instead$"):
         load_model("no-such-org/no-such-model")
 
 
@@ -399,3 +402,74 @@ def test_stale_export_files_are_removed_and_permissions_are_ordinary(tmp_path):
     names = {f.name for f in out.iterdir()}
     assert names == {"config.json", "generation_config.json", "model.safetensors", "metrics.jsonl"}
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o640
+
+
+# --- local path or hub id (lion_min/hub.py) ----------------------------------------------------------
+
+
+def hub_exception(name: str, message: str = "first line\nsecond line"):
+    """A real huggingface_hub exception, built without the HTTP response its __init__ asks for."""
+    import huggingface_hub.errors
+
+    cls = getattr(huggingface_hub.errors, name)
+    e = cls.__new__(cls)
+    Exception.__init__(e, message)
+    return e
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """snapshot_download replaced by a recorder that fails like an unreachable hub."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake(repo_id, **kw):
+        calls.append(repo_id)
+        raise hub_exception("LocalEntryNotFoundError")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return calls
+
+
+def test_a_missing_local_looking_path_is_a_missing_folder_not_a_hub_id(no_hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "debug" / "sft").mkdir(parents=True)
+    for name in ["./nope", "../nope", str(tmp_path / "nope"), "~/no-such-lion-min-folder", "out/nope"]:
+        with pytest.raises(CheckpointError, match=r"^[^\n]*: no such checkpoint folder$"):
+            load_model(name)
+    with pytest.raises(CheckpointError, match=r"^out/debug/sfft: no such checkpoint folder \(did you mean "
+                                              r"out/debug/sft\?\)$"):
+        load_model("out/debug/sfft")
+    assert no_hub == []  # none of them was looked up on the hub
+    with pytest.raises(CheckpointError, match=r"^org/model: could not get it from the Hugging Face hub"):
+        load_model("org/model")  # no ./org folder here: a hub id
+    assert no_hub == ["org/model"]
+
+
+@pytest.mark.parametrize("kind, why", [
+    ("LocalEntryNotFoundError", "the hub could not be reached and there is no cached copy"),
+    ("RepositoryNotFoundError", r"no such repo, or it is private \(log in with `hf auth login`\)"),
+    ("GatedRepoError", "the repo is gated: accept its terms"),
+    ("RevisionNotFoundError", "no revision 'v9' in the repo"),
+    ("ConnectionError", "ConnectionError: first line"),
+])
+def test_hub_errors_are_one_line_and_say_how_to_work_offline(kind, why, monkeypatch):
+    import builtins
+
+    import huggingface_hub
+
+    error = getattr(builtins, kind, None)
+    error = error("first line\nsecond line") if error else hub_exception(kind)
+
+    def fail(repo_id, **kw):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(CheckpointError) as info:
+        load_model("org/model", revision="v9")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert re.match(rf"org/model at revision v9: could not get it from the Hugging Face hub \({why}.*\); to work "
+                    rf"offline, set HF_HUB_OFFLINE=1 with a cached copy, or give a local path instead$", msg), msg

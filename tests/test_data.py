@@ -455,9 +455,30 @@ def test_hub_failure_is_a_data_error(monkeypatch):
         raise OSError("gated repo")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
-    with pytest.raises(DataError, match=r"org/private:train: hub dataset org/private: not a local path, and could "
-                                        r"not get it from the Hugging Face hub \(HF_HUB_OFFLINE=.*\): OSError: gated"):
+    with pytest.raises(DataError, match=r"^org/private:train: hub dataset org/private: could not get it from the "
+                                        r"Hugging Face hub \(OSError: gated repo\); to work offline, set "
+                                        r"HF_HUB_OFFLINE=1 with a cached copy, or give a local path instead$"):
         load_conversations("org/private:train")
+
+
+def test_a_missing_local_looking_source_is_never_looked_up_on_the_hub(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    for spec in ["mydata/train", "mydata/train:sft", "./org/ds", "../org/ds", "~/org/ds", str(tmp_path / "x")]:
+        with pytest.raises(DataError, match=rf"^{re.escape(spec)}: no such file or folder$"):
+            resolve_files(spec)
+    write_jsonl(tmp_path / "mydata" / "train.jsonl", numbered(1))
+    with pytest.raises(DataError, match=r"^mydata/trian.jsonl: no such file or folder \(did you mean "
+                                        r"mydata/train.jsonl\?\)$"):
+        resolve_files("mydata/trian.jsonl")
+    assert fake_hub == []
+    resolve_files("org/ds:train")  # no ./org folder: a hub dataset
+    assert fake_hub[-1][:2] == ("snapshot", "org/ds")
+    (tmp_path / "org").mkdir()  # now org/ds reads as a local path; hf:// still means the hub
+    with pytest.raises(DataError, match=r"^org/ds: no such file or folder$"):
+        resolve_files("org/ds")
+    resolve_files("hf://org/ds:train")
+    assert fake_hub[-1][:2] == ("snapshot", "org/ds") and len(fake_hub) == 2
 
 
 def _cached_dataset(cache: Path, repo_id: str, files: dict[str, list]) -> None:
@@ -480,6 +501,7 @@ def test_hf_hub_offline_uses_the_cache_or_says_so(tmp_path, monkeypatch):
     _cached_dataset(tmp_path / "cache", "org/cached", {"data/train.jsonl": numbered(2), "data/test.jsonl": numbered(1)})
     assert ids(load_conversations("org/cached:train")[0]) == ["q0", "q1"]
     assert ids(load_conversations("org/cached/data/test.jsonl")[0]) == ["q0"]
-    with pytest.raises(DataError, match=r"org/missing: hub dataset org/missing: not a local path, and could not get "
-                                        r"it from the Hugging Face hub \(HF_HUB_OFFLINE=1\)"):
+    with pytest.raises(DataError, match=r"^org/missing: hub dataset org/missing: could not get it from the Hugging "
+                                        r"Face hub \(HF_HUB_OFFLINE is set and there is no cached copy\); download it "
+                                        r"once with network access, or give a local path instead$"):
         load_conversations("org/missing")

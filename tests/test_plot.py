@@ -27,9 +27,13 @@ def pipeline(tmp_path):
     sft, dpo, online = tmp_path / "sft", tmp_path / "dpo", tmp_path / "online"
     write_run(sft, [{"step": i + 1, "loss": 3.0 - i} for i in range(3)], {"model": ""},
               evals=[{"step": 3, "eval/loss": 1.5}])
-    write_run(dpo, dpo_rows(2, 10.0), {"model": str(sft), "beta": 0.1})
-    write_run(online / "round_0", dpo_rows(2, 20.0), {"model": str(dpo), "beta": 0.1})
-    write_run(online / "round_1", dpo_rows(3, 30.0), {"model": str(online / "round_0"), "beta": 0.1})
+    # As the stages write them: offline DPO scores against the SFT model (ref_model ""), every online
+    # round against the offline DPO policy.
+    write_run(dpo, dpo_rows(2, 10.0), {"model": str(sft), "ref_model": "", "beta": 0.1},
+              evals=[{"step": 2, "eval/loss": 9.5}])
+    write_run(online / "round_0", dpo_rows(2, 20.0), {"model": str(dpo), "ref_model": str(dpo), "beta": 0.1})
+    write_run(online / "round_1", dpo_rows(3, 30.0), {"model": str(online / "round_0"), "ref_model": str(dpo),
+                                                      "beta": 0.1}, evals=[{"step": 3, "eval/loss": 29.0}])
     (online / "summary.json").write_text(json.dumps(
         {"rounds": [{"round": 0, "mean_reward": 0.5}, {"round": 1, "mean_reward": 0.6}], "mean_reward_final": 0.7}))
     return sft, dpo, online
@@ -44,6 +48,8 @@ def test_curves_are_the_metrics_in_order(pipeline):
     assert c["dpo"]["loss"] == [10.0, 11.0, 20.0, 21.0, 30.0, 31.0, 32.0]
     assert c["dpo"]["rewards/margins"] == pytest.approx([0, 0.2, 0, 0.2, 0, 0.2, 0.4])
     assert c["dpo"]["starts"] == [(0, "offline DPO"), (2, "round 0"), (4, "round 1")]
+    assert c["dpo"]["ref_changes"] == [2]  # SFT model -> offline DPO policy; the rounds keep theirs
+    assert (c["dpo"]["eval_step"], c["dpo"]["eval_loss"]) == ([2, 7], [9.5, 29.0])
     assert c["judged"] == {"round": [0, 1, 2], "mean_reward": [0.5, 0.6, 0.7]}
 
 
@@ -62,7 +68,7 @@ def test_png_is_drawn(pipeline, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temporary file left
     pixels = image.imread(out)
-    assert pixels.shape[1] > 3 * pixels.shape[0]  # four panels side by side
+    assert 1.2 < pixels.shape[1] / pixels.shape[0] < 1.6  # four panels, 2 x 2
     # Lines in colour were drawn: a blank figure is all white/grey.
     rgb = pixels[..., :3]
     coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3
@@ -90,3 +96,34 @@ def test_cli_names_a_missing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--dpo=.*nowhere: no metrics.jsonl there"):
         plot.main([f"--dpo={tmp_path / 'nowhere'}", f"--out={tmp_path / 'c.png'}"])
     assert not (tmp_path / "c.png").exists()
+
+
+def test_step_axis_names_online_rounds_only_when_there_were_some(pipeline, tmp_path):
+    sft, dpo, online = pipeline
+    assert plot._step_label(plot.collect_curves(dpo=dpo)["dpo"]) == "step"
+    assert plot._step_label(plot.collect_curves(dpo=dpo, online=online)["dpo"]) == \
+        "step (offline DPO, then online rounds)"
+    assert plot._step_label(plot.collect_curves(online=online)["dpo"]) == "step (online rounds)"
+    assert plot.collect_curves(dpo=dpo)["dpo"]["ref_changes"] == []
+
+
+def test_two_stages_draw_two_panels_side_by_side(pipeline, tmp_path):
+    image = pytest.importorskip("matplotlib.image")
+    sft, dpo, _ = pipeline
+    pixels = image.imread(plot.plot_pipeline(tmp_path / "c.png", sft=sft))
+    assert 1.2 < pixels.shape[1] / pixels.shape[0] < 1.6  # one panel
+    pixels = image.imread(plot.plot_pipeline(tmp_path / "c.png", dpo=dpo))
+    assert 2.4 < pixels.shape[1] / pixels.shape[0] < 3.2  # DPO loss and rewards, no empty row
+
+
+def test_segment_names_fit_or_the_rounds_share_one():
+    starts = [(0, "offline DPO"), (100, "round 0"), (200, "round 1")]
+    # Room for every name: each at the middle of its segment.
+    assert plot.segment_labels(starts, 300, 0, 1.0) == [(50, "offline DPO"), (150, "round 0"), (250, "round 1")]
+    # Short rounds (the demo's): one name over all of them, kept inside the axis.
+    starts = [(0, "offline DPO"), (125, "round 0"), (130, "round 1")]
+    assert plot.segment_labels(starts, 135, 0, 1.0) == [(62.5, "offline DPO"), (130, "rounds 0-1")]
+    assert plot.segment_labels(starts, 135, 0, 2.0) == [(62.5, "offline DPO"), (125, "rounds 0-1")]
+    assert plot.segment_labels(starts[:2], 135, 0, 2.0) == [(62.5, "offline DPO"), (128, "round 0")]
+    # A short first segment's name does not run off the left end either.
+    assert plot.segment_labels([(0, "offline DPO"), (4, "round 0")], 400, 0, 1.0)[0] == (5.5, "offline DPO")

@@ -268,7 +268,53 @@ def test_cli_end_to_end(chat_model, tmp_path, capsys):
     # Plain text file, raw prompts (BOS + text).
     plain = tmp_path / "prompts.txt"
     plain.write_text("first prompt\n\nsecond prompt\n")
-    assert len(main([f"--model={chat_model}", f"--prompts_file={plain}", "--max_new_tokens=3", "--device=cpu"])) == 2
+    assert len(main([f"--model={chat_model}", f"--prompts_file={plain}", "--chat_template=none", "--max_new_tokens=3",
+                     "--device=cpu"])) == 2
+
+
+def test_cli_takes_the_chat_template_from_the_model_folder(chat_model, tmp_path, capsys):
+    import shutil
+
+    from lion_min.chat import TEMPLATES
+
+    folder = tmp_path / "model"
+    shutil.copytree(chat_model, folder)
+
+    def sample(*flags):
+        texts = main([f"--model={folder}", "--prompt=Hello there!", "--max_new_tokens=4", "--temperature=0",
+                      "--device=cpu", *flags])
+        chosen = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("chat template:")]
+        assert len(chosen) == 1  # one line says which template is used
+        return texts, chosen[0]
+
+    raw, line = sample()  # no template anywhere in the folder: raw text
+    assert line == f"chat template: none ({folder} has no chat template: raw text)"
+    assert sample("--chat_template=none") == (raw, "chat template: none (--chat_template)")
+    gemma, _ = sample("--chat_template=gemma")
+    assert gemma != raw  # the template changes the prompt, so the check below can tell them apart
+
+    # The tokenizer's template, when it is exactly a known one.
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"chat_template": TEMPLATES["gemma"].jinja}))
+    assert sample() == (gemma, f"chat template: gemma (the tokenizer's template in {folder})")
+
+    # A lion_min run's train_config.json comes first.
+    (folder / "train_config.json").write_text(json.dumps({"chat_template": "gemma", "lr": 1e-5}))
+    assert sample() == (gemma, f"chat template: gemma (from {folder / 'train_config.json'})")
+    (folder / "train_config.json").write_text(json.dumps({"chat_template": "vicuna"}))
+    with pytest.raises(ConfigError, match=r"train_config.json: chat_template 'vicuna' is not one lion_min knows; pass "
+                                          r"--chat_template=none for raw text or name one \(llama3, gemma, chatml\)$"):
+        sample()
+    (folder / "train_config.json").unlink()
+
+    # A template lion_min does not know is reported; none or a named one still work.
+    config_file.write_text(json.dumps(config | {"chat_template": TEMPLATES["gemma"].jinja + " "}))
+    with pytest.raises(ConfigError, match=r"model: its tokenizer's chat template is not one lion_min knows; pass "
+                                          r"--chat_template=none for raw text or name one"):
+        sample()
+    assert sample("--chat_template=none")[0] == raw
+    assert sample("--chat_template=gemma")[0] == gemma
 
 
 def test_cli_errors(chat_model, tmp_path):
@@ -276,7 +322,7 @@ def test_cli_errors(chat_model, tmp_path):
         main([f"--model={chat_model}", f"--prompts_file={tmp_path / 'missing.jsonl'}"])
     with pytest.raises(ConfigError, match="--prompt"):
         main([f"--model={chat_model}"])
-    with pytest.raises(ValueError, match="--chat_template=vicuna: expected one of chatml, llama3, gemma, none"):
+    with pytest.raises(ValueError, match="--chat_template=vicuna: expected one of auto, chatml, llama3, gemma, none"):
         main([f"--model={chat_model}", "--prompt=hi", "--chat_template=vicuna"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt field"}\n')
