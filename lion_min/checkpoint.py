@@ -241,7 +241,10 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards named by the index, or the single file."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (ValueError, AttributeError) as e:  # not JSON, or JSON that is not an object
+            raise CheckpointError(f"{index}: not a valid index file ({e})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: missing key 'weight_map'")
         files = [folder / f for f in sorted(set(weight_map.values()))]

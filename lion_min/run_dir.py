@@ -90,7 +90,8 @@ def differences(saved_config: dict, saved_prints: dict, cfg, prints: dict) -> tu
     changed = sorted(k for k in now.keys() | saved_config.keys() if now.get(k) != saved_config.get(k))
     refused = [k for k in changed if k not in SAFE_KEYS | NOTED_KEYS]
     refused += [f"{k} (contents)" for k in sorted(prints) if k in saved_prints and prints[k] != saved_prints[k]]
-    return refused, [k for k in changed if k in NOTED_KEYS]
+    quiet = {"resume", "overwrite", "out_dir", "preset"}  # how a run is started, not what it computes
+    return refused, [k for k in changed if k not in quiet and k not in refused]
 
 
 def _holds_run(out_dir: Path) -> list[str]:
@@ -132,6 +133,7 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool) -> tuple
             raise ConfigError(f"--out_dir={cfg.out_dir} holds another run: {', '.join(refused)} differ; pick "
                               f"another --out_dir, or replace it with --overwrite=true")
         notes += [f"note: {k} changed from {saved['config'].get(k)!r} to {getattr(cfg, k)!r} since the run began"
+                  + (" (the schedule now spans a different number of steps)" if k in NOTED_KEYS else "")
                   for k in noted]
     lock = out_dir / LOCK
     if lock.is_file():

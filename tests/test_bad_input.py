@@ -40,8 +40,9 @@ def files(tiny_chat_model, tmp_path_factory):
     (root / "utf8_prompts.txt").write_bytes(b"fine\n\nalso fine\nbroken \xff here\n")
     # Checkpoints broken in the ways a download or a hand edit breaks them.
     model = tiny_chat_model["model"]
-    for name in ("corrupt", "types", "bigvocab", "otherarch"):
+    for name in ("corrupt", "types", "bigvocab", "otherarch", "badindex"):
         shutil.copytree(model, root / name)
+    (root / "badindex" / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
     data = (model / "model.safetensors").read_bytes()
     (root / "corrupt" / "model.safetensors").write_bytes(data[: len(data) // 3])
     config = json.loads((model / "config.json").read_text())
@@ -100,6 +101,7 @@ CASES = [
     ("online", {"n_samples": 1}, "--n_samples=1: need at least 2 samples"),
     ("online", {"prompts": "{root}/utf8_prompts.txt"}, "utf8_prompts.txt: line 4: not valid UTF-8"),
     ("sft", {"model": "{root}/corrupt"}, "corrupt/model.safetensors: not a readable safetensors file"),
+    ("sft", {"model": "{root}/badindex"}, "badindex/model.safetensors.index.json: not a valid index file"),
     ("sft", {"model": "{root}/types"}, "types/config.json: hidden_size must be a positive integer, got '64'"),
     ("sft", {"model": "{root}/bigvocab"}, "bigvocab: the tokenizer has 651 token ids but config.json's vocab_size (the embedding rows) is 100"),
     ("dpo", {"ref_model": "{root}/otherarch"}, "otherarch: another architecture than --model (n_layers 1 vs 2)"),

@@ -95,8 +95,11 @@ def test_resume_refuses_another_run_and_allows_safe_changes(tiny_chat_model, tmp
                                 resume=out / "checkpoints" / "step_4"))
     assert not fresh.exists()  # failed before its first step: nothing left behind
     # Cadence and micro-batching may change; the result is the uninterrupted run's.
+    capsys.readouterr()
     train_sft.main(sft_args(tiny_chat_model, fresh, max_steps=6, resume=out / "checkpoints" / "step_4",
                             log_every=3, micro_batch_size=2))
+    printed = capsys.readouterr().out
+    assert "with log_every=3 (was 1)" in printed and "with micro_batch_size=2 (was 1)" in printed
     a, b = load_file(str(out / "model.safetensors")), load_file(str(fresh / "model.safetensors"))
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-6, k
