@@ -18,6 +18,7 @@ from lion_min.config import ConfigError, DataConfig
 from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import Packed, pack
+from lion_min.prepare import prepare_sft
 from lion_min.parallel import init_distributed
 from lion_min.stage import check_seq_len, export_dtype, load_policy, resolve_dtype, with_system
 from lion_min.train import Batches, TrainResult, row_batches, train
@@ -85,13 +86,32 @@ def sft_objective(model, micro: dict, norm: float):
     return sft_loss(logp, micro["targets"], norm), {"loss": -logp.sum().item()}
 
 
-def eval_batches(packed: Packed, cfg: SFTConfig, d) -> Optional[Batches]:
-    """All eval rows in one pass; rows beyond a multiple of micro_batch_size * world are left out."""
-    n = len(packed.rows["tokens"]) - len(packed.rows["tokens"]) % (cfg.micro_batch_size * d.world)
-    if not n:
-        return None
-    rows = {k: v[:n] for k, v in packed.rows.items()}
-    return row_batches(rows, n, cfg.micro_batch_size, 1, 0, d, shuffle=False)
+def eval_batches(rows, cfg: SFTConfig, d) -> Optional[Batches]:
+    """All eval rows (Packed.rows or PreparedRows) in one pass, in order; rows beyond a multiple of
+    micro_batch_size * world are left out (a batch of n takes the first n)."""
+    total = len(rows["tokens"]) if isinstance(rows, dict) else len(rows)
+    n = total - total % (cfg.micro_batch_size * d.world)
+    return row_batches(rows, n, cfg.micro_batch_size, 1, 0, d, shuffle=False) if n else None
+
+
+def load_sft_data(cfg: SFTConfig) -> tuple[list, list, str]:
+    """(train conversations, eval conversations, the LoadStats summary) as the config says."""
+    columns = parse_columns(cfg.columns)
+    convs, stats = load_conversations(cfg.data, schema=cfg.schema, columns=columns, skip_bad=cfg.skip_bad,
+                                      seed=cfg.seed)
+    if cfg.eval_data:
+        eval_convs, _ = load_conversations(cfg.eval_data, schema=cfg.schema, columns=columns,
+                                           skip_bad=cfg.skip_bad, seed=cfg.seed)
+    else:
+        convs, eval_convs = train_eval_split(convs, cfg.eval_fraction, cfg.seed)
+    return convs, eval_convs, stats.summary()
+
+
+def packing_line(p: Packed, num_rows: int, seq_len: int) -> str:
+    """The packing summary line (the counters of a Packed)."""
+    return (f"packed {p.num_examples} conversations into {num_rows} rows of {seq_len} tokens: efficiency "
+            f"{p.efficiency:.3f}, {p.target_tokens} target tokens, {p.num_truncated} truncated, "
+            f"{p.num_dropped} dropped")
 
 
 def run(cfg: SFTConfig) -> TrainResult:
@@ -104,29 +124,28 @@ def run(cfg: SFTConfig) -> TrainResult:
     model, args, tokenizer, folder = load_policy(cfg, d, dtype)
     check_seq_len(cfg.seq_len, args)
 
-    columns = parse_columns(cfg.columns)
-    convs, stats = load_conversations(cfg.data, schema=cfg.schema, columns=columns, skip_bad=cfg.skip_bad,
-                                      seed=cfg.seed)
-    if cfg.eval_data:
-        eval_convs, _ = load_conversations(cfg.eval_data, schema=cfg.schema, columns=columns,
-                                           skip_bad=cfg.skip_bad, seed=cfg.seed)
-    else:
-        convs, eval_convs = train_eval_split(convs, cfg.eval_fraction, cfg.seed)
-
-    packed = sft_rows(convs, tokenizer, cfg)
-    batches = row_batches(packed.rows, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d)
-    evals = eval_batches(sft_rows(eval_convs, tokenizer, cfg), cfg, d) if eval_convs else None
+    if cfg.data_cache == "off":  # every rank encodes and packs everything, in memory
+        convs, eval_convs, data_summary = load_sft_data(cfg)
+        packed = sft_rows(convs, tokenizer, cfg)
+        rows, num_rows = packed.rows, len(packed.rows["tokens"])
+        eval_rows = sft_rows(eval_convs, tokenizer, cfg).rows if eval_convs else None
+    else:  # prepared once on disk (or now, every rank its share); each rank reads its rows
+        prep = prepare_sft(cfg, tokenizer, d, load=lambda: load_sft_data(cfg))
+        packed, rows = prep.train.counts, prep.train
+        num_rows, eval_rows, data_summary = len(prep.train), prep.eval, prep.data_summary
+        if d.main:
+            print(f"data: {'prepared in %.1fs' % prep.seconds if prep.seconds else 'prepared before'}: {prep.folder}")
+    batches = row_batches(rows, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d)
+    evals = eval_batches(eval_rows, cfg, d) if eval_rows is not None else None
     summary = {
-        "data": stats.summary(),
-        "conversations": packed.num_examples, "rows": len(packed.rows["tokens"]),
+        "data": data_summary,
+        "conversations": packed.num_examples, "rows": num_rows,
         "packing_efficiency": packed.efficiency, "truncated": packed.num_truncated, "dropped": packed.num_dropped,
         "target_tokens": packed.target_tokens, "rows_dropped_last_batch": batches.dropped_items,
     }
     if d.main:
-        print(stats.summary())
-        print(f"packed {packed.num_examples} conversations into {len(packed.rows['tokens'])} rows of {cfg.seq_len} "
-              f"tokens: efficiency {packed.efficiency:.3f}, {packed.target_tokens} target tokens, "
-              f"{packed.num_truncated} truncated, {packed.num_dropped} dropped")
+        print(data_summary)
+        print(packing_line(packed, num_rows, cfg.seq_len))
     return train(cfg, model, sft_objective, batches, d, eval_batches=evals, tokenizer=tokenizer,
                  chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.seq_len,
                  export_dtype=export_dtype(cfg, folder), summary=summary)
