@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lion_min.chat import ChatEncoding, encode_chat, get_template
+from lion_min.chat import ChatEncoding, encode_chats, get_template
 from lion_min.checkpoint import resolve_path
 from lion_min.config import ConfigError, DataConfig
 from lion_min.data import load_preferences, train_eval_split
@@ -79,6 +79,10 @@ def check_config(cfg: DPOConfig):
         raise ConfigError(f"--beta={cfg.beta} must be positive")
 
 
+ENCODE_BATCH = 512
+"""Pairs per batched tokenizer call."""
+
+
 @dataclass
 class EncodedPair:
     chosen: ChatEncoding
@@ -116,19 +120,22 @@ def encode_pairs(prefs, tokenizer, template: str, max_len: int, max_prompt_len: 
     if max_prompt_len >= max_len:
         raise ValueError(f"max_prompt_len={max_prompt_len} must be smaller than max_len={max_len}")
     out, st = [], PairStats()
-    for p in prefs:
-        sides = []
-        for response in (p.chosen, p.rejected):
-            enc = encode_chat(tokenizer, with_system(list(p.prompt) + list(response), system_prompt), template,
-                              train_on="last")
-            sides.append(truncate(enc.input_ids, enc.loss_mask, max_len, max_prompt_len))
-        st.pairs += 1
-        if not all(any(s[1]) for s in sides):
-            st.dropped += 1
-            continue
-        st.prompt_truncated += any(s[2] for s in sides)
-        st.response_truncated += any(s[3] for s in sides)
-        out.append(EncodedPair(chosen=ChatEncoding(*sides[0][:2]), rejected=ChatEncoding(*sides[1][:2])))
+    for start in range(0, len(prefs), ENCODE_BATCH):
+        chunk = prefs[start : start + ENCODE_BATCH]
+        # Both sides of every pair of the chunk in one batched call (chat.encode_chats, identical
+        # to encode_chat per side): sequence 2k is pair k's chosen side, 2k + 1 its rejected one.
+        enc = encode_chats(tokenizer, [with_system(list(p.prompt) + list(r), system_prompt)
+                                       for p in chunk for r in (p.chosen, p.rejected)], template, train_on="last")
+        for k in range(len(chunk)):
+            sides = [truncate(enc.input_ids[a:b].tolist(), enc.loss_mask[a:b].tolist(), max_len, max_prompt_len)
+                     for a, b in zip(enc.starts[2 * k : 2 * k + 2], enc.starts[2 * k + 1 : 2 * k + 3])]
+            st.pairs += 1
+            if not all(any(s[1]) for s in sides):
+                st.dropped += 1
+                continue
+            st.prompt_truncated += any(s[2] for s in sides)
+            st.response_truncated += any(s[3] for s in sides)
+            out.append(EncodedPair(chosen=ChatEncoding(*sides[0][:2]), rejected=ChatEncoding(*sides[1][:2])))
     return out, st
 
 

@@ -95,11 +95,12 @@ def file_identity(path: Path) -> str:
 
 
 def data_identity(spec) -> list[dict]:
-    """Each source of a mixture as given (path, fraction, weight, schema, columns, revision) with the
-    identity of each of its files."""
+    """Per source of a mixture: how it is sampled and read, and the identity of each of its files
+    (not the path or revision that found them: a copy of the same bytes is the same data)."""
     if not spec:
         return []
-    return [dataclasses.asdict(src) | {"files": [file_identity(f) for f in resolve_files(src.path, src.revision)]}
+    return [{"fraction": src.fraction, "weight": src.weight, "schema": src.schema, "columns": src.columns,
+             "files": [file_identity(f) for f in resolve_files(src.path, src.revision)]}
             for src in parse_mixture(spec)]
 
 
@@ -172,6 +173,8 @@ class PreparedRows:
             row = pack([self.example(i) for i in docs], self.seq_len, self.pad_id).rows
             row["doc_ids"] = np.where(row["doc_ids"] >= 0, docs[np.maximum(row["doc_ids"], 0)], -1)
             out.append(row)
+        if not out:
+            return {k: np.zeros((0, self.seq_len), np.int64) for k in FIELDS}
         return {k: np.concatenate([row[k] for row in out]) for k in FIELDS}
 
 
@@ -306,20 +309,25 @@ def prepare_sft(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[lis
     dtype = token_dtype(tokenizer.vocab_size)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     convs, eval_convs, data_summary = load()
+    t_load = time.perf_counter()
     splits = {"train": convs, "eval": eval_convs} if eval_convs else {"train": convs}
     for split, items in splits.items():
         lo, hi = len(items) * d.rank // d.world, len(items) * (d.rank + 1) // d.world
         encode_shard(items[lo:hi], tmp / "shards" / split / f"{d.rank:05d}", tokenizer, cfg.chat_template,
                      train_on, cfg.system_prompt, cfg.seq_len, cfg.overflow)
+    t_encode = time.perf_counter()
     if d.main:
         for split in splits:
             shards = [tmp / "shards" / split / f"{r:05d}" for r in range(d.world)]
             _wait_for([s / "done" for s in shards])
             merge_shards(shards, tmp / split, cfg.seq_len, cfg.packing, cfg.overflow, pad_id, dtype)
         shutil.rmtree(tmp / "shards")
+        # Rank 0's phases: reading the records (every rank reads them all), encoding its share,
+        # waiting for the other shards and laying out the rows.
+        t_end = time.perf_counter()
+        seconds = {"load": t_load - t0, "encode": t_encode - t_load, "merge": t_end - t_encode, "world": d.world}
         (tmp / "meta.json").write_text(json.dumps({"fingerprint": fp, "parts": parts, "data_summary": data_summary,
-                                                   "prepare_seconds": time.perf_counter() - t0}, indent=2,
-                                                  default=str))
+                                                   "prepare_seconds": seconds}, indent=2, default=str))
         try:
             tmp.rename(final)  # last: only a complete preparation carries the fingerprint's name
         except OSError:  # another job finished the same folder first: theirs is the same
