@@ -13,6 +13,7 @@ cDPO, IPO, hinge), averaged over the pairs of the global batch.
 
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,7 @@ from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import DPO_LOSS_TYPES, dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
 from lion_min.parallel import Dist, all_reduce_sum, init_distributed
+from lion_min.prepare import prepare_dpo
 from lion_min.stage import (build_from_folder, check_seq_len, export_dtype, load_policy, resolve_dtype,
                             with_system)
 from lion_min.tokenizer import Tokenizer
@@ -139,7 +141,7 @@ def encode_pairs(prefs, tokenizer, template: str, max_len: int, max_prompt_len: 
     return out, st
 
 
-def pair_micro(pairs: list[EncodedPair], sel: np.ndarray, max_len: int, pad_id: int, device,
+def pair_micro(pairs: Sequence[EncodedPair], sel: np.ndarray, max_len: int, pad_id: int, device,
                ref_logps: Optional[torch.Tensor] = None) -> dict:
     """The pairs `sel` packed into rows of max_len: example 2i = chosen, 2i + 1 = rejected."""
     examples = [side for i in sel for side in (pairs[i].chosen, pairs[i].rejected)]
@@ -200,7 +202,7 @@ def make_dpo_objective(beta: float, label_smoothing: float, loss_type: str, ref_
 # --- precomputed reference ------------------------------------------------------------------------
 
 
-def fingerprint(pairs: list[EncodedPair], ref_folder: Path, template: str) -> str:
+def fingerprint(pairs: Sequence[EncodedPair], ref_folder: Path, template: str) -> str:
     """sha256 of the scored sequences (so data, tokenizer, template and truncation), the template
     name, and the reference checkpoint's config and weight files (every byte)."""
     h = hashlib.sha256()
@@ -261,7 +263,7 @@ def load_or_compute_ref_logps(path: Path, fp: str, compute, d: Dist) -> torch.Te
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def train_pairs(cfg: DPOConfig, d, pairs: list[EncodedPair], eval_pairs: list[EncodedPair], dtype,
+def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Sequence[EncodedPair], dtype,
                 summary: dict) -> TrainResult:
     """Policy, reference, batches, then the shared loop. The online stage calls it for each round."""
     model, args, tokenizer, folder = load_policy(cfg, d, dtype)
@@ -272,7 +274,7 @@ def train_pairs(cfg: DPOConfig, d, pairs: list[EncodedPair], eval_pairs: list[En
     def make_ref():
         return build_from_folder(ref_folder, args, d, dtype, attn_backend=cfg.attn_backend).requires_grad_(False).eval()
 
-    def precomputed(which: list[EncodedPair], name: str) -> torch.Tensor:
+    def precomputed(which: Sequence[EncodedPair], name: str) -> torch.Tensor:
         def compute():
             ref = make_ref()
             return compute_ref_logps(ref, which, d, cfg.micro_batch_size, cfg.max_len, pad_id)
@@ -312,16 +314,30 @@ def run(cfg: DPOConfig) -> TrainResult:
     if d.main:
         print(f"config: {dataclasses.asdict(cfg)}")
     tokenizer = Tokenizer.from_dir(resolve_path(cfg.model, cfg.revision))
+    if cfg.data_cache == "off":  # every rank encodes everything, in memory
+        prefs, eval_prefs, data_summary = load_dpo_data(cfg)
+        pairs, pst = encode_pairs(prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len,
+                                  cfg.system_prompt)
+        eval_pairs, _ = encode_pairs(eval_prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len,
+                                     cfg.system_prompt)
+    else:  # encoded once on disk (or now, every rank its share); each micro-batch reads its pairs
+        prep = prepare_dpo(cfg, tokenizer, d, load=lambda: load_dpo_data(cfg))
+        pairs, eval_pairs, data_summary = prep.train, prep.eval or [], prep.data_summary
+        pst = PairStats(**prep.train.stats)
+        if d.main:
+            print(f"data: {'prepared in %.1fs' % prep.seconds if prep.seconds else 'prepared before'}: {prep.folder}")
+    if d.main:
+        print(data_summary)
+        print(f"{pst.pairs} pairs: {pst.prompt_truncated} with the prompt truncated, {pst.response_truncated} with a "
+              f"response truncated, {pst.dropped} dropped (nothing left to score)")
+    return train_pairs(cfg, d, pairs, eval_pairs, dtype, {"data": data_summary, **dataclasses.asdict(pst)})
+
+
+def load_dpo_data(cfg: DPOConfig) -> tuple[list, list, str]:
+    """(train preferences, eval preferences, the LoadStats summary) as the config says."""
     prefs, stats = load_preferences(cfg.data, schema=cfg.schema, skip_bad=cfg.skip_bad, seed=cfg.seed)
     if cfg.eval_data:
         eval_prefs, _ = load_preferences(cfg.eval_data, schema=cfg.schema, skip_bad=cfg.skip_bad, seed=cfg.seed)
     else:
         prefs, eval_prefs = train_eval_split(prefs, cfg.eval_fraction, cfg.seed)
-    pairs, pst = encode_pairs(prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len, cfg.system_prompt)
-    eval_pairs, _ = encode_pairs(eval_prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len,
-                                 cfg.system_prompt)
-    if d.main:
-        print(stats.summary())
-        print(f"{pst.pairs} pairs: {pst.prompt_truncated} with the prompt truncated, {pst.response_truncated} with a "
-              f"response truncated, {pst.dropped} dropped (nothing left to score)")
-    return train_pairs(cfg, d, pairs, eval_pairs, dtype, {"data": stats.summary(), **dataclasses.asdict(pst)})
+    return prefs, eval_prefs, stats.summary()

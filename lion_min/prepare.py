@@ -2,9 +2,10 @@
 
     python -m lion_min.prepare sft --model=M --data=D [the SFT flags]     # ahead, on a CPU machine
     torchrun --nproc_per_node=8 -m lion_min.prepare sft ...               # the same, 8 processes
+    python -m lion_min.prepare dpo --model=M --data=D [the DPO flags]     # preference pairs
 
-The stages call `prepare_sft` themselves, so a run with an unprepared data set prepares it first
-(every rank encoding its share) and a later run, or a resume, reuses it.
+The stages call `prepare_sft` / `prepare_dpo` themselves, so a run with an unprepared data set
+prepares it first (every rank encoding its share) and a later run, or a resume, reuses it.
 
 Where: --data_cache=DIR (default `auto`: $XDG_CACHE_HOME/lion_min/data, else
 ~/.cache/lion_min/data), one folder per fingerprint: the sha256 of everything that changes the
@@ -36,8 +37,13 @@ The format of one split (train/, eval/), all flat arrays:
 From these `PreparedRows.take(rows)` builds, per micro-batch, exactly what packing.pack() gives
 for those rows (it calls pack() on each row's conversations), so host memory grows with the batch,
 not with the data set: 5 bytes per token on disk (4 + 1) instead of 32 in memory.
+
+DPO (`prepare_dpo`): the same tokens.bin, mask.bin and docs.npy hold each kept pair's chosen then
+rejected sequence as dpo.encode_pairs made them (truncated, final reply scored), and split.json
+its PairStats; `PreparedPairs[i]` is pair i, read from disk when a micro-batch needs it.
 """
 
+import collections.abc
 import dataclasses
 import hashlib
 import json
@@ -48,6 +54,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -64,7 +71,7 @@ FORMAT = 1
 """Bumped when the layout on disk changes."""
 ENCODE_BATCH = 1024
 """Conversations per batched tokenizer call."""
-CODE = ("chat.py", "packing.py", "prepare.py", "data.py", "schemas.py")
+CODE = ("chat.py", "packing.py", "prepare.py", "data.py", "schemas.py", "dpo.py")
 """The modules whose source is part of the fingerprint: they decide the tokens and the rows."""
 _HUB_FILE = re.compile(r"datasets--[^/]+/snapshots/[0-9a-f]{40}/.+$")
 
@@ -134,6 +141,18 @@ def sft_fingerprint(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
     return fingerprint(parts), parts
 
 
+def dpo_fingerprint(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
+    """(fingerprint, the parts it hashes) of a DPO config's encoded pairs."""
+    parts = {
+        "stage": "dpo", "data": data_identity(cfg.data), "eval_data": data_identity(cfg.eval_data),
+        "eval_fraction": cfg.eval_fraction, "schema": cfg.schema, "skip_bad": cfg.skip_bad,
+        "seed": cfg.seed if _samples(cfg) else None, "tokenizer": tokenizer_identity(tokenizer),
+        "chat_template": cfg.chat_template, "system_prompt": cfg.system_prompt, "max_len": cfg.max_len,
+        "max_prompt_len": cfg.max_prompt_len,
+    }
+    return fingerprint(parts), parts
+
+
 # --- reading ---------------------------------------------------------------------------------------
 
 
@@ -141,27 +160,35 @@ def _memmap(path: Path, dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
 
 
-class PreparedRows:
-    """One split's packed rows on disk, memory-mapped (see the module docstring)."""
+class Sequences:
+    """The encoded sequences of one split folder (tokens.bin, mask.bin, docs.npy), memory-mapped."""
 
     def __init__(self, folder: Path):
-        meta = json.loads((folder / "split.json").read_text())
-        self.folder, self.seq_len, self.pad_id = folder, meta["seq_len"], meta["pad_id"]
-        self.counts = Packed(rows={}, **meta["counts"])
-        """pack()'s counters for these rows (its rows stay on disk)."""
-        self.tokens = _memmap(folder / "tokens.bin", np.dtype(meta["token_dtype"]))
+        self.folder = folder
+        self.meta = json.loads((folder / "split.json").read_text())
+        self.tokens = _memmap(folder / "tokens.bin", np.dtype(self.meta["token_dtype"]))
         self.mask = _memmap(folder / "mask.bin", np.uint8)
         self.docs = np.load(folder / "docs.npy")
+
+    def example(self, i: int) -> ChatEncoding:
+        a, b = self.docs[i], self.docs[i + 1]
+        return ChatEncoding(self.tokens[a:b].tolist(), self.mask[a:b].astype(bool).tolist())
+
+
+class PreparedRows(Sequences):
+    """One split's packed SFT rows on disk (see the module docstring)."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.seq_len, self.pad_id = self.meta["seq_len"], self.meta["pad_id"]
+        self.counts = Packed(rows={}, **self.meta["counts"])
+        """pack()'s counters for these rows (its rows stay on disk)."""
         self.row_offsets = np.load(folder / "rows.npy")
         self.row_docs = np.load(folder / "row_docs.npy")
         self.row_targets = np.load(folder / "row_targets.npy")
 
     def __len__(self) -> int:
         return len(self.row_targets)
-
-    def example(self, i: int) -> ChatEncoding:
-        a, b = self.docs[i], self.docs[i + 1]
-        return ChatEncoding(self.tokens[a:b].tolist(), self.mask[a:b].astype(bool).tolist())
 
     def take(self, sel) -> dict[str, np.ndarray]:
         """The rows `sel` as (len(sel), seq_len) int64 arrays: pack()'s rows[k][sel] (FIELDS)."""
@@ -178,21 +205,44 @@ class PreparedRows:
         return {k: np.concatenate([row[k] for row in out]) for k in FIELDS}
 
 
+class PreparedPairs(Sequences, collections.abc.Sequence):
+    """One split's DPO pairs on disk: pairs[i] is dpo.EncodedPair(sequence 2i, sequence 2i + 1), as
+    dpo.encode_pairs made them; a list of those for a slice."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.stats = self.meta["stats"]
+        """dpo.PairStats of the encoding, as a dict."""
+
+    def __len__(self) -> int:
+        return (len(self.docs) - 1) // 2
+
+    def __getitem__(self, i):
+        from lion_min.dpo import EncodedPair
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"pair {i} of {len(self)}")
+        i = int(i) % len(self)
+        return EncodedPair(chosen=self.example(2 * i), rejected=self.example(2 * i + 1))
+
+
 @dataclass
 class Prepared:
     folder: Path
-    train: PreparedRows
-    eval: Optional[PreparedRows]
+    train: Sequences
+    """PreparedRows (SFT) or PreparedPairs (DPO)."""
+    eval: Optional[Sequences]
     data_summary: str
     """LoadStats.summary() of the records read when it was prepared."""
     seconds: float
     """Time spent preparing (0 when the cache was reused)."""
 
 
-def open_prepared(folder: Path, seconds: float = 0.0) -> Prepared:
+def open_prepared(folder: Path, kind: type, seconds: float = 0.0) -> Prepared:
     meta = json.loads((folder / "meta.json").read_text())
-    return Prepared(folder, PreparedRows(folder / "train"),
-                    PreparedRows(folder / "eval") if (folder / "eval").is_dir() else None,
+    return Prepared(folder, kind(folder / "train"), kind(folder / "eval") if (folder / "eval").is_dir() else None,
                     meta["data_summary"], seconds)
 
 
@@ -203,53 +253,67 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def encode_shard(convs: list, out: Path, tokenizer: Tokenizer, template: str, train_on: str, system_prompt,
-                 seq_len: int, overflow: str) -> None:
-    """Encode `convs` (encode_chats, in batches) into out/: tokens.bin, mask.bin and lengths.npz
-    (per conversation: kept tokens, full length, target tokens), then the marker out/done."""
-    out.mkdir(parents=True)
-    dtype = token_dtype(tokenizer.vocab_size)
-    kept, full, targets = [], [], []
-    with open(out / "tokens.bin", "wb") as ft, open(out / "mask.bin", "wb") as fm:
-        for s in range(0, len(convs), ENCODE_BATCH):
-            batch = [with_system(c, system_prompt) for c in convs[s : s + ENCODE_BATCH]]
-            b = encode_chats(tokenizer, batch, template, train_on)
-            n = np.diff(b.starts)  # (conversations,) full lengths
-            limit = np.where(n > seq_len, 0 if overflow == "drop" else seq_len, n)
-            doc = np.repeat(np.arange(len(n)), n)  # (tokens,) conversation of each token
-            pos = np.arange(len(doc)) - b.starts[doc]  # position within its conversation
-            keep = pos < limit[doc]
-            ft.write(b.input_ids[keep].astype(dtype).tobytes())
-            fm.write(b.loss_mask[keep].astype(np.uint8).tobytes())
-            # Token t is a target when it trains and is not its conversation's first (nothing
-            # predicts that one), as pack() counts them.
-            kept.append(limit)
-            full.append(n)
-            targets.append(np.bincount(doc[keep & (pos >= 1) & b.loss_mask], minlength=len(n)))
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
-    np.savez(out / "lengths.npz", kept=cat(kept), full=cat(full), targets=cat(targets))
-    (out / "done").touch()
+class ShardWriter:
+    """Appends token ids and loss masks to out/tokens.bin and out/mask.bin; close() writes the
+    per-example arrays (lengths.npz) and then the marker out/done that says the shard is complete."""
+
+    def __init__(self, out: Path, dtype: np.dtype):
+        out.mkdir(parents=True)
+        self.out, self.dtype = out, dtype
+        self.tokens, self.mask = open(out / "tokens.bin", "wb"), open(out / "mask.bin", "wb")
+
+    def write(self, ids, mask) -> None:
+        self.tokens.write(np.asarray(ids).astype(self.dtype).tobytes())
+        self.mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
+
+    def close(self, **arrays: np.ndarray) -> None:
+        self.tokens.close()
+        self.mask.close()
+        np.savez(self.out / "lengths.npz", **arrays)
+        (self.out / "done").touch()
 
 
-def _wait_for(paths: list[Path]) -> None:
-    """Poll until every path exists (a rank that fails ends the job under torchrun)."""
-    t0 = time.perf_counter()
-    while not all(p.exists() for p in paths):
-        time.sleep(0.2 if time.perf_counter() - t0 < 60 else 2.0)
-
-
-def merge_shards(shards: list[Path], out: Path, seq_len: int, packing: bool, overflow: str, pad_id: int,
-                 dtype: np.dtype) -> dict:
-    """The shards (in order) -> one split folder: tokens and masks concatenated, the rows laid out
-    as pack() lays them out (best_fit_decreasing, or one conversation per row). Returns its counters."""
+def _concat_shards(shards: list[Path], out: Path) -> dict[str, np.ndarray]:
+    """The shards' tokens.bin and mask.bin, in order, into out/; their lengths.npz arrays joined."""
     out.mkdir(parents=True)
     for name in ("tokens.bin", "mask.bin"):
         with open(out / name, "wb") as f:
             for shard in shards:
                 with open(shard / name, "rb") as part:
                     shutil.copyfileobj(part, f, 1 << 24)
-    lengths = [np.load(s / "lengths.npz") for s in shards]
-    kept, full, targets = (np.concatenate([x[k] for x in lengths]) for k in ("kept", "full", "targets"))
+    parts = [np.load(s / "lengths.npz") for s in shards]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files}
+
+
+def encode_shard(convs: list, out: Path, tokenizer: Tokenizer, template: str, train_on: str, system_prompt,
+                 seq_len: int, overflow: str) -> None:
+    """Encode `convs` (encode_chats, in batches) into a shard: their kept tokens and masks, and per
+    conversation the kept tokens, the full length and the target tokens."""
+    w = ShardWriter(out, token_dtype(tokenizer.vocab_size))
+    kept, full, targets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for s in range(0, len(convs), ENCODE_BATCH):
+        batch = [with_system(c, system_prompt) for c in convs[s : s + ENCODE_BATCH]]
+        b = encode_chats(tokenizer, batch, template, train_on)
+        n = np.diff(b.starts)  # (conversations,) full lengths
+        limit = np.where(n > seq_len, 0 if overflow == "drop" else seq_len, n)
+        doc = np.repeat(np.arange(len(n)), n)  # (tokens,) conversation of each token
+        pos = np.arange(len(doc)) - b.starts[doc]  # position within its conversation
+        keep = pos < limit[doc]
+        w.write(b.input_ids[keep], b.loss_mask[keep])
+        # Token t is a target when it trains and is not its conversation's first (nothing
+        # predicts that one), as pack() counts them.
+        kept.append(limit)
+        full.append(n)
+        targets.append(np.bincount(doc[keep & (pos >= 1) & b.loss_mask], minlength=len(n)))
+    w.close(kept=np.concatenate(kept), full=np.concatenate(full), targets=np.concatenate(targets))
+
+
+def merge_shards(shards: list[Path], out: Path, seq_len: int, packing: bool, overflow: str, pad_id: int,
+                 dtype: np.dtype) -> dict:
+    """The shards (in order) -> one split folder: tokens and masks concatenated, the rows laid out
+    as pack() lays them out (best_fit_decreasing, or one conversation per row). Returns its meta."""
+    lengths = _concat_shards(shards, out)
+    kept, full, targets = lengths["kept"], lengths["full"], lengths["targets"]
     docs = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
     examples = np.flatnonzero(kept > 0)  # dropped conversations have no tokens
     if packing:
@@ -274,6 +338,46 @@ def merge_shards(shards: list[Path], out: Path, seq_len: int, packing: bool, ove
     return meta
 
 
+def encode_pair_shard(prefs: list, out: Path, tokenizer: Tokenizer, template: str, max_len: int,
+                      max_prompt_len: int, system_prompt) -> None:
+    """dpo.encode_pairs on `prefs` (in chunks) into a shard: each kept pair's chosen then rejected
+    sequence, their lengths, and the pair counts."""
+    from lion_min.dpo import PairStats, encode_pairs
+
+    w = ShardWriter(out, token_dtype(tokenizer.vocab_size))
+    lengths, total = [], PairStats()
+    for s in range(0, len(prefs), ENCODE_BATCH):
+        pairs, st = encode_pairs(prefs[s : s + ENCODE_BATCH], tokenizer, template, max_len, max_prompt_len,
+                                 system_prompt)
+        sides = [side for p in pairs for side in (p.chosen, p.rejected)]
+        w.write(list(chain.from_iterable(x.input_ids for x in sides)), list(chain.from_iterable(x.loss_mask for x in sides)))
+        lengths += [len(x.input_ids) for x in sides]
+        total = PairStats(*(a + b for a, b in zip(dataclasses.astuple(total), dataclasses.astuple(st))))
+    w.close(lengths=np.asarray(lengths, dtype=np.int64), stats=np.asarray(dataclasses.astuple(total), dtype=np.int64))
+
+
+def merge_pair_shards(shards: list[Path], out: Path, dtype: np.dtype) -> dict:
+    from lion_min.dpo import PairStats
+
+    arrays = _concat_shards(shards, out)
+    np.save(out / "docs.npy", np.concatenate([[0], np.cumsum(arrays["lengths"])]).astype(np.int64))
+    names = [f.name for f in dataclasses.fields(PairStats)]
+    stats = dict(zip(names, map(int, arrays["stats"].reshape(-1, len(names)).sum(0))))
+    meta = {"token_dtype": dtype.name, "stats": stats}
+    (out / "split.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+# --- preparing ------------------------------------------------------------------------------------
+
+
+def _wait_for(paths: list[Path]) -> None:
+    """Poll until every path exists (a rank that fails ends the job under torchrun)."""
+    t0 = time.perf_counter()
+    while not all(p.exists() for p in paths):
+        time.sleep(0.2 if time.perf_counter() - t0 < 60 else 2.0)
+
+
 def _job_id(d: Dist) -> str:
     """A name all ranks of this run agree on for the temporary folder."""
     name = [uuid.uuid4().hex[:12]]
@@ -284,50 +388,45 @@ def _job_id(d: Dist) -> str:
     return name[0]
 
 
-def prepare_sft(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[list, list, str]]) -> Prepared:
-    """The prepared rows of an SFT config: from the cache, or prepared now (every rank its share).
-
-    load() -> (train conversations, eval conversations, LoadStats summary); called only when the
-    cache misses."""
-    fp, parts = sft_fingerprint(cfg, tokenizer)
-    root = cache_root(cfg.data_cache)
-    final = root / fp
+def _prepare(final: Path, d: Dist, load: Callable[[], tuple[list, list, str]],
+             encode: Callable[[list, Path], None], merge: Callable[[list[Path], Path], None], parts: dict) -> float:
+    """Make the folder `final` unless it exists: every rank encodes its share of each split into a
+    shard, rank 0 merges them and renames the temporary folder last. Returns the seconds spent
+    (0 when the folder existed)."""
+    found = [final.is_dir()]
     if d.world > 1:  # one decision for all ranks, even if another job finishes this folder meanwhile
         import torch.distributed as dist
 
-        found = [final.is_dir()]
         dist.broadcast_object_list(found, src=0)
-        if found[0]:
-            _wait_for([final / "meta.json"])  # (waits forever if rank 0's folder is not visible here)
-            return open_prepared(final)
-    elif final.is_dir():
-        return open_prepared(final)
-
+        # Several ranks on one machine: each its share of the cores for the tokenizer's threads
+        # (read when they first start, so before any batched call).
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local)))
+    if found[0]:
+        _wait_for([final / "meta.json"])  # (waits forever if rank 0's folder is not visible here)
+        return 0.0
     t0 = time.perf_counter()
-    tmp = root / f"{fp}.tmp-{_job_id(d)}"
-    train_on = cfg.train_on if cfg.loss_mask else "all"
-    dtype = token_dtype(tokenizer.vocab_size)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    convs, eval_convs, data_summary = load()
+    tmp = final.parent / f"{final.name}.tmp-{_job_id(d)}"
+    train, evals, data_summary = load()
     t_load = time.perf_counter()
-    splits = {"train": convs, "eval": eval_convs} if eval_convs else {"train": convs}
+    splits = {"train": train, "eval": evals} if evals else {"train": train}
     for split, items in splits.items():
         lo, hi = len(items) * d.rank // d.world, len(items) * (d.rank + 1) // d.world
-        encode_shard(items[lo:hi], tmp / "shards" / split / f"{d.rank:05d}", tokenizer, cfg.chat_template,
-                     train_on, cfg.system_prompt, cfg.seq_len, cfg.overflow)
+        encode(items[lo:hi], tmp / "shards" / split / f"{d.rank:05d}")
     t_encode = time.perf_counter()
     if d.main:
         for split in splits:
             shards = [tmp / "shards" / split / f"{r:05d}" for r in range(d.world)]
             _wait_for([s / "done" for s in shards])
-            merge_shards(shards, tmp / split, cfg.seq_len, cfg.packing, cfg.overflow, pad_id, dtype)
+            merge(shards, tmp / split)
         shutil.rmtree(tmp / "shards")
         # Rank 0's phases: reading the records (every rank reads them all), encoding its share,
         # waiting for the other shards and laying out the rows.
         t_end = time.perf_counter()
         seconds = {"load": t_load - t0, "encode": t_encode - t_load, "merge": t_end - t_encode, "world": d.world}
-        (tmp / "meta.json").write_text(json.dumps({"fingerprint": fp, "parts": parts, "data_summary": data_summary,
-                                                   "prepare_seconds": seconds}, indent=2, default=str))
+        (tmp / "meta.json").write_text(json.dumps({"fingerprint": final.name, "parts": parts,
+                                                   "data_summary": data_summary, "prepare_seconds": seconds},
+                                                  indent=2, default=str))
         try:
             tmp.rename(final)  # last: only a complete preparation carries the fingerprint's name
         except OSError:  # another job finished the same folder first: theirs is the same
@@ -335,24 +434,57 @@ def prepare_sft(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[lis
                 raise
             shutil.rmtree(tmp)
     _wait_for([final / "meta.json"])
-    return open_prepared(final, time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def prepare_sft(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[list, list, str]]) -> Prepared:
+    """The prepared rows of an SFT config (PreparedRows): from the cache, or prepared now (every
+    rank its share). load() -> (train conversations, eval conversations, LoadStats summary), called
+    only when the cache misses."""
+    fp, parts = sft_fingerprint(cfg, tokenizer)
+    final = cache_root(cfg.data_cache) / fp
+    train_on = cfg.train_on if cfg.loss_mask else "all"
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    seconds = _prepare(
+        final, d, load,
+        encode=lambda convs, out: encode_shard(convs, out, tokenizer, cfg.chat_template, train_on, cfg.system_prompt,
+                                               cfg.seq_len, cfg.overflow),
+        merge=lambda shards, out: merge_shards(shards, out, cfg.seq_len, cfg.packing, cfg.overflow, pad_id,
+                                               token_dtype(tokenizer.vocab_size)),
+        parts=parts)
+    return open_prepared(final, PreparedRows, seconds)
+
+
+def prepare_dpo(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[list, list, str]]) -> Prepared:
+    """The encoded pairs of a DPO config (PreparedPairs), as prepare_sft; load() gives preferences."""
+    fp, parts = dpo_fingerprint(cfg, tokenizer)
+    final = cache_root(cfg.data_cache) / fp
+    seconds = _prepare(
+        final, d, load,
+        encode=lambda prefs, out: encode_pair_shard(prefs, out, tokenizer, cfg.chat_template, cfg.max_len,
+                                                    cfg.max_prompt_len, cfg.system_prompt),
+        merge=lambda shards, out: merge_pair_shards(shards, out, token_dtype(tokenizer.vocab_size)),
+        parts=parts)
+    return open_prepared(final, PreparedPairs, seconds)
 
 
 # --- python -m lion_min.prepare --------------------------------------------------------------------
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """python -m lion_min.prepare [sft] --model=... --data=... [the stage's flags]"""
-    from lion_min import demo, sft
+    """python -m lion_min.prepare [sft|dpo] --model=... --data=... [the stage's flags]"""
+    from lion_min import demo, dpo, sft
     from lion_min.checkpoint import resolve_path
     from lion_min.config import ConfigError, parse_cli, recipe_presets
     from lion_min.parallel import init_distributed
 
     argv = sys.argv[1:] if argv is None else list(argv)
     stage = argv.pop(0) if argv and not argv[0].startswith("-") else "sft"
-    if stage != "sft":
-        raise ConfigError(f"python -m lion_min.prepare {stage}: expected sft")
-    cfg = parse_cli(sft.SFTConfig, demo.presets("sft") | recipe_presets("sft"), argv, doc=__doc__)
+    stages = {"sft": (sft.SFTConfig, prepare_sft, sft.load_sft_data), "dpo": (dpo.DPOConfig, prepare_dpo, dpo.load_dpo_data)}
+    if stage not in stages:
+        raise ConfigError(f"python -m lion_min.prepare {stage}: expected sft or dpo")
+    cls, prepare, load = stages[stage]
+    cfg = parse_cli(cls, demo.presets(stage) | recipe_presets(stage), argv, doc=__doc__)
     if not cfg.model or not cfg.data:
         raise ConfigError("--model (for its tokenizer) and --data are required")
     if cfg.data_cache == "off":
@@ -360,12 +492,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     d = init_distributed("cpu")
     tokenizer = Tokenizer.from_dir(resolve_path(cfg.model, cfg.revision))
     t0 = time.perf_counter()
-    prep = prepare_sft(cfg, tokenizer, d, load=lambda: sft.load_sft_data(cfg))
+    prep = prepare(cfg, tokenizer, d, load=lambda: load(cfg))
     if d.main:
         print(prep.data_summary)
-        print(sft.packing_line(prep.train.counts, len(prep.train), cfg.seq_len))
-        if prep.eval is not None:
-            print("eval: " + sft.packing_line(prep.eval.counts, len(prep.eval), cfg.seq_len))
+        for name, split in (("", prep.train), ("eval: ", prep.eval)):
+            if isinstance(split, PreparedRows):
+                print(name + sft.packing_line(split.counts, len(split), cfg.seq_len))
+            elif split is not None:
+                st = split.stats
+                print(f"{name}{st['pairs']} pairs: {len(split)} kept, {st['prompt_truncated']} with the prompt "
+                      f"truncated, {st['response_truncated']} with a response truncated, {st['dropped']} dropped")
         how = f"prepared in {prep.seconds:.1f}s by {d.world} process(es)" if prep.seconds else "already prepared"
         print(f"{how} ({time.perf_counter() - t0:.1f}s in all): {prep.folder}")
 

@@ -291,3 +291,59 @@ def test_encode_pairs_equals_encode_chat_per_side(tmp_path, monkeypatch):
         assert st.pairs == len(prefs) > 20 and st.pairs - st.dropped == len(want)
         if max_len == 96:  # the cut-off paths are exercised
             assert st.prompt_truncated > 0 and st.response_truncated > 0
+
+
+def test_prepared_pairs_equal_encode_pairs(tiny_chat_model, tmp_path):
+    from lion_min.dpo import DPOConfig, encode_pairs, load_dpo_data
+
+    tok = Tokenizer.from_dir(tiny_chat_model["model"])
+    cfg = DPOConfig(model=str(tiny_chat_model["model"]), data=str(tiny_chat_model["prefs"]), max_len=40,
+                    max_prompt_len=20, eval_fraction=0.2, system_prompt="", data_cache=str(tmp_path / "cache"))
+    prep = prepare.prepare_dpo(cfg, tok, ONE, load=lambda: load_dpo_data(cfg))
+    assert prep.seconds > 0
+    prefs, eval_prefs, _ = load_dpo_data(cfg)
+    for store, items in ((prep.train, prefs), (prep.eval, eval_prefs)):
+        want, st = encode_pairs(items, tok, "chatml", 40, 20, "")
+        assert len(store) == len(want) > 5 and list(store) == want
+        assert store[-1] == want[-1] and store[np.int64(2)] == want[2] and store[1:4] == want[1:4]
+        assert store.stats == dataclasses.asdict(st)
+    assert prep.train.stats["prompt_truncated"] > 0 and prep.train.stats["response_truncated"] > 0
+    with pytest.raises(IndexError):
+        prep.train[len(prep.train)]
+    cached = prepare.prepare_dpo(cfg, tok, ONE, load=lambda: pytest.fail("the cache was not used"))
+    assert cached.seconds == 0 and list(cached.train) == list(prep.train)
+    # Shards: two ranks' halves merge to the same bytes as one rank's whole.
+    args = (tok, "chatml", 40, 20, "")
+    prepare.encode_pair_shard(prefs, tmp_path / "one" / "0", *args)
+    prepare.merge_pair_shards([tmp_path / "one" / "0"], tmp_path / "one" / "m", np.dtype(np.uint16))
+    halves = [tmp_path / "two" / "0", tmp_path / "two" / "1"]
+    prepare.encode_pair_shard(prefs[:13], halves[0], *args)
+    prepare.encode_pair_shard(prefs[13:], halves[1], *args)
+    prepare.merge_pair_shards(halves, tmp_path / "two" / "m", np.dtype(np.uint16))
+    for name in ("tokens.bin", "mask.bin", "docs.npy", "split.json"):
+        assert (tmp_path / "one" / "m" / name).read_bytes() == (tmp_path / "two" / "m" / name).read_bytes() == \
+               (prep.train.folder / name).read_bytes(), name
+
+
+def test_dpo_stage_metrics_equal_with_and_without_the_cache(tiny_chat_model, tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train_dpo
+
+    def args(out, cache):
+        a = dict(model=tiny_chat_model["model"], data=tiny_chat_model["prefs"], out_dir=out, max_len=64,
+                 max_prompt_len=32, batch_size=4, micro_batch_size=2, max_steps=3, lr=1e-3, warmup_ratio=0.0,
+                 lr_schedule="constant", seed=0, device="cpu", eval_fraction=0.2, data_cache=cache)
+        return [f"--{k}={v}" for k, v in a.items()]
+
+    train_dpo.main(args(tmp_path / "off", "off"))
+    train_dpo.main(args(tmp_path / "cold", tmp_path / "cache"))
+    train_dpo.main(args(tmp_path / "warm", tmp_path / "cache"))
+    ref = metrics(tmp_path / "off")
+    assert len(ref) == 4 and "eval/loss" in ref[-1]
+    drop = ("step_time_s", "tokens_per_s", "memory_gib")
+    for run in ("cold", "warm"):
+        got = metrics(tmp_path / run)
+        assert [{k: v for k, v in m.items() if k not in drop} for m in got] == \
+               [{k: v for k, v in m.items() if k not in drop} for m in ref], run
+    assert json.loads((tmp_path / "warm" / "summary.json").read_text())["pairs"] == \
+           json.loads((tmp_path / "off" / "summary.json").read_text())["pairs"] > 0
