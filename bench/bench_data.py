@@ -207,10 +207,23 @@ def main(argv=None):
     # records (load, per rank as measured here); encoding splits 8 ways (the per-core rate, one
     # tokenizer thread); rank 0 lays out the rows (merge, linear in the data; best-fit-decreasing
     # is slightly worse than linear). The old path: every rank encodes and packs everything.
+    # The floor for one thread: the Rust tokenizer alone on the rendered texts, one call per text.
+    from lion_min.chat import render
+    from lion_min.data import load_conversations
+    from lion_min.prepare import file_identity
+    from lion_min.stage import with_system
+    from lion_min.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(model)
+    texts = [render(with_system(c, ""), "chatml", bos_token=tok.bos_token) for c in load_conversations(str(data))[0]]
+    t = time.perf_counter()
+    for x in texts:
+        tok.encode_with_offsets(x)
+    alone = time.perf_counter() - t
+    print(f"\nthe tokenizer alone, one thread, one call per text: {alone:.1f}s ({tokens / alone:,.0f} tokens/s)")
+
     # The old path's data work is its time to batches less the warm run's (process start, model,
     # fingerprint, mmap), and its memory above the warm run's.
-    from lion_min.prepare import file_identity
-
     t = time.perf_counter()
     file_identity(data)
     hashing = time.perf_counter() - t
