@@ -325,7 +325,7 @@ def run(cfg: DPOConfig) -> TrainResult:
         pairs, eval_pairs, data_summary = prep.train, prep.eval or [], prep.data_summary
         pst = PairStats(**prep.train.stats)
         if d.main:
-            print(f"data: {'prepared in %.1fs' % prep.seconds if prep.seconds else 'prepared before'}: {prep.folder}")
+            print(f"data: {prep.how()}")
     if d.main:
         print(data_summary)
         print(f"{pst.pairs} pairs: {pst.prompt_truncated} with the prompt truncated, {pst.response_truncated} with a "

@@ -71,8 +71,9 @@ FORMAT = 1
 """Bumped when the layout on disk changes."""
 ENCODE_BATCH = 1024
 """Conversations per batched tokenizer call."""
-CODE = ("chat.py", "packing.py", "prepare.py", "data.py", "schemas.py", "dpo.py")
-"""The modules whose source is part of the fingerprint: they decide the tokens and the rows."""
+CODE = ("chat.py", "packing.py", "prepare.py", "data.py", "schemas.py")
+"""The modules whose source is part of the fingerprint: they decide the tokens and the rows (for
+DPO also dpo.py, which truncates the pairs)."""
 _HUB_FILE = re.compile(r"datasets--[^/]+/snapshots/[0-9a-f]{40}/.+$")
 
 
@@ -123,8 +124,8 @@ def _samples(cfg) -> bool:
     return sampled or (not cfg.eval_data and cfg.eval_fraction > 0)
 
 
-def fingerprint(parts: dict) -> str:
-    code = {name: _sha256_file(Path(__file__).parent / name) for name in CODE}
+def fingerprint(parts: dict, code_files: tuple[str, ...] = CODE) -> str:
+    code = {name: _sha256_file(Path(__file__).parent / name) for name in code_files}
     blob = json.dumps(parts | {"format": FORMAT, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -150,7 +151,7 @@ def dpo_fingerprint(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
         "chat_template": cfg.chat_template, "system_prompt": cfg.system_prompt, "max_len": cfg.max_len,
         "max_prompt_len": cfg.max_prompt_len,
     }
-    return fingerprint(parts), parts
+    return fingerprint(parts, CODE + ("dpo.py",)), parts
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -238,6 +239,9 @@ class Prepared:
     """LoadStats.summary() of the records read when it was prepared."""
     seconds: float
     """Time spent preparing (0 when the cache was reused)."""
+
+    def how(self) -> str:
+        return f"{f'prepared in {self.seconds:.1f}s' if self.seconds else 'prepared before'}: {self.folder}"
 
 
 def open_prepared(folder: Path, kind: type, seconds: float = 0.0) -> Prepared:
@@ -502,8 +506,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 st = split.stats
                 print(f"{name}{st['pairs']} pairs: {len(split)} kept, {st['prompt_truncated']} with the prompt "
                       f"truncated, {st['response_truncated']} with a response truncated, {st['dropped']} dropped")
-        how = f"prepared in {prep.seconds:.1f}s by {d.world} process(es)" if prep.seconds else "already prepared"
-        print(f"{how} ({time.perf_counter() - t0:.1f}s in all): {prep.folder}")
+        print(f"{d.world} process(es), {time.perf_counter() - t0:.1f}s in all; {prep.how()}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from lion_min.config import ConfigError, DataConfig
 from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import Packed, pack
-from lion_min.prepare import prepare_sft
 from lion_min.parallel import init_distributed
+from lion_min.prepare import prepare_sft
 from lion_min.stage import check_seq_len, export_dtype, load_policy, resolve_dtype, with_system
 from lion_min.train import Batches, TrainResult, row_batches, train
 
@@ -134,7 +134,7 @@ def run(cfg: SFTConfig) -> TrainResult:
         packed, rows = prep.train.counts, prep.train
         num_rows, eval_rows, data_summary = len(prep.train), prep.eval, prep.data_summary
         if d.main:
-            print(f"data: {'prepared in %.1fs' % prep.seconds if prep.seconds else 'prepared before'}: {prep.folder}")
+            print(f"data: {prep.how()}")
     batches = row_batches(rows, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d)
     evals = eval_batches(eval_rows, cfg, d) if eval_rows is not None else None
     summary = {

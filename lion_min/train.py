@@ -83,7 +83,9 @@ def row_batches(rows, batch_size: int, micro_batch_size: int, epochs: int, seed:
     targets)."""
     if isinstance(rows, dict):
         targets = (rows["targets"] != IGNORE_INDEX).sum(1)  # (rows,)
-        take = lambda sel: {k: v[sel] for k, v in rows.items()}  # noqa: E731
+
+        def take(sel):
+            return {k: v[sel] for k, v in rows.items()}
     else:
         targets, take = rows.row_targets, rows.take
     return Batches(

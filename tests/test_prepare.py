@@ -206,9 +206,21 @@ def test_cli_prepares_then_finds_the_folder(chat_setup, tmp_path):
     assert "120 records read" in first.stdout and "packed 120 conversations into" in first.stdout
     assert "prepared in" in first.stdout
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert "already prepared" in second.stdout
+    assert "prepared before" in second.stdout
     folder = first.stdout.strip().rsplit(": ", 1)[1]
-    assert folder == second.stdout.strip().rsplit(": ", 1)[1] and Path(folder).is_dir()
+    assert folder == second.stdout.strip().rsplit(": ", 1)[1] and Path(folder, "meta.json").is_file()
+
+
+def test_cli_prepares_dpo_pairs(tiny_chat_model, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "lion_min.prepare", "dpo", f"--model={tiny_chat_model['model']}",
+           f"--data={tiny_chat_model['prefs']}", "--max_len=40", "--max_prompt_len=20", "--eval_fraction=0.1",
+           f"--data_cache={tmp_path}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "36 pairs: 36 kept" in res.stdout and "eval: 4 pairs: 4 kept" in res.stdout, res.stdout
+    bad = subprocess.run(cmd[:3] + ["ppo"] + cmd[4:], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "expected sft or dpo" in bad.stderr
 
 
 # --- the stage on the prepared path -----------------------------------------------------------------
