@@ -10,7 +10,8 @@ prepares it first (every rank encoding its share) and a later run, or a resume, 
 Where: --data_cache=DIR (default `auto`: $XDG_CACHE_HOME/lion_min/data, else
 ~/.cache/lion_min/data), one folder per fingerprint: the sha256 of everything that changes the
 tokens (`sft_fingerprint`): each data file's bytes (a hub file: its repo, commit and path, fixed by
-the commit), the mixture spec, schema, columns, skip_bad, the eval split, the seed where it samples,
+the commit; not the path: a copy is the same data), each source's fraction, weight, schema and
+columns, skip_bad, the eval split, the seed where it samples,
 the tokenizer.json and special tokens, the chat template, the system prompt, seq_len, packing,
 loss mask / train_on, overflow, and the source of the code that encodes and packs. With several
 ranks (or nodes) the folder must be one that every rank sees. `--data_cache=off` is the old path:
@@ -21,7 +22,8 @@ interrupted preparation never looks complete; it is redone by the next run (the 
 folder can be deleted). With N ranks, rank r encodes the r-th contiguous 1/N of the conversations
 and writes them as a shard; rank 0 waits for every shard, lays out the rows and renames; the others
 wait for the folder. The waits poll the file system (no collective: a long preparation cannot hit
-a process-group timeout).
+a process-group timeout); a rank that does not see rank 0's temporary folder within a minute stops
+with an error asking for a shared --data_cache.
 
 The format of one split (train/, eval/), all flat arrays:
 
@@ -375,21 +377,39 @@ def merge_pair_shards(shards: list[Path], out: Path, dtype: np.dtype) -> dict:
 # --- preparing ------------------------------------------------------------------------------------
 
 
-def _wait_for(paths: list[Path]) -> None:
-    """Poll until every path exists (a rank that fails ends the job under torchrun)."""
+class DataCacheError(ValueError):
+    pass
+
+
+VISIBLE_WITHIN_S = 60.0
+"""How long a rank waits to see a file that rank 0 made before it concludes that --data_cache is
+not shared (a network file system can take a moment to show it)."""
+
+
+def _wait_for(paths: list[Path], within: Optional[float] = None) -> None:
+    """Poll until every path exists (a rank that fails ends the job under torchrun); with `within`,
+    raise DataCacheError if they have not appeared by then."""
     t0 = time.perf_counter()
     while not all(p.exists() for p in paths):
+        if within is not None and time.perf_counter() - t0 > within:
+            missing = next(p for p in paths if not p.exists())
+            raise DataCacheError(f"--data_cache: {missing}, written by rank 0, is not visible to this rank after "
+                                 f"{within:.0f}s: give a --data_cache folder that every rank shares")
         time.sleep(0.2 if time.perf_counter() - t0 < 60 else 2.0)
 
 
-def _job_id(d: Dist) -> str:
-    """A name all ranks of this run agree on for the temporary folder."""
-    name = [uuid.uuid4().hex[:12]]
+def _temporary_folder(final: Path, d: Dist) -> Path:
+    """The temporary folder of this preparation, made by rank 0 and named for all ranks; every rank
+    checks that it sees it (so a cache folder that is not shared fails now, not after the work)."""
+    name = [f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"]
+    if d.main:
+        (final.parent / name[0]).mkdir(parents=True)
     if d.world > 1:
         import torch.distributed as dist
 
         dist.broadcast_object_list(name, src=0)
-    return name[0]
+        _wait_for([final.parent / name[0]], within=VISIBLE_WITHIN_S)
+    return final.parent / name[0]
 
 
 def _prepare(final: Path, d: Dist, load: Callable[[], tuple[list, list, str]],
@@ -407,10 +427,15 @@ def _prepare(final: Path, d: Dist, load: Callable[[], tuple[list, list, str]],
         local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
         os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local)))
     if found[0]:
-        _wait_for([final / "meta.json"])  # (waits forever if rank 0's folder is not visible here)
+        _wait_for([final / "meta.json"], within=VISIBLE_WITHIN_S)
         return 0.0
     t0 = time.perf_counter()
-    tmp = final.parent / f"{final.name}.tmp-{_job_id(d)}"
+    if d.main:
+        stale = sorted(final.parent.glob(f"{final.name}.tmp-*"))
+        if stale:
+            print(f"note: {len(stale)} unfinished preparation(s) of this data in {final.parent} "
+                  f"({stale[0].name}...): interrupted, or running now elsewhere; delete them when not")
+    tmp = _temporary_folder(final, d)
     train, evals, data_summary = load()
     t_load = time.perf_counter()
     splits = {"train": train, "eval": evals} if evals else {"train": train}

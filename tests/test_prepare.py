@@ -359,3 +359,17 @@ def test_dpo_stage_metrics_equal_with_and_without_the_cache(tiny_chat_model, tmp
                [{k: v for k, v in m.items() if k not in drop} for m in ref], run
     assert json.loads((tmp_path / "warm" / "summary.json").read_text())["pairs"] == \
            json.loads((tmp_path / "off" / "summary.json").read_text())["pairs"] > 0
+
+
+def test_a_cache_folder_other_ranks_cannot_see_fails_at_once(chat_setup, tmp_path, monkeypatch):
+    """Rank 1 of 2 whose --data_cache is not rank 0's (here: rank 0 never writes to it) stops with
+    one clear error as soon as the temporary folder fails to appear, instead of waiting forever."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda objects, src=0: None)  # rank 0 is elsewhere
+    monkeypatch.setattr(prepare, "VISIBLE_WITHIN_S", 0.5)
+    monkeypatch.setenv("RAYON_NUM_THREADS", "1")
+    rank1 = Dist(rank=1, world=2, local_rank=1, device="cpu")
+    cfg = config(chat_setup, tmp_path / "not_shared")
+    with pytest.raises(prepare.DataCacheError, match="not visible to this rank.*every rank shares"):
+        prepared(cfg, chat_setup["tok"], rank1)
