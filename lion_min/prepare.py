@@ -526,11 +526,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(prep.data_summary)
         for name, split in (("", prep.train), ("eval: ", prep.eval)):
             if isinstance(split, PreparedRows):
-                print(name + sft.packing_line(split.counts, len(split), cfg.seq_len))
+                print(name + sft.packing_line(split.counts, len(split), cfg.seq_len) +
+                      f"; {split.counts.real_tokens:,} tokens")
             elif split is not None:
                 st = split.stats
                 print(f"{name}{st['pairs']} pairs: {len(split)} kept, {st['prompt_truncated']} with the prompt "
-                      f"truncated, {st['response_truncated']} with a response truncated, {st['dropped']} dropped")
+                      f"truncated, {st['response_truncated']} with a response truncated, {st['dropped']} dropped; "
+                      f"{int(split.docs[-1]):,} tokens")
         print(f"{d.world} process(es), {time.perf_counter() - t0:.1f}s in all; {prep.how()}")
 
 
