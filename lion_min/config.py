@@ -118,6 +118,10 @@ class DataConfig(TrainConfig):
     """chatml | llama3 | gemma."""
     system_prompt: Optional[str] = None
     """Inserted as the system turn when a conversation has none (LION: '' with ChatML)."""
+    data_cache: str = "auto"
+    """Folder of prepared (encoded, packed) data, reused by later runs and resumes: 'auto' =
+    $XDG_CACHE_HOME/lion_min/data or ~/.cache/lion_min/data; 'off' = prepare in memory each run
+    (see lion_min/prepare.py)."""
 
 
 # --- values: checked when the command line is parsed, before anything is loaded ---------------------

@@ -13,6 +13,7 @@ cDPO, IPO, hinge), averaged over the pairs of the global batch.
 
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,13 +23,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lion_min.chat import ChatEncoding, encode_chat, get_template
+from lion_min.chat import ChatEncoding, encode_chats, get_template
 from lion_min.checkpoint import resolve_path
 from lion_min.config import ConfigError, DataConfig, format_config
 from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import DPO_LOSS_TYPES, dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
 from lion_min.parallel import Dist, all_reduce_sum, init_distributed
+from lion_min.prepare import prepare_dpo
 from lion_min.run_dir import claim
 from lion_min.stage import (build_from_folder, check_same_architecture, check_seq_len, export_dtype, load_policy,
                             opening_summary, resolve_dtype, with_system)
@@ -86,6 +88,10 @@ class EncodedPair:
     rejected: ChatEncoding
 
 
+ENCODE_BATCH = 512
+"""Pairs per batched tokenizer call."""
+
+
 @dataclass
 class PairStats:
     pairs: int = 0
@@ -119,26 +125,29 @@ def encode_pairs(prefs, tokenizer, template: str, max_len: int, max_prompt_len: 
     if max_prompt_len >= max_len:
         raise ValueError(f"max_prompt_len={max_prompt_len} must be smaller than max_len={max_len}")
     out, st = [], PairStats()
-    for p in prefs:
-        sides = []
-        for response in (p.chosen, p.rejected):
-            enc = encode_chat(tokenizer, with_system(list(p.prompt) + list(response), system_prompt), template,
-                              train_on="last")
-            sides.append(truncate(enc.input_ids, enc.loss_mask, max_len, max_prompt_len))
-        st.pairs += 1
-        if not all(any(s[1]) for s in sides):
-            st.dropped += 1
-            continue
-        if sides[0][:2] == sides[1][:2]:
-            st.identical += 1
-            continue
-        st.prompt_truncated += any(s[2] for s in sides)
-        st.response_truncated += any(s[3] for s in sides)
-        out.append(EncodedPair(chosen=ChatEncoding(*sides[0][:2]), rejected=ChatEncoding(*sides[1][:2])))
+    for start in range(0, len(prefs), ENCODE_BATCH):
+        chunk = prefs[start : start + ENCODE_BATCH]
+        # Both sides of every pair of the chunk in one batched call (chat.encode_chats, identical
+        # to encode_chat per side): sequence 2k is pair k's chosen side, 2k + 1 its rejected one.
+        enc = encode_chats(tokenizer, [with_system(list(p.prompt) + list(r), system_prompt)
+                                       for p in chunk for r in (p.chosen, p.rejected)], template, train_on="last")
+        for k in range(len(chunk)):
+            sides = [truncate(enc.input_ids[a:b].tolist(), enc.loss_mask[a:b].tolist(), max_len, max_prompt_len)
+                     for a, b in zip(enc.starts[2 * k : 2 * k + 2], enc.starts[2 * k + 1 : 2 * k + 3])]
+            st.pairs += 1
+            if not all(any(s[1]) for s in sides):
+                st.dropped += 1
+                continue
+            if sides[0][:2] == sides[1][:2]:  # nothing to prefer
+                st.identical += 1
+                continue
+            st.prompt_truncated += any(s[2] for s in sides)
+            st.response_truncated += any(s[3] for s in sides)
+            out.append(EncodedPair(chosen=ChatEncoding(*sides[0][:2]), rejected=ChatEncoding(*sides[1][:2])))
     return out, st
 
 
-def pair_micro(pairs: list[EncodedPair], sel: np.ndarray, max_len: int, pad_id: int, device,
+def pair_micro(pairs: Sequence[EncodedPair], sel: np.ndarray, max_len: int, pad_id: int, device,
                ref_logps: Optional[torch.Tensor] = None) -> dict:
     """The pairs `sel` packed into rows of max_len: example 2i = chosen, 2i + 1 = rejected."""
     examples = [side for i in sel for side in (pairs[i].chosen, pairs[i].rejected)]
@@ -200,7 +209,7 @@ def make_dpo_objective(beta: float, label_smoothing: float, loss_type: str, ref_
 # --- precomputed reference ------------------------------------------------------------------------
 
 
-def fingerprint(pairs: list[EncodedPair], ref_folder: Path, template: str) -> str:
+def fingerprint(pairs: Sequence[EncodedPair], ref_folder: Path, template: str) -> str:
     """sha256 of the scored sequences (so data, tokenizer, template and truncation), the template
     name, and the reference checkpoint's config and weight files (every byte)."""
     h = hashlib.sha256()
@@ -261,8 +270,8 @@ def load_or_compute_ref_logps(path: Path, fp: str, compute, d: Dist) -> torch.Te
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pairs: list[EncodedPair],
-              eval_pairs: list[EncodedPair]):
+def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pairs: Sequence[EncodedPair],
+              eval_pairs: Sequence[EncodedPair]):
     """(frozen reference model, None, None), or with --precompute_ref (None, its log-probs of the
     training pairs, of the eval pairs), computed once and stored in out_dir under a fingerprint."""
 
@@ -272,7 +281,7 @@ def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pai
     if not cfg.precompute_ref:
         return make_ref(), None, None
 
-    def precomputed(which: list[EncodedPair], name: str) -> torch.Tensor:
+    def precomputed(which: Sequence[EncodedPair], name: str) -> torch.Tensor:
         def compute():
             return compute_ref_logps(make_ref(), which, d, cfg.micro_batch_size, cfg.max_len, pad_id)
 
@@ -284,7 +293,7 @@ def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pai
     return None, ref_logps, eval_ref
 
 
-def train_pairs(cfg: DPOConfig, d, pairs: list[EncodedPair], eval_pairs: list[EncodedPair], dtype,
+def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Sequence[EncodedPair], dtype,
                 summary: dict, inputs: dict) -> TrainResult:
     """Policy, reference, batches, then the shared loop. The online stage calls it for each round.
     `inputs` (flag -> path) are what the run folder must not overlap and what a resume must match."""
@@ -334,13 +343,27 @@ def run(cfg: DPOConfig) -> TrainResult:
     if d.main:
         print(f"config:\n{format_config(cfg)}")
     tokenizer = Tokenizer.from_dir(resolve_path(cfg.model, cfg.revision))
+    if cfg.data_cache == "off":  # every rank encodes everything, in memory
+        prefs, eval_prefs, data_summary = load_dpo_data(cfg)
+        pairs, pst = encode_pairs(prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len,
+                                  cfg.system_prompt)
+        eval_pairs, _ = encode_pairs(eval_prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len,
+                                     cfg.system_prompt)
+    else:  # encoded once on disk (or now, every rank its share); each micro-batch reads its pairs
+        prep = prepare_dpo(cfg, tokenizer, d, load=lambda: load_dpo_data(cfg))
+        pairs, eval_pairs, data_summary = prep.train, prep.eval or [], prep.data_summary
+        pst = PairStats(**prep.train.stats)
+        if d.main:
+            print(f"data: {prep.how()}")
+    return train_pairs(cfg, d, pairs, eval_pairs, dtype, {"data": data_summary, **dataclasses.asdict(pst)},
+                       inputs={"--data": cfg.data, "--eval_data": cfg.eval_data})
+
+
+def load_dpo_data(cfg: DPOConfig) -> tuple[list, list, str]:
+    """(train preferences, eval preferences, the LoadStats summary) as the config says."""
     prefs, stats = load_preferences(cfg.data, schema=cfg.schema, skip_bad=cfg.skip_bad, seed=cfg.seed)
     if cfg.eval_data:
         eval_prefs, _ = load_preferences(cfg.eval_data, schema=cfg.schema, skip_bad=cfg.skip_bad, seed=cfg.seed)
     else:
         prefs, eval_prefs = train_eval_split(prefs, cfg.eval_fraction, cfg.seed)
-    pairs, pst = encode_pairs(prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len, cfg.system_prompt)
-    eval_pairs, _ = encode_pairs(eval_prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len,
-                                 cfg.system_prompt)
-    return train_pairs(cfg, d, pairs, eval_pairs, dtype, {"data": stats.summary(), **dataclasses.asdict(pst)},
-                       inputs={"--data": cfg.data, "--eval_data": cfg.eval_data})
+    return prefs, eval_prefs, stats.summary()

@@ -18,6 +18,7 @@ from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import Packed, pack
 from lion_min.parallel import init_distributed
+from lion_min.prepare import prepare_sft
 from lion_min.run_dir import claim
 from lion_min.stage import check_seq_len, export_dtype, load_policy, opening_summary, resolve_dtype, with_system
 from lion_min.train import Batches, TrainResult, row_batches, train
@@ -82,13 +83,17 @@ def sft_rows(convs, tokenizer, cfg: SFTConfig, what: str = "--data") -> Packed:
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     packed = pack(examples, cfg.seq_len, pad_id, mode="pack" if cfg.packing else "pad", overflow=cfg.overflow,
                   isolate=cfg.isolate_documents)
-    if packed.target_tokens == 0:
-        lost = sum(not any(e.loss_mask[1 : cfg.seq_len]) for e in examples)
-        why = "dropped by --overflow=drop" if cfg.overflow == "drop" else "cut off by truncation"
-        raise ConfigError(f"{what}: no target tokens to train on: {lost} of {len(examples)} conversations have no "
-                          f"reply token within --seq_len={cfg.seq_len} ({why}; {packed.num_dropped} dropped, "
-                          f"{packed.num_truncated} truncated); raise --seq_len")
+    check_targets(packed, cfg, what)
     return packed
+
+
+def check_targets(packed: Packed, cfg: SFTConfig, what: str = "--data"):
+    """Rows with nothing to train on are refused, saying how many conversations lost their replies."""
+    if packed.target_tokens == 0:
+        why = "dropped by --overflow=drop" if cfg.overflow == "drop" else "cut off by truncation"
+        raise ConfigError(f"{what}: no target tokens to train on: {packed.num_examples} of {packed.num_examples} "
+                          f"conversations have no reply token within --seq_len={cfg.seq_len} ({why}; "
+                          f"{packed.num_dropped} dropped, {packed.num_truncated} truncated); raise --seq_len")
 
 
 def sft_objective(model, micro: dict, norm: float):
@@ -97,14 +102,35 @@ def sft_objective(model, micro: dict, norm: float):
     return sft_loss(logp, micro["targets"], norm), {"loss": -logp.detach().sum()}
 
 
-def eval_batches(packed: Packed, cfg: SFTConfig, d) -> Batches:
-    """All eval rows in one pass; rows beyond a multiple of micro_batch_size * world are left out."""
-    n = len(packed.rows["tokens"]) - len(packed.rows["tokens"]) % (cfg.micro_batch_size * d.world)
+def eval_batches(rows, cfg: SFTConfig, d) -> Batches:
+    """All eval rows (Packed.rows or prepare.PreparedRows) in one pass, in order; rows beyond a
+    multiple of micro_batch_size * world are left out (a batch of n takes the first n)."""
+    total = len(rows["tokens"]) if isinstance(rows, dict) else len(rows)
+    n = total - total % (cfg.micro_batch_size * d.world)
     if not n:
-        raise ConfigError(f"only {len(packed.rows['tokens'])} eval rows, fewer than --micro_batch_size * world size "
+        raise ConfigError(f"only {total} eval rows, fewer than --micro_batch_size * world size "
                           f"= {cfg.micro_batch_size * d.world}: give more eval data or a smaller micro batch")
-    rows = {k: v[:n] for k, v in packed.rows.items()}
     return row_batches(rows, n, cfg.micro_batch_size, 1, 0, d, shuffle=False)
+
+
+def packing_line(p: Packed, num_rows: int, seq_len: int) -> str:
+    """The packing summary in one line (the counters of a Packed); python -m lion_min.prepare prints it."""
+    return (f"packed {p.num_examples} conversations into {num_rows} rows of {seq_len} tokens: efficiency "
+            f"{p.efficiency:.3f}, {p.target_tokens} target tokens, {p.num_truncated} truncated, "
+            f"{p.num_dropped} dropped")
+
+
+def load_sft_data(cfg: SFTConfig) -> tuple[list, list, str]:
+    """(train conversations, eval conversations, the LoadStats summary) as the config says."""
+    columns = parse_columns(cfg.columns)
+    convs, stats = load_conversations(cfg.data, schema=cfg.schema, columns=columns, skip_bad=cfg.skip_bad,
+                                      seed=cfg.seed)
+    if cfg.eval_data:
+        eval_convs, _ = load_conversations(cfg.eval_data, schema=cfg.schema, columns=columns,
+                                           skip_bad=cfg.skip_bad, seed=cfg.seed)
+    else:
+        convs, eval_convs = train_eval_split(convs, cfg.eval_fraction, cfg.seed)
+    return convs, eval_convs, stats.summary()
 
 
 def run(cfg: SFTConfig) -> TrainResult:
@@ -117,28 +143,30 @@ def run(cfg: SFTConfig) -> TrainResult:
     model, args, tokenizer, folder = load_policy(cfg, d, dtype)
     check_seq_len(cfg.seq_len, args)
 
-    columns = parse_columns(cfg.columns)
-    convs, stats = load_conversations(cfg.data, schema=cfg.schema, columns=columns, skip_bad=cfg.skip_bad,
-                                      seed=cfg.seed)
-    if cfg.eval_data:
-        eval_convs, _ = load_conversations(cfg.eval_data, schema=cfg.schema, columns=columns,
-                                           skip_bad=cfg.skip_bad, seed=cfg.seed)
-    else:
-        convs, eval_convs = train_eval_split(convs, cfg.eval_fraction, cfg.seed)
-
-    packed = sft_rows(convs, tokenizer, cfg)
-    batches = row_batches(packed.rows, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d)
-    evals = eval_batches(sft_rows(eval_convs, tokenizer, cfg, "eval data"), cfg, d) if eval_convs else None
+    if cfg.data_cache == "off":  # every rank encodes and packs everything, in memory
+        convs, eval_convs, data_summary = load_sft_data(cfg)
+        packed = sft_rows(convs, tokenizer, cfg)
+        rows, num_rows = packed.rows, len(packed.rows["tokens"])
+        eval_rows = sft_rows(eval_convs, tokenizer, cfg, "eval data").rows if eval_convs else None
+    else:  # prepared once on disk (or now, every rank its share); each rank reads its rows
+        prep = prepare_sft(cfg, tokenizer, d, load=lambda: load_sft_data(cfg))
+        packed, rows = prep.train.counts, prep.train
+        num_rows, eval_rows, data_summary = len(prep.train), prep.eval, prep.data_summary
+        check_targets(packed, cfg)
+        if d.main:
+            print(f"data: {prep.how()}")
+    batches = row_batches(rows, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d)
+    evals = eval_batches(eval_rows, cfg, d) if eval_rows is not None else None
     summary = {
-        "data": stats.summary(),
-        "conversations": packed.num_examples, "rows": len(packed.rows["tokens"]),
+        "data": data_summary,
+        "conversations": packed.num_examples, "rows": num_rows,
         "packing_efficiency": packed.efficiency, "truncated": packed.num_truncated, "dropped": packed.num_dropped,
         "target_tokens": packed.target_tokens, "rows_dropped_last_batch": batches.dropped_items,
     }
     if d.main:
         print(opening_summary(cfg, batches, "rows", {
-            "data": stats.summary().removeprefix("data: "),
-            "rows": f"{len(packed.rows['tokens'])} rows of {cfg.seq_len} tokens from {packed.num_examples} "
+            "data": data_summary.removeprefix("data: "),
+            "rows": f"{num_rows} rows of {cfg.seq_len} tokens from {packed.num_examples} "
                     f"conversations ({packed.num_truncated} truncated, {packed.num_dropped} dropped), "
                     f"packing efficiency {packed.efficiency:.3f}",
             "target tokens": f"{packed.target_tokens:,}",

@@ -77,13 +77,24 @@ class Batches:
         return micros, self.norm(idx)
 
 
-def row_batches(rows: dict[str, np.ndarray], batch_size: int, micro_batch_size: int, epochs: int, seed: int,
-                d: Dist, shuffle: bool = True) -> Batches:
-    """Batches of packed rows (SFT); the normaliser is the global batch's number of target tokens."""
+def row_batches(rows, batch_size: int, micro_batch_size: int, epochs: int, seed: int, d: Dist,
+                shuffle: bool = True) -> Batches:
+    """Batches of packed rows (SFT); the normaliser is the global batch's number of target tokens.
+
+    rows: Packed.rows (the four arrays in memory), or prepared rows on disk (prepare.PreparedRows:
+    `take(sel)` builds the same arrays for the selected rows only; `row_targets` counts each row's
+    targets)."""
+    if isinstance(rows, dict):
+        targets = (rows["targets"] != IGNORE_INDEX).sum(1)  # (rows,)
+
+        def take(sel):
+            return {k: v[sel] for k, v in rows.items()}
+    else:
+        targets, take = rows.row_targets, rows.take
     return Batches(
-        len(rows["tokens"]), batch_size, micro_batch_size, epochs, seed, d,
-        make_micro=lambda sel: collate({k: v[sel] for k, v in rows.items()}, d.device),
-        norm=lambda sel: float((rows["targets"][sel] != IGNORE_INDEX).sum()),
+        len(targets), batch_size, micro_batch_size, epochs, seed, d,
+        make_micro=lambda sel: collate(take(sel), d.device),
+        norm=lambda sel: float(targets[sel].sum()),
         shuffle=shuffle,
     )
 
