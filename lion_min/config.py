@@ -410,8 +410,6 @@ def stage_main(config_cls, run, argv: Optional[list[str]], doc: str):
 def run_cli(main) -> None:
     """Run a stage's main(); bad input (a ValueError naming the file, line or key), a missing file,
     or a non-finite loss ends the process with that one line on stderr and exit status 2."""
-    import torch.distributed as dist
-
     from lion_min.train import StopRequested
 
     try:
@@ -424,9 +422,8 @@ def run_cli(main) -> None:
         message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    # Leave the process group cleanly (after success only: a failed rank must not wait for the
-    # others): exiting with it alive can abort a gloo rank at teardown ("terminate called without
-    # an active exception", seen once in the 2-rank SFT test).
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every rank is done before any tears its connections down
-        dist.destroy_process_group()
+    # After success only (a failed rank must not wait for the others): leave the process group
+    # and exit without the interpreter's teardown (parallel.shutdown says why).
+    from lion_min.parallel import shutdown
+
+    shutdown()

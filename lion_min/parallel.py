@@ -6,6 +6,7 @@ which init_process_group reads.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,22 @@ def all_reduce_tensor(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         dist.all_reduce(t)
     return t
+
+
+def shutdown() -> None:
+    """End a multi-process run that finished: every rank waits for the others, leaves the process
+    group, flushes its output and exits at once. The last step skips the interpreter's teardown,
+    where gloo's threads can abort a finished rank ("terminate called without an active
+    exception", about 1 run in 16 here even after destroy_process_group; 0 in 48 this way)."""
+    if not dist.is_initialized():
+        return
+    several = dist.get_world_size() > 1  # a one-process group (bf16 FSDP) just leaves
+    dist.barrier()
+    dist.destroy_process_group()
+    if several:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def barrier(d: Dist):

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from lion_min.losses import IGNORE_INDEX, sft_loss  # noqa: E402
 from lion_min.model import ModelArgs, Transformer  # noqa: E402
-from lion_min.parallel import build_model, init_distributed  # noqa: E402
+from lion_min.parallel import build_model, init_distributed, shutdown  # noqa: E402
 
 
 def tiny_args(family: str) -> ModelArgs:
@@ -136,4 +136,4 @@ if __name__ == "__main__":
     dist.all_gather_object(losses, loss)
     if d.main:
         torch.save({"loss": sum(losses), "grads": grads}, out)
-    dist.destroy_process_group()
+    shutdown()
