@@ -181,6 +181,9 @@ def check_values(cfg) -> None:
         if cfg.attn_backend == "varlen" and (cfg.dtype == "float32" or not on_gpu):
             raise ConfigError("--attn_backend=varlen needs a CUDA device and --dtype=bfloat16 (flash varlen kernels "
                               "have no float32 or CPU version); use sdpa or flex")
+    if getattr(cfg, "overwrite", False) and getattr(cfg, "resume", ""):
+        raise ConfigError(f"--overwrite=true with --resume={cfg.resume}: replacing the run and continuing it "
+                          f"contradict each other; drop one")
     if getattr(cfg, "out_dir", None) == "":
         raise ConfigError("--out_dir is empty: name the folder the run writes to")
 
@@ -417,6 +420,9 @@ def run_cli(main) -> None:
     except StopRequested as e:
         print(str(e), file=sys.stderr)
         sys.exit(e.code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (loading, sampling), or a second one
+        print("stopped by Ctrl-C (no checkpoint written for this part of the run)", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         # One line, even when a library's message (huggingface_hub's, say) spans several.
         message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())

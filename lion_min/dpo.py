@@ -275,8 +275,13 @@ def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pai
     """(frozen reference model, None, None), or with --precompute_ref (None, its log-probs of the
     training pairs, of the eval pairs), computed once and stored in out_dir under a fingerprint."""
 
+    built = []  # the reference model, built at most once (and only when a log-prob file is missing)
+
     def make_ref():
-        return build_from_folder(ref_folder, args, d, dtype, attn_backend=cfg.attn_backend).requires_grad_(False).eval()
+        if not built:
+            built.append(build_from_folder(ref_folder, args, d, dtype, attn_backend=cfg.attn_backend)
+                         .requires_grad_(False).eval())
+        return built[0]
 
     if not cfg.precompute_ref:
         return make_ref(), None, None

@@ -36,6 +36,7 @@ from lion_min.run_dir import claim
 from lion_min.sample import encode_prompt, generate, read_prompts
 from lion_min.stage import append_summary, resolve_dtype, with_system
 from lion_min.tokenizer import Tokenizer
+from lion_min.train import StopRequested
 
 
 @dataclass
@@ -174,10 +175,15 @@ def run_round(cfg: OnlineConfig, d: Dist, k: int, policy: Path, ref_folder: Path
     if len(pairs) < cfg.batch_size:
         raise ValueError(f"round {k}: only {len(pairs)} usable pairs for batch_size={cfg.batch_size} "
                          f"(dropped: {dropped}); use more prompts or samples, or a smaller batch")
-    # A round that stopped part way is redone from its sampling: its DPO folder is replaced.
-    round_cfg = dataclasses.replace(cfg, model=str(policy), ref_model=str(ref_folder),
-                                    out_dir=str(out_dir / f"round_{k}"), resume="", seed=cfg.seed + k, overwrite=True)
-    train_pairs(round_cfg, d, pairs, [], dtype, {"round": k, "pairs": len(pairs), "dropped": dropped}, inputs={})
+    # A round that stopped part way is redone from its sampling: its DPO folder is replaced, so it
+    # writes no checkpoints, and a signal's message says how this stage resumes.
+    round_cfg = dataclasses.replace(cfg, model=str(policy), ref_model=str(ref_folder), out_dir=str(out_dir / f"round_{k}"),
+                                    resume="", seed=cfg.seed + k, overwrite=True, save_every=0)
+    try:
+        train_pairs(round_cfg, d, pairs, [], dtype, {"round": k, "pairs": len(pairs), "dropped": dropped}, inputs={})
+    except StopRequested as e:
+        raise StopRequested(f"stopped in round {k}: rounds before it are kept and round {k} is redone from its "
+                            f"sampling when the same command runs again", e.code) from None
     return {"round": k, "mean_reward": mean_score(records), "pairs": len(pairs), "dropped": dropped}
 
 
@@ -223,7 +229,10 @@ def rounds(cfg: OnlineConfig, d: Dist, start_folder: Path, ref_folder: Path, pro
     # The judged reward of the final policy, sampled the same way as round 0's.
     final = sample_and_judge(cfg, d, policy, prompts, judge, cfg.seed, dtype)
     if d.main:
-        save_model(load_model(policy), out_dir, tokenizer=Tokenizer.from_dir(policy))
+        # In the last round's dtype (that is, --export_dtype), not the float32 load_model gives by default.
+        last = json.loads((policy / "config.json").read_text())
+        dtype_name = last.get("torch_dtype") or last.get("dtype") or "float32"
+        save_model(load_model(policy, dtype=getattr(torch, dtype_name)), out_dir, tokenizer=Tokenizer.from_dir(policy))
         shutil.copy(policy / "metrics.jsonl", out_dir / "last_round_metrics.jsonl")
         before, after = history[0]["mean_reward"], mean_score(final)
         append_summary(out_dir, rounds=history, mean_reward_start=before, mean_reward_final=after)

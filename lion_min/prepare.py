@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import tokenizers
 
 from lion_min.chat import ChatEncoding, encode_chats
 from lion_min.data import parse_mixture, resolve_files
@@ -73,9 +74,10 @@ FORMAT = 1
 """Bumped when the layout on disk changes."""
 ENCODE_BATCH = 1024
 """Conversations per batched tokenizer call."""
-CODE = ("chat.py", "packing.py", "prepare.py", "data.py", "schemas.py")
+CODE = ("chat.py", "packing.py", "prepare.py", "data.py", "schemas.py", "tokenizer.py", "stage.py")
 """The modules whose source is part of the fingerprint: they decide the tokens and the rows (for
-DPO also dpo.py, which truncates the pairs)."""
+DPO also dpo.py, which truncates the pairs; tokenizer.py calls the tokenizer, stage.py inserts the
+system turn). The tokenizers library's version is hashed too."""
 _HUB_FILE = re.compile(r"datasets--[^/]+/snapshots/[0-9a-f]{40}/.+$")
 
 
@@ -117,7 +119,7 @@ def data_identity(spec) -> list[dict]:
 def tokenizer_identity(tokenizer: Tokenizer) -> dict:
     tok_json = tokenizer.files.get("tokenizer.json") or tokenizer._tok.to_str().encode()
     return {"tokenizer.json": hashlib.sha256(tok_json).hexdigest(), "bos": tokenizer.bos_token,
-            "pad_id": tokenizer.pad_id}
+            "pad_id": tokenizer.pad_id, "tokenizers": tokenizers.__version__}
 
 
 def _samples(cfg) -> bool:

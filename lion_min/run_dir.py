@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from lion_min.checkpoint import EXPORT_FILES
 from lion_min.config import ConfigError
 from lion_min.parallel import Dist
 
@@ -35,20 +36,23 @@ from lion_min.parallel import Dist
 # where and how the run is started. max_steps is allowed with a note (the schedule changes length).
 SAFE_KEYS = {"log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "overwrite", "micro_batch_size",
              "device", "compile", "activation_checkpointing", "attn_backend", "preset", "out_dir", "export_dtype",
-             "sample_batch_size", "revision"}
+             "revision", "data_cache"}
+# (sample_batch_size is not safe: the online stage seeds each sampling batch by its position.)
+FINGERPRINTED = {"--model": "model", "--ref_model": "ref_model", "--data": "data", "--eval_data": "eval_data",
+                 "--prompts": "prompts", "--judge": "judge"}
+"""Inputs compared by contents: the same files under another path (./out/sft, a moved folder) are the same run."""
 NOTED_KEYS = {"max_steps"}
 RUN_RECORDS = ["run.json", "train_config.json", "metrics.jsonl", "summary.json", "checkpoints", "reference_logps*",
                "round_*", "last_round_metrics.jsonl", "curves.png"]
-EXPORT_FILES = ["model*.safetensors*", "config.json", "generation_config.json", "tokenizer*",
-                "special_tokens_map.json", "chat_template.jinja"]
-RUN_FILES = RUN_RECORDS + EXPORT_FILES
-"""Everything a run writes into out_dir (what --overwrite removes)."""
+RUN_FILES = RUN_RECORDS + list(EXPORT_FILES)
+"""Everything a run writes into out_dir (what --overwrite removes, and nothing else)."""
 LOCK = ".lion_min.lock"
+DEMO_PRESETS = ("demo", "debug")
 
 
-def _file_digest(path: Path, h) -> None:
+def _file_digest(path: Path, name: str, h) -> None:
     size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
+    h.update(f"{name}:{size}".encode())
     with open(path, "rb") as f:
         if size <= 4 << 20:
             h.update(f.read())
@@ -67,11 +71,13 @@ def _is_input_file(p: Path, root: Path) -> bool:
 
 
 def fingerprint(path: Path) -> str:
-    """sha256 over a file, or over the input files of a folder (sorted)."""
+    """sha256 over a file's contents (not its name: a copy is the same data), or over the input
+    files of a folder with their paths inside it (sorted)."""
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if _is_input_file(p, path))
-    for f in files:
-        _file_digest(f, h)
+    if path.is_file():
+        _file_digest(path, "", h)
+    for f in sorted(p for p in path.rglob("*") if _is_input_file(p, path)) if path.is_dir() else []:
+        _file_digest(f, f.relative_to(path).as_posix(), h)
     return h.hexdigest()
 
 
@@ -87,11 +93,20 @@ def local_inputs(inputs: dict[str, Optional[str | Path]]) -> dict[str, Path]:
 def differences(saved_config: dict, saved_prints: dict, cfg, prints: dict) -> tuple[list[str], list[str]]:
     """(keys that make it another run, keys that changed harmlessly but are worth a note)."""
     now = dataclasses.asdict(cfg)
-    changed = sorted(k for k in now.keys() | saved_config.keys() if now.get(k) != saved_config.get(k))
+    by_contents = {FINGERPRINTED[flag] for flag in prints if flag in saved_prints}
+    changed = sorted(k for k in now.keys() | saved_config.keys()
+                     if now.get(k) != saved_config.get(k) and k not in by_contents)
     refused = [k for k in changed if k not in SAFE_KEYS | NOTED_KEYS]
     refused += [f"{k} (contents)" for k in sorted(prints) if k in saved_prints and prints[k] != saved_prints[k]]
     quiet = {"resume", "overwrite", "out_dir", "preset"}  # how a run is started, not what it computes
     return refused, [k for k in changed if k not in quiet and k not in refused]
+
+
+def has_progress(out_dir: Path) -> bool:
+    """Whether a run got anywhere worth keeping: a logged step, a checkpoint, a finished online round."""
+    metrics = out_dir / "metrics.jsonl"
+    return ((metrics.is_file() and metrics.stat().st_size > 0) or (out_dir / "checkpoints").is_dir()
+            or any(out_dir.glob("round_*.done")))
 
 
 def _holds_run(out_dir: Path) -> list[str]:
@@ -123,8 +138,12 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool) -> tuple
     prints = {flag: fingerprint(path) for flag, path in local.items()}
     notes = []
     found = _holds_run(out_dir) if out_dir.is_dir() else []
+    saved = _read(out_dir / "run.json") or {"config": _read(out_dir / "train_config.json") or {}, "inputs": {}}
+    if found and cfg.overwrite and cfg.preset in DEMO_PRESETS and saved["config"].get("preset") not in DEMO_PRESETS:
+        # The demo replaces its own earlier run, never a run of yours given by a stray --out_dir.
+        raise ConfigError(f"--out_dir={cfg.out_dir} holds a run that is not the demo's ({', '.join(found)}); "
+                          f"the demo runs only when neither --model nor --data is given: pick another --out_dir")
     if found and not cfg.overwrite:
-        saved = _read(out_dir / "run.json") or {"config": _read(out_dir / "train_config.json") or {}, "inputs": {}}
         if not resuming:
             raise ConfigError(f"--out_dir={cfg.out_dir} holds a run ({', '.join(found)}); continue it with "
                               f"--resume=auto, pick another --out_dir, or replace it with --overwrite=true")
@@ -138,7 +157,10 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool) -> tuple
     lock = out_dir / LOCK
     if lock.is_file():
         owner = _read(lock) or {}
-        if owner.get("host") == socket.gethostname() and _pid_alive(int(owner.get("pid", -1))):
+        if owner.get("host") != socket.gethostname():  # no way to tell from here whether it is alive
+            raise ConfigError(f"--out_dir={cfg.out_dir}: a run on host {owner.get('host')} (pid {owner.get('pid')}) "
+                              f"holds the lock {lock}; if it is no longer running, delete that file")
+        if _pid_alive(int(owner.get("pid", -1))):
             raise ConfigError(f"--out_dir={cfg.out_dir}: another run (pid {owner['pid']}) is writing there "
                               f"(lock {lock}); wait for it or pick another --out_dir")
         notes.append(f"note: taking over the lock of a run that is no longer alive (pid {owner.get('pid')})")
@@ -203,8 +225,7 @@ def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optio
     except BaseException:
         # A run that failed before its first step leaves nothing behind (a folder it did not create
         # keeps what it had, less the lock and run.json it added).
-        metrics = out_dir / "metrics.jsonl"
-        if d.main and not (metrics.is_file() and metrics.stat().st_size):
+        if d.main and not has_progress(out_dir):
             if created:
                 shutil.rmtree(out_dir, ignore_errors=True)
             elif new_record:

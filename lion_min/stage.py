@@ -49,8 +49,9 @@ def check_vocab(tokenizer: Tokenizer, args, folder: Path):
 def check_same_architecture(ref_folder: Path, args, flag: str = "--ref_model"):
     """The reference is run with the policy's architecture: refuse one of another shape."""
     ref = read_config(ref_folder)
+    # The reference is built with the policy's ModelArgs, so everything they hold must agree.
     keys = ("family", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
-            "tie_embeddings")
+            "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling")
     diff = [f"{k} {getattr(ref, k)} vs {getattr(args, k)}" for k in keys if getattr(ref, k) != getattr(args, k)]
     if diff:
         raise ConfigError(f"{flag}={ref_folder}: another architecture than --model ({', '.join(diff)})")
@@ -115,8 +116,9 @@ def opening_summary(cfg, batches, items: str, lines: dict[str, str], eval_items:
         "writes": f"{out}/: the Hugging Face folder (weights in "
                   f"{str(export_dtype).removeprefix('torch.') if export_dtype else 'the training dtype'}), "
                   f"train_config.json, metrics.jsonl, summary.json",
-        "checkpoints": (f"every {cfg.save_every} steps to {out / 'checkpoints'}/step_N (the last "
-                        f"{cfg.keep_checkpoints} kept)" if cfg.save_every else "none (--save_every=0)"),
+        "checkpoints": (f"every {cfg.save_every} steps to {out / 'checkpoints'}/step_N ("
+                        + (f"the last {cfg.keep_checkpoints} kept)" if cfg.keep_checkpoints else "all kept)")
+                        if cfg.save_every else "none (--save_every=0)"),
     }
     width = max(map(len, rows))
     return "run:\n" + "\n".join(f"  {k:<{width}}  " + v.replace("\n", "\n" + " " * (width + 4))

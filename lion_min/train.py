@@ -209,9 +209,12 @@ def train(
                           f"do (--overwrite=true runs it again)")
     resume_from = resolve_resume(cfg, out_dir, d.main)
     if resume_from is not None:
-        check_same_run(resume_from, cfg, run_record)
+        check_same_run(resume_from, cfg, run_record, verbose=d.main)
         state = load_checkpoint(resume_from, model, optimizer, d)
         start, tokens_seen, skipped = state["step"], state.get("tokens", 0), state.get("skipped_steps", 0)
+        if start >= total:
+            raise ConfigError(f"--resume: {resume_from} is at step {start}, but this run has {total} steps "
+                              f"(--max_steps={cfg.max_steps}): nothing to train")
     metrics_path = out_dir / "metrics.jsonl"
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,71 +225,72 @@ def train(
     peak = peak_flops(d.device)
     t_start = time.perf_counter()
     model.train()
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        lr = lr_at(step, total, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micros, norm = batches.micro_batches(step)
-        sums: dict[str, torch.Tensor] = {}  # on the device, float64: no host sync per micro-batch
-        real_tokens = torch.zeros((), dtype=torch.float64, device=d.device)
-        for micro in micros:
-            loss, micro_sums = objective(model, micro, norm)
-            # FSDP averages gradients over ranks; the loss is already a share of the global mean,
-            # so undo that average by scaling with the world size.
-            (loss * d.world).backward()
-            for k, v in micro_sums.items():
-                sums[k] = sums.get(k, 0.0) + v.double()
-            real_tokens += (micro["doc_ids"] >= 0).sum()
-        keys = sorted(sums)
-        # One reduction carries the metrics, the token count and whether any rank was told to stop;
-        # with the gradient norm it reaches the host in the step's one sync.
-        stop_flag = torch.tensor(float(stop.received is not None), dtype=torch.float64, device=d.device)
-        reduced = all_reduce_tensor(torch.stack([sums[k] for k in keys] + [real_tokens, stop_flag]), d)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        *host, grad_norm = torch.cat([reduced, grad_norm.double().reshape(1)]).tolist()
-        metrics = {k: global_mean(v, norm) for k, v in zip(keys, host)}
-        real_tokens, stop_now = int(host[-2]), host[-1] > 0
-        if not (math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())):
-            if not cfg.skip_nonfinite:
-                raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient "
-                                         f"(loss={metrics.get('loss')}, grad_norm={grad_norm}); "
-                                         f"rerun with --skip_nonfinite=true to skip such steps")
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if d.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        tokens_seen += real_tokens
-        line = {"step": step + 1, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                "tokens_per_s": real_tokens / dt, "step_time_s": dt, "skipped_steps": skipped}
-        if peak and seq_len:  # per rank: this rank's rows against its own peak (lion_min/flops.py)
-            line["mfu"] = mfu(model.args, sum(m["tokens"].numel() for m in micros), seq_len, dt, peak)
-            lengths = [n for m in micros for n in document_lengths(m["doc_ids"].cpu())]
-            line["mfu_useful"] = mfu_useful(model.args, lengths, dt, peak)
-        line["memory_gib"] = memory_gib(d.device)
-        if eval_batches is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-            line |= {f"eval/{k}": v for k, v in evaluate(model, objective, eval_batches, d).items()}
-        if d.main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(line) + "\n")
-            if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == total:
-                print(progress_line(line, total, eta=(time.perf_counter() - t_start) / (step + 1 - start)
-                                    * (total - step - 1)), flush=True)
-        counters = {"tokens": tokens_seen, "skipped_steps": skipped, "run": run_record}
-        if stop_now and step + 1 < total:
-            path = save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
-            stop.restore()
-            raise StopRequested(f"stopped by {stop.received or 'a signal on another rank'} after step {step + 1}: "
-                                f"checkpoint {path}; continue with the same command and --resume=auto",
-                                code=130 if stop.received == "SIGINT" else 143)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
-    stop.restore()
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            lr = lr_at(step, total, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micros, norm = batches.micro_batches(step)
+            sums: dict[str, torch.Tensor] = {}  # on the device, float64: no host sync per micro-batch
+            real_tokens = torch.zeros((), dtype=torch.float64, device=d.device)
+            for micro in micros:
+                loss, micro_sums = objective(model, micro, norm)
+                # FSDP averages gradients over ranks; the loss is already a share of the global mean,
+                # so undo that average by scaling with the world size.
+                (loss * d.world).backward()
+                for k, v in micro_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v.double()
+                real_tokens += (micro["doc_ids"] >= 0).sum()
+            keys = sorted(sums)
+            # One reduction carries the metrics, the token count and whether any rank was told to stop;
+            # with the gradient norm it reaches the host in the step's one sync.
+            stop_flag = torch.tensor(float(stop.received is not None), dtype=torch.float64, device=d.device)
+            reduced = all_reduce_tensor(torch.stack([sums[k] for k in keys] + [real_tokens, stop_flag]), d)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            *host, grad_norm = torch.cat([reduced, grad_norm.double().reshape(1)]).tolist()
+            metrics = {k: global_mean(v, norm) for k, v in zip(keys, host)}
+            real_tokens, stop_now = int(host[-2]), host[-1] > 0
+            if not (math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())):
+                if not cfg.skip_nonfinite:
+                    raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient "
+                                             f"(loss={metrics.get('loss')}, grad_norm={grad_norm}); "
+                                             f"rerun with --skip_nonfinite=true to skip such steps")
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            tokens_seen += real_tokens
+            line = {"step": step + 1, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                    "tokens_per_s": real_tokens / dt, "step_time_s": dt, "skipped_steps": skipped}
+            if peak and seq_len:  # per rank: this rank's rows against its own peak (lion_min/flops.py)
+                line["mfu"] = mfu(model.args, sum(m["tokens"].numel() for m in micros), seq_len, dt, peak)
+                lengths = [n for m in micros for n in document_lengths(m["doc_ids"].cpu())]
+                line["mfu_useful"] = mfu_useful(model.args, lengths, dt, peak)
+            line["memory_gib"] = memory_gib(d.device)
+            if eval_batches is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+                line |= {f"eval/{k}": v for k, v in evaluate(model, objective, eval_batches, d).items()}
+            if d.main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(line) + "\n")
+                if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == total:
+                    print(progress_line(line, total, eta=(time.perf_counter() - t_start) / (step + 1 - start)
+                                        * (total - step - 1)), flush=True)
+            counters = {"tokens": tokens_seen, "skipped_steps": skipped, "run": run_record}
+            if stop_now and step + 1 < total:
+                path = save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
+                raise StopRequested(f"stopped by {stop.received or 'a signal on another rank'} after step "
+                                    f"{step + 1}: checkpoint {path}; continue with the same command and "
+                                    f"--resume=auto", code=130 if stop.received == "SIGINT" else 143)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
+    finally:
+        stop.restore()
 
     eval_loss = None
     if eval_batches is not None:
@@ -334,6 +338,9 @@ class StopSignals:
                 self._old[sig] = signal.signal(sig, self._record)
 
     def _record(self, signum, frame):
+        if self.received == "SIGINT" and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            self.restore()
+            raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 
     def restore(self):
@@ -359,7 +366,7 @@ def metrics_until(path: Path, step: int) -> list[str]:
     return kept
 
 
-def check_same_run(checkpoint: Path, cfg, run_record: Optional[dict]):
+def check_same_run(checkpoint: Path, cfg, run_record: Optional[dict], verbose: bool = True):
     """Resume only the same run: the checkpoint's settings and input fingerprints must match."""
     from lion_min.run_dir import differences
 
@@ -369,7 +376,7 @@ def check_same_run(checkpoint: Path, cfg, run_record: Optional[dict]):
     if refused:
         raise ConfigError(f"--resume: {checkpoint} belongs to another run: {', '.join(refused)} differ "
                           f"(start a new run in another --out_dir, or resume with the same settings)")
-    if Path(cfg.out_dir).resolve() not in checkpoint.resolve().parents:  # else run_dir.claim said so
+    if verbose and Path(cfg.out_dir).resolve() not in checkpoint.resolve().parents:  # else claim said so
         for k in noted:
             print(f"note: resuming {checkpoint} with {k}={getattr(cfg, k)!r} (was {run['config'].get(k)!r})")
 

@@ -187,3 +187,57 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny_chat_model, tm
     with pytest.raises(ConfigError, match=r"holds this run, finished \(4 steps\) and exported: nothing to do"):
         train_sft.main(sft_args(tiny_chat_model, out, save_every=2, resume="auto"))
     assert snapshot(out) == before
+
+
+def test_the_demo_never_replaces_a_run_that_is_not_the_demos(tiny_chat_model, tmp_path):
+    out = tmp_path / "mine"
+    train_sft.main(sft_args(tiny_chat_model, out))
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match="holds a run that is not the demo's"):
+        train_sft.main([f"--out_dir={out}", "--max_steps=1"])  # --model and --data forgotten: the demo
+    assert snapshot(out) == before
+    with pytest.raises(ConfigError, match="--overwrite=true with --resume=auto: .* contradict"):
+        train_sft.main(sft_args(tiny_chat_model, out, overwrite="true", resume="auto"))
+
+
+def test_the_same_inputs_under_another_path_are_the_same_run(tiny_chat_model, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=4, save_every=2, lr_schedule="constant"))
+    moved = tmp_path / "moved_data.jsonl"
+    shutil.copy(tiny_chat_model["data"], moved)
+    monkeypatch.chdir(tmp_path)
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=6, save_every=2, lr_schedule="constant", resume="auto",
+                            data="./moved_data.jsonl"))
+    assert [x["step"] for x in lines(out)] == list(range(1, 7))
+    with pytest.raises(ConfigError, match=r"is at step 4, but this run has 3 steps"):
+        train_sft.main(sft_args(tiny_chat_model, tmp_path / "short", max_steps=3, lr_schedule="constant",
+                                resume=out / "checkpoints" / "step_4"))
+
+
+def test_an_online_run_stopped_in_round_1_keeps_round_0(tiny_chat_model, tmp_path, monkeypatch):
+    """A signal during the second round's training: round 0 stays, the rerun resumes after it."""
+    from lion_min import online
+    from lion_min.train import StopRequested
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in "abcdefgh"))
+    out = tmp_path / "online"
+    argv = [f"--model={tiny_chat_model['model']}", f"--prompts={prompts}", "--judge=length", f"--out_dir={out}",
+            "--n_samples=3", "--max_new_tokens=6", "--rounds=2", "--batch_size=4", "--micro_batch_size=2",
+            "--max_len=64", "--max_prompt_len=48", "--lr=1e-3", "--device=cpu", "--temperature=1.0"]
+    real = online.train_pairs
+
+    def stop_in_round_1(cfg, *args, **kwargs):
+        if cfg.out_dir.endswith("round_1"):
+            raise StopRequested("stopped by SIGTERM after step 1: ...", code=143)
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(online, "train_pairs", stop_in_round_1)
+    with pytest.raises(StopRequested, match="stopped in round 1: rounds before it are kept"):
+        train_online.main(argv)
+    assert (out / "round_0.done").is_file() and (out / "round_0" / "model.safetensors").is_file()
+    monkeypatch.setattr(online, "train_pairs", real)
+    history = train_online.main(argv)
+    assert [h["round"] for h in history] == [0, 1] and (out / "round_1.done").is_file()
