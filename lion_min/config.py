@@ -139,7 +139,7 @@ RANGES = {
 CHOICES = {
     "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
     "attn_backend": ("auto", "sdpa", "flex", "varlen"), "lr_schedule": ("cosine", "linear", "constant"),
-    "export_dtype": ("source", "float32", "bfloat16", "float16"), "loss_type": ("sigmoid", "ipo", "hinge"),
+    "export_dtype": ("source", "float32", "bfloat16", "float16"),
     "train_on": ("assistant", "last"), "overflow": ("truncate", "drop"),
 }
 
@@ -159,8 +159,11 @@ def check_values(cfg) -> None:
         if value is not None and not _in_interval(value, interval):
             raise ConfigError(f"--{key}={value}: must be in {interval}")
     from lion_min.chat import TEMPLATES
+    from lion_min.losses import DPO_LOSS_TYPES
 
-    choices_of = CHOICES | {"chat_template": tuple(TEMPLATES)} | getattr(type(cfg), "CHOICES", {})
+    # The templates and loss types are listed where they are defined.
+    choices_of = CHOICES | {"chat_template": tuple(TEMPLATES), "loss_type": DPO_LOSS_TYPES}
+    choices_of |= getattr(type(cfg), "CHOICES", {})
     for key, choices in choices_of.items():
         value = getattr(cfg, key, None)
         if value is not None and value not in choices:

@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 
 from lion_min.chat import ChatEncoding, encode_chats, get_template
 from lion_min.checkpoint import resolve_path
-from lion_min.config import ConfigError, DataConfig, format_config
+from lion_min.config import ConfigError, DataConfig, check_values, format_config
 from lion_min.data import load_preferences, train_eval_split
-from lion_min.losses import DPO_LOSS_TYPES, dpo_loss, global_mean, sequence_logps
+from lion_min.losses import dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
 from lion_min.parallel import Dist, all_reduce_sum, init_distributed
 from lion_min.prepare import prepare_dpo
@@ -70,16 +70,10 @@ class DPOConfig(DataConfig):
 
 
 def check_config(cfg: DPOConfig):
+    """The flags' ranges and choices (again, for a config built in code), then what DPO needs."""
+    check_values(cfg)
     if not cfg.model:
         raise ConfigError("--model is required (run with no flags at all for the built-in demo)")
-    if cfg.micro_batch_size > cfg.batch_size:
-        raise ConfigError(f"--micro_batch_size={cfg.micro_batch_size} is larger than --batch_size={cfg.batch_size}")
-    if cfg.loss_type not in DPO_LOSS_TYPES:
-        raise ConfigError(f"--loss_type={cfg.loss_type}: expected one of {', '.join(DPO_LOSS_TYPES)}")
-    if cfg.max_prompt_len >= cfg.max_len:
-        raise ConfigError(f"--max_prompt_len={cfg.max_prompt_len} must be smaller than --max_len={cfg.max_len}")
-    if cfg.beta <= 0:
-        raise ConfigError(f"--beta={cfg.beta} must be positive")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from lion_min.chat import ChatEncoding, encode_chat, get_template
-from lion_min.config import ConfigError, DataConfig, format_config
+from lion_min.config import ConfigError, DataConfig, check_values, format_config
 from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import Packed, pack
@@ -51,15 +51,11 @@ class SFTConfig(DataConfig):
 
 
 def check_config(cfg: SFTConfig):
+    """The flags' ranges and choices (again, for a config built in code), then what SFT needs."""
+    check_values(cfg)
     if not cfg.model or not cfg.data:
         raise ConfigError(f"--{'model' if not cfg.model else 'data'} is required "
                           f"(run with no flags at all for the built-in demo)")
-    if cfg.micro_batch_size > cfg.batch_size:
-        raise ConfigError(f"--micro_batch_size={cfg.micro_batch_size} is larger than --batch_size={cfg.batch_size}")
-    if cfg.train_on not in ("assistant", "last"):
-        raise ConfigError(f"--train_on={cfg.train_on}: expected assistant or last (use --loss_mask=false for all)")
-    if cfg.overflow not in ("truncate", "drop"):
-        raise ConfigError(f"--overflow={cfg.overflow}: expected truncate or drop")
 
 
 def parse_columns(spec: Optional[str]) -> Optional[dict[str, str]]:
