@@ -198,6 +198,11 @@ def resolve_path(path_or_hub_id: str, revision: Optional[str] = None) -> Path:
     honours HF_HUB_OFFLINE by using only the local cache. A name that looks like a local path
     (hub.looks_local) is never sent to the hub: a missing one is reported as a missing folder."""
     p = Path(path_or_hub_id).expanduser()
+    if p.is_dir() and (p / "trainer_state.json").is_file() and not (p / "config.json").is_file():
+        run = p.parent.parent if p.parent.name == "checkpoints" else p
+        raise CheckpointError(f"{p}: a resumable training checkpoint (torch.distributed.checkpoint), not a Hugging "
+                              f"Face folder: continue training from it with --resume={p}; the exported model of "
+                              f"the run is in {run}")
     if p.is_dir():
         return p
     if p.exists():

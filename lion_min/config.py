@@ -91,7 +91,7 @@ class TrainConfig:
     save_every: int = 0
     """Write a resumable checkpoint every N steps (0 = never)."""
     keep_checkpoints: int = 2
-    """How many resumable checkpoints to keep (the newest)."""
+    """How many resumable checkpoints to keep, the newest (0 = keep all)."""
     resume: str = ""
     """'' (start fresh), 'auto' (newest complete checkpoint in out_dir, if any), or a checkpoint path."""
     overwrite: bool = False
@@ -236,6 +236,9 @@ ALIAS_NOTES = {
 }
 
 
+BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+
+
 def _convert(value: str, annotation, key: str):
     origin = typing.get_origin(annotation)
     if origin is typing.Union:  # Optional[X]
@@ -244,9 +247,9 @@ def _convert(value: str, annotation, key: str):
         if value.lower() in ("none", "null") or (value == "" and annotation is not str):
             return None
     if annotation is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
+        if value.lower() in BOOL_WORDS[:4]:
             return True
-        if value.lower() in ("0", "false", "no", "off"):
+        if value.lower() in BOOL_WORDS[4:]:
             return False
         raise ConfigError(f"--{key}: expected true or false, got {value!r}")
     if annotation in (int, float):
@@ -267,11 +270,12 @@ def _split_argv(argv: list[str], hints: dict) -> list[tuple[str, Optional[str]]]
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if not eq:
-            is_bool = hints.get(key) is bool
-            if not is_bool and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            else:  # a bare --flag: true for a boolean; anything else is reported when converted
-                value = None
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            # A boolean takes the next word only if it is a boolean word (--packing false); bare, it is true.
+            takes_next = nxt is not None and not nxt.startswith("--") and (
+                hints.get(key) is not bool or nxt.lower() in BOOL_WORDS)
+            value = nxt if takes_next else None  # None: a bare --flag, checked when converted
+            i += takes_next
         pairs.append((key, value))
         i += 1
     return pairs

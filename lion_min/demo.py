@@ -400,6 +400,7 @@ def run_stage(stage: str, cfg, run):
     stage's out_dir). Each stage adds demo_accuracy (and demo_accuracy_start) to its summary.json;
     the online stage ends with the table of all three stages.
     """
+    from lion_min.config import ConfigError
     from lion_min.judges import RULES, make_judge
     from lion_min.parallel import barrier, init_distributed
     from lion_min.stage import append_summary
@@ -415,6 +416,10 @@ def run_stage(stage: str, cfg, run):
         cfg.model = cfg.model or str(folder / "init_model")
         cfg.data, cfg.eval_data = cfg.data or str(paths["sft"]), cfg.eval_data or str(paths["sft_eval"])
     else:
+        if not Path(cfg.model).is_dir():
+            before = {"dpo": "train_sft.py", "online": "train_dpo.py"}[stage]
+            raise ConfigError(f"{cfg.model}: no such folder: the demo's {stage} stage continues from the previous "
+                              f"stage's run; run python {before} (with the same preset) first")
         paths = demo_paths(demo_dir(cfg.model))
         if stage == "dpo":
             cfg.data = cfg.data or str(paths["dpo"])

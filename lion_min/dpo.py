@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from lion_min.chat import ChatEncoding, encode_chats, get_template
 from lion_min.checkpoint import resolve_path
-from lion_min.config import ConfigError, DataConfig, check_values, format_config
+from lion_min.config import ConfigError, DataConfig, check_values, format_config, run_cli, stage_main
 from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
@@ -158,7 +158,7 @@ def pair_batches(pairs, batch_size, micro_batch_size, epochs, seed, d: Dist, max
     """DPO batches: batch_size pairs per optimizer step; the normaliser is the number of pairs."""
     return Batches(len(pairs), batch_size, micro_batch_size, epochs, seed, d,
                    make_micro=lambda sel: pair_micro(pairs, sel, max_len, pad_id, d.device, ref_logps),
-                   norm=lambda sel: float(len(sel)), shuffle=shuffle)
+                   norm=lambda sel: float(len(sel)), shuffle=shuffle, unit="pairs")
 
 
 def pair_logps(model, micro: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,3 +366,16 @@ def load_dpo_data(cfg: DPOConfig) -> tuple[list, list, str]:
     else:
         prefs, eval_prefs = train_eval_split(prefs, cfg.eval_fraction, cfg.seed)
     return prefs, eval_prefs, stats.summary()
+
+
+def main(argv=None):
+    """The command line, as train_dpo.py (also `python -m lion_min.dpo` and `lion-dpo` once installed)."""
+    return stage_main(DPOConfig, run, argv, __doc__)
+
+
+def cli():
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

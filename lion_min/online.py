@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from lion_min.chat import ChatEncoding, stop_token_ids
 from lion_min.checkpoint import load_model, resolve_path, save_model
-from lion_min.config import ConfigError, format_config
+from lion_min.config import ConfigError, format_config, run_cli, stage_main
 from lion_min.dpo import DPOConfig, EncodedPair, check_config as check_dpo_config, train_pairs, truncate
 from lion_min.judges import Judge, make_judge
 from lion_min.parallel import Dist, barrier, init_distributed
@@ -53,7 +53,8 @@ class OnlineConfig(DPOConfig):
     prompts: str = ""
     """Prompts: .jsonl with a "prompt" field (text or a list of messages), or one per line."""
     judge: str = ""
-    """A rule name (lion_min.judges.RULES) or a reward-model checkpoint folder / hub id."""
+    """A rule (length, brevity; the demo adds demo), a reward-model folder or hub id, or pairrm:DIR
+    (the paper's PairRM ranker, docs/pairrm.md)."""
     n_samples: int = 5
     """Samples per prompt (LION: 5)."""
     temperature: float = 0.8
@@ -99,8 +100,8 @@ def sample_and_judge(cfg: OnlineConfig, d: Dist, policy_folder: Path, prompts: l
     records = []
     for start in range(0, len(mine), cfg.sample_batch_size):
         idx = mine[start : start + cfg.sample_batch_size]
-        messages = [with_system([{"role": "user", "content": prompts[i]}] if isinstance(prompts[i], str) else prompts[i],
-                                cfg.system_prompt) for i in idx]
+        turns = [[{"role": "user", "content": prompts[i]}] if isinstance(prompts[i], str) else prompts[i] for i in idx]
+        messages = [with_system(t, cfg.system_prompt) for t in turns]
         full = [encode_prompt(tokenizer, m, cfg.chat_template) for m in messages]
         # A prompt longer than max_prompt_len keeps its BOS and its end (as DPO's truncate does).
         ids = [p if len(p) <= cfg.max_prompt_len else p[:1] + p[len(p) - cfg.max_prompt_len + 1 :] for p in full]
@@ -177,8 +178,8 @@ def run_round(cfg: OnlineConfig, d: Dist, k: int, policy: Path, ref_folder: Path
                          f"(dropped: {dropped}); use more prompts or samples, or a smaller batch")
     # A round that stopped part way is redone from its sampling: its DPO folder is replaced, so it
     # writes no checkpoints, and a signal's message says how this stage resumes.
-    round_cfg = dataclasses.replace(cfg, model=str(policy), ref_model=str(ref_folder), out_dir=str(out_dir / f"round_{k}"),
-                                    resume="", seed=cfg.seed + k, overwrite=True, save_every=0)
+    round_cfg = dataclasses.replace(cfg, model=str(policy), ref_model=str(ref_folder), resume="", seed=cfg.seed + k,
+                                    out_dir=str(out_dir / f"round_{k}"), overwrite=True, save_every=0)
     try:
         train_pairs(round_cfg, d, pairs, [], dtype, {"round": k, "pairs": len(pairs), "dropped": dropped}, inputs={})
     except StopRequested as e:
@@ -245,3 +246,16 @@ def rounds(cfg: OnlineConfig, d: Dist, start_folder: Path, ref_folder: Path, pro
             print(f"wrote the loss and reward curves to {png}")
     barrier(d)
     return history
+
+
+def main(argv=None):
+    """The command line, as train_online.py (also `python -m lion_min.online` and `lion-online` once installed)."""
+    return stage_main(OnlineConfig, run, argv, __doc__)
+
+
+def cli():
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -110,8 +110,12 @@ def has_progress(out_dir: Path) -> bool:
 
 
 def _holds_run(out_dir: Path) -> list[str]:
-    return [n for n in ("run.json", "train_config.json", "metrics.jsonl", "model.safetensors",
-                        "model.safetensors.index.json", "checkpoints", "round_0.jsonl") if (out_dir / n).exists()]
+    """The files of out_dir that a run would write over (a lion_min run's, or an export's)."""
+    return sorted({p.name for pattern in RUN_FILES for p in out_dir.glob(pattern)})
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -137,23 +141,6 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool) -> tuple
                               f"own inputs; pick another --out_dir")
     prints = {flag: fingerprint(path) for flag, path in local.items()}
     notes = []
-    found = _holds_run(out_dir) if out_dir.is_dir() else []
-    saved = _read(out_dir / "run.json") or {"config": _read(out_dir / "train_config.json") or {}, "inputs": {}}
-    if found and cfg.overwrite and cfg.preset in DEMO_PRESETS and saved["config"].get("preset") not in DEMO_PRESETS:
-        # The demo replaces its own earlier run, never a run of yours given by a stray --out_dir.
-        raise ConfigError(f"--out_dir={cfg.out_dir} holds a run that is not the demo's ({', '.join(found)}); "
-                          f"the demo runs only when neither --model nor --data is given: pick another --out_dir")
-    if found and not cfg.overwrite:
-        if not resuming:
-            raise ConfigError(f"--out_dir={cfg.out_dir} holds a run ({', '.join(found)}); continue it with "
-                              f"--resume=auto, pick another --out_dir, or replace it with --overwrite=true")
-        refused, noted = differences(saved["config"], saved.get("inputs", {}), cfg, prints)
-        if refused:
-            raise ConfigError(f"--out_dir={cfg.out_dir} holds another run: {', '.join(refused)} differ; pick "
-                              f"another --out_dir, or replace it with --overwrite=true")
-        notes += [f"note: {k} changed from {saved['config'].get(k)!r} to {getattr(cfg, k)!r} since the run began"
-                  + (" (the schedule now spans a different number of steps)" if k in NOTED_KEYS else "")
-                  for k in noted]
     lock = out_dir / LOCK
     if lock.is_file():
         owner = _read(lock) or {}
@@ -164,6 +151,27 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool) -> tuple
             raise ConfigError(f"--out_dir={cfg.out_dir}: another run (pid {owner['pid']}) is writing there "
                               f"(lock {lock}); wait for it or pick another --out_dir")
         notes.append(f"note: taking over the lock of a run that is no longer alive (pid {owner.get('pid')})")
+    found = _holds_run(out_dir) if out_dir.is_dir() else []
+    ours = (out_dir / "run.json").is_file() or (out_dir / "train_config.json").is_file()
+    if found and not ours:  # a model or files of yours: never written into, even with --overwrite
+        raise ConfigError(f"--out_dir={cfg.out_dir} holds files that are not a lion_min run ({_some(found)}); "
+                          f"pick another --out_dir (an empty or new folder)")
+    saved = _read(out_dir / "run.json") or {"config": _read(out_dir / "train_config.json") or {}, "inputs": {}}
+    if found and cfg.overwrite and cfg.preset in DEMO_PRESETS and saved["config"].get("preset") not in DEMO_PRESETS:
+        # The demo replaces its own earlier run, never a run of yours given by a stray --out_dir.
+        raise ConfigError(f"--out_dir={cfg.out_dir} holds a run that is not the demo's ({_some(found)}); "
+                          f"the demo runs only when neither --model nor --data is given: pick another --out_dir")
+    if found and not cfg.overwrite:
+        if not resuming:
+            raise ConfigError(f"--out_dir={cfg.out_dir} holds a run ({_some(found)}); continue it with "
+                              f"--resume=auto, pick another --out_dir, or replace it with --overwrite=true")
+        refused, noted = differences(saved["config"], saved.get("inputs", {}), cfg, prints)
+        if refused:
+            raise ConfigError(f"--out_dir={cfg.out_dir} holds another run: {', '.join(refused)} differ; pick "
+                              f"another --out_dir, or replace it with --overwrite=true")
+        notes += [f"note: {k} changed from {saved['config'].get(k)!r} to {getattr(cfg, k)!r} since the run began"
+                  + (" (the schedule now spans a different number of steps)" if k in NOTED_KEYS else "")
+                  for k in noted]
     return prints, notes
 
 

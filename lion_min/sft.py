@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from lion_min.chat import ChatEncoding, encode_chat, get_template
-from lion_min.config import ConfigError, DataConfig, check_values, format_config
+from lion_min.config import ConfigError, DataConfig, check_values, format_config, run_cli, stage_main
 from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import Packed, pack
@@ -172,3 +172,16 @@ def run(cfg: SFTConfig) -> TrainResult:
         return train(cfg, model, sft_objective, batches, d, eval_batches=evals, tokenizer=tokenizer,
                      chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.seq_len,
                      export_dtype=export_dtype(cfg, folder), summary=summary, run_record=record)
+
+
+def main(argv=None):
+    """The command line, as train_sft.py (also `python -m lion_min.sft` and `lion-sft` once installed)."""
+    return stage_main(SFTConfig, run, argv, __doc__)
+
+
+def cli():
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

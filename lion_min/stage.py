@@ -101,7 +101,7 @@ def opening_summary(cfg, batches, items: str, lines: dict[str, str], eval_items:
     else:
         steps = f"{total} = {cfg.epochs} epoch(s) x {per_epoch} steps"
     world = batches.d.world
-    accum = batches.batch_size // (batches.micro * world)
+    accum = batches.batch_size // (batches.micro_batch_size * world)
     out = Path(cfg.out_dir)
     rows = dict(lines)
     if eval_items:
@@ -110,7 +110,7 @@ def opening_summary(cfg, batches, items: str, lines: dict[str, str], eval_items:
         rows["eval"] = f"{eval_items} {items} from {where}, {when}"
     rows |= {
         "steps": steps,
-        "batch": f"{batches.batch_size} {items} = {batches.micro} per micro-batch x {accum} accumulated x "
+        "batch": f"{batches.batch_size} {items} = {batches.micro_batch_size} per micro-batch x {accum} accumulated x "
                  f"{world} rank(s)",
         "left out": f"{batches.dropped_items} {items} per epoch (the last partial batch)",
         "writes": f"{out}/: the Hugging Face folder (weights in "

@@ -51,13 +51,15 @@ class Batches:
     """
 
     def __init__(self, num_items: int, batch_size: int, micro_batch_size: int, epochs: int, seed: int, d: Dist,
-                 make_micro: Callable[[np.ndarray], dict], norm: Callable[[np.ndarray], float], shuffle: bool = True):
+                 make_micro: Callable[[np.ndarray], dict], norm: Callable[[np.ndarray], float], shuffle: bool = True,
+                 unit: str = "items"):
         if batch_size % (micro_batch_size * d.world):
             raise ValueError(f"--batch_size={batch_size} must be a multiple of --micro_batch_size * world size "
                              f"= {micro_batch_size} * {d.world}")
         if num_items < batch_size:
-            raise ValueError(f"only {num_items} items of data for --batch_size={batch_size}: lower it or add data")
-        self.num_items, self.batch_size, self.micro, self.seed, self.d = num_items, batch_size, micro_batch_size, seed, d
+            raise ValueError(f"only {num_items} {unit} of data for --batch_size={batch_size}: lower it or add data")
+        self.num_items, self.batch_size, self.micro_batch_size = num_items, batch_size, micro_batch_size
+        self.seed, self.d = seed, d
         self.make_micro, self.norm, self.shuffle = make_micro, norm, shuffle
         self.steps_per_epoch = num_items // batch_size
         self.num_steps = self.steps_per_epoch * epochs
@@ -73,7 +75,8 @@ class Batches:
         epoch, k = divmod(step, self.steps_per_epoch)
         idx = self._order(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
         mine = idx[self.d.rank * self.per_rank : (self.d.rank + 1) * self.per_rank]
-        micros = [self.make_micro(mine[i : i + self.micro]) for i in range(0, len(mine), self.micro)]
+        micros = [self.make_micro(mine[i : i + self.micro_batch_size])
+                  for i in range(0, len(mine), self.micro_batch_size)]
         return micros, self.norm(idx)
 
 
@@ -95,7 +98,7 @@ def row_batches(rows, batch_size: int, micro_batch_size: int, epochs: int, seed:
         len(targets), batch_size, micro_batch_size, epochs, seed, d,
         make_micro=lambda sel: collate(take(sel), d.device),
         norm=lambda sel: float(targets[sel].sum()),
-        shuffle=shuffle,
+        shuffle=shuffle, unit="packed rows",
     )
 
 
@@ -208,6 +211,9 @@ def train(
         raise ConfigError(f"--resume: {out_dir} holds this run, finished ({total} steps) and exported: nothing to "
                           f"do (--overwrite=true runs it again)")
     resume_from = resolve_resume(cfg, out_dir, d.main)
+    if cfg.resume and resume_from is None and summary_file.is_file():
+        raise ConfigError(f"--resume={cfg.resume}: {out_dir} holds this run, finished, but no checkpoint to continue "
+                          f"from (--save_every=0); --overwrite=true runs it again from step 0")
     if resume_from is not None:
         check_same_run(resume_from, cfg, run_record, verbose=d.main)
         state = load_checkpoint(resume_from, model, optimizer, d)
@@ -291,6 +297,9 @@ def train(
                 save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
     finally:
         stop.restore()
+    if cfg.save_every and start < total:  # the end state too, so a longer --max_steps can continue from it
+        save_checkpoint(out_dir, total, model, optimizer, cfg, d,
+                        {"tokens": tokens_seen, "skipped_steps": skipped, "run": run_record})
 
     eval_loss = None
     if eval_batches is not None:
@@ -312,7 +321,8 @@ def train(
             raise CheckpointWriteError(f"{out_dir}: cannot write the Hugging Face export ({e.strerror or e}); "
                                        f"the last checkpoint, if any, can be resumed") from e
         if summary is not None:
-            (out_dir / "summary.json").write_text(json.dumps(summary | {"steps": total, "eval_loss": eval_loss}, indent=2))
+            summary |= {"steps": total, "eval_loss": eval_loss}
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"wrote the Hugging Face folder {out_dir}")
     barrier(d)
     return TrainResult(total, eval_loss)
@@ -383,8 +393,8 @@ def check_same_run(checkpoint: Path, cfg, run_record: Optional[dict], verbose: b
 
 # The progress line: these keys, in this order. The rejected reward is left to metrics.jsonl and
 # the curves (it is chosen - margin), so a DPO line stays under ~160 characters.
-PROGRESS = [("loss", "loss", "{:.4f}"), ("rewards/accuracies", "acc", "{:.3f}"), ("rewards/margins", "margin", "{:.3f}"),
-            ("rewards/chosen", "chosen", "{:+.3f}")]
+PROGRESS = [("loss", "loss", "{:.4f}"), ("rewards/accuracies", "acc", "{:.3f}"),
+            ("rewards/margins", "margin", "{:.3f}"), ("rewards/chosen", "chosen", "{:+.3f}")]
 
 
 def progress_line(line: dict, total: int, eta: float) -> str:

@@ -86,7 +86,7 @@ CASES = [
     ("sft", {"dtype": "fp8"}, "--dtype=fp8: expected one of auto, float32, bfloat16"),
     ("sft", {"batch_size": 6, "micro_batch_size": 4}, "--batch_size=6 must be a multiple of --micro_batch_size * world size = 4 * 1"),
     ("sft", {"resume": "{root}/no_ckpt"}, "no_ckpt: not a complete checkpoint folder"),
-    ("sft", {"batch_size": 1000}, "only 32 items of data for --batch_size=1000"),
+    ("sft", {"batch_size": 1000}, "only 32 packed rows of data for --batch_size=1000"),
     ("sft", {"model": "no-such-org/no-such-model"}, "no-such-org/no-such-model: could not get it from the Hugging Face hub"),
     ("dpo", {"data": "{root}/prefs_missing.jsonl"}, "prefs_missing.jsonl: line 2: 'rejected'"),
     ("dpo", {"data": "{root}/sft_format.jsonl"}, "sft_format.jsonl: line 1: cannot tell the schema"),

@@ -58,6 +58,8 @@ def test_lr_schedule_shapes():
 def test_space_form_and_bare_boolean_flags():
     cfg = parse_cli(Cfg, PRESETS, ["--lr", "3e-4", "--compile", "--name", "x", "--activation_checkpointing=false"])
     assert (cfg.lr, cfg.compile, cfg.name, cfg.activation_checkpointing) == (3e-4, True, "x", False)
+    cfg = parse_cli(Cfg, PRESETS, ["--compile", "False", "--skip_nonfinite", "yes", "--lr", "1e-4"])
+    assert (cfg.compile, cfg.skip_nonfinite, cfg.lr) == (False, True, 1e-4)
 
 
 def test_help_lists_every_flag_with_its_doc_and_the_presets(capsys):

@@ -25,3 +25,10 @@ def test_installed_package_imports_from_another_folder(tmp_path):
     where, presets = out.stdout.splitlines()
     assert Path(where).is_relative_to(target)  # the installed copy, not the repository
     assert presets == "['lion-gemma-2b', 'lion-llama3-8b']"
+
+
+def test_the_stages_run_as_modules():
+    for stage in ("sft", "dpo", "online"):
+        res = subprocess.run([sys.executable, "-m", f"lion_min.{stage}", "--help"], capture_output=True, text=True,
+                             cwd=ROOT)
+        assert res.returncode == 0 and "--model=" in res.stdout and "lion-gemma-2b" in res.stdout, res.stderr

@@ -43,8 +43,8 @@ def test_a_finished_run_is_refused_unchanged_and_overwrite_replaces_it(tiny_chat
     out = tmp_path / "run"
     train_sft.main(sft_args(tiny_chat_model, out))
     before = snapshot(out)
-    with pytest.raises(ConfigError, match=r"holds a run \(run.json, train_config.json, metrics.jsonl, "
-                                          r"model.safetensors\); continue it with --resume=auto"):
+    with pytest.raises(ConfigError, match=r"holds a run \(config.json, generation_config.json, metrics.jsonl, "
+                                          r"model.safetensors and 5 more\); continue it with --resume=auto"):
         train_sft.main(sft_args(tiny_chat_model, out, lr=5e-4))
     assert snapshot(out) == before  # not one byte changed
     train_sft.main(sft_args(tiny_chat_model, out, lr=5e-4, overwrite="true"))
@@ -241,3 +241,44 @@ def test_an_online_run_stopped_in_round_1_keeps_round_0(tiny_chat_model, tmp_pat
     monkeypatch.setattr(online, "train_pairs", real)
     history = train_online.main(argv)
     assert [h["round"] for h in history] == [0, 1] and (out / "round_1.done").is_file()
+
+
+def test_a_folder_of_your_own_files_is_never_written_into(tiny_chat_model, tmp_path):
+    """A model folder (or a lone config.json) that is not a lion_min run: refused, even with --overwrite."""
+    import shutil
+
+    mine = tmp_path / "my_model_copy"
+    shutil.copytree(tiny_chat_model["model"], mine)
+    before = snapshot(mine)
+    for extra in ({}, {"overwrite": "true"}):
+        with pytest.raises(ConfigError, match="holds files that are not a lion_min run"):
+            train_sft.main(sft_args(tiny_chat_model, mine, **extra))
+    assert snapshot(mine) == before
+
+
+def test_resume_of_a_finished_run_without_checkpoints_refuses_instead_of_starting_over(tiny_chat_model, tmp_path):
+    out = tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=3))
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match=r"no checkpoint to continue from \(--save_every=0\)"):
+        train_sft.main(sft_args(tiny_chat_model, out, max_steps=5, resume="auto"))
+    assert snapshot(out) == before
+
+
+def test_a_training_checkpoint_given_as_a_model_says_what_it_is(tiny_chat_model, tmp_path):
+    from lion_min.checkpoint import CheckpointError, resolve_path
+
+    out = tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=2, save_every=2))
+    with pytest.raises(CheckpointError, match=r"a resumable training checkpoint .* continue training from it with "
+                                              r"--resume=.*step_2; the exported model of the run is in .*run"):
+        resolve_path(str(out / "checkpoints" / "step_2"))
+
+
+def test_the_demos_dpo_before_its_sft_says_which_script_comes_first(tmp_path, monkeypatch):
+    import train_dpo
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="out/demo/sft: no such folder: .* run python train_sft.py .* first"):
+        train_dpo.main([])
+    assert list(tmp_path.iterdir()) == []  # nothing written
