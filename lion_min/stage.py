@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from lion_min.chat import template_of
 from lion_min.checkpoint import load_model, read_config, resolve_path
 from lion_min.config import ConfigError
 from lion_min.parallel import Dist, build_model
@@ -34,6 +35,10 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
     args = read_config(folder)
     tokenizer = Tokenizer.from_dir(folder)
     check_vocab(tokenizer, args, folder)
+    own = template_of(tokenizer.chat_template)
+    if d.main and own is not None and own.name != cfg.chat_template:
+        print(f"note: {folder} carries the {own.name} chat template; this run uses --chat_template="
+              f"{cfg.chat_template} (the export will carry that one)")
     model = build_from_folder(folder, args, d, param_dtype, activation_checkpointing=cfg.activation_checkpointing,
                               compile=cfg.compile, attn_backend=cfg.attn_backend)
     return model, args, tokenizer, folder
