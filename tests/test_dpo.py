@@ -58,23 +58,26 @@ def test_first_step_is_ln2_and_precomputed_equals_live(tiny_chat_model, tmp_path
 
 
 def test_stale_reference_file_is_refused(tiny_chat_model, tmp_path):
-    import shutil
+    """The stored log-probs carry the fingerprint of what they describe; another fingerprint is
+    refused (not overwritten), the same one is reused without computing anything."""
+    import torch
+    from safetensors import safe_open
+
+    from lion_min.dpo import load_or_compute_ref_logps
+    from lion_min.parallel import Dist
 
     out = tmp_path / "pre"
     train_dpo.main(args(tiny_chat_model, out, precompute_ref=True, max_steps=1))
-    # A new run folder holding those log-probs, for other truncation: they no longer describe the data.
-    other = tmp_path / "other"
-    other.mkdir()
-    shutil.copy(out / "reference_logps.safetensors", other)
+    file = out / "reference_logps.safetensors"
+    before = file.read_bytes()
+    with safe_open(str(file), "pt") as f:
+        stored = f.metadata()["fingerprint"]
+    d = Dist(0, 1, 0, torch.device("cpu"))
+    never = lambda: pytest.fail("recomputed")  # noqa: E731
     with pytest.raises(ValueError, match="reference log-probs were computed for other data"):
-        train_dpo.main(args(tiny_chat_model, other, precompute_ref=True, max_steps=1, max_prompt_len=8))
-    assert sorted(p.name for p in other.iterdir()) == ["reference_logps.safetensors"]  # nothing else written
-    # The same settings reuse the file (its bytes are unchanged).
-    same = tmp_path / "same"
-    same.mkdir()
-    shutil.copy(out / "reference_logps.safetensors", same)
-    train_dpo.main(args(tiny_chat_model, same, precompute_ref=True, max_steps=1))
-    assert (same / "reference_logps.safetensors").read_bytes() == (out / "reference_logps.safetensors").read_bytes()
+        load_or_compute_ref_logps(file, "0" * 64, never, d)
+    assert load_or_compute_ref_logps(file, stored, never, d).shape[1] == 2
+    assert file.read_bytes() == before
 
 
 def test_packed_pairs_equal_separate_forwards(tiny_chat_model):
