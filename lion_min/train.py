@@ -176,6 +176,64 @@ def evaluate(model, objective: Objective, batches: Batches, d: Dist) -> dict[str
     return {k: global_mean(v, norm_total) for k, v in zip(keys, reduced)}
 
 
+def resume_point(cfg: TrainConfig, out_dir: Path, total: int, model, optimizer, d: Dist,
+                 run_record: Optional[dict]) -> tuple[int, int, int, Optional[Path]]:
+    """(first step, tokens seen, skipped steps, checkpoint) of this run: 0s and None for a fresh one.
+    A resume must be of the same run (check_same_run) and have something left to do."""
+    summary_file = out_dir / "summary.json"
+    if cfg.resume and summary_file.is_file() and json.loads(summary_file.read_text()).get("steps") == total:
+        raise ConfigError(f"--resume: {out_dir} holds this run, finished ({total} steps) and exported: nothing to "
+                          f"do (--overwrite=true runs it again)")
+    resume_from = resolve_resume(cfg, out_dir, d.main)
+    if cfg.resume and resume_from is None and summary_file.is_file():
+        raise ConfigError(f"--resume={cfg.resume}: {out_dir} holds this run, finished, but no checkpoint to continue "
+                          f"from (--save_every=0); --overwrite=true runs it again from step 0")
+    if resume_from is None:
+        return 0, 0, 0, None
+    check_same_run(resume_from, cfg, run_record, verbose=d.main)
+    state = load_checkpoint(resume_from, model, optimizer, d)
+    if state["step"] >= total:
+        raise ConfigError(f"--resume: {resume_from} is at step {state['step']}, but this run has {total} steps "
+                          f"(--max_steps={cfg.max_steps}): nothing to train")
+    return state["step"], state.get("tokens", 0), state.get("skipped_steps", 0), resume_from
+
+
+def train_step(model, objective: Objective, optimizer, micros: list[dict], norm: float, cfg: TrainConfig, d: Dist,
+               stop: "StopSignals", step: int) -> tuple[dict[str, float], float, int, bool, bool]:
+    """Forward and backward over the step's micro-batches, one reduction, clip, update.
+    Returns (metrics as global means, grad norm, real tokens of the global batch, whether any rank
+    was told to stop, whether the update was skipped as non-finite)."""
+    sums: dict[str, torch.Tensor] = {}  # on the device, float64: no host sync per micro-batch
+    real_tokens = torch.zeros((), dtype=torch.float64, device=d.device)
+    for micro in micros:
+        loss, micro_sums = objective(model, micro, norm)
+        # FSDP averages gradients over ranks; the loss is already a share of the global mean,
+        # so undo that average by scaling with the world size.
+        (loss * d.world).backward()
+        for k, v in micro_sums.items():
+            sums[k] = sums.get(k, 0.0) + v.double()
+        real_tokens += (micro["doc_ids"] >= 0).sum()
+    keys = sorted(sums)
+    # One reduction carries the metrics, the token count and whether any rank was told to stop;
+    # with the gradient norm it reaches the host in the step's one sync.
+    stop_flag = torch.tensor(float(stop.received is not None), dtype=torch.float64, device=d.device)
+    reduced = all_reduce_tensor(torch.stack([sums[k] for k in keys] + [real_tokens, stop_flag]), d)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    *host, grad_norm = torch.cat([reduced, grad_norm.double().reshape(1)]).tolist()
+    metrics = {k: global_mean(v, norm) for k, v in zip(keys, host)}
+    finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())
+    if not finite and not cfg.skip_nonfinite:
+        raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient (loss={metrics.get('loss')}, "
+                                 f"grad_norm={grad_norm}); rerun with --skip_nonfinite=true to skip such steps")
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if d.device.type == "cuda":
+        torch.cuda.synchronize()
+    return metrics, grad_norm, int(host[-2]), host[-1] > 0, not finite
+
+
 def train(
     cfg: TrainConfig,
     model,
@@ -205,22 +263,7 @@ def train(
     if total <= 0:
         raise ValueError("no optimizer steps to run: the data gives fewer rows than one batch")
     optimizer = make_optimizer(model, cfg)
-    start, tokens_seen, skipped = 0, 0, 0
-    summary_file = out_dir / "summary.json"
-    if cfg.resume and summary_file.is_file() and json.loads(summary_file.read_text()).get("steps") == total:
-        raise ConfigError(f"--resume: {out_dir} holds this run, finished ({total} steps) and exported: nothing to "
-                          f"do (--overwrite=true runs it again)")
-    resume_from = resolve_resume(cfg, out_dir, d.main)
-    if cfg.resume and resume_from is None and summary_file.is_file():
-        raise ConfigError(f"--resume={cfg.resume}: {out_dir} holds this run, finished, but no checkpoint to continue "
-                          f"from (--save_every=0); --overwrite=true runs it again from step 0")
-    if resume_from is not None:
-        check_same_run(resume_from, cfg, run_record, verbose=d.main)
-        state = load_checkpoint(resume_from, model, optimizer, d)
-        start, tokens_seen, skipped = state["step"], state.get("tokens", 0), state.get("skipped_steps", 0)
-        if start >= total:
-            raise ConfigError(f"--resume: {resume_from} is at step {start}, but this run has {total} steps "
-                              f"(--max_steps={cfg.max_steps}): nothing to train")
+    start, tokens_seen, skipped, resume_from = resume_point(cfg, out_dir, total, model, optimizer, d, run_record)
     metrics_path = out_dir / "metrics.jsonl"
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,40 +281,10 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micros, norm = batches.micro_batches(step)
-            sums: dict[str, torch.Tensor] = {}  # on the device, float64: no host sync per micro-batch
-            real_tokens = torch.zeros((), dtype=torch.float64, device=d.device)
-            for micro in micros:
-                loss, micro_sums = objective(model, micro, norm)
-                # FSDP averages gradients over ranks; the loss is already a share of the global mean,
-                # so undo that average by scaling with the world size.
-                (loss * d.world).backward()
-                for k, v in micro_sums.items():
-                    sums[k] = sums.get(k, 0.0) + v.double()
-                real_tokens += (micro["doc_ids"] >= 0).sum()
-            keys = sorted(sums)
-            # One reduction carries the metrics, the token count and whether any rank was told to stop;
-            # with the gradient norm it reaches the host in the step's one sync.
-            stop_flag = torch.tensor(float(stop.received is not None), dtype=torch.float64, device=d.device)
-            reduced = all_reduce_tensor(torch.stack([sums[k] for k in keys] + [real_tokens, stop_flag]), d)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            *host, grad_norm = torch.cat([reduced, grad_norm.double().reshape(1)]).tolist()
-            metrics = {k: global_mean(v, norm) for k, v in zip(keys, host)}
-            real_tokens, stop_now = int(host[-2]), host[-1] > 0
-            if not (math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())):
-                if not cfg.skip_nonfinite:
-                    raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient "
-                                             f"(loss={metrics.get('loss')}, grad_norm={grad_norm}); "
-                                             f"rerun with --skip_nonfinite=true to skip such steps")
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if d.device.type == "cuda":
-                torch.cuda.synchronize()
+            metrics, grad_norm, real_tokens, stop_now, was_skipped = train_step(
+                model, objective, optimizer, micros, norm, cfg, d, stop, step)
             dt = time.perf_counter() - t0
-            tokens_seen += real_tokens
+            tokens_seen, skipped = tokens_seen + real_tokens, skipped + was_skipped
             line = {"step": step + 1, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
                     "tokens_per_s": real_tokens / dt, "step_time_s": dt, "skipped_steps": skipped}
             if peak and seq_len:  # per rank: this rank's rows against its own peak (lion_min/flops.py)
@@ -297,16 +310,25 @@ def train(
                 save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
     finally:
         stop.restore()
-    if cfg.save_every and start < total:  # the end state too, so a longer --max_steps can continue from it
+    if cfg.save_every:  # the end state too, so a longer --max_steps can continue from it
         save_checkpoint(out_dir, total, model, optimizer, cfg, d,
                         {"tokens": tokens_seen, "skipped_steps": skipped, "run": run_record})
+    eval_loss = finish(cfg, model, objective, eval_batches, d, total, tokenizer, chat_template, export_dtype, summary)
+    return TrainResult(total, eval_loss)
 
+
+def finish(cfg: TrainConfig, model, objective: Objective, eval_batches: Optional[Batches], d: Dist, total: int,
+           tokenizer, chat_template: Optional[str], export_dtype: Optional[torch.dtype],
+           summary: Optional[dict]) -> Optional[float]:
+    """The final eval, the Hugging Face export (never of non-finite weights) and summary.json;
+    returns the eval loss."""
+    out_dir = Path(cfg.out_dir)
     eval_loss = None
     if eval_batches is not None:
         ev = evaluate(model, objective, eval_batches, d)
         eval_loss = ev.get("loss")
         if d.main:
-            with metrics_path.open("a") as f:
+            with (out_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"step": total, **{f"eval/{k}": v for k, v in ev.items()}}) + "\n")
             print(f"eval after step {total}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     sd = full_state_dict(model)
@@ -325,7 +347,7 @@ def train(
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"wrote the Hugging Face folder {out_dir}")
     barrier(d)
-    return TrainResult(total, eval_loss)
+    return eval_loss
 
 
 class StopRequested(Exception):
