@@ -96,3 +96,18 @@ def tiny_chat_model(tmp_path_factory) -> dict[str, Path]:
              for i in range(40)]
     (root / "prefs.jsonl").write_text("\n".join(prefs) + "\n")
     return {"model": model, "data": root / "chats.jsonl", "prefs": root / "prefs.jsonl", "root": root}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache_in_tmp(tmp_path_factory):
+    """The suite's prepared data (--data_cache=auto) goes to a temporary folder, not the user's
+    ~/.cache; subprocesses inherit the variable."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
