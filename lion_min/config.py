@@ -325,7 +325,8 @@ def parse_cli(cls, presets: dict[str, dict], argv: Optional[list[str]] = None,
     cfg = cls()
     for key, value in overrides.items():  # recipe values are already typed (TOML)
         if key not in fields:
-            raise ConfigError(f"preset {overrides.get('preset')}: unknown option {key!r}")
+            where = "--config" if "config" in given else "--preset"
+            raise ConfigError(f"{where}={overrides.get('preset')}: {str(_unknown(key, fields)).replace('--', '', 1)}")
         setattr(cfg, key, value)
     for key, value in pairs:
         if key in ("preset", "config"):
@@ -396,7 +397,7 @@ def help_text(cls, presets: dict[str, dict], doc: str = "") -> str:
     if presets:
         parts.append("presets (--preset=NAME; flags after it override its values):")
         parts += [f"  {n:<16} {recipe_summary(n) or presets[n].get('_doc', '')}".rstrip() for n in presets]
-    parts.append("--config=FILE reads a recipe file (TOML: [shared] and [sft] / [dpo] / [online] tables).")
+        parts.append("--config=FILE reads a recipe file (TOML: [shared] and [sft] / [dpo] / [online] tables).")
     for group, lines in groups.items():
         parts.append(f"\n{group}:")
         parts += lines

@@ -297,7 +297,7 @@ def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Seq
     """Policy, reference, batches, then the shared loop. The online stage calls it for each round.
     `inputs` (flag -> path) are what the run folder must not overlap and what a resume must match."""
     model, args, tokenizer, folder = load_policy(cfg, d, dtype)
-    check_seq_len(cfg.max_len, args, "max_len")
+    check_seq_len(cfg.max_len, args, "max_len", default=DPOConfig.max_len)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else folder
     if ref_folder != folder:

@@ -342,7 +342,7 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     from lion_min.stage import resolve_dtype
     from lion_min.tokenizer import Tokenizer
 
-    cfg = parse_cli(SampleConfig, {}, argv, doc=__doc__)
+    cfg = parse_cli(SampleConfig, {}, argv, doc=__doc__.split("\n\nHow a batch runs")[0])
     if not cfg.model:
         raise ConfigError("--model=DIR is required")
     if not cfg.prompt and not cfg.prompts_file:

@@ -137,7 +137,7 @@ def run(cfg: SFTConfig) -> TrainResult:
     if d.main:
         print(f"config:\n{format_config(cfg)}")
     model, args, tokenizer, folder = load_policy(cfg, d, dtype)
-    check_seq_len(cfg.seq_len, args)
+    check_seq_len(cfg.seq_len, args, default=SFTConfig.seq_len)
 
     if cfg.data_cache == "off":  # every rank encodes and packs everything, in memory
         convs, eval_convs, data_summary = load_sft_data(cfg)

@@ -76,9 +76,10 @@ def export_dtype(cfg, folder: Path) -> Optional[torch.dtype]:
     return dtypes[name]
 
 
-def check_seq_len(seq_len: int, args, key: str = "seq_len"):
+def check_seq_len(seq_len: int, args, key: str = "seq_len", default: Optional[int] = None):
     if seq_len > args.max_seq_len:
-        raise ConfigError(f"--{key}={seq_len} is above the model's max_position_embeddings ({args.max_seq_len})")
+        was = " (the default)" if seq_len == default else ""
+        raise ConfigError(f"--{key}={seq_len}{was} is above the model's max_position_embeddings ({args.max_seq_len})")
 
 
 def with_system(messages: list[dict], system_prompt: Optional[str]) -> list[dict]:

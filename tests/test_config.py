@@ -121,7 +121,10 @@ def test_config_file_of_your_own(tmp_path):
     cfg = parse_cli(SFTConfig, {}, [f"--config={recipe}", "--seed=4"])
     assert (cfg.lr, cfg.batch_size, cfg.seed, cfg.preset) == (0.5, 8, 4, str(recipe))
     recipe.write_text('[shared]\nlrr = 0.5\n')
-    with pytest.raises(ConfigError, match="unknown option 'lrr'"):
+    with pytest.raises(ConfigError, match=r"mine.toml: unknown option lrr \(did you mean --lr\?\)"):
+        parse_cli(SFTConfig, {}, [f"--config={recipe}"])
+    recipe.write_text('[sft]\nlearning_rate = 0.5\n')  # another tool's name: pointed at ours
+    with pytest.raises(ConfigError, match="unknown option learning_rate: lion_min calls it --lr"):
         parse_cli(SFTConfig, {}, [f"--config={recipe}"])
 
 
