@@ -342,6 +342,15 @@ def parse_cli(cls, presets: dict[str, dict], argv: Optional[list[str]] = None,
     return cfg
 
 
+def read_json(path: Path) -> Optional[dict]:
+    """A JSON file's contents, or None when it is missing or unreadable (a marker or record file
+    that may not be there yet, or may be torn)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def config_to_json(cfg) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2)
 

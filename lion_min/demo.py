@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from lion_min.config import ConfigError, read_json
 from lion_min.model import ModelArgs
 
 # --- the task ------------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def init_model(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
     from lion_min.tokenizer import Tokenizer
 
     meta = {"version": DATA_VERSION, "seed": seed}
-    if _read_json(folder / "init_meta.json") == meta:
+    if read_json(folder / "init_meta.json") == meta:
         return folder
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     model = Transformer(demo_model_args(tokenizer))
@@ -318,7 +319,7 @@ def write_demo_data(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     paths = {k: out_dir / f for k, f in FILES.items()} | {"tokenizer": out_dir / "tokenizer"}
     meta = {"version": DATA_VERSION, "seed": seed}
     meta_file = out_dir / "meta.json"
-    if _read_json(meta_file) == meta:
+    if read_json(meta_file) == meta:
         return paths
 
     test, sft_eval, train = _split(seed)
@@ -343,13 +344,6 @@ def write_demo_data(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     os.replace(tmp / "meta.json", meta_file)
     tmp.rmdir()
     return paths
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -400,7 +394,6 @@ def run_stage(stage: str, cfg, run):
     stage's out_dir). Each stage adds demo_accuracy (and demo_accuracy_start) to its summary.json;
     the online stage ends with the table of all three stages.
     """
-    from lion_min.config import ConfigError
     from lion_min.judges import RULES, make_judge
     from lion_min.parallel import barrier, init_distributed
     from lion_min.stage import append_summary
@@ -447,7 +440,7 @@ def run_stage(stage: str, cfg, run):
 
 def print_table(dpo_folder: Path, dpo_acc: float, online_acc: float):
     """The demo's accuracy after each stage; the SFT figure is the one the DPO run recorded."""
-    summary = _read_json(dpo_folder / "summary.json") or {}
+    summary = read_json(dpo_folder / "summary.json") or {}
     rows = [("SFT", summary.get("demo_accuracy_start")), ("offline DPO", dpo_acc), ("online DPO", online_acc)]
     print("\nstage         greedy accuracy on held-out problems")
     for stage, acc in rows:

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lion_min.chat import ChatEncoding, encode_chats, get_template
-from lion_min.checkpoint import resolve_path
+from lion_min.checkpoint import hash_files, resolve_path
 from lion_min.config import ConfigError, DataConfig, check_values, format_config, run_cli, stage_main
 from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import dpo_loss, global_mean, sequence_logps
@@ -35,7 +35,7 @@ from lion_min.run_dir import claim
 from lion_min.stage import (build_from_folder, check_same_architecture, check_seq_len, export_dtype, load_policy,
                             opening_summary, resolve_dtype, with_system)
 from lion_min.tokenizer import Tokenizer
-from lion_min.train import Batches, TrainResult, train
+from lion_min.train import Batches, TrainResult, eval_size, train
 
 
 @dataclass
@@ -212,11 +212,7 @@ def fingerprint(pairs: Sequence[EncodedPair], ref_folder: Path, template: str) -
         for ids, mask in (p.chosen, p.rejected):
             h.update(np.asarray(ids, dtype=np.int64).tobytes())
             h.update(np.asarray(mask, dtype=np.bool_).tobytes())
-    for f in sorted(ref_folder.glob("*.safetensors")) + [ref_folder / "config.json"]:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
+    hash_files(h, sorted(ref_folder.glob("*.safetensors")) + [ref_folder / "config.json"])
     return h.hexdigest()
 
 
@@ -298,6 +294,7 @@ def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Seq
     `inputs` (flag -> path) are what the run folder must not overlap and what a resume must match."""
     model, args, tokenizer, folder = load_policy(cfg, d, dtype)
     check_seq_len(cfg.max_len, args, "max_len", default=DPOConfig.max_len)
+    exported = export_dtype(cfg, folder)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else folder
     if ref_folder != folder:
@@ -307,10 +304,7 @@ def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Seq
         batches = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,
                                pad_id, ref_logps)
         eval_batches = None
-        n_eval = len(eval_pairs) - len(eval_pairs) % (cfg.micro_batch_size * d.world)
-        if eval_pairs and not n_eval:
-            raise ConfigError(f"only {len(eval_pairs)} eval pairs, fewer than --micro_batch_size * world size = "
-                              f"{cfg.micro_batch_size * d.world}: give more eval data or a smaller micro batch")
+        n_eval = eval_size(len(eval_pairs), cfg.micro_batch_size, d, "pairs") if eval_pairs else 0
         if n_eval:
             eval_batches = pair_batches(eval_pairs[:n_eval], n_eval, cfg.micro_batch_size, 1, 0, d, cfg.max_len,
                                         pad_id, eval_ref[:n_eval] if eval_ref is not None else None, shuffle=False)
@@ -326,10 +320,10 @@ def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Seq
             lines = {"data": summary["data"].removeprefix("data: ")} if "data" in summary else {}
             print(opening_summary(cfg, batches, "pairs", lines | {
                 "pairs": pairs_line, "target tokens": f"{scored:,} scored response tokens (chosen + rejected)",
-            }, eval_items=n_eval, export_dtype=export_dtype(cfg, folder)))
+            }, eval_items=n_eval, export_dtype=exported))
         return train(cfg, model, objective, batches, d, eval_batches=eval_batches, tokenizer=tokenizer,
                      chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.max_len,
-                     export_dtype=export_dtype(cfg, folder), summary=summary, run_record=record)
+                     export_dtype=exported, summary=summary, run_record=record)
 
 
 def run(cfg: DPOConfig) -> TrainResult:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 import lion_min
 from lion_min.chat import ChatFormatError, get_template
-from lion_min.checkpoint import atomic_dir, hf_name, load_model, resolve_path, weight_files
+from lion_min.checkpoint import atomic_dir, hash_files, hf_name, load_model, resolve_path, weight_files
 from lion_min.config import ConfigError, parse_cli
 from lion_min.data import DataError, load_conversations, load_preferences, parse_mixture, resolve_files
 from lion_min.dpo import encode_pairs
@@ -123,11 +123,7 @@ class Golden:
 def sha256_files(files: list[Path]) -> str:
     """sha256 over each file's name and bytes, in the order given."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
+    hash_files(h, files)
     return h.hexdigest()
 
 

@@ -34,7 +34,7 @@ from lion_min.parallel import Dist, barrier, init_distributed
 from lion_min.plot import earlier_runs, plot_pipeline
 from lion_min.run_dir import claim
 from lion_min.sample import encode_prompt, generate, read_prompts
-from lion_min.stage import append_summary, resolve_dtype, with_system
+from lion_min.stage import append_summary, checkpoint_dtype, resolve_dtype, with_system
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import StopRequested
 
@@ -231,9 +231,7 @@ def rounds(cfg: OnlineConfig, d: Dist, start_folder: Path, ref_folder: Path, pro
     final = sample_and_judge(cfg, d, policy, prompts, judge, cfg.seed, dtype)
     if d.main:
         # In the last round's dtype (that is, --export_dtype), not the float32 load_model gives by default.
-        last = json.loads((policy / "config.json").read_text())
-        dtype_name = last.get("torch_dtype") or last.get("dtype") or "float32"
-        save_model(load_model(policy, dtype=getattr(torch, dtype_name)), out_dir, tokenizer=Tokenizer.from_dir(policy))
+        save_model(load_model(policy, dtype=checkpoint_dtype(policy)), out_dir, tokenizer=Tokenizer.from_dir(policy))
         shutil.copy(policy / "metrics.jsonl", out_dir / "last_round_metrics.jsonl")
         before, after = history[0]["mean_reward"], mean_score(final)
         append_summary(out_dir, rounds=history, mean_reward_start=before, mean_reward_final=after)

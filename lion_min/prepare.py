@@ -64,6 +64,7 @@ import numpy as np
 import tokenizers
 
 from lion_min.chat import ChatEncoding, encode_chats
+from lion_min.checkpoint import hash_files
 from lion_min.data import parse_mixture, resolve_files
 from lion_min.packing import FIELDS, Packed, best_fit_decreasing, pack
 from lion_min.parallel import Dist
@@ -93,9 +94,7 @@ def cache_root(setting: str) -> Path:
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
+    hash_files(h, [path], names=False)
     return h.hexdigest()
 
 

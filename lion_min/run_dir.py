@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from lion_min.checkpoint import EXPORT_FILES
-from lion_min.config import ConfigError
+from lion_min.config import ConfigError, read_json
 from lion_min.parallel import Dist
 
 # Keys that do not change what a step computes: cadence of logging, eval and saving; how the global
@@ -143,7 +143,7 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool) -> tuple
     notes = []
     lock = out_dir / LOCK
     if lock.is_file():
-        owner = _read(lock) or {}
+        owner = read_json(lock) or {}
         if owner.get("host") != socket.gethostname():  # no way to tell from here whether it is alive
             raise ConfigError(f"--out_dir={cfg.out_dir}: a run on host {owner.get('host')} (pid {owner.get('pid')}) "
                               f"holds the lock {lock}; if it is no longer running, delete that file")
@@ -156,7 +156,8 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool) -> tuple
     if found and not ours:  # a model or files of yours: never written into, even with --overwrite
         raise ConfigError(f"--out_dir={cfg.out_dir} holds files that are not a lion_min run ({_some(found)}); "
                           f"pick another --out_dir (an empty or new folder)")
-    saved = _read(out_dir / "run.json") or {"config": _read(out_dir / "train_config.json") or {}, "inputs": {}}
+    saved = read_json(out_dir / "run.json") or {"config": read_json(out_dir / "train_config.json") or {},
+                                                 "inputs": {}}
     if found and cfg.overwrite and cfg.preset in DEMO_PRESETS and saved["config"].get("preset") not in DEMO_PRESETS:
         # The demo replaces its own earlier run, never a run of yours given by a stray --out_dir.
         raise ConfigError(f"--out_dir={cfg.out_dir} holds a run that is not the demo's ({_some(found)}); "
@@ -173,13 +174,6 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool) -> tuple
                   + (" (the schedule now spans a different number of steps)" if k in NOTED_KEYS else "")
                   for k in noted]
     return prints, notes
-
-
-def _read(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _broadcast(value, d: Dist):

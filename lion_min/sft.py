@@ -21,7 +21,7 @@ from lion_min.parallel import init_distributed
 from lion_min.prepare import prepare_sft
 from lion_min.run_dir import claim
 from lion_min.stage import check_seq_len, export_dtype, load_policy, opening_summary, resolve_dtype, with_system
-from lion_min.train import Batches, TrainResult, row_batches, train
+from lion_min.train import Batches, TrainResult, eval_size, row_batches, train
 
 
 @dataclass
@@ -101,11 +101,7 @@ def sft_objective(model, micro: dict, norm: float):
 def eval_batches(rows, cfg: SFTConfig, d) -> Batches:
     """All eval rows (Packed.rows or prepare.PreparedRows) in one pass, in order; rows beyond a
     multiple of micro_batch_size * world are left out (a batch of n takes the first n)."""
-    total = len(rows["tokens"]) if isinstance(rows, dict) else len(rows)
-    n = total - total % (cfg.micro_batch_size * d.world)
-    if not n:
-        raise ConfigError(f"only {total} eval rows, fewer than --micro_batch_size * world size "
-                          f"= {cfg.micro_batch_size * d.world}: give more eval data or a smaller micro batch")
+    n = eval_size(len(rows["tokens"]) if isinstance(rows, dict) else len(rows), cfg.micro_batch_size, d, "rows")
     return row_batches(rows, n, cfg.micro_batch_size, 1, 0, d, shuffle=False)
 
 
@@ -138,6 +134,7 @@ def run(cfg: SFTConfig) -> TrainResult:
         print(f"config:\n{format_config(cfg)}")
     model, args, tokenizer, folder = load_policy(cfg, d, dtype)
     check_seq_len(cfg.seq_len, args, default=SFTConfig.seq_len)
+    exported = export_dtype(cfg, folder)
 
     if cfg.data_cache == "off":  # every rank encodes and packs everything, in memory
         convs, eval_convs, data_summary = load_sft_data(cfg)
@@ -166,12 +163,12 @@ def run(cfg: SFTConfig) -> TrainResult:
                     f"conversations ({packed.num_truncated} truncated, {packed.num_dropped} dropped), "
                     f"packing efficiency {packed.efficiency:.3f}",
             "target tokens": f"{packed.target_tokens:,}",
-        }, eval_items=evals.num_items if evals else 0, export_dtype=export_dtype(cfg, folder)))
+        }, eval_items=evals.num_items if evals else 0, export_dtype=exported))
     inputs = {"--model": folder, "--data": cfg.data, "--eval_data": cfg.eval_data}
     with claim(cfg, d, inputs) as record:
         return train(cfg, model, sft_objective, batches, d, eval_batches=evals, tokenizer=tokenizer,
                      chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.seq_len,
-                     export_dtype=export_dtype(cfg, folder), summary=summary, run_record=record)
+                     export_dtype=exported, summary=summary, run_record=record)
 
 
 def main(argv=None):

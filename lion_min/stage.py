@@ -14,6 +14,7 @@ from lion_min.parallel import Dist, build_model
 from lion_min.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EXPORT_DTYPES = DTYPES | {"float16": torch.float16}  # a checkpoint may be stored in fp16; training never is
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -62,18 +63,20 @@ def check_same_architecture(ref_folder: Path, args, flag: str = "--ref_model"):
         raise ConfigError(f"{flag}={ref_folder}: another architecture than --model ({', '.join(diff)})")
 
 
-def export_dtype(cfg, folder: Path) -> Optional[torch.dtype]:
-    """--export_dtype: 'source' = the dtype the starting checkpoint's config.json names (so a bf16
-    checkpoint is exported in bf16, not in the fp32 of the master weights), else as named."""
-    name = cfg.export_dtype
-    if name == "source":
-        config = json.loads((folder / "config.json").read_text())
-        name = config.get("torch_dtype") or config.get("dtype") or "float32"
-    dtypes = DTYPES | {"float16": torch.float16}
-    if name not in dtypes:
-        raise ConfigError(f"--export_dtype={cfg.export_dtype}: expected source, float32, bfloat16 or float16 "
-                          f"(the source says {name!r})")
-    return dtypes[name]
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The dtype a checkpoint folder's config.json names (torch_dtype, or transformers 5's dtype;
+    float32 when it names none)."""
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if name not in EXPORT_DTYPES:
+        raise ConfigError(f"{folder / 'config.json'}: dtype {name!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    return EXPORT_DTYPES[name]
+
+
+def export_dtype(cfg, folder: Path) -> torch.dtype:
+    """--export_dtype: 'source' = the dtype the starting checkpoint names (so a bf16 checkpoint is
+    exported in bf16, not in the fp32 of the master weights), else as named."""
+    return checkpoint_dtype(folder) if cfg.export_dtype == "source" else EXPORT_DTYPES[cfg.export_dtype]
 
 
 def check_seq_len(seq_len: int, args, key: str = "seq_len", default: Optional[int] = None):

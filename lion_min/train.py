@@ -102,6 +102,16 @@ def row_batches(rows, batch_size: int, micro_batch_size: int, epochs: int, seed:
     )
 
 
+def eval_size(num_items: int, micro_batch_size: int, d: Dist, unit: str) -> int:
+    """How many eval items one pass takes: the largest multiple of micro_batch_size * world (the
+    rest is left out); fewer than one micro batch on every rank is an error, never a silent skip."""
+    n = num_items - num_items % (micro_batch_size * d.world)
+    if not n:
+        raise ConfigError(f"only {num_items} eval {unit}, fewer than --micro_batch_size * world size = "
+                          f"{micro_batch_size * d.world}: give more eval data or a smaller micro batch")
+    return n
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warmup over warmup_ratio of the steps, then cosine / linear decay or constant."""
     warmup = math.ceil(cfg.warmup_ratio * total)
