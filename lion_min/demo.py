@@ -32,7 +32,7 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from lion_min.config import ConfigError, read_json
 from lion_min.model import ModelArgs
@@ -153,6 +153,12 @@ def check(prompt: str, response: str) -> float:
 def is_correct(prompt: str, response: str) -> bool:
     """The accuracy metric: the reply ends with "so <the exact sum>"."""
     return check(prompt, response) == 1.0
+
+
+def is_strictly_correct(prompt: str, response: str) -> bool:
+    """The strict metric: the whole worked answer is right ("7+8=15, 4+3+1=8, so 85", nothing else),
+    so a right sum reached through wrong steps does not count."""
+    return response.strip() == worked_answer(*parse_problem(prompt))
 
 
 def judge_rule(messages: list[dict], response: str) -> float:
@@ -353,9 +359,17 @@ def read_test(path: str | Path) -> list[str]:
     return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+class Accuracy(NamedTuple):
+    """Greedy held-out accuracy: the final answer right (`is_correct`, the headline figure), and the
+    whole worked answer right (`is_strictly_correct`)."""
+
+    final: float
+    strict: float
+
+
 def evaluate_accuracy(model, tokenizer, test_prompts: list[str], batch_size: int = 256,
-                      max_new_tokens: int = MAX_REPLY_TOKENS, chat_template: str = "chatml") -> float:
-    """Greedy accuracy: the share of prompts whose reply (up to the end-of-turn token) `is_correct`."""
+                      max_new_tokens: int = MAX_REPLY_TOKENS, chat_template: str = "chatml") -> Accuracy:
+    """Greedy accuracy over the prompts, each reply read up to its end-of-turn token."""
     import torch
 
     from lion_min.chat import encode_chat, stop_token_ids
@@ -371,10 +385,12 @@ def evaluate_accuracy(model, tokenizer, test_prompts: list[str], batch_size: int
                        pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0, batch_size=batch_size)
     model.train(was_training)
     replies = [tokenizer.decode([t for t in row if t not in stop]) for row in out]
-    return sum(is_correct(p, r) for p, r in zip(test_prompts, replies)) / max(len(test_prompts), 1)
+    n = max(len(test_prompts), 1)
+    return Accuracy(final=sum(is_correct(p, r) for p, r in zip(test_prompts, replies)) / n,
+                    strict=sum(is_strictly_correct(p, r) for p, r in zip(test_prompts, replies)) / n)
 
 
-def evaluate_checkpoint(folder: str | Path, paths: dict[str, Path], device: Optional[str] = None) -> float:
+def evaluate_checkpoint(folder: str | Path, paths: dict[str, Path], device: Optional[str] = None) -> Accuracy:
     """Greedy held-out accuracy of a saved checkpoint (its folder holds weights and tokenizer)."""
     from lion_min.checkpoint import load_model
     from lion_min.tokenizer import Tokenizer
@@ -427,21 +443,23 @@ def run_stage(stage: str, cfg, run):
         out_dir = Path(cfg.out_dir)
         after = evaluate_checkpoint(out_dir, paths)
         if stage == "sft":
-            append_summary(out_dir, demo_accuracy=after)
-            print(f"demo task accuracy (greedy, held-out): {after:.3f}")
+            append_summary(out_dir, demo_accuracy=after.final, demo_strict_accuracy=after.strict)
+            print(f"demo task accuracy (greedy, held-out): {after.final:.3f} (whole worked answer: {after.strict:.3f})")
         else:
             before = evaluate_checkpoint(cfg.model, paths)
-            append_summary(out_dir, demo_accuracy_start=before, demo_accuracy=after)
-            print(f"demo task accuracy (greedy, held-out): {cfg.model}: {before:.3f} -> {cfg.out_dir}: {after:.3f}")
+            append_summary(out_dir, demo_accuracy_start=before.final, demo_accuracy=after.final,
+                           demo_strict_accuracy_start=before.strict, demo_strict_accuracy=after.strict)
+            print(f"demo task accuracy (greedy, held-out): {cfg.model}: {before.final:.3f} -> {cfg.out_dir}: "
+                  f"{after.final:.3f} (whole worked answer: {before.strict:.3f} -> {after.strict:.3f})")
             if stage == "online":
                 print_table(Path(cfg.model), before, after)
     return result
 
 
-def print_table(dpo_folder: Path, dpo_acc: float, online_acc: float):
-    """The demo's accuracy after each stage; the SFT figure is the one the DPO run recorded."""
+def print_table(dpo_folder: Path, dpo_acc: Accuracy, online_acc: Accuracy):
+    """The demo's accuracy after each stage; the SFT figures are the ones the DPO run recorded."""
     summary = read_json(dpo_folder / "summary.json") or {}
-    rows = [("SFT", summary.get("demo_accuracy_start")), ("offline DPO", dpo_acc), ("online DPO", online_acc)]
-    print("\nstage         greedy accuracy on held-out problems")
-    for stage, acc in rows:
-        print(f"{stage:13s} {'n/a' if acc is None else f'{acc:.3f}'}")
+    sft = Accuracy(summary.get("demo_accuracy_start"), summary.get("demo_strict_accuracy_start"))
+    print("\nstage         greedy accuracy on held-out problems: final answer | whole worked answer")
+    for stage, acc in (("SFT", sft), ("offline DPO", dpo_acc), ("online DPO", online_acc)):
+        print(f"{stage:13s} " + " | ".join("n/a" if x is None else f"{x:.3f}" for x in acc))

@@ -193,4 +193,14 @@ def test_evaluate_accuracy_scores_the_decoded_replies(tokenizer, monkeypatch):
     monkeypatch.setattr(sample, "generate", lambda model, ids, *a, **k: scripted[: len(ids)])
     model = Transformer(demo.demo_model_args(tokenizer))
     prompts = ["What is 47+38?", "What is 12+34?", "What is 0+1?", "What is 1+1?"]
-    assert demo.evaluate_accuracy(model, tokenizer, prompts) == 0.5  # the first and the third
+    acc = demo.evaluate_accuracy(model, tokenizer, prompts)
+    assert acc.final == 0.5  # the first and the third
+    assert acc.strict == 0.25  # the third's final answer is right, but it shows no working
+
+
+def test_strict_accuracy_needs_the_whole_worked_answer():
+    assert demo.is_strictly_correct("What is 47+38?", "7+8=15, 4+3+1=8, so 85")
+    # The right sum through a wrong step (carry forgotten, tens slipped by one) counts only as final-answer right.
+    wrong_steps = "7+8=15, 4+3=8, so 85"
+    assert demo.is_correct("What is 47+38?", wrong_steps) and not demo.is_strictly_correct("What is 47+38?", wrong_steps)
+    assert not demo.is_strictly_correct("What is 47+38?", "7+8=15, 4+3=7, so 75")

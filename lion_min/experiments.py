@@ -1,0 +1,492 @@
+"""The paper's first experiments in miniature: the demo task, on CPU, minutes each.
+
+    python -m lion_min.experiments packing   # SFT: padding / naive packing / packing, with and without loss masking
+    python -m lion_min.experiments dpo       # offline DPO: the beta sweep and the choice of reference model
+    python -m lion_min.experiments online    # online vs offline DPO at a matched number of preference pairs
+    python -m lion_min.experiments margins   # each pair's chosen and rejected log-prob change under DPO
+    python -m lion_min.experiments all
+
+Every arm runs over --seeds seeds (default 3) through the real stages (sft.run, dpo.run,
+online.run) on the demo's data (lion_min/demo.py), in out/experiments/NAME/ARM/seed_S. A finished
+run (its result.json) is reused, so an interrupted experiment continues where it stopped, and the
+SFT models that the DPO experiments start from are trained once per seed (out/experiments/sft/).
+Each experiment writes NAME/results.json (every run's figures), NAME/table.md (mean, spread and
+range per arm) and NAME/NAME.png (with matplotlib). docs/experiments.md sets the measured tables
+next to what the paper reports.
+
+What a run measures: greedy accuracy on the demo's 500 held-out problems (final answer, and the
+whole worked answer: demo.Accuracy), plus per experiment the reply loss (SFT) or the DPO figures
+on 200 held-out preference pairs (implicit reward margin, per-pair log-prob changes).
+"""
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from lion_min import demo
+from lion_min.config import ConfigError, parse_cli, run_cli
+
+# --- sizes ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much each run does. "full" is what docs/experiments.md reports; "tiny" runs every code
+    path in seconds (the test suite)."""
+
+    sft_conversations: int
+    """SFT conversations of the packing experiment (the demo's SFT models see all 16000, twice)."""
+    max_steps: int
+    """0 = the settings' epochs; otherwise exactly this many steps per run (tiny)."""
+    test_prompts: int
+    """Held-out problems for greedy accuracy."""
+    eval_pairs: int
+    """Held-out preference pairs for the DPO figures (taken from the demo's pairs file)."""
+    online_prompts: int
+    online_rounds: int
+    batch_size: int = 0
+    """0 = the settings' batch sizes; otherwise every run's (tiny: a few prompts must fill a batch)."""
+    judge: str = "demo"
+    """The online judge: the demo's rule, or "length" where the model is untrained (tiny: every
+    reply would be wrong, and all scores would tie)."""
+
+
+SIZES = {
+    "full": Size(sft_conversations=8000, max_steps=0, test_prompts=demo.N_TEST, eval_pairs=200, online_prompts=256,
+                 online_rounds=2),
+    "tiny": Size(sft_conversations=64, max_steps=2, test_prompts=8, eval_pairs=8, online_prompts=8, online_rounds=1,
+                 batch_size=2, judge="length"),
+}
+
+
+@dataclass
+class ExperimentConfig:
+    seeds: int = 3
+    """Seeds per arm (each seed: its own starting model, data order and sampling)."""
+    out: str = "out/experiments"
+    size: str = "full"
+    """full (docs/experiments.md) or tiny (a few steps per run: checks the code, measures nothing)."""
+
+
+# --- running one arm ------------------------------------------------------------------------------
+
+
+class Context:
+    """The experiment's shared files: the demo data (written once), one starting model per seed,
+    a held-out split of the pairs file, and the stage settings every run starts from."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.root, self.size, self.seeds = Path(cfg.out), SIZES[cfg.size], range(cfg.seeds)
+        self.paths = demo.write_demo_data(self.root / "data", seed=0)
+        self.test = demo.read_test(self.paths["test"])[: self.size.test_prompts]
+        self.dpo_train, self.dpo_eval = self._split_pairs()
+
+    def _split_pairs(self) -> tuple[Path, Path]:
+        """The demo's pairs file cut into training pairs and `eval_pairs` held-out ones (the last)."""
+        train, held = self.root / "data" / "dpo_train.jsonl", self.root / "data" / "dpo_eval.jsonl"
+        lines = self.paths["dpo"].read_text().splitlines(keepends=True)
+        n = self.size.eval_pairs
+        for path, part in ((train, lines[:-n]), (held, lines[-n:])):
+            if not path.is_file() or path.read_text() != "".join(part):
+                path.write_text("".join(part))
+        return train, held
+
+    def init_model(self, seed: int) -> Path:
+        return demo.init_model(self.root / "data" / f"init_model_seed_{seed}", self.paths["tokenizer"], seed)
+
+    def settings(self, stage: str, folder: Path, seed: int, **over) -> dict:
+        """The demo's settings for the stage, in `folder`, with `over` on top."""
+        s = demo.SETTINGS[stage] | dict(out_dir=str(folder), seed=seed, overwrite=True, device="cpu", log_every=1000)
+        s |= over
+        if self.size.max_steps:
+            s |= dict(max_steps=self.size.max_steps)
+        if self.size.batch_size:
+            s |= dict(batch_size=self.size.batch_size, micro_batch_size=self.size.batch_size)
+        return s
+
+    def accuracy(self, folder: Path) -> dict:
+        from lion_min.checkpoint import load_model
+        from lion_min.tokenizer import Tokenizer
+
+        acc = demo.evaluate_accuracy(load_model(str(folder)), Tokenizer.from_dir(folder), self.test)
+        return {"accuracy": acc.final, "strict_accuracy": acc.strict}
+
+    def sft_model(self, seed: int) -> Path:
+        """The demo's SFT model for this seed (demo settings, from this seed's starting model)."""
+        return run_once(self.root / "sft" / f"seed_{seed}", lambda folder: self._sft(folder, seed))
+
+    def _sft(self, folder: Path, seed: int) -> dict:
+        from lion_min.sft import SFTConfig, run
+
+        run(SFTConfig(**self.settings("sft", folder, seed, model=str(self.init_model(seed)),
+                                      data=str(self.paths["sft"]), eval_data=str(self.paths["sft_eval"]))))
+        return self.accuracy(folder)
+
+
+def run_once(folder: Path, make: Callable[[Path], dict]) -> Path:
+    """Run `make(folder)` unless folder/result.json exists (a finished run); returns the folder."""
+    if not (folder / "result.json").is_file():
+        result = make(folder)
+        tmp = folder / "result.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.rename(folder / "result.json")
+    return folder
+
+
+def result(folder: Path) -> dict:
+    return json.loads((folder / "result.json").read_text())
+
+
+def sweep(ctx: Context, name: str, arms: dict[str, Callable[[Path, int], dict]]) -> list[dict]:
+    """Every arm over every seed, in out/NAME/ARM/seed_S; returns one row per run."""
+    rows = []
+    for arm, make in arms.items():
+        for seed in ctx.seeds:
+            folder = ctx.root / name / slug(arm) / f"seed_{seed}"
+            print(f"== {name}: {arm}, seed {seed}", flush=True)
+            rows.append({"arm": arm, "seed": seed} | result(run_once(folder, lambda f: make(f, seed))))
+    return rows
+
+
+def slug(arm: str) -> str:
+    return "".join(c if c.isalnum() or c in "._=" else "_" for c in arm)
+
+
+# --- summaries ------------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict:
+    """mean, sample standard deviation (0 for one value), min and max."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": n}
+
+
+def table(rows: list[dict], metrics: dict[str, str]) -> str:
+    """A markdown table: one line per arm, each metric as mean ± sd [min, max] over the seeds."""
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    lines = ["| arm | seeds | " + " | ".join(metrics.values()) + " |", "|---|---:|" + "---:|" * len(metrics)]
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        cells = []
+        for key in metrics:
+            s = spread([r[key] for r in mine])
+            cells.append(f"{s['mean']:.3f} ± {s['sd']:.3f} [{s['min']:.3f}, {s['max']:.3f}]")
+        lines.append(f"| {arm} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(ctx: Context, name: str, rows: list[dict], metrics: dict[str, str], extra: str = ""):
+    folder = ctx.root / name
+    (folder / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    text = f"# {name}\n\n{table(rows, metrics)}" + (f"\n{extra}" if extra else "")
+    (folder / "table.md").write_text(text)
+    print(f"\n{text}\nwrote {folder / 'results.json'} and {folder / 'table.md'}")
+
+
+def bar_chart(ctx: Context, name: str, rows: list[dict], metrics: dict[str, str]) -> Optional[Path]:
+    """One panel per metric: each arm's mean with its seeds as dots."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics.items()):
+        for i, arm in enumerate(arms):
+            vals = [r[key] for r in rows if r["arm"] == arm]
+            ax.bar(i, sum(vals) / len(vals), color="#9ecae1")
+            ax.plot([i] * len(vals), vals, "k.", ms=6)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+    return save(fig, ctx.root / name / f"{name}.png")
+
+
+def pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        return plt
+    except ImportError:
+        print("matplotlib is not installed: no figure (pip install -r requirements-plot.txt)")
+        return None
+
+
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    fig.clf()
+    print(f"wrote {path}")
+    return path
+
+
+# --- 1. SFT: padding vs packing, loss masking -----------------------------------------------------
+
+PAD_LEN = 64
+"""Padded rows: one conversation each, and the longest demo conversation fits (checked below)."""
+
+
+def reply_loss(folder: Path, conversations: Path) -> float:
+    """The common yardstick of the SFT arms: mean -log p per reply token (and end-of-turn) of the
+    held-out conversations, each scored alone with its own positions, whatever the arm trained on."""
+    from lion_min.chat import encode_chat
+    from lion_min.checkpoint import load_model
+    from lion_min.data import load_conversations
+    from lion_min.packing import collate, pack
+    from lion_min.tokenizer import Tokenizer
+
+    model, tokenizer = load_model(str(folder)).eval(), Tokenizer.from_dir(folder)
+    convs, _ = load_conversations(str(conversations))
+    examples = [encode_chat(tokenizer, c, "chatml") for c in convs]
+    rows = collate(pack(examples, PAD_LEN, tokenizer.pad_id, mode="pad").rows)
+    with torch.no_grad():
+        logp = model(rows["tokens"], rows["positions"], rows["doc_ids"], targets=rows["targets"])
+    scored = rows["targets"] != -100
+    return -(logp[scored].sum() / scored.sum()).item()
+
+
+def packing_arms(ctx: Context) -> dict[str, Callable]:
+    """Six arms at the same tokens per optimizer step (12 rows of 256 = 48 padded rows of 64) and
+    the same conversations (one epoch of sft_conversations): padding, naive packing (documents
+    attend to each other, positions run on), packing with per-document attention; each with the
+    loss on the replies only and on every token."""
+    from lion_min.sft import SFTConfig, run
+
+    data = ctx.root / "data" / f"sft_{ctx.size.sft_conversations}.jsonl"
+    if not data.is_file():
+        lines = ctx.paths["sft"].read_text().splitlines(keepends=True)
+        data.write_text("".join(lines[: ctx.size.sft_conversations]))
+    layouts = {
+        "padding": dict(packing=False, seq_len=PAD_LEN, batch_size=48, micro_batch_size=48, overflow="drop"),
+        "naive packing": dict(packing=True, isolate_documents=False),
+        "packing": dict(packing=True, isolate_documents=True),
+    }
+
+    def arm(layout: dict, loss_mask: bool):
+        def make(folder: Path, seed: int) -> dict:
+            over = dict(model=str(ctx.init_model(seed)), data=str(data), eval_data="", epochs=1,
+                        loss_mask=loss_mask) | layout
+            res = run(SFTConfig(**ctx.settings("sft", folder, seed, **over)))
+            summary = json.loads((folder / "summary.json").read_text())
+            if summary["dropped"]:  # padding must see the same conversations as packing
+                raise ValueError(f"{folder}: {summary['dropped']} conversations longer than {PAD_LEN} tokens")
+            return ctx.accuracy(folder) | {"reply_loss": reply_loss(folder, ctx.paths["sft_eval"]),
+                                           "steps": res.steps}
+        return make
+
+    return {f"{name}, {'reply' if mask else 'all-token'} loss": arm(layout, mask)
+            for name, layout in layouts.items() for mask in (True, False)}
+
+
+def packing(ctx: Context):
+    rows = sweep(ctx, "packing", packing_arms(ctx))
+    metrics = {"accuracy": "accuracy (final answer)", "strict_accuracy": "accuracy (worked answer)",
+               "reply_loss": "held-out reply loss"}
+    write_outputs(ctx, "packing", rows, metrics)
+    bar_chart(ctx, "packing", rows, metrics)
+
+
+# --- 2. DPO: beta and the reference ----------------------------------------------------------------
+
+BETAS = (0.01, 0.05, 0.1, 0.5)
+
+
+def dpo_arm(ctx: Context, beta: float, reference: str = "sft") -> Callable:
+    """Offline DPO from the seed's SFT model on the demo's pairs (less the held-out ones); the
+    reference is the SFT model or ("start") the model SFT started from."""
+    from lion_min.dpo import DPOConfig, run
+
+    def make(folder: Path, seed: int) -> dict:
+        sft = ctx.sft_model(seed)
+        ref = str(ctx.init_model(seed)) if reference == "start" else ""
+        run(DPOConfig(**ctx.settings("dpo", folder, seed, model=str(sft), ref_model=ref, beta=beta,
+                                     data=str(ctx.dpo_train), eval_data=str(ctx.dpo_eval), save_every=0)))
+        last = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x][-1]
+        changes = logp_changes(folder, sft, ctx.dpo_eval)
+        return ctx.accuracy(folder) | {
+            "reward_margin": last["eval/rewards/margins"], "reward_accuracy": last["eval/rewards/accuracies"],
+            # The reward margin is beta x the log-ratio margin; the latter compares across betas.
+            "logratio_margin": last["eval/rewards/margins"] / beta,
+            "chosen_change": changes["chosen"], "rejected_change": changes["rejected"],
+            "chosen_fell": changes["chosen_fell"], "pairs": changes["pairs"]}
+
+    return make
+
+
+def dpo_arms(ctx: Context) -> dict[str, Callable]:
+    arms = {f"beta={b}": dpo_arm(ctx, b) for b in BETAS}
+    arms["beta=0.1, reference = starting model"] = dpo_arm(ctx, 0.1, reference="start")
+    return arms
+
+
+def dpo(ctx: Context):
+    rows = sweep(ctx, "dpo", dpo_arms(ctx))
+    metrics = {"accuracy": "accuracy (final answer)", "strict_accuracy": "accuracy (worked answer)",
+               "reward_margin": "reward margin (held-out)", "logratio_margin": "log-ratio margin (held-out)",
+               "reward_accuracy": "reward accuracy (held-out)"}
+    write_outputs(ctx, "dpo", rows, metrics)
+    bar_chart(ctx, "dpo", rows, metrics)
+
+
+# --- 3. online vs offline at a matched number of pairs ----------------------------------------------
+
+
+def online_arm(ctx: Context) -> Callable:
+    """Online DPO from the seed's SFT model: online_rounds rounds of online_prompts prompts,
+    5 samples each, best vs worst by the demo's rule; the same optimizer settings as offline."""
+    from lion_min.judges import RULES, make_judge
+    from lion_min.online import OnlineConfig, run
+
+    def make(folder: Path, seed: int) -> dict:
+        prompts = ctx.root / "data" / f"prompts_{ctx.size.online_prompts}.jsonl"
+        lines = ctx.paths["prompts"].read_text().splitlines(keepends=True)
+        prompts.write_text("".join(lines[: ctx.size.online_prompts]))
+        over = {k: v for k, v in demo.SETTINGS["dpo"].items() if k in ("lr", "lr_schedule", "warmup_ratio", "beta")}
+        cfg = OnlineConfig(**ctx.settings("online", folder, seed, model=str(ctx.sft_model(seed)), prompts=str(prompts),
+                                          judge=ctx.size.judge,
+                                          rounds=ctx.size.online_rounds, **over))
+        history = run(cfg, judge=make_judge(ctx.size.judge, rules=RULES | {"demo": demo.judge_rule}))
+        return ctx.accuracy(folder) | {"pairs": sum(h["pairs"] for h in history)}
+
+    return make
+
+
+def offline_arm(ctx: Context, online_folder: Callable[[int], Path]) -> Callable:
+    """Offline DPO from the same SFT model on as many of the demo's pairs as the online run of the
+    same seed trained on, in as many steps."""
+    from lion_min.dpo import DPOConfig, run
+
+    def make(folder: Path, seed: int) -> dict:
+        n = result(online_folder(seed))["pairs"]
+        data = folder.parent / f"pairs_seed_{seed}.jsonl"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        data.write_text("".join(ctx.dpo_train.read_text().splitlines(keepends=True)[:n]))
+        run(DPOConfig(**ctx.settings("dpo", folder, seed, model=str(ctx.sft_model(seed)), data=str(data))))
+        return ctx.accuracy(folder) | {"pairs": n}
+
+    return make
+
+
+def online(ctx: Context):
+    arms = {"online DPO": online_arm(ctx)}
+    arms["offline DPO, same number of pairs"] = offline_arm(
+        ctx, lambda seed: ctx.root / "online" / slug("online DPO") / f"seed_{seed}")
+    rows = sweep(ctx, "online", arms)
+    metrics = {"accuracy": "accuracy (final answer)", "strict_accuracy": "accuracy (worked answer)",
+               "pairs": "preference pairs trained on"}
+    write_outputs(ctx, "online", rows, metrics)
+    bar_chart(ctx, "online", rows, metrics)
+
+
+# --- 4. the probability margin: what DPO does to each side of a pair ---------------------------------
+
+
+def logp_changes(policy: Path, start: Path, pairs_file: Path, keep: Optional[Path] = None) -> dict:
+    """For each held-out pair: log pi(y) - log pi_start(y) for the chosen and the rejected reply
+    (the change DPO made to each side's log-probability). Means, the share of pairs whose chosen
+    log-prob fell, and (keep) every pair's two changes written as JSON lines."""
+    from lion_min.checkpoint import load_model
+    from lion_min.data import load_preferences
+    from lion_min.dpo import encode_pairs, pair_logps, pair_micro
+    from lion_min.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(policy)
+    prefs, _ = load_preferences(str(pairs_file))
+    pairs, _ = encode_pairs(prefs, tokenizer, "chatml", 2048, 512)
+    sel = torch.arange(len(pairs)).numpy()
+    micro = pair_micro(pairs, sel, 2048, tokenizer.pad_id, "cpu")
+    out = {}
+    for name, folder in (("policy", policy), ("start", start)):
+        with torch.no_grad():
+            out[name] = pair_logps(load_model(str(folder)).eval(), micro)
+    dc = (out["policy"][0] - out["start"][0]).tolist()
+    dr = (out["policy"][1] - out["start"][1]).tolist()
+    if keep is not None:
+        keep.write_text("".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r in zip(dc, dr)))
+    return {"chosen": sum(dc) / len(dc), "rejected": sum(dr) / len(dr),
+            "chosen_fell": sum(c < 0 for c in dc) / len(dc), "pairs": len(dc)}
+
+
+def margins(ctx: Context):
+    """The beta=0.1 arm of the DPO experiment (run here if it has not been): the change of each
+    held-out pair's chosen and rejected log-prob from the SFT model, against each other; and the
+    training batches' mean changes (metrics.jsonl logratios/*) over the steps."""
+    arm = "beta=0.1"
+    rows = sweep(ctx, "dpo", {arm: dpo_arm(ctx, 0.1)})
+    folder = ctx.root / "margins"
+    folder.mkdir(parents=True, exist_ok=True)
+    per_pair, curves = {}, {}
+    for seed in ctx.seeds:
+        run_dir = ctx.root / "dpo" / slug(arm) / f"seed_{seed}"
+        keep = folder / f"pairs_seed_{seed}.jsonl"
+        logp_changes(run_dir, ctx.sft_model(seed), ctx.dpo_eval, keep=keep)
+        per_pair[seed] = [json.loads(x) for x in keep.read_text().splitlines()]
+        steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        curves[seed] = [(m["step"], m["logratios/chosen"], m["logratios/rejected"]) for m in steps if "loss" in m]
+    metrics = {"chosen_change": "chosen: change of log p", "rejected_change": "rejected: change of log p",
+               "chosen_fell": "share of pairs whose chosen log p fell"}
+    write_outputs(ctx, "margins", [r | {"arm": "DPO beta=0.1 (held-out pairs)"} for r in rows], metrics)
+    (folder / "curves.json").write_text(json.dumps(curves) + "\n")
+    plot_margins(folder / "margins.png", per_pair, curves)
+
+
+def plot_margins(path: Path, per_pair: dict, curves: dict) -> Optional[Path]:
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for seed, pts in per_pair.items():
+        a.scatter([p["chosen"] for p in pts], [p["rejected"] for p in pts], s=8, alpha=0.5, label=f"seed {seed}")
+    lo = min(min(p["chosen"], p["rejected"]) for pts in per_pair.values() for p in pts)
+    hi = max(max(p["chosen"], p["rejected"]) for pts in per_pair.values() for p in pts)
+    a.plot([lo, hi], [lo, hi], "k:", lw=1)
+    a.axhline(0, color="grey", lw=0.5)
+    a.axvline(0, color="grey", lw=0.5)
+    a.set_xlabel("chosen: log p(policy) - log p(SFT)")
+    a.set_ylabel("rejected: log p(policy) - log p(SFT)")
+    a.set_title("each held-out pair after DPO (beta 0.1)", fontsize=10)
+    a.legend(fontsize=8)
+    for seed, pts in curves.items():
+        steps = [p[0] for p in pts]
+        b.plot(steps, [p[1] for p in pts], color="tab:green", alpha=0.7, label="chosen" if seed == 0 else None)
+        b.plot(steps, [p[2] for p in pts], color="tab:red", alpha=0.7, label="rejected" if seed == 0 else None)
+    b.axhline(0, color="grey", lw=0.5)
+    b.set_xlabel("DPO step")
+    b.set_ylabel("batch mean of log p(policy) - log p(SFT)")
+    b.set_title("over training (each seed one line)", fontsize=10)
+    b.legend(fontsize=8)
+    return save(fig, path)
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+EXPERIMENTS = {"packing": packing, "dpo": dpo, "online": online, "margins": margins}
+
+
+def main(argv: Optional[list[str]] = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = [a for a in argv if not a.startswith("-")]
+    flags = [a for a in argv if a.startswith("-")]
+    cfg = parse_cli(ExperimentConfig, {}, flags, doc=__doc__)
+    if len(names) != 1 or names[0] not in (*EXPERIMENTS, "all"):
+        raise ConfigError(f"name one experiment: {', '.join(EXPERIMENTS)} or all (got {' '.join(names) or 'none'})")
+    if not 1 <= cfg.seeds <= 100:
+        raise ConfigError(f"--seeds={cfg.seeds}: expected 1 to 100")
+    if cfg.size not in SIZES:
+        raise ConfigError(f"--size={cfg.size}: expected one of {', '.join(SIZES)}")
+    ctx = Context(cfg)
+    for name in EXPERIMENTS if names[0] == "all" else names:
+        EXPERIMENTS[name](ctx)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,85 @@
+"""python -m lion_min.experiments, end to end at the tiny size (a few steps per run: the code paths,
+not the figures; docs/experiments.md holds those)."""
+
+import json
+
+import pytest
+import torch
+
+from lion_min import experiments
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiments")
+    experiments.main(["all", "--size=tiny", "--seeds=1", f"--out={out}"])
+    return out
+
+
+def rows(out, name):
+    return json.loads((out / name / "results.json").read_text())
+
+
+def test_every_experiment_writes_its_table_for_every_arm(ran):
+    arms = {"packing": 6, "dpo": 5, "online": 2, "margins": 1}
+    for name, n in arms.items():
+        r = rows(ran, name)
+        assert len(r) == n and [x["seed"] for x in r] == [0] * n
+        assert all(0 <= x["accuracy"] <= 1 and 0 <= x["strict_accuracy"] <= x["accuracy"] for x in r)
+        table = (ran / name / "table.md").read_text()
+        assert all(f"| {x['arm']} | 1 |" in table for x in r)
+
+
+def test_the_packing_arms_train_what_they_say(ran):
+    seen = set()
+    for r in rows(ran, "packing"):
+        cfg = json.loads((ran / "packing" / experiments.slug(r["arm"]) / "seed_0" / "train_config.json").read_text())
+        seen.add((cfg["packing"], cfg["isolate_documents"], cfg["loss_mask"]))
+        assert r["reply_loss"] > 0 and r["steps"] == 2
+    assert seen == {(p, i, m) for p, i in ((False, True), (True, False), (True, True)) for m in (True, False)}
+
+
+def test_dpo_arms_beta_and_reference(ran):
+    r = {x["arm"]: x for x in rows(ran, "dpo")}
+    assert set(r) == {"beta=0.01", "beta=0.05", "beta=0.1", "beta=0.5", "beta=0.1, reference = starting model"}
+    for arm, x in r.items():
+        cfg = json.loads((ran / "dpo" / experiments.slug(arm) / "seed_0" / "train_config.json").read_text())
+        assert cfg["beta"] == float(arm.split(",")[0].removeprefix("beta="))
+        assert cfg["ref_model"] == ("" if "reference" not in arm else str(ran / "data" / "init_model_seed_0"))
+        assert x["logratio_margin"] == pytest.approx(x["reward_margin"] / cfg["beta"])
+
+
+def test_margins_agree_with_the_dpo_runs_own_eval(ran):
+    """The per-pair log-prob changes (the exported policy and the SFT model, loaded and scored apart)
+    average to the loop's own eval figures for the same held-out pairs (reference = the SFT model)."""
+    changes = [json.loads(x) for x in (ran / "margins" / "pairs_seed_0.jsonl").read_text().splitlines()]
+    assert len(changes) == experiments.SIZES["tiny"].eval_pairs
+    metrics = (ran / "dpo" / experiments.slug("beta=0.1") / "seed_0" / "metrics.jsonl").read_text().splitlines()
+    last_eval = [json.loads(x) for x in metrics if "eval/loss" in x][-1]
+    mean = torch.tensor([[c["chosen"], c["rejected"]] for c in changes]).mean(0)
+    assert mean[0].item() == pytest.approx(last_eval["eval/logratios/chosen"], abs=1e-4)
+    assert mean[1].item() == pytest.approx(last_eval["eval/logratios/rejected"], abs=1e-4)
+    assert (ran / "margins" / "curves.json").is_file()
+
+
+def test_online_and_offline_train_on_the_same_number_of_pairs(ran):
+    r = {x["arm"]: x for x in rows(ran, "online")}
+    assert r["online DPO"]["pairs"] == r["offline DPO, same number of pairs"]["pairs"] > 0
+
+
+def test_a_finished_run_is_reused(ran):
+    result = ran / "packing" / experiments.slug("packing, reply loss") / "seed_0" / "result.json"
+    before = result.stat().st_mtime_ns
+    experiments.main(["packing", "--size=tiny", "--seeds=1", f"--out={ran}"])
+    assert result.stat().st_mtime_ns == before
+
+
+def test_spread():
+    s = experiments.spread([1.0, 2.0, 3.0])
+    assert (s["mean"], s["sd"], s["min"], s["max"]) == (2.0, 1.0, 1.0, 3.0)
+    assert experiments.spread([0.5])["sd"] == 0.0
+
+
+def test_unknown_experiment_is_one_error():
+    with pytest.raises(experiments.ConfigError, match="name one experiment"):
+        experiments.main(["sft-ablation"])
