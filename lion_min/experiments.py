@@ -19,7 +19,6 @@ whole worked answer: demo.Accuracy), plus per experiment the reply loss (SFT) or
 on 200 held-out preference pairs (implicit reward margin, per-pair log-prob changes).
 """
 
-import dataclasses
 import json
 import math
 import sys
