@@ -231,8 +231,10 @@ SETTINGS = {
     "dpo": dict(
         model="out/demo/sft", out_dir="out/demo/dpo", epochs=1, batch_size=16, micro_batch_size=16, log_every=25,
         # 1e-4 or a second epoch overshoots (accuracy can fall below the SFT model's); 2e-5 does nothing.
-        lr=7e-5, lr_schedule="linear", warmup_ratio=0.1, beta=0.1, precompute_ref=False, max_len=2048,
-        max_prompt_len=512),
+        lr=7e-5, lr_schedule="linear", warmup_ratio=0.1, beta=0.1, precompute_ref=False,
+        # A demo pair is ~45 tokens a side: rows of 128 instead of LION's 2048 give the same metrics
+        # (each sequence still attends only to itself) and run 4.5x faster on CPU.
+        max_len=128, max_prompt_len=64),
     "online": dict(
         model="out/demo/dpo", out_dir="out/demo/online", judge="demo", n_samples=5, temperature=0.8,
         # Demo replies show their working ("7+8=15, 4+3+1=8, so 85"), up to ~25 tokens.

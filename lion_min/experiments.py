@@ -1,5 +1,6 @@
 """The paper's first experiments in miniature: the demo task, on CPU, minutes each.
 
+    python -m lion_min.experiments demo      # the README's demo, every stage, over seeds
     python -m lion_min.experiments packing   # SFT: padding / naive packing / packing, with and without loss masking
     python -m lion_min.experiments dpo       # offline DPO: the beta sweep and the choice of reference model
     python -m lion_min.experiments online    # online vs offline DPO at a matched number of preference pairs
@@ -16,7 +17,7 @@ next to what the paper reports.
 
 What a run measures: greedy accuracy on the demo's 500 held-out problems (final answer, and the
 whole worked answer: demo.Accuracy), plus per experiment the reply loss (SFT) or the DPO figures
-on 200 held-out preference pairs (implicit reward margin, per-pair log-prob changes).
+on 192 held-out preference pairs (implicit reward margin, per-pair log-prob changes).
 """
 
 import json
@@ -46,7 +47,8 @@ class Size:
     test_prompts: int
     """Held-out problems for greedy accuracy."""
     eval_pairs: int
-    """Held-out preference pairs for the DPO figures (taken from the demo's pairs file)."""
+    """Held-out preference pairs for the DPO figures: the last of the demo's pairs file, a multiple
+    of the micro-batch so that the training loop's own eval scores every one of them."""
     online_prompts: int
     online_rounds: int
     batch_size: int = 0
@@ -57,7 +59,7 @@ class Size:
 
 
 SIZES = {
-    "full": Size(sft_conversations=8000, max_steps=0, test_prompts=demo.N_TEST, eval_pairs=200, online_prompts=256,
+    "full": Size(sft_conversations=8000, max_steps=0, test_prompts=demo.N_TEST, eval_pairs=192, online_prompts=256,
                  online_rounds=2),
     "tiny": Size(sft_conversations=64, max_steps=2, test_prompts=8, eval_pairs=8, online_prompts=8, online_rounds=1,
                  batch_size=2, judge="length"),
@@ -132,6 +134,7 @@ def run_once(folder: Path, make: Callable[[Path], dict]) -> Path:
     """Run `make(folder)` unless folder/result.json exists (a finished run); returns the folder."""
     if not (folder / "result.json").is_file():
         result = make(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "result.json.tmp"
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.rename(folder / "result.json")
@@ -466,9 +469,63 @@ def plot_margins(path: Path, per_pair: dict, curves: dict) -> Optional[Path]:
     return save(fig, path)
 
 
+# --- 0. the demo itself, over seeds ------------------------------------------------------------------
+
+
+def pipeline_arms(ctx: Context) -> dict[str, Callable]:
+    """The README's demo, stage by stage, at its own settings (demo.SETTINGS): SFT from the seed's
+    starting model, offline DPO on the demo's pairs, online DPO with the demo's rule as judge."""
+    from lion_min.dpo import DPOConfig
+    from lion_min.dpo import run as run_dpo
+    from lion_min.judges import RULES, make_judge
+    from lion_min.online import OnlineConfig
+    from lion_min.online import run as run_online
+
+    def stage_folder(arm: str, seed: int) -> Path:
+        return ctx.root / "demo" / slug(arm) / f"seed_{seed}"
+
+    def sft(folder: Path, seed: int) -> dict:  # the shared SFT model of the seed (its result, repeated here)
+        return result(ctx.sft_model(seed))
+
+    def dpo(folder: Path, seed: int) -> dict:
+        run_dpo(DPOConfig(**ctx.settings("dpo", folder, seed, model=str(ctx.sft_model(seed)),
+                                         data=str(ctx.paths["dpo"]))))
+        return ctx.accuracy(folder)
+
+    def online(folder: Path, seed: int) -> dict:
+        cfg = OnlineConfig(**ctx.settings("online", folder, seed, model=str(stage_folder("offline DPO", seed)),
+                                          prompts=str(ctx.paths["prompts"]), judge=ctx.size.judge))
+        run_online(cfg, judge=make_judge(ctx.size.judge, rules=RULES | {"demo": demo.judge_rule}))
+        summary = json.loads((folder / "summary.json").read_text())
+        return ctx.accuracy(folder) | {"reward_start": summary["mean_reward_start"],
+                                       "reward_final": summary["mean_reward_final"]}
+
+    return {"SFT": sft, "offline DPO": dpo, "online DPO": online}
+
+
+def pipeline(ctx: Context):
+    """Every stage's accuracy over the seeds, and whether each stage gained on every seed."""
+    rows = sweep(ctx, "demo", pipeline_arms(ctx))
+    metrics = {"accuracy": "accuracy (final answer)", "strict_accuracy": "accuracy (worked answer)"}
+    by = {(r["arm"], r["seed"]): r for r in rows}
+    lines = []
+    for key, label in metrics.items():
+        for before, after in (("SFT", "offline DPO"), ("offline DPO", "online DPO")):
+            gains = [by[after, s][key] - by[before, s][key] for s in ctx.seeds]
+            lines.append(f"- {label}, {before} -> {after}: gain {spread(gains)['mean']:+.3f} on average, "
+                         f"from {min(gains):+.3f} to {max(gains):+.3f}; higher on {sum(g > 0 for g in gains)} "
+                         f"of {len(gains)} seeds")
+    online = [by["online DPO", s] for s in ctx.seeds]
+    lines.append(f"- mean judged reward of the samples, first round -> final policy: "
+                 f"{spread([r['reward_start'] for r in online])['mean']:.3f} -> "
+                 f"{spread([r['reward_final'] for r in online])['mean']:.3f}, higher on "
+                 f"{sum(r['reward_final'] > r['reward_start'] for r in online)} of {len(online)} seeds")
+    write_outputs(ctx, "demo", rows, metrics, extra="\n".join(lines) + "\n")
+
+
 # --- the command line --------------------------------------------------------------------------------
 
-EXPERIMENTS = {"packing": packing, "dpo": dpo, "online": online, "margins": margins}
+EXPERIMENTS = {"demo": pipeline, "packing": packing, "dpo": dpo, "online": online, "margins": margins}
 
 
 def main(argv: Optional[list[str]] = None):

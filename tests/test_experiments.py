@@ -21,13 +21,28 @@ def rows(out, name):
 
 
 def test_every_experiment_writes_its_table_for_every_arm(ran):
-    arms = {"packing": 6, "dpo": 5, "online": 2, "margins": 1}
+    arms = {"demo": 3, "packing": 6, "dpo": 5, "online": 2, "margins": 1}
     for name, n in arms.items():
         r = rows(ran, name)
         assert len(r) == n and [x["seed"] for x in r] == [0] * n
         assert all(0 <= x["accuracy"] <= 1 and 0 <= x["strict_accuracy"] <= x["accuracy"] for x in r)
         table = (ran / name / "table.md").read_text()
         assert all(f"| {x['arm']} | 1 |" in table for x in r)
+
+
+def test_the_demo_over_seeds_chains_its_stages(ran):
+    """Each stage starts from the previous stage's model, at the demo's own settings; the table says
+    how each stage's accuracy moved on every seed."""
+    demo_dir = ran / "demo"
+    dpo = json.loads((demo_dir / "offline_DPO" / "seed_0" / "train_config.json").read_text())
+    online = json.loads((demo_dir / "online_DPO" / "seed_0" / "run.json").read_text())["config"]
+    assert dpo["model"] == str(ran / "sft" / "seed_0") and online["model"] == str(demo_dir / "offline_DPO" / "seed_0")
+    assert (dpo["lr"], online["n_samples"]) == (experiments.demo.SETTINGS["dpo"]["lr"], 5)
+    r = {x["arm"]: x for x in rows(ran, "demo")}
+    assert r["SFT"] == {"arm": "SFT", "seed": 0} | json.loads((ran / "sft" / "seed_0" / "result.json").read_text())
+    table = (demo_dir / "table.md").read_text()
+    gain = r["online DPO"]["accuracy"] - r["offline DPO"]["accuracy"]
+    assert f"accuracy (final answer), offline DPO -> online DPO: gain {gain:+.3f} on average" in table
 
 
 def test_the_packing_arms_train_what_they_say(ran):
