@@ -300,6 +300,9 @@ def packing(ctx: Context):
 # --- 2. DPO: beta and the reference ----------------------------------------------------------------
 
 BETAS = (0.01, 0.05, 0.1, 0.5)
+SWEEP_LR = 7e-5
+"""The beta sweep's learning rate: the demo's before it moved to beta 0.5 and lr 3.5e-5 (which
+this sweep is the evidence for); high enough that the betas part ways within one epoch."""
 
 
 def dpo_arm(ctx: Context, beta: float, reference: str = "sft") -> Callable:
@@ -310,7 +313,7 @@ def dpo_arm(ctx: Context, beta: float, reference: str = "sft") -> Callable:
     def make(folder: Path, seed: int) -> dict:
         sft = ctx.sft_model(seed)
         ref = str(ctx.init_model(seed)) if reference == "start" else ""
-        run(DPOConfig(**ctx.settings("dpo", folder, seed, model=str(sft), ref_model=ref, beta=beta,
+        run(DPOConfig(**ctx.settings("dpo", folder, seed, model=str(sft), ref_model=ref, beta=beta, lr=SWEEP_LR,
                                      data=str(ctx.dpo_train), eval_data=str(ctx.dpo_eval), save_every=0)))
         last = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x][-1]
         changes = logp_changes(folder, sft, ctx.dpo_eval)
