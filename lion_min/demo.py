@@ -1,6 +1,6 @@
 """The built-in demo: two-digit addition taught by a sloppy teacher, fixed by preference tuning.
 
-    python train_sft.py && python train_dpo.py && python train_online.py     # about 10 min on 2 CPU cores
+    python train_sft.py && python train_dpo.py && python train_online.py     # about 4 min on 2 CPU cores
 
 The task is "What is 47+38?" with operands 10..99. The reply works the columns, then answers:
 "7+8=15, 4+3+1=8, so 85" (see `worked_answer`). The answer is verifiable, so a rule (`check`)
@@ -18,9 +18,10 @@ The right answer is still the teacher's minority answer on carry problems, so:
   - online DPO (train_online.py) samples 5 replies at temperature 0.8, where the right one often
     appears, and trains best vs worst as scored by `check`.
 
-Measured on 2 CPU cores (seed 0, greedy held-out accuracy; the README's demo table): SFT 0.582,
-offline DPO at lr 7e-5 0.900, online DPO (2 rounds) 0.960, the judged reward of the samples
-rising 0.852 -> 0.926, on an AVX-512 CPU; the DPO figure moves with the CPU's kernels (README).
+Measured on 2 CPU cores, greedy held-out accuracy over seeds 0-4 with the default (AVX-512) and with
+AVX2 kernels (`python -m lion_min.experiments demo --seeds=5`; README, "The demo"): SFT 0.582 on
+every run; offline DPO 0.58-0.96 (the carry habit flips for all carry problems at once, or not
+yet); online DPO 0.91-1.00, above offline DPO on all ten runs.
 
 Everything here is deterministic and needs no downloads: the tokenizer is character-level and is
 written from the list below.

@@ -60,7 +60,7 @@ class Size:
 
 SIZES = {
     "full": Size(sft_conversations=8000, max_steps=0, test_prompts=demo.N_TEST, eval_pairs=192, online_prompts=256,
-                 online_rounds=2),
+                 online_rounds=4),
     "tiny": Size(sft_conversations=64, max_steps=2, test_prompts=8, eval_pairs=8, online_prompts=8, online_rounds=1,
                  batch_size=2, judge="length"),
 }
@@ -345,9 +345,29 @@ def dpo(ctx: Context):
 # --- 3. online vs offline at a matched number of pairs ----------------------------------------------
 
 
+ONLINE_OPTIMIZER = ("lr", "lr_schedule", "warmup_ratio", "beta")
+"""Taken from the demo's online settings by both arms (constant lr 5e-5, beta 0.5)."""
+
+
+def right_answers(ctx: Context) -> Path:
+    """The held-out problems with their right worked answers, as conversations (for reply_loss)."""
+    path = ctx.root / "data" / "test_right_answers.jsonl"
+    rows = [{"messages": [{"role": "user", "content": p},
+                          {"role": "assistant", "content": demo.worked_answer(*demo.parse_problem(p))}]}
+            for p in ctx.test]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def matched_figures(ctx: Context, folder: Path, pairs: int) -> dict:
+    """Greedy accuracy, and the smooth figure beside it: the loss of the right worked answers of
+    the held-out problems (lower = the right answer more likely), which moves before greedy does."""
+    return ctx.accuracy(folder) | {"right_answer_loss": reply_loss(folder, right_answers(ctx)), "pairs": pairs}
+
+
 def online_arm(ctx: Context) -> Callable:
     """Online DPO from the seed's SFT model: online_rounds rounds of online_prompts prompts,
-    5 samples each, best vs worst by the demo's rule; the same optimizer settings as offline."""
+    5 samples each, best vs worst by the demo's rule."""
     from lion_min.judges import RULES, make_judge
     from lion_min.online import OnlineConfig, run
 
@@ -355,19 +375,17 @@ def online_arm(ctx: Context) -> Callable:
         prompts = ctx.root / "data" / f"prompts_{ctx.size.online_prompts}.jsonl"
         lines = ctx.paths["prompts"].read_text().splitlines(keepends=True)
         prompts.write_text("".join(lines[: ctx.size.online_prompts]))
-        over = {k: v for k, v in demo.SETTINGS["dpo"].items() if k in ("lr", "lr_schedule", "warmup_ratio", "beta")}
         cfg = OnlineConfig(**ctx.settings("online", folder, seed, model=str(ctx.sft_model(seed)), prompts=str(prompts),
-                                          judge=ctx.size.judge,
-                                          rounds=ctx.size.online_rounds, **over))
+                                          judge=ctx.size.judge, rounds=ctx.size.online_rounds))
         history = run(cfg, judge=make_judge(ctx.size.judge, rules=RULES | {"demo": demo.judge_rule}))
-        return ctx.accuracy(folder) | {"pairs": sum(h["pairs"] for h in history)}
+        return matched_figures(ctx, folder, sum(h["pairs"] for h in history))
 
     return make
 
 
 def offline_arm(ctx: Context, online_folder: Callable[[int], Path]) -> Callable:
     """Offline DPO from the same SFT model on as many of the demo's pairs as the online run of the
-    same seed trained on, in as many steps."""
+    same seed trained on, in as many steps, with the online stage's optimizer settings."""
     from lion_min.dpo import DPOConfig, run
 
     def make(folder: Path, seed: int) -> dict:
@@ -375,8 +393,9 @@ def offline_arm(ctx: Context, online_folder: Callable[[int], Path]) -> Callable:
         data = folder.parent / f"pairs_seed_{seed}.jsonl"
         folder.parent.mkdir(parents=True, exist_ok=True)
         data.write_text("".join(ctx.dpo_train.read_text().splitlines(keepends=True)[:n]))
-        run(DPOConfig(**ctx.settings("dpo", folder, seed, model=str(ctx.sft_model(seed)), data=str(data))))
-        return ctx.accuracy(folder) | {"pairs": n}
+        optimizer = {k: demo.SETTINGS["online"][k] for k in ONLINE_OPTIMIZER}
+        run(DPOConfig(**ctx.settings("dpo", folder, seed, model=str(ctx.sft_model(seed)), data=str(data), **optimizer)))
+        return matched_figures(ctx, folder, n)
 
     return make
 
@@ -387,7 +406,7 @@ def online(ctx: Context):
         ctx, lambda seed: ctx.root / "online" / slug("online DPO") / f"seed_{seed}")
     rows = sweep(ctx, "online", arms)
     metrics = {"accuracy": "accuracy (final answer)", "strict_accuracy": "accuracy (worked answer)",
-               "pairs": "preference pairs trained on"}
+               "right_answer_loss": "loss of the right answers (held-out)", "pairs": "preference pairs trained on"}
     write_outputs(ctx, "online", rows, metrics)
     bar_chart(ctx, "online", rows, metrics)
 

@@ -80,6 +80,15 @@ def test_margins_agree_with_the_dpo_runs_own_eval(ran):
 def test_online_and_offline_train_on_the_same_number_of_pairs(ran):
     r = {x["arm"]: x for x in rows(ran, "online")}
     assert r["online DPO"]["pairs"] == r["offline DPO, same number of pairs"]["pairs"] > 0
+    assert all(x["right_answer_loss"] > 0 for x in r.values())
+    # ... with the same optimizer settings (the online stage's), from the same SFT model.
+    offline = json.loads((ran / "online" / experiments.slug("offline DPO, same number of pairs") / "seed_0"
+                          / "train_config.json").read_text())
+    online_round = json.loads((ran / "online" / experiments.slug("online DPO") / "seed_0" / "round_0"
+                               / "train_config.json").read_text())
+    for key in experiments.ONLINE_OPTIMIZER:
+        assert offline[key] == online_round[key] == experiments.demo.SETTINGS["online"][key], key
+    assert offline["model"] == str(ran / "sft" / "seed_0")
 
 
 def test_a_finished_run_is_reused(ran):
