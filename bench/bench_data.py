@@ -156,13 +156,14 @@ def main(argv=None):
     recipe.write_text('[shared]\nsystem_prompt = ""\n')
     train = [sys.executable, str(ROOT / "train_sft.py"), f"--config={recipe}", f"--model={model}", f"--data={data}",
              f"--seq_len={b.seq_len}", "--batch_size=1", "--max_steps=1", "--device=cpu", "--chat_template=chatml",
-             f"--out_dir={work / 'out'}", f"--seed={b.seed}"]
+             f"--out_dir={work / 'out'}", f"--seed={b.seed}", "--overwrite=true"]
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     runs = {"old": timed(train + ["--data_cache=off"], env, stop_at="training 1 steps")}
     runs["cold"] = timed(train + [f"--data_cache={cache}"], env, stop_at="training 1 steps")
     runs["warm"] = timed(train + [f"--data_cache={cache}"], env, stop_at="training 1 steps")
-    summary = [ln for ln in runs["old"]["out"].splitlines() if ln.startswith("packed ")][0]
+    # The opening summary's rows line: the same rows, however they were prepared.
+    summary = [ln.strip() for ln in runs["old"]["out"].splitlines() if ln.strip().startswith("rows ")][0]
     assert summary in runs["cold"]["out"] and summary in runs["warm"]["out"], "the packing summaries differ"
     prepared = next(p for p in cache.iterdir() if (p / "meta.json").is_file())
     split = json.loads((prepared / "train" / "split.json").read_text())["counts"]
