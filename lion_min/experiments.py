@@ -11,6 +11,7 @@ Every arm runs over --seeds seeds (default 3) through the real stages (sft.run, 
 online.run) on the demo's data (lion_min/demo.py), in out/experiments/NAME/ARM/seed_S. A finished
 run (its result.json) is reused, so an interrupted experiment continues where it stopped, and the
 SFT models that the DPO experiments start from are trained once per seed (out/experiments/sft/).
+Reuse does not compare settings: after changing demo.SETTINGS or this file, use another --out.
 Each experiment writes NAME/results.json (every run's figures), NAME/table.md (mean, spread and
 range per arm) and NAME/NAME.png (with matplotlib). docs/experiments.md sets the measured tables
 next to what the paper reports.
