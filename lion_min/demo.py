@@ -168,6 +168,13 @@ def judge_rule(messages: list[dict], response: str) -> float:
     return check(user[-1], response)
 
 
+def make_demo_judge(spec: str):
+    """lion_min.judges.make_judge with the demo's rule added as "demo" (`judge_rule`)."""
+    from lion_min.judges import RULES, make_judge
+
+    return make_judge(spec, rules=RULES | {"demo": judge_rule})
+
+
 # --- tokenizer -----------------------------------------------------------------------------------
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<unk>", "<|im_start|>", "<|im_end|>")
@@ -418,7 +425,6 @@ def run_stage(stage: str, cfg, run):
     stage's out_dir). Each stage adds demo_accuracy (and demo_accuracy_start) to its summary.json;
     the online stage ends with the table of all three stages.
     """
-    from lion_min.judges import RULES, make_judge
     from lion_min.parallel import barrier, init_distributed
     from lion_min.stage import append_summary
 
@@ -443,7 +449,7 @@ def run_stage(stage: str, cfg, run):
         else:
             cfg.prompts = cfg.prompts or str(paths["prompts"])
     if stage == "online":
-        result = run(cfg, judge=make_judge(cfg.judge, rules=RULES | {"demo": judge_rule}))
+        result = run(cfg, judge=make_demo_judge(cfg.judge))
     else:
         result = run(cfg)
 

@@ -25,13 +25,14 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from lion_min import demo
-from lion_min.config import ConfigError, parse_cli, run_cli
+from lion_min.config import ConfigError, check_values, parse_cli, run_cli
 
 # --- sizes ----------------------------------------------------------------------------------------
 
@@ -69,6 +70,9 @@ SIZES = {
 
 @dataclass
 class ExperimentConfig:
+    RANGES = {"seeds": "[1, 100]"}
+    CHOICES = {"size": tuple(SIZES)}
+
     seeds: int = 3
     """Seeds per arm (each seed: its own starting model, data order and sampling)."""
     out: str = "out/experiments"
@@ -98,6 +102,20 @@ class Context:
             if not path.is_file() or path.read_text() != "".join(part):
                 path.write_text("".join(part))
         return train, held
+
+    @cached_property
+    def right_answers(self) -> Path:
+        """The held-out problems with their right worked answers, as conversations (for reply_loss)."""
+        path = self.root / "data" / "test_right_answers.jsonl"
+        rows = [{"messages": [{"role": "user", "content": p},
+                              {"role": "assistant", "content": demo.worked_answer(*demo.parse_problem(p))}]}
+                for p in self.test]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    def run_dir(self, name: str, arm: str, seed: int) -> Path:
+        """Where `sweep` runs an arm of an experiment for a seed."""
+        return self.root / name / slug(arm) / f"seed_{seed}"
 
     def init_model(self, seed: int) -> Path:
         return demo.init_model(self.root / "data" / f"init_model_seed_{seed}", self.paths["tokenizer"], seed)
@@ -142,6 +160,13 @@ def run_once(folder: Path, make: Callable[[Path], dict]) -> Path:
     return folder
 
 
+def head(source: Path, n: int, dest: Path) -> Path:
+    """Write the first n lines of `source` to `dest` (a smaller data or prompts file); returns dest."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("".join(source.read_text().splitlines(keepends=True)[:n]))
+    return dest
+
+
 def result(folder: Path) -> dict:
     return json.loads((folder / "result.json").read_text())
 
@@ -151,7 +176,7 @@ def sweep(ctx: Context, name: str, arms: dict[str, Callable[[Path, int], dict]])
     rows = []
     for arm, make in arms.items():
         for seed in ctx.seeds:
-            folder = ctx.root / name / slug(arm) / f"seed_{seed}"
+            folder = ctx.run_dir(name, arm, seed)
             print(f"== {name}: {arm}, seed {seed}", flush=True)
             rows.append({"arm": arm, "seed": seed} | result(run_once(folder, lambda f: make(f, seed))))
     return rows
@@ -264,10 +289,8 @@ def packing_arms(ctx: Context) -> dict[str, Callable]:
     loss on the replies only and on every token."""
     from lion_min.sft import SFTConfig, run
 
-    data = ctx.root / "data" / f"sft_{ctx.size.sft_conversations}.jsonl"
-    if not data.is_file():
-        lines = ctx.paths["sft"].read_text().splitlines(keepends=True)
-        data.write_text("".join(lines[: ctx.size.sft_conversations]))
+    n = ctx.size.sft_conversations
+    data = head(ctx.paths["sft"], n, ctx.root / "data" / f"sft_{n}.jsonl")
     layouts = {
         "padding": dict(packing=False, seq_len=PAD_LEN, batch_size=48, micro_batch_size=48, overflow="drop"),
         "naive packing": dict(packing=True, isolate_documents=False),
@@ -317,7 +340,7 @@ def dpo_arm(ctx: Context, beta: float, reference: str = "sft") -> Callable:
         run(DPOConfig(**ctx.settings("dpo", folder, seed, model=str(sft), ref_model=ref, beta=beta, lr=SWEEP_LR,
                                      data=str(ctx.dpo_train), eval_data=str(ctx.dpo_eval), save_every=0)))
         last = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x][-1]
-        changes = logp_changes(folder, sft, ctx.dpo_eval)
+        changes = logp_changes(folder, sft, ctx.dpo_eval, keep=folder / "logp_changes.jsonl")
         return ctx.accuracy(folder) | {
             "reward_margin": last["eval/rewards/margins"], "reward_accuracy": last["eval/rewards/accuracies"],
             # The reward margin is beta x the log-ratio margin; the latter compares across betas.
@@ -350,35 +373,23 @@ ONLINE_OPTIMIZER = ("lr", "lr_schedule", "warmup_ratio", "beta")
 """Taken from the demo's online settings by both arms (constant lr 5e-5, beta 0.5)."""
 
 
-def right_answers(ctx: Context) -> Path:
-    """The held-out problems with their right worked answers, as conversations (for reply_loss)."""
-    path = ctx.root / "data" / "test_right_answers.jsonl"
-    rows = [{"messages": [{"role": "user", "content": p},
-                          {"role": "assistant", "content": demo.worked_answer(*demo.parse_problem(p))}]}
-            for p in ctx.test]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def matched_figures(ctx: Context, folder: Path, pairs: int) -> dict:
     """Greedy accuracy, and the smooth figure beside it: the loss of the right worked answers of
     the held-out problems (lower = the right answer more likely), which moves before greedy does."""
-    return ctx.accuracy(folder) | {"right_answer_loss": reply_loss(folder, right_answers(ctx)), "pairs": pairs}
+    return ctx.accuracy(folder) | {"right_answer_loss": reply_loss(folder, ctx.right_answers), "pairs": pairs}
 
 
 def online_arm(ctx: Context) -> Callable:
     """Online DPO from the seed's SFT model: online_rounds rounds of online_prompts prompts,
     5 samples each, best vs worst by the demo's rule."""
-    from lion_min.judges import RULES, make_judge
     from lion_min.online import OnlineConfig, run
 
     def make(folder: Path, seed: int) -> dict:
-        prompts = ctx.root / "data" / f"prompts_{ctx.size.online_prompts}.jsonl"
-        lines = ctx.paths["prompts"].read_text().splitlines(keepends=True)
-        prompts.write_text("".join(lines[: ctx.size.online_prompts]))
+        n = ctx.size.online_prompts
+        prompts = head(ctx.paths["prompts"], n, ctx.root / "data" / f"prompts_{n}.jsonl")
         cfg = OnlineConfig(**ctx.settings("online", folder, seed, model=str(ctx.sft_model(seed)), prompts=str(prompts),
                                           judge=ctx.size.judge, rounds=ctx.size.online_rounds))
-        history = run(cfg, judge=make_judge(ctx.size.judge, rules=RULES | {"demo": demo.judge_rule}))
+        history = run(cfg, judge=demo.make_demo_judge(ctx.size.judge))
         return matched_figures(ctx, folder, sum(h["pairs"] for h in history))
 
     return make
@@ -391,9 +402,7 @@ def offline_arm(ctx: Context, online_folder: Callable[[int], Path]) -> Callable:
 
     def make(folder: Path, seed: int) -> dict:
         n = result(online_folder(seed))["pairs"]
-        data = folder.parent / f"pairs_seed_{seed}.jsonl"
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        data.write_text("".join(ctx.dpo_train.read_text().splitlines(keepends=True)[:n]))
+        data = head(ctx.dpo_train, n, folder.parent / f"pairs_seed_{seed}.jsonl")
         optimizer = {k: demo.SETTINGS["online"][k] for k in ONLINE_OPTIMIZER}
         run(DPOConfig(**ctx.settings("dpo", folder, seed, model=str(ctx.sft_model(seed)), data=str(data), **optimizer)))
         return matched_figures(ctx, folder, n)
@@ -403,8 +412,7 @@ def offline_arm(ctx: Context, online_folder: Callable[[int], Path]) -> Callable:
 
 def online(ctx: Context):
     arms = {"online DPO": online_arm(ctx)}
-    arms["offline DPO, same number of pairs"] = offline_arm(
-        ctx, lambda seed: ctx.root / "online" / slug("online DPO") / f"seed_{seed}")
+    arms["offline DPO, same number of pairs"] = offline_arm(ctx, lambda seed: ctx.run_dir("online", "online DPO", seed))
     rows = sweep(ctx, "online", arms)
     metrics = {"accuracy": "accuracy (final answer)", "strict_accuracy": "accuracy (worked answer)",
                "right_answer_loss": "loss of the right answers (held-out)", "pairs": "preference pairs trained on"}
@@ -415,10 +423,10 @@ def online(ctx: Context):
 # --- 4. the probability margin: what DPO does to each side of a pair ---------------------------------
 
 
-def logp_changes(policy: Path, start: Path, pairs_file: Path, keep: Optional[Path] = None) -> dict:
+def logp_changes(policy: Path, start: Path, pairs_file: Path, keep: Path) -> dict:
     """For each held-out pair: log pi(y) - log pi_start(y) for the chosen and the rejected reply
-    (the change DPO made to each side's log-probability). Means, the share of pairs whose chosen
-    log-prob fell, and (keep) every pair's two changes written as JSON lines."""
+    (the change DPO made to each side's log-probability), every pair's two changes written to
+    `keep` as JSON lines. Returns the means and the share of pairs whose chosen log-prob fell."""
     from lion_min.checkpoint import load_model
     from lion_min.data import load_preferences
     from lion_min.dpo import encode_pairs, pair_logps, pair_micro
@@ -435,26 +443,24 @@ def logp_changes(policy: Path, start: Path, pairs_file: Path, keep: Optional[Pat
             out[name] = pair_logps(load_model(str(folder)).eval(), micro)
     dc = (out["policy"][0] - out["start"][0]).tolist()
     dr = (out["policy"][1] - out["start"][1]).tolist()
-    if keep is not None:
-        keep.write_text("".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r in zip(dc, dr)))
+    keep.write_text("".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r in zip(dc, dr)))
     return {"chosen": sum(dc) / len(dc), "rejected": sum(dr) / len(dr),
             "chosen_fell": sum(c < 0 for c in dc) / len(dc), "pairs": len(dc)}
 
 
 def margins(ctx: Context):
     """The beta=0.1 arm of the DPO experiment (run here if it has not been): the change of each
-    held-out pair's chosen and rejected log-prob from the SFT model, against each other; and the
-    training batches' mean changes (metrics.jsonl logratios/*) over the steps."""
+    held-out pair's chosen and rejected log-prob from the SFT model, as that run kept them
+    (logp_changes.jsonl), against each other; and the training batches' mean changes
+    (metrics.jsonl logratios/*) over the steps."""
     arm = "beta=0.1"
     rows = sweep(ctx, "dpo", {arm: dpo_arm(ctx, 0.1)})
     folder = ctx.root / "margins"
     folder.mkdir(parents=True, exist_ok=True)
     per_pair, curves = {}, {}
     for seed in ctx.seeds:
-        run_dir = ctx.root / "dpo" / slug(arm) / f"seed_{seed}"
-        keep = folder / f"pairs_seed_{seed}.jsonl"
-        logp_changes(run_dir, ctx.sft_model(seed), ctx.dpo_eval, keep=keep)
-        per_pair[seed] = [json.loads(x) for x in keep.read_text().splitlines()]
+        run_dir = ctx.run_dir("dpo", arm, seed)
+        per_pair[seed] = [json.loads(x) for x in (run_dir / "logp_changes.jsonl").read_text().splitlines()]
         steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         curves[seed] = [(m["step"], m["logratios/chosen"], m["logratios/rejected"]) for m in steps if "loss" in m]
     metrics = {"chosen_change": "chosen: change of log p", "rejected_change": "rejected: change of log p",
@@ -500,12 +506,8 @@ def pipeline_arms(ctx: Context) -> dict[str, Callable]:
     starting model, offline DPO on the demo's pairs, online DPO with the demo's rule as judge."""
     from lion_min.dpo import DPOConfig
     from lion_min.dpo import run as run_dpo
-    from lion_min.judges import RULES, make_judge
     from lion_min.online import OnlineConfig
     from lion_min.online import run as run_online
-
-    def stage_folder(arm: str, seed: int) -> Path:
-        return ctx.root / "demo" / slug(arm) / f"seed_{seed}"
 
     def sft(folder: Path, seed: int) -> dict:  # the shared SFT model of the seed (its result, repeated here)
         return result(ctx.sft_model(seed))
@@ -516,9 +518,9 @@ def pipeline_arms(ctx: Context) -> dict[str, Callable]:
         return ctx.accuracy(folder)
 
     def online(folder: Path, seed: int) -> dict:
-        cfg = OnlineConfig(**ctx.settings("online", folder, seed, model=str(stage_folder("offline DPO", seed)),
+        cfg = OnlineConfig(**ctx.settings("online", folder, seed, model=str(ctx.run_dir("demo", "offline DPO", seed)),
                                           prompts=str(ctx.paths["prompts"]), judge=ctx.size.judge))
-        run_online(cfg, judge=make_judge(ctx.size.judge, rules=RULES | {"demo": demo.judge_rule}))
+        run_online(cfg, judge=demo.make_demo_judge(ctx.size.judge))
         summary = json.loads((folder / "summary.json").read_text())
         return ctx.accuracy(folder) | {"reward_start": summary["mean_reward_start"],
                                        "reward_final": summary["mean_reward_final"]}
@@ -558,10 +560,7 @@ def main(argv: Optional[list[str]] = None):
     cfg = parse_cli(ExperimentConfig, {}, flags, doc=__doc__)
     if len(names) != 1 or names[0] not in (*EXPERIMENTS, "all"):
         raise ConfigError(f"name one experiment: {', '.join(EXPERIMENTS)} or all (got {' '.join(names) or 'none'})")
-    if not 1 <= cfg.seeds <= 100:
-        raise ConfigError(f"--seeds={cfg.seeds}: expected 1 to 100")
-    if cfg.size not in SIZES:
-        raise ConfigError(f"--size={cfg.size}: expected one of {', '.join(SIZES)}")
+    check_values(cfg)
     ctx = Context(cfg)
     for name in EXPERIMENTS if names[0] == "all" else names:
         EXPERIMENTS[name](ctx)

@@ -67,9 +67,10 @@ def test_dpo_arms_beta_and_reference(ran):
 def test_margins_agree_with_the_dpo_runs_own_eval(ran):
     """The per-pair log-prob changes (the exported policy and the SFT model, loaded and scored apart)
     average to the loop's own eval figures for the same held-out pairs (reference = the SFT model)."""
-    changes = [json.loads(x) for x in (ran / "margins" / "pairs_seed_0.jsonl").read_text().splitlines()]
+    run = ran / "dpo" / experiments.slug("beta=0.1") / "seed_0"
+    changes = [json.loads(x) for x in (run / "logp_changes.jsonl").read_text().splitlines()]
     assert len(changes) == experiments.SIZES["tiny"].eval_pairs
-    metrics = (ran / "dpo" / experiments.slug("beta=0.1") / "seed_0" / "metrics.jsonl").read_text().splitlines()
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
     last_eval = [json.loads(x) for x in metrics if "eval/loss" in x][-1]
     mean = torch.tensor([[c["chosen"], c["rejected"]] for c in changes]).mean(0)
     assert mean[0].item() == pytest.approx(last_eval["eval/logratios/chosen"], abs=1e-4)
@@ -107,3 +108,7 @@ def test_spread():
 def test_unknown_experiment_is_one_error():
     with pytest.raises(experiments.ConfigError, match="name one experiment"):
         experiments.main(["sft-ablation"])
+    with pytest.raises(experiments.ConfigError, match=r"--seeds=0: must be in \[1, 100\]"):
+        experiments.main(["dpo", "--seeds=0"])
+    with pytest.raises(experiments.ConfigError, match="--size=huge: expected one of full, tiny"):
+        experiments.main(["dpo", "--size=huge"])
