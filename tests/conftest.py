@@ -98,6 +98,21 @@ def tiny_chat_model(tmp_path_factory) -> dict[str, Path]:
     return {"model": model, "data": root / "chats.jsonl", "prefs": root / "prefs.jsonl", "root": root}
 
 
+@pytest.fixture(scope="session")
+def tiny_online_argv(tiny_chat_model):
+    """argv(out_dir, rounds=1): a seconds-long online run of tiny_chat_model on 8 prompts ("Say a." ...),
+    judged by length; --judge is argv[2] and --temperature the last flag, for tests that change one."""
+    prompts = tiny_chat_model["root"] / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in "abcdefgh"))
+
+    def argv(out_dir: Path, rounds: int = 1) -> list[str]:
+        return [f"--model={tiny_chat_model['model']}", f"--prompts={prompts}", "--judge=length", f"--out_dir={out_dir}",
+                "--n_samples=3", "--max_new_tokens=6", f"--rounds={rounds}", "--batch_size=4", "--micro_batch_size=2",
+                "--max_len=64", "--max_prompt_len=48", "--lr=1e-3", "--device=cpu", "--temperature=1.0"]
+
+    return argv
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _data_cache_in_tmp(tmp_path_factory):
     """The suite's prepared data (--data_cache=auto) goes to a temporary folder, not the user's

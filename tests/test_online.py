@@ -64,18 +64,14 @@ def test_one_round_end_to_end_and_resume(tiny_chat_model, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_ranks_sample_their_share_and_train_sharded(tiny_chat_model, tmp_path):
+def test_two_ranks_sample_their_share_and_train_sharded(tiny_online_argv, tmp_path):
     """Under torchrun each rank samples its share of the prompts with the full weights, the records
     are gathered in prompt order, and DPO runs FSDP-sharded."""
     import os
     import subprocess
 
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in "abcdefgh"))
     out = tmp_path / "online2"
-    argv = [f"--model={tiny_chat_model['model']}", f"--prompts={prompts}", "--judge=length", f"--out_dir={out}",
-            "--n_samples=3", "--max_new_tokens=6", "--rounds=1", "--batch_size=4", "--micro_batch_size=2",
-            "--max_len=64", "--max_prompt_len=48", "--lr=1e-3", "--device=cpu", "--temperature=1.0"]
+    argv = tiny_online_argv(out)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(ROOT / "train_online.py"), *argv], capture_output=True, text=True, env=env, timeout=300)

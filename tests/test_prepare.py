@@ -292,7 +292,7 @@ def test_encode_pairs_equals_encode_chat_per_side(tmp_path, monkeypatch):
              for c in convs if c[-1]["role"] == "assistant"]
     for max_len, max_prompt_len in ((96, 48), (512, 256)):
         pairs, st = dpo.encode_pairs(prefs, tok, "chatml", max_len, max_prompt_len, system_prompt="")
-        want, kept = [], 0
+        want = []
         for p in prefs:
             sides = [dpo.truncate(*encode_chat(tok, [{"role": "system", "content": ""}] * (p.prompt[0]["role"] != "system")
                                                + p.prompt + r, "chatml", "last"), max_len, max_prompt_len)

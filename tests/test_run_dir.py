@@ -144,13 +144,9 @@ def test_sigterm_stops_at_a_step_boundary_and_resume_is_bit_identical(tiny_chat_
     assert [without_timings(x) for x in lines(stopped)] == [without_timings(x) for x in lines(full)]
 
 
-def test_online_refuses_finished_rounds_of_another_judge(tiny_chat_model, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in "abcdefgh"))
+def test_online_refuses_finished_rounds_of_another_judge(tiny_online_argv, tmp_path):
     out = tmp_path / "online"
-    argv = [f"--model={tiny_chat_model['model']}", f"--prompts={prompts}", "--judge=length", f"--out_dir={out}",
-            "--n_samples=3", "--max_new_tokens=6", "--rounds=1", "--batch_size=4", "--micro_batch_size=2",
-            "--max_len=64", "--max_prompt_len=48", "--lr=1e-3", "--device=cpu", "--temperature=1.0"]
+    argv = tiny_online_argv(out)
     train_online.main(argv)
     before = snapshot(out)
     with pytest.raises(ConfigError, match="holds another run: judge differ"):
@@ -216,17 +212,13 @@ def test_the_same_inputs_under_another_path_are_the_same_run(tiny_chat_model, tm
                                 resume=out / "checkpoints" / "step_4"))
 
 
-def test_an_online_run_stopped_in_round_1_keeps_round_0(tiny_chat_model, tmp_path, monkeypatch):
+def test_an_online_run_stopped_in_round_1_keeps_round_0(tiny_online_argv, tmp_path, monkeypatch):
     """A signal during the second round's training: round 0 stays, the rerun resumes after it."""
     from lion_min import online
     from lion_min.train import StopRequested
 
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in "abcdefgh"))
     out = tmp_path / "online"
-    argv = [f"--model={tiny_chat_model['model']}", f"--prompts={prompts}", "--judge=length", f"--out_dir={out}",
-            "--n_samples=3", "--max_new_tokens=6", "--rounds=2", "--batch_size=4", "--micro_batch_size=2",
-            "--max_len=64", "--max_prompt_len=48", "--lr=1e-3", "--device=cpu", "--temperature=1.0"]
+    argv = tiny_online_argv(out, rounds=2)
     real = online.train_pairs
 
     def stop_in_round_1(cfg, *args, **kwargs):
