@@ -271,8 +271,11 @@ class SampleConfig:
 
 
 def read_prompts(path: str) -> list:
-    """Prompts from a file: str per prompt, or a list of messages (jsonl "prompt" given as a list)."""
+    """Prompts from a file: str per prompt, or a list of messages. A .jsonl line holds "prompt" (text
+    or messages), or "messages", a conversation as SFT files hold it: its turns before the final
+    assistant reply(ies) are the prompt, so an SFT file can be sampled from as it is."""
     from lion_min.config import ConfigError
+    from lion_min.schemas import BadRecord, prompt_turns
 
     p = Path(path)
     if not p.is_file():
@@ -295,9 +298,21 @@ def read_prompts(path: str) -> list:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: line {n}: not valid JSON ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), (str, list)):
-            raise ConfigError(f"{path}: line {n}: expected an object with a \"prompt\" field (text or messages)")
-        prompts.append(record["prompt"])
+        key = "messages" if isinstance(record, dict) and "prompt" not in record and "messages" in record else "prompt"
+        if not isinstance(record, dict) or not isinstance(record.get(key), (str, list)):
+            raise ConfigError(f"{path}: line {n}: expected an object with a \"prompt\" field (text or messages) "
+                              f"or a \"messages\" conversation")
+        prompt = record[key]
+        if isinstance(prompt, list):
+            try:
+                prompt = prompt_turns(prompt, key)
+            except BadRecord as bad:
+                raise ConfigError(f"{path}: line {n}: '{bad.key}': {bad.detail}") from None
+            while key == "messages" and prompt and prompt[-1]["role"] == "assistant":
+                prompt.pop()  # a conversation's reply: what the policy is to write
+            if not prompt or prompt[-1]["role"] != "user":
+                raise ConfigError(f"{path}: line {n}: '{key}': no user turn to reply to")
+        prompts.append(prompt)
     return prompts
 
 

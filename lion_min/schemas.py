@@ -126,6 +126,12 @@ def _messages(value: Any, key: str) -> tuple[Conversation, list[str]]:
     return conv, keys
 
 
+def prompt_turns(value: Any, key: str) -> Conversation:
+    """A prompt given as messages (online DPO's prompts files): checked like a conversation's, the
+    assistant turns allowed but not needed."""
+    return _check(*_messages(value, key), False, key)
+
+
 def _parse_messages(r: dict, col) -> Conversation:
     key = col("messages")
     conv, keys = _messages(_get(r, key, list), key)

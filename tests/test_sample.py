@@ -16,7 +16,7 @@ import lion_min
 from conftest import CONFIG_NAMES, make_hf_checkpoint
 from lion_min.config import ConfigError
 from lion_min.model import ModelArgs, Transformer
-from lion_min.sample import filter_logits, generate, main, sample_next
+from lion_min.sample import filter_logits, generate, main, read_prompts, sample_next
 from tokenizers_for_tests import build_gemma_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,3 +340,24 @@ def test_cli_as_module(chat_model):
                    "--seed=3", "--device=cpu")
     assert r.returncode == 0, r.stderr
     assert "[0] prompt: 'Hello'" in r.stdout and "tok/s" in r.stdout
+
+
+def test_prompts_file_formats(tmp_path):
+    """A prompts .jsonl line: "prompt" as text or messages, or an SFT file's "messages", whose prompt
+    is the conversation less its final reply."""
+    u, a, s = ({"role": r, "content": c} for r, c in (("user", "q"), ("assistant", "r"), ("system", "be brief")))
+    lines = [{"prompt": "hi"}, {"prompt": [s, u]}, {"messages": [s, u, a]}, {"messages": [u, a, u, a]},
+             {"messages": [u]}]
+    good = tmp_path / "prompts.jsonl"
+    good.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert read_prompts(str(good)) == ["hi", [s, u], [s, u], [u, a, u], [u]]
+    bad = {"only_reply": ({"messages": [a]}, r"line 1: 'messages': no user turn to reply to"),
+           "bad_role": ({"messages": [{"role": "bot", "content": "x"}, u]},
+                        r"line 1: 'messages\[0\].role': unknown role 'bot'"),
+           "system_only": ({"prompt": [s]}, r"line 1: 'prompt': no user turn to reply to"),
+           "no_content": ({"prompt": [{"role": "user"}]}, r"line 1: 'prompt\[0\].content': missing")}
+    for name, (record, message) in bad.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        with pytest.raises(ConfigError, match=f"{name}.jsonl: {message}"):
+            read_prompts(str(path))
