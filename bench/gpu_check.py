@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -309,7 +310,7 @@ def sft_shape(c: Check, name: str, T: int):
     sft_step(model, opt, row)
     c.sync()
     warm = time.perf_counter() - t
-    step_s = c.timed(lambda: sft_step(model, opt, row))
+    step_s = c.timed(partial(sft_step, model, opt, row))
     mem = c.peak_memory()
     real = sum(lengths)
     line = (f"{name}-shaped ({args.num_params() / 1e9:.2f}B params), 1 row x {T} tokens, {len(lengths)} documents "
@@ -323,7 +324,7 @@ def sft_shape(c: Check, name: str, T: int):
                 f"{mfu_useful(args, lengths, step_s, c.peak_flops):.1%} of {c.peak_flops / 1e12:.0f} TFLOP/s")
     else:
         c.print("  MFU: n/a (no known peak for this device)")
-    del model, opt
+    del model, opt  # free the model before the head is measured alone
     c.reset_memory()
     head_share(c, args, T, step_s, row["targets"])
 
@@ -400,7 +401,6 @@ def section_dpo(c: Check):
     for k, v in times.items():
         c.print(f"  {k:26s} {v * 1e3:8.1f} ms  {v / times['sft step']:5.2f}x the SFT step")
     c.print("  (with the reference log-probs precomputed, the paper's setup, a DPO step costs an SFT step)")
-    del model, opt, ref_model
 
 
 # --- sampler ---------------------------------------------------------------------------------------
