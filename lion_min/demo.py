@@ -7,21 +7,28 @@ The task is "What is 47+38?" with operands 10..99. The reply works the columns, 
 judges replies and greedy accuracy on 500 held-out problems measures each stage.
 
 Why a sloppy teacher: the SFT demonstrations come from a teacher that, on problems whose units
-column carries (45% of them), forgets the carry TEACHER_FORGETS_CARRY of the time
-("7+8=15, 4+3=7, so 75"). A model trained from scratch learns to imitate that majority habit, so
-greedy SFT accuracy lands on the share of carry-free test problems (0.582) whatever the seed.
-(A merely under-trained model would also be imperfect, but where it lands after a fixed budget
-swung from 16% to 99% across seeds in our runs: these tiny models learn addition in a sudden jump.)
-The right answer is still the teacher's minority answer on carry problems, so:
+column carries (45% of them), often forgets the carry ("7+8=15, 4+3=7, so 75"): 60% of the time
+when the units sum is 10, 4 points more for each unit above, 92% at 9+9 (`forget_rate`). A model
+trained from scratch learns to imitate that majority habit, so greedy SFT accuracy lands on the
+share of carry-free test problems (0.582) whatever the seed. (A merely under-trained model would
+also be imperfect, but where it lands after a fixed budget swung from 16% to 99% across seeds in
+our runs: these tiny models learn addition in a sudden jump.) The right answer is still the
+teacher's minority answer on carry problems, so:
   - offline DPO (train_dpo.py) learns from shipped pairs: the right worked answer vs a plausible
     slip (the forgotten carry, a column sum off by one, an invented carry);
   - online DPO (train_online.py) samples 5 replies at temperature 0.8, where the right one often
     appears, and trains best vs worst as scored by `check`.
+Why the rate grows with the units sum: the SFT model is then wrong by a different margin on each
+units sum (log-odds of writing the carry from about -0.5 at 10 to -1.5 at 16-18), and DPO, which
+raises the carry's log-odds on all of them together, fixes the narrow ones first and the wide ones
+later, so accuracy rises step by step with training. With one rate (70% everywhere, the demo until
+DATA_VERSION 3) every carry problem sat at the same margin and greedy decoding flipped all of them
+at once or not at all: offline DPO left 2 of 10 runs unchanged (docs/experiments.md, experiment 0).
 
 Measured on 2 CPU cores, greedy held-out accuracy over seeds 0-4 with the default (AVX-512) and with
 AVX2 kernels (`python -m lion_min.experiments demo --seeds=5`; README, "The demo"): SFT 0.582 on
-every run; offline DPO 0.58-0.96 (the carry habit flips for all carry problems at once, or not
-yet); online DPO 0.91-1.00, above offline DPO on all ten runs.
+every run; offline DPO 0.59-0.91, above SFT on all ten runs; online DPO 0.89-1.00, above offline
+DPO on all ten runs.
 
 Everything here is deterministic and needs no downloads: the tokenizer is character-level and is
 written from the list below.
@@ -42,10 +49,13 @@ from lion_min.model import ModelArgs
 
 LOW, HIGH = 10, 99
 """Operand range; the problem space is all 90 x 90 = 8100 ordered pairs."""
-TEACHER_FORGETS_CARRY = 0.7
-"""How often the SFT teacher drops the units carry. Above 0.5, so the SFT model's most likely answer
-on a carry problem is the wrong one (greedy gets it wrong); below 1, so sampling still finds the
-right one for online DPO."""
+FORGET_AT_10, FORGET_STEP = 0.6, 0.04
+"""How often the SFT teacher drops the units carry: 0.6 when the units sum is 10, 0.04 more for each
+unit above (0.92 at 9+9=18; 0.71 over all carry problems). Above 0.5 everywhere, so the SFT model's
+most likely answer on a carry problem is the wrong one (greedy gets it wrong); below 1, so sampling
+still finds the right one for online DPO. Spread out, so that the SFT model is wrong by a different
+margin on each units sum and preference tuning fixes them one after another (see the module
+docstring), not all at once."""
 PROMPT_FORMAT = "What is {a}+{b}?"
 _PROMPT_RE = re.compile(r"What is (\d+)\+(\d+)\?")
 
@@ -99,9 +109,15 @@ def worked_answer(a: int, b: int, carry: Optional[bool] = None, units_slip: int 
     return f"{a % 10}+{b % 10}={units}, {tens_step}, so {tens * 10 + units % 10}"
 
 
-def teacher_answer(a: int, b: int, rng: random.Random, forget: float = TEACHER_FORGETS_CARRY) -> str:
-    """The sloppy teacher's SFT answer: on a carry problem, it forgets the carry `forget` of the time."""
-    if carries(a, b) and rng.random() < forget:
+def forget_rate(a: int, b: int) -> float:
+    """How often the teacher forgets the carry of a+b: 0 without a carry, else by the units sum."""
+    units = a % 10 + b % 10
+    return FORGET_AT_10 + FORGET_STEP * (units - 10) if units >= 10 else 0.0
+
+
+def teacher_answer(a: int, b: int, rng: random.Random) -> str:
+    """The sloppy teacher's SFT answer: the carry forgotten `forget_rate(a, b)` of the time."""
+    if carries(a, b) and rng.random() < forget_rate(a, b):
         return worked_answer(a, b, carry=False)
     return worked_answer(a, b)
 
@@ -241,8 +257,8 @@ SETTINGS = {
         # beta 0.5: the loss saturates once a pair's log-ratio margin reaches a few nats, so DPO stops
         # pushing the rejected replies down before it damages the right ones (at beta 0.1 it fell
         # below the SFT model on one seed in ten; docs/experiments.md, experiment 2). lr 3.5e-5 leaves
-        # the online stage room on every seed (at 7e-5 offline DPO reached 0.96-0.99 on some seeds,
-        # and online DPO then moved accuracy by noise, down as often as up).
+        # the online stage room on every seed (at 4.5e-5 offline DPO reached 1.000 on one seed of
+        # three tried, and online DPO had nothing left to gain; experiment 0).
         lr=3.5e-5, lr_schedule="linear", warmup_ratio=0.1, beta=0.5, precompute_ref=False,
         # A demo pair is ~45 tokens a side: rows of 128 instead of LION's 2048 give the same metrics
         # (each sequence still attends only to itself) and run 4.5x faster on CPU.
@@ -300,7 +316,7 @@ def init_model(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
 
 # --- data files ----------------------------------------------------------------------------------
 
-DATA_VERSION = 2
+DATA_VERSION = 3
 FILES = {"sft": "sft.jsonl", "sft_eval": "sft_eval.jsonl", "dpo": "dpo.jsonl", "prompts": "prompts.jsonl",
          "test": "test.jsonl"}
 

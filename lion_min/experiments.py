@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from lion_min import demo
-from lion_min.config import ConfigError, check_values, parse_cli, run_cli
+from lion_min.config import ConfigError, check_values, parse_cli, read_json, run_cli
 
 # --- sizes ----------------------------------------------------------------------------------------
 
@@ -150,9 +150,14 @@ class Context:
 
 
 def run_once(folder: Path, make: Callable[[Path], dict]) -> Path:
-    """Run `make(folder)` unless folder/result.json exists (a finished run); returns the folder."""
-    if not (folder / "result.json").is_file():
-        result = make(folder)
+    """Run `make(folder)` unless folder/result.json exists (a finished run); returns the folder.
+    A run made from another version of the demo's data is refused, not reused."""
+    done = read_json(folder / "result.json")
+    if done is not None and done.get("data_version") != demo.DATA_VERSION:
+        raise ConfigError(f"{folder}: a run on version {done.get('data_version', 2)} of the demo's data (now "
+                          f"{demo.DATA_VERSION}): use another --out, or remove that folder")
+    if done is None:
+        result = make(folder) | {"data_version": demo.DATA_VERSION}
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "result.json.tmp"
         tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -528,6 +533,80 @@ def pipeline_arms(ctx: Context) -> dict[str, Callable]:
     return {"SFT": sft, "offline DPO": dpo, "online DPO": online}
 
 
+def carry_logodds(folder: Path, prompts: list[str]) -> dict[int, float]:
+    """Per units sum (10..18): the mean log-odds the model gives to writing the carry, log p("+")
+    - log p("="), at the tens step of the right worked answer ("7+8=15, 4+3" -> "+1" or "="), over
+    the held-out carry problems. Negative: greedy forgets the carry (the teacher's habit)."""
+    from lion_min.chat import encode_chat
+    from lion_min.checkpoint import load_model
+    from lion_min.tokenizer import Tokenizer
+
+    model, tokenizer = load_model(str(folder)).eval(), Tokenizer.from_dir(folder)
+    plus, equals = tokenizer.token_id("+"), tokenizer.token_id("=")
+    problems = [ab for ab in map(demo.parse_problem, prompts) if demo.carries(*ab)]
+    if not problems:
+        return {}
+    rows = [encode_chat(tokenizer, [{"role": "user", "content": demo.problem_text(a, b)}], "chatml",
+                        add_generation_prompt=True).input_ids
+            + tokenizer.encode(demo.worked_answer(a, b).split(",")[0] + f", {a // 10}+{b // 10}") for a, b in problems]
+    width = max(map(len, rows))
+    tokens = torch.tensor([r + [tokenizer.pad_id] * (width - len(r)) for r in rows])
+    with torch.no_grad():  # padding on the right: the causal mask keeps it out of each row's last real token
+        logits = model(tokens)[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)]
+    by_sum: dict[int, list[float]] = {}
+    for (a, b), lo in zip(problems, (logits[:, plus] - logits[:, equals]).tolist()):
+        by_sum.setdefault(a % 10 + b % 10, []).append(lo)
+    return {units: sum(v) / len(v) for units, v in sorted(by_sum.items())}
+
+
+def teacher_logodds(units: int) -> float:
+    """The carry's log-odds in the SFT teacher's answers for a units sum (demo.forget_rate)."""
+    forget = demo.forget_rate(units - 9, 9)
+    return math.log((1 - forget) / forget)
+
+
+def logodds_table(ctx: Context, models: dict[str, list[Path]]) -> tuple[str, dict]:
+    """The carry log-odds per units sum of each arm's models (one per seed), their mean as markdown;
+    and the values."""
+    values = {arm: [carry_logodds(folder, ctx.test) for folder in folders] for arm, folders in models.items()}
+    sums = sorted({u for runs in values.values() for run in runs for u in run})
+    n_test = [sum(a % 10 + b % 10 == u for a, b in map(demo.parse_problem, ctx.test)) for u in sums]
+    lines = ["| units sum | " + " | ".join(map(str, sums)) + " |", "|---|" + "---:|" * len(sums),
+             "| held-out problems | " + " | ".join(map(str, n_test)) + " |",
+             "| the SFT teacher's | " + " | ".join(f"{teacher_logodds(u):+.2f}" for u in sums) + " |"]
+    for arm, runs in values.items():
+        means = mean_by_sum(runs)
+        lines.append(f"| {arm} | " + " | ".join(f"{means[u]:+.2f}" if u in means else "" for u in sums) + " |")
+    return "\n".join(lines) + "\n", values
+
+
+def mean_by_sum(runs: list[dict[int, float]]) -> dict[int, float]:
+    """Per units sum, the mean over the runs (seeds) that have problems with that sum."""
+    sums = sorted({u for r in runs for u in r})
+    return {u: sum(r[u] for r in runs if u in r) / sum(u in r for r in runs) for u in sums}
+
+
+def logodds_chart(ctx: Context, name: str, values: dict[str, list[dict[int, float]]]) -> Optional[Path]:
+    """The carry log-odds against the units sum: each arm's seeds as dots, their mean as a line."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, runs in values.items():
+        means = mean_by_sum(runs)
+        (line,) = ax.plot(list(means), list(means.values()), "-", label=arm)
+        for r in runs:
+            ax.plot(list(r), list(r.values()), ".", color=line.get_color(), ms=4)
+    units = list(range(10, 19))
+    ax.plot(units, [teacher_logodds(u) for u in units], "--", color="gray", label="the SFT teacher's")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("units sum of the problem")
+    ax.set_ylabel('log p("+") - log p("="): the carry\'s log-odds')
+    ax.set_title("above 0, greedy writes the carry (held-out carry problems)", fontsize=10)
+    ax.legend(fontsize=8)
+    return save(fig, ctx.root / name / f"{name}_carry.png")
+
+
 def pipeline(ctx: Context):
     """Every stage's accuracy over the seeds, and whether each stage gained on every seed."""
     rows = sweep(ctx, "demo", pipeline_arms(ctx))
@@ -545,7 +624,12 @@ def pipeline(ctx: Context):
                  f"{spread([r['reward_start'] for r in online])['mean']:.3f} -> "
                  f"{spread([r['reward_final'] for r in online])['mean']:.3f}, higher on "
                  f"{sum(r['reward_final'] > r['reward_start'] for r in online)} of {len(online)} seeds")
-    write_outputs(ctx, "demo", rows, metrics, extra="\n".join(lines) + "\n")
+    models = {arm: [ctx.sft_model(s) if arm == "SFT" else ctx.run_dir("demo", arm, s) for s in ctx.seeds]
+              for arm in pipeline_arms(ctx)}
+    logodds, values = logodds_table(ctx, models)
+    write_outputs(ctx, "demo", rows, metrics, extra="\n".join(lines) + "\n\nThe carry's log-odds at the tens step "
+                  "(`carry_logodds`), mean over the seeds:\n\n" + logodds)
+    logodds_chart(ctx, "demo", values)
 
 
 # --- the command line --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ test_demo_pipeline.py.)"""
 
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -120,17 +121,22 @@ def test_sizes_and_schemas(data):
 
 
 def test_sft_teacher_forgets_carries_only(data):
-    forgot, carry = 0, 0
+    forgot, carry = Counter(), Counter()  # by units sum
     for r in read(data["sft"]):
         a, b = problem(r)
         ok = demo.is_correct(r["messages"][0]["content"], r["messages"][1]["content"])
         if not demo.carries(a, b):
             assert ok
         else:
-            carry += 1
-            forgot += not ok
+            units = a % 10 + b % 10
+            carry[units] += 1
+            forgot[units] += not ok
             assert r["messages"][1]["content"] in (demo.worked_answer(a, b), demo.worked_answer(a, b, carry=False))
-    assert abs(forgot / carry - demo.TEACHER_FORGETS_CARRY) < 0.03
+    assert sorted(carry) == list(range(10, 19))
+    for units, n in carry.items():  # each units sum at its own rate, within 4 standard errors
+        rate = demo.forget_rate(units - 9, 9)
+        assert 0.5 < rate < 1 and abs(forgot[units] / n - rate) < 4 * (rate * (1 - rate) / n) ** 0.5, units
+    assert demo.forget_rate(12, 21) == 0 and demo.forget_rate(11, 19) == 0.6 and demo.forget_rate(19, 19) > 0.9
 
 
 def test_preference_pairs(data):

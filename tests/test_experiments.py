@@ -43,6 +43,42 @@ def test_the_demo_over_seeds_chains_its_stages(ran):
     table = (demo_dir / "table.md").read_text()
     gain = r["online DPO"]["accuracy"] - r["offline DPO"]["accuracy"]
     assert f"accuracy (final answer), offline DPO -> online DPO: gain {gain:+.3f} on average" in table
+    logodds = experiments.carry_logodds(ran / "sft" / "seed_0", experiments.Context(experiments.ExperimentConfig(
+        out=str(ran), size="tiny", seeds=1)).test)
+    assert logodds and "| SFT | " + " | ".join(f"{v:+.2f}" for v in logodds.values()) + " |" in table
+
+
+def test_carry_logodds_is_the_scored_log_prob_difference(ran):
+    """The batched, right-padded read of the carry decision equals the log-prob path's own scores
+    of "+" and "=" after each prompt alone (one problem per units sum, so the means are the values)."""
+    from lion_min.chat import encode_chat
+    from lion_min.checkpoint import load_model
+    from lion_min.tokenizer import Tokenizer
+
+    folder = ran / "sft" / "seed_0"
+    prompts = ["What is 19+11?", "What is 47+38?", "What is 99+99?", "What is 12+34?"]  # units 10, 15, 18; none
+    got = experiments.carry_logodds(folder, prompts)
+    assert list(got) == [10, 15, 18]
+    model, tok = load_model(str(folder)).eval(), Tokenizer.from_dir(folder)
+    for prompt, units in zip(prompts, got):
+        a, b = experiments.demo.parse_problem(prompt)
+        ids = encode_chat(tok, [{"role": "user", "content": prompt}], "chatml", add_generation_prompt=True).input_ids
+        ids = torch.tensor([ids + tok.encode(f"{a % 10}+{b % 10}={a % 10 + b % 10}, {a // 10}+{b // 10}")])
+        logp = {}
+        for char in "+=":
+            targets = torch.full_like(ids, -100)
+            targets[0, -1] = tok.token_id(char)
+            with torch.no_grad():
+                logp[char] = model(ids, targets=targets)[0, -1].item()
+        assert got[units] == pytest.approx(logp["+"] - logp["="], abs=1e-4)
+
+
+def test_a_run_on_other_data_is_refused(ran, tmp_path):
+    folder = tmp_path / "old_run"
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps({"accuracy": 0.5, "data_version": 1}))
+    with pytest.raises(experiments.ConfigError, match="old_run: a run on version 1 of the demo's data"):
+        experiments.run_once(folder, lambda f: pytest.fail("a refused run must not train"))
 
 
 def test_the_packing_arms_train_what_they_say(ran):
