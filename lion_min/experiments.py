@@ -230,8 +230,12 @@ def bar_chart(ctx: Context, name: str, rows: list[dict], metrics: dict[str, str]
     if plt is None:
         return None
     arms = list(dict.fromkeys(r["arm"] for r in rows))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
-    for ax, (key, label) in zip(axes[0], metrics.items()):
+    n_rows = math.ceil(len(metrics) / 3)  # at most 3 panels a row, the rows as even as they go
+    cols = math.ceil(len(metrics) / n_rows)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.5 * cols, 4 * n_rows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, (key, label) in zip(axes.flat, metrics.items()):
         for i, arm in enumerate(arms):
             vals = [r[key] for r in rows if r["arm"] == arm]
             ax.bar(i, sum(vals) / len(vals), color="#9ecae1")
