@@ -19,7 +19,7 @@ teacher's minority answer on carry problems, so:
   - online DPO (train_online.py) samples 5 replies at temperature 0.8, where the right one often
     appears, and trains best vs worst as scored by `check`.
 Why the rate grows with the units sum: the SFT model is then wrong by a different margin on each
-units sum (log-odds of writing the carry from about -0.5 at 10 to -1.5 at 16-18), and DPO, which
+units sum (log-odds of writing the carry from about -0.7 at 10 to -1.3 at 16-18), and DPO, which
 raises the carry's log-odds on all of them together, fixes the narrow ones first and the wide ones
 later, so accuracy rises step by step with training. With one rate (70% everywhere, the demo until
 DATA_VERSION 3) every carry problem sat at the same margin and greedy decoding flipped all of them
@@ -109,15 +109,15 @@ def worked_answer(a: int, b: int, carry: Optional[bool] = None, units_slip: int 
     return f"{a % 10}+{b % 10}={units}, {tens_step}, so {tens * 10 + units % 10}"
 
 
-def forget_rate(a: int, b: int) -> float:
-    """How often the teacher forgets the carry of a+b: 0 without a carry, else by the units sum."""
-    units = a % 10 + b % 10
+def forget_rate(units: int) -> float:
+    """How often the teacher forgets the carry of a problem whose units digits sum to `units`
+    (0 below 10: nothing to carry)."""
     return FORGET_AT_10 + FORGET_STEP * (units - 10) if units >= 10 else 0.0
 
 
 def teacher_answer(a: int, b: int, rng: random.Random) -> str:
-    """The sloppy teacher's SFT answer: the carry forgotten `forget_rate(a, b)` of the time."""
-    if carries(a, b) and rng.random() < forget_rate(a, b):
+    """The sloppy teacher's SFT answer: the carry forgotten `forget_rate` of the time."""
+    if carries(a, b) and rng.random() < forget_rate(a % 10 + b % 10):
         return worked_answer(a, b, carry=False)
     return worked_answer(a, b)
 
@@ -256,7 +256,8 @@ SETTINGS = {
         model="out/demo/sft", out_dir="out/demo/dpo", epochs=1, batch_size=16, micro_batch_size=16, log_every=25,
         # beta 0.5: the loss saturates once a pair's log-ratio margin reaches a few nats, so DPO stops
         # pushing the rejected replies down before it damages the right ones (at beta 0.1 it fell
-        # below the SFT model on one seed in ten; docs/experiments.md, experiment 2). lr 3.5e-5 leaves
+        # below the SFT model on one seed in ten, with the earlier teacher; docs/experiments.md,
+        # experiments 0 and 2). lr 3.5e-5 leaves
         # the online stage room on every seed (at 4.5e-5 offline DPO reached 1.000 on one seed of
         # three tried, and online DPO had nothing left to gain; experiment 0).
         lr=3.5e-5, lr_schedule="linear", warmup_ratio=0.1, beta=0.5, precompute_ref=False,
@@ -267,7 +268,8 @@ SETTINGS = {
         model="out/demo/dpo", out_dir="out/demo/online", judge="demo", n_samples=5, temperature=0.8,
         # Demo replies show their working ("7+8=15, 4+3+1=8, so 85"), up to ~25 tokens.
         max_new_tokens=32, rounds=2, epochs=1, batch_size=16, micro_batch_size=16, log_every=25,
-        # beta 0.5 as offline; 4 rounds or 1024 prompts at this lr overshot (accuracy fell on some seeds).
+        # beta 0.5 as offline; 4 rounds or 1024 prompts at this lr overshot (accuracy fell on some seeds,
+        # with the earlier teacher; docs/experiments.md, experiment 0).
         lr=5e-5, lr_schedule="constant", warmup_ratio=0.0, beta=0.5, precompute_ref=True, max_len=128,
         max_prompt_len=64),
 }

@@ -11,7 +11,8 @@ Every arm runs over --seeds seeds (default 3) through the real stages (sft.run, 
 online.run) on the demo's data (lion_min/demo.py), in out/experiments/NAME/ARM/seed_S. A finished
 run (its result.json) is reused, so an interrupted experiment continues where it stopped, and the
 SFT models that the DPO experiments start from are trained once per seed (out/experiments/sft/).
-Reuse does not compare settings: after changing demo.SETTINGS or this file, use another --out.
+Reuse compares only the demo's data version (a run on other data is refused), not the settings:
+after changing demo.SETTINGS or this file, use another --out.
 Each experiment writes NAME/results.json (every run's figures), NAME/table.md (mean, spread and
 range per arm) and NAME/NAME.png (with matplotlib). docs/experiments.md sets the measured tables
 next to what the paper reports.
@@ -154,8 +155,9 @@ def run_once(folder: Path, make: Callable[[Path], dict]) -> Path:
     A run made from another version of the demo's data is refused, not reused."""
     done = read_json(folder / "result.json")
     if done is not None and done.get("data_version") != demo.DATA_VERSION:
-        raise ConfigError(f"{folder}: a run on version {done.get('data_version', 2)} of the demo's data (now "
-                          f"{demo.DATA_VERSION}): use another --out, or remove that folder")
+        made = f"version {done['data_version']}" if "data_version" in done else f"a version before {demo.DATA_VERSION}"
+        raise ConfigError(f"{folder / 'result.json'}: a run made from {made} of the demo's data (now "
+                          f"{demo.DATA_VERSION}): use another --out, or remove {folder}")
     if done is None:
         result = make(folder) | {"data_version": demo.DATA_VERSION}
         folder.mkdir(parents=True, exist_ok=True)
@@ -550,13 +552,13 @@ def carry_logodds(folder: Path, prompts: list[str]) -> dict[int, float]:
     problems = [ab for ab in map(demo.parse_problem, prompts) if demo.carries(*ab)]
     if not problems:
         return {}
+    # The right worked answer up to its carry ("7+8=15, 4+3+1=8, so 85" -> "7+8=15, 4+3"): the last
+    # "+1=" is the tens step's, since the units step of a carry problem may hold one too ("9+1=10").
     rows = [encode_chat(tokenizer, [{"role": "user", "content": demo.problem_text(a, b)}], "chatml",
                         add_generation_prompt=True).input_ids
-            + tokenizer.encode(demo.worked_answer(a, b).split(",")[0] + f", {a // 10}+{b // 10}") for a, b in problems]
-    width = max(map(len, rows))
-    tokens = torch.tensor([r + [tokenizer.pad_id] * (width - len(r)) for r in rows])
-    with torch.no_grad():  # padding on the right: the causal mask keeps it out of each row's last real token
-        logits = model(tokens)[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)]
+            + tokenizer.encode(demo.worked_answer(a, b).rsplit("+1=", 1)[0]) for a, b in problems]
+    with torch.no_grad():  # two-digit operands: every row has the same length, no padding
+        logits = model(torch.tensor(rows))[:, -1]
     by_sum: dict[int, list[float]] = {}
     for (a, b), lo in zip(problems, (logits[:, plus] - logits[:, equals]).tolist()):
         by_sum.setdefault(a % 10 + b % 10, []).append(lo)
@@ -565,7 +567,7 @@ def carry_logodds(folder: Path, prompts: list[str]) -> dict[int, float]:
 
 def teacher_logodds(units: int) -> float:
     """The carry's log-odds in the SFT teacher's answers for a units sum (demo.forget_rate)."""
-    forget = demo.forget_rate(units - 9, 9)
+    forget = demo.forget_rate(units)
     return math.log((1 - forget) / forget)
 
 
@@ -633,6 +635,10 @@ def pipeline(ctx: Context):
     logodds, values = logodds_table(ctx, models)
     write_outputs(ctx, "demo", rows, metrics, extra="\n".join(lines) + "\n\nThe carry's log-odds at the tens step "
                   "(`carry_logodds`), mean over the seeds:\n\n" + logodds)
+    carry = ctx.root / "demo" / "carry.json"  # every model's values, seed by seed
+    carry.write_text(json.dumps({arm: {f"seed_{s}": run for s, run in zip(ctx.seeds, runs)}
+                                 for arm, runs in values.items()}, indent=1) + "\n")
+    print(f"wrote {carry}")
     logodds_chart(ctx, "demo", values)
 
 

@@ -134,9 +134,9 @@ def test_sft_teacher_forgets_carries_only(data):
             assert r["messages"][1]["content"] in (demo.worked_answer(a, b), demo.worked_answer(a, b, carry=False))
     assert sorted(carry) == list(range(10, 19))
     for units, n in carry.items():  # each units sum at its own rate, within 4 standard errors
-        rate = demo.forget_rate(units - 9, 9)
+        rate = demo.forget_rate(units)
         assert 0.5 < rate < 1 and abs(forgot[units] / n - rate) < 4 * (rate * (1 - rate) / n) ** 0.5, units
-    assert demo.forget_rate(12, 21) == 0 and demo.forget_rate(11, 19) == 0.6 and demo.forget_rate(19, 19) > 0.9
+    assert [demo.forget_rate(u) for u in (9, 10, 14, 18)] == pytest.approx([0, 0.6, 0.76, 0.92])
 
 
 def test_preference_pairs(data):

@@ -46,11 +46,14 @@ def test_the_demo_over_seeds_chains_its_stages(ran):
     logodds = experiments.carry_logodds(ran / "sft" / "seed_0", experiments.Context(experiments.ExperimentConfig(
         out=str(ran), size="tiny", seeds=1)).test)
     assert logodds and "| SFT | " + " | ".join(f"{v:+.2f}" for v in logodds.values()) + " |" in table
+    carry = json.loads((demo_dir / "carry.json").read_text())
+    assert carry["SFT"]["seed_0"] == {str(u): pytest.approx(v) for u, v in logodds.items()}
 
 
 def test_carry_logodds_is_the_scored_log_prob_difference(ran):
-    """The batched, right-padded read of the carry decision equals the log-prob path's own scores
-    of "+" and "=" after each prompt alone (one problem per units sum, so the means are the values)."""
+    """The batched read of the carry decision equals the log-prob path's own scores of "+" and "="
+    after each prompt alone (one problem per units sum, so the means are the values); 19+11 has a
+    "+1=" in its units step too ("9+1=10")."""
     from lion_min.chat import encode_chat
     from lion_min.checkpoint import load_model
     from lion_min.tokenizer import Tokenizer
@@ -73,12 +76,19 @@ def test_carry_logodds_is_the_scored_log_prob_difference(ran):
         assert got[units] == pytest.approx(logp["+"] - logp["="], abs=1e-4)
 
 
-def test_a_run_on_other_data_is_refused(ran, tmp_path):
-    folder = tmp_path / "old_run"
+def test_a_run_on_other_data_is_refused(tmp_path):
+    folder = tmp_path / "run"
     folder.mkdir()
-    (folder / "result.json").write_text(json.dumps({"accuracy": 0.5, "data_version": 1}))
-    with pytest.raises(experiments.ConfigError, match="old_run: a run on version 1 of the demo's data"):
-        experiments.run_once(folder, lambda f: pytest.fail("a refused run must not train"))
+
+    def never(folder):
+        pytest.fail("a finished or refused run must not train")
+
+    for record, made in (({"data_version": 1}, "version 1"), ({}, "a version before")):
+        (folder / "result.json").write_text(json.dumps({"accuracy": 0.5} | record))
+        with pytest.raises(experiments.ConfigError, match=f"run/result.json: a run made from {made}"):
+            experiments.run_once(folder, never)
+    (folder / "result.json").write_text(json.dumps({"accuracy": 0.5, "data_version": experiments.demo.DATA_VERSION}))
+    assert experiments.run_once(folder, never) == folder
 
 
 def test_the_packing_arms_train_what_they_say(ran):
