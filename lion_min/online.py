@@ -51,7 +51,8 @@ class OnlineConfig(DPOConfig):
     """LION Gemma-2b online: 32 pairs per optimizer step."""
     # -- online
     prompts: str = ""
-    """Prompts: .jsonl with a "prompt" field (text or a list of messages), or one per line."""
+    """Prompts: .jsonl with a "prompt" field (text or a list of messages) or an SFT file's "messages"
+    (the turns before the final reply), or one per line."""
     judge: str = ""
     """A rule (length, brevity; the demo adds demo), a reward-model folder or hub id, or pairrm:DIR
     (the paper's PairRM ranker, docs/pairrm.md)."""

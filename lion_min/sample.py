@@ -251,8 +251,8 @@ class SampleConfig:
     prompt: str = ""
     """One prompt (the user turn when a chat template is used)."""
     prompts_file: str = ""
-    """More prompts: .jsonl with a "prompt" field per line (text, or a list of messages), or plain
-    text with one prompt per line."""
+    """More prompts: .jsonl with a "prompt" field per line (text, or a list of messages) or an SFT
+    file's "messages" (the turns before the final reply), or plain text with one prompt per line."""
     chat_template: str = "auto"
     """auto (the model folder's: the chat_template of the lion_min run that wrote it, else its
     tokenizer's template if it is a known one) | chatml | llama3 | gemma | none (raw text, preceded
@@ -311,7 +311,8 @@ def read_prompts(path: str) -> list:
             while key == "messages" and prompt and prompt[-1]["role"] == "assistant":
                 prompt.pop()  # a conversation's reply: what the policy is to write
             if not prompt or prompt[-1]["role"] != "user":
-                raise ConfigError(f"{path}: line {n}: '{key}': no user turn to reply to")
+                got = f"got {prompt[-1]['role']}" if prompt else "no turns"
+                raise ConfigError(f"{path}: line {n}: '{key}': the last turn must be the user's ({got})")
         prompts.append(prompt)
     return prompts
 

@@ -351,10 +351,12 @@ def test_prompts_file_formats(tmp_path):
     good = tmp_path / "prompts.jsonl"
     good.write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert read_prompts(str(good)) == ["hi", [s, u], [s, u], [u, a, u], [u]]
-    bad = {"only_reply": ({"messages": [a]}, r"line 1: 'messages': no user turn to reply to"),
+    bad = {"only_reply": ({"messages": [a]}, r"line 1: 'messages': the last turn must be the user's \(no turns\)"),
+           "ends_with_reply": ({"prompt": [u, a]},
+                               r"line 1: 'prompt': the last turn must be the user's \(got assistant\)"),
            "bad_role": ({"messages": [{"role": "bot", "content": "x"}, u]},
                         r"line 1: 'messages\[0\].role': unknown role 'bot'"),
-           "system_only": ({"prompt": [s]}, r"line 1: 'prompt': no user turn to reply to"),
+           "system_only": ({"prompt": [s]}, r"line 1: 'prompt': the last turn must be the user's \(got system\)"),
            "no_content": ({"prompt": [{"role": "user"}]}, r"line 1: 'prompt\[0\].content': missing")}
     for name, (record, message) in bad.items():
         path = tmp_path / f"{name}.jsonl"
