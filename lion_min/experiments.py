@@ -90,6 +90,11 @@ class Context:
 
     def __init__(self, cfg: ExperimentConfig):
         self.root, self.size, self.seeds = Path(cfg.out), SIZES[cfg.size], range(cfg.seeds)
+        meta = read_json(self.root / "data" / "meta.json")
+        if meta is not None and meta.get("version") != demo.DATA_VERSION:  # refused before anything is rewritten
+            raise ConfigError(f"{self.root / 'data' / 'meta.json'}: these runs were made from version "
+                              f"{meta.get('version')} of the demo's data (now {demo.DATA_VERSION}): use another "
+                              f"--out, or remove {self.root}")
         self.paths = demo.write_demo_data(self.root / "data", seed=0)
         self.test = demo.read_test(self.paths["test"])[: self.size.test_prompts]
         self.dpo_train, self.dpo_eval = self._split_pairs()

@@ -90,6 +90,14 @@ def test_a_run_on_other_data_is_refused(tmp_path):
     (folder / "result.json").write_text(json.dumps({"accuracy": 0.5, "data_version": experiments.demo.DATA_VERSION}))
     assert experiments.run_once(folder, never) == folder
 
+    # A whole --out folder of old runs is refused before its data files are touched.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text('{"version": 2, "seed": 0}\n')
+    with pytest.raises(experiments.ConfigError, match=r"data/meta.json: these runs were made from version 2 .* "
+                                                      r"use another --out"):
+        experiments.main(["demo", "--size=tiny", f"--out={tmp_path}"])
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["meta.json"]
+
 
 def test_the_packing_arms_train_what_they_say(ran):
     seen = set()
