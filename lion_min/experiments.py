@@ -19,7 +19,8 @@ next to what the paper reports.
 
 What a run measures: greedy accuracy on the demo's 500 held-out problems (final answer, and the
 whole worked answer: demo.Accuracy), plus per experiment the reply loss (SFT) or the DPO figures
-on 192 held-out preference pairs (implicit reward margin, per-pair log-prob changes).
+on 192 held-out preference pairs (implicit reward margin, per-pair log-prob changes); the demo
+adds each model's carry decision per units sum (carry_logodds: demo/carry.json, demo_carry.png).
 """
 
 import json
