@@ -87,9 +87,14 @@ def parse_problem(prompt: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+def units_sum(a: int, b: int) -> int:
+    """The units column's sum, 0..18: what decides the carry (and the teacher's forget rate)."""
+    return a % 10 + b % 10
+
+
 def carries(a: int, b: int) -> bool:
     """Whether the units digits carry into the tens."""
-    return a % 10 + b % 10 >= 10
+    return units_sum(a, b) >= 10
 
 
 def worked_answer(a: int, b: int, carry: Optional[bool] = None, units_slip: int = 0, tens_slip: int = 0) -> str:
@@ -102,7 +107,7 @@ def worked_answer(a: int, b: int, carry: Optional[bool] = None, units_slip: int 
     The keyword arguments make the wrong answers: carry=False forgets the carry (True adds one that
     is not there), and a slip adds to a column sum; the final number always follows from the steps.
     """
-    units = a % 10 + b % 10 + units_slip
+    units = units_sum(a, b) + units_slip
     c = (units >= 10) if carry is None else carry
     tens = a // 10 + b // 10 + int(c) + tens_slip
     tens_step = f"{a // 10}+{b // 10}{'+1' if c else ''}={tens}"
@@ -117,7 +122,7 @@ def forget_rate(units: int) -> float:
 
 def teacher_answer(a: int, b: int, rng: random.Random) -> str:
     """The sloppy teacher's SFT answer: the carry forgotten `forget_rate` of the time."""
-    if carries(a, b) and rng.random() < forget_rate(a % 10 + b % 10):
+    if carries(a, b) and rng.random() < forget_rate(units_sum(a, b)):
         return worked_answer(a, b, carry=False)
     return worked_answer(a, b)
 
@@ -135,7 +140,7 @@ def plausible_wrong(a: int, b: int, rng: random.Random) -> str:
     slip = rng.choice(["units+", "units-", "tens+", "tens-", "carry"])
     if slip == "carry" and not carries(a, b):
         return worked_answer(a, b, carry=True)
-    if slip.startswith("units") and (a % 10 + b % 10) not in (0, 9, 10):  # keep the carry unchanged
+    if slip.startswith("units") and units_sum(a, b) not in (0, 9, 10):  # keep the carry unchanged
         return worked_answer(a, b, units_slip=1 if slip == "units+" else -1)
     return worked_answer(a, b, tens_slip=-1 if slip == "tens-" else 1)
 
@@ -257,9 +262,9 @@ SETTINGS = {
         # beta 0.5: the loss saturates once a pair's log-ratio margin reaches a few nats, so DPO stops
         # pushing the rejected replies down before it damages the right ones (at beta 0.1 it fell
         # below the SFT model on one seed in ten, with the earlier teacher; docs/experiments.md,
-        # experiments 0 and 2). lr 3.5e-5 leaves
-        # the online stage room on every seed (at 4.5e-5 offline DPO reached 1.000 on one seed of
-        # three tried, and online DPO had nothing left to gain; experiment 0).
+        # experiments 0 and 2). lr 3.5e-5 leaves the online stage room on every seed (at 4.5e-5
+        # offline DPO reached 1.000 on one seed of three tried, and online DPO had nothing left to
+        # gain; experiment 0).
         lr=3.5e-5, lr_schedule="linear", warmup_ratio=0.1, beta=0.5, precompute_ref=False,
         # A demo pair is ~45 tokens a side: rows of 128 instead of LION's 2048 give the same metrics
         # (each sequence still attends only to itself) and run 4.5x faster on CPU.

@@ -567,7 +567,7 @@ def carry_logodds(folder: Path, prompts: list[str]) -> dict[int, float]:
         logits = model(torch.tensor(rows))[:, -1]
     by_sum: dict[int, list[float]] = {}
     for (a, b), lo in zip(problems, (logits[:, plus] - logits[:, equals]).tolist()):
-        by_sum.setdefault(a % 10 + b % 10, []).append(lo)
+        by_sum.setdefault(demo.units_sum(a, b), []).append(lo)
     return {units: sum(v) / len(v) for units, v in sorted(by_sum.items())}
 
 
@@ -582,7 +582,7 @@ def logodds_table(ctx: Context, models: dict[str, list[Path]]) -> tuple[str, dic
     and the values."""
     values = {arm: [carry_logodds(folder, ctx.test) for folder in folders] for arm, folders in models.items()}
     sums = sorted({u for runs in values.values() for run in runs for u in run})
-    n_test = [sum(a % 10 + b % 10 == u for a, b in map(demo.parse_problem, ctx.test)) for u in sums]
+    n_test = [sum(demo.units_sum(*demo.parse_problem(p)) == u for p in ctx.test) for u in sums]
     lines = ["| units sum | " + " | ".join(map(str, sums)) + " |", "|---|" + "---:|" * len(sums),
              "| held-out problems | " + " | ".join(map(str, n_test)) + " |",
              "| the SFT teacher's | " + " | ".join(f"{teacher_logodds(u):+.2f}" for u in sums) + " |"]
@@ -637,7 +637,7 @@ def pipeline(ctx: Context):
                  f"{spread([r['reward_final'] for r in online])['mean']:.3f}, higher on "
                  f"{sum(r['reward_final'] > r['reward_start'] for r in online)} of {len(online)} seeds")
     models = {arm: [ctx.sft_model(s) if arm == "SFT" else ctx.run_dir("demo", arm, s) for s in ctx.seeds]
-              for arm in pipeline_arms(ctx)}
+              for arm in dict.fromkeys(r["arm"] for r in rows)}
     logodds, values = logodds_table(ctx, models)
     write_outputs(ctx, "demo", rows, metrics, extra="\n".join(lines) + "\n\nThe carry's log-odds at the tens step "
                   "(`carry_logodds`), mean over the seeds:\n\n" + logodds)
