@@ -8,7 +8,7 @@
 
 import lion_min  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts)
 from lion_min import sft
-from lion_min.config import run_cli, stage_main
+from lion_min.cli import run_cli, stage_main
 
 
 def main(argv=None):

@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from lion_min.config import parse_cli  # noqa: E402
+from lion_min.flags import parse_cli  # noqa: E402
 
 LION_CONVERSATIONS = 2_100_000
 """Conversations in the LION SFT mix."""

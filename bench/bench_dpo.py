@@ -36,7 +36,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench_sft import CPUBench, header, interleaved, lognormal_lengths  # noqa: E402
-from lion_min.config import TrainConfig, parse_cli  # noqa: E402
+from lion_min.config import TrainConfig  # noqa: E402
+from lion_min.flags import parse_cli  # noqa: E402
 from lion_min.dpo import EncodedPair, compute_ref_logps, make_dpo_objective, pair_logps, pair_micro  # noqa: E402
 from lion_min.model import ModelArgs, Transformer  # noqa: E402
 from lion_min.packing import pack  # noqa: E402

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lion_min.checkpoint import load_model  # noqa: E402
-from lion_min.config import parse_cli  # noqa: E402
+from lion_min.flags import parse_cli  # noqa: E402
 from lion_min.model import ModelArgs, Transformer  # noqa: E402
 from lion_min.sample import generate  # noqa: E402
 

@@ -48,7 +48,8 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from lion_min.checkpoint import load_model  # noqa: E402
-from lion_min.config import TrainConfig, parse_cli  # noqa: E402
+from lion_min.config import TrainConfig  # noqa: E402
+from lion_min.flags import parse_cli  # noqa: E402
 from lion_min.losses import IGNORE_INDEX, sft_loss  # noqa: E402
 from lion_min.packing import best_fit_decreasing, collate, pack  # noqa: E402
 from lion_min.train import make_optimizer  # noqa: E402

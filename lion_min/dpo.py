@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from lion_min.chat import ChatEncoding, encode_chats, get_template
 from lion_min.checkpoint import hash_files, resolve_path
-from lion_min.config import ConfigError, DataConfig, check_values, format_config, run_cli, stage_main
+from lion_min.config import ConfigError, DataConfig, check_values, format_config
 from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
@@ -362,14 +362,7 @@ def load_dpo_data(cfg: DPOConfig) -> tuple[list, list, str]:
     return prefs, eval_prefs, stats.summary()
 
 
-def main(argv=None):
-    """The command line, as train_dpo.py (also `python -m lion_min.dpo` and `lion-dpo` once installed)."""
-    return stage_main(DPOConfig, run, argv, __doc__)
+if __name__ == "__main__":  # python -m lion_min.dpo, as train_dpo.py
+    from lion_min.cli import run_cli, dpo_main
 
-
-def cli():
-    run_cli(main)
-
-
-if __name__ == "__main__":
-    cli()
+    run_cli(dpo_main)

@@ -34,7 +34,8 @@ from typing import Callable, Optional
 import torch
 
 from lion_min import demo
-from lion_min.config import ConfigError, check_values, parse_cli, read_json, run_cli
+from lion_min.config import ConfigError, check_values, read_json
+from lion_min.flags import parse_cli
 
 # --- sizes ----------------------------------------------------------------------------------------
 
@@ -667,4 +668,6 @@ def main(argv: Optional[list[str]] = None):
 
 
 if __name__ == "__main__":
+    from lion_min.cli import run_cli
+
     run_cli(main)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from lion_min.chat import ChatEncoding, stop_token_ids
 from lion_min.checkpoint import load_model, resolve_path, save_model
-from lion_min.config import ConfigError, format_config, run_cli, stage_main
+from lion_min.config import ConfigError, format_config
 from lion_min.dpo import DPOConfig, EncodedPair, check_config as check_dpo_config, train_pairs, truncate
 from lion_min.judges import Judge, make_judge
 from lion_min.parallel import Dist, barrier, init_distributed
@@ -247,14 +247,7 @@ def rounds(cfg: OnlineConfig, d: Dist, start_folder: Path, ref_folder: Path, pro
     return history
 
 
-def main(argv=None):
-    """The command line, as train_online.py (also `python -m lion_min.online` and `lion-online` once installed)."""
-    return stage_main(OnlineConfig, run, argv, __doc__)
+if __name__ == "__main__":  # python -m lion_min.online, as train_online.py
+    from lion_min.cli import run_cli, online_main
 
-
-def cli():
-    run_cli(main)
-
-
-if __name__ == "__main__":
-    cli()
+    run_cli(online_main)

@@ -240,7 +240,7 @@ class PlotConfig:
 
 
 def main(argv=None):
-    from lion_min.config import parse_cli
+    from lion_min.flags import parse_cli
 
     cfg = parse_cli(PlotConfig, {}, argv, doc=__doc__)
     paths = {k: Path(v) for k, v in dataclasses.asdict(cfg).items() if k != "out" and v}
@@ -253,6 +253,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from lion_min.config import run_cli
+    from lion_min.cli import run_cli
 
     run_cli(main)

@@ -52,7 +52,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -504,46 +503,7 @@ def prepare_dpo(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[lis
     return open_prepared(final, PreparedPairs, seconds)
 
 
-# --- python -m lion_min.prepare --------------------------------------------------------------------
+if __name__ == "__main__":  # python -m lion_min.prepare: cli.prepare_main (it knows the stages)
+    from lion_min.cli import prepare_main, run_cli
 
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """python -m lion_min.prepare [sft|dpo] --model=... --data=... [the stage's flags]"""
-    from lion_min import demo, dpo, sft
-    from lion_min.checkpoint import resolve_path
-    from lion_min.config import ConfigError, parse_cli, recipe_presets
-    from lion_min.parallel import init_distributed
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    stage = argv.pop(0) if argv and not argv[0].startswith("-") else "sft"
-    stages = {"sft": (sft.SFTConfig, prepare_sft, sft.load_sft_data), "dpo": (dpo.DPOConfig, prepare_dpo, dpo.load_dpo_data)}
-    if stage not in stages:
-        raise ConfigError(f"python -m lion_min.prepare {stage}: expected sft or dpo")
-    cls, prepare, load = stages[stage]
-    cfg = parse_cli(cls, demo.presets(stage) | recipe_presets(stage), argv, doc=__doc__)
-    if not cfg.model or not cfg.data:
-        raise ConfigError("--model (for its tokenizer) and --data are required")
-    if cfg.data_cache == "off":
-        raise ConfigError("--data_cache=off: nothing to prepare (give a folder, or auto)")
-    d = init_distributed("cpu")
-    tokenizer = Tokenizer.from_dir(resolve_path(cfg.model, cfg.revision))
-    t0 = time.perf_counter()
-    prep = prepare(cfg, tokenizer, d, load=lambda: load(cfg))
-    if d.main:
-        print(prep.data_summary)
-        for name, split in (("", prep.train), ("eval: ", prep.eval)):
-            if isinstance(split, PreparedRows):
-                print(name + sft.packing_line(split.counts, len(split), cfg.seq_len) +
-                      f"; {split.counts.real_tokens:,} tokens")
-            elif split is not None:
-                st = split.stats
-                print(f"{name}{st['pairs']} pairs: {len(split)} kept, {st['prompt_truncated']} with the prompt "
-                      f"truncated, {st['response_truncated']} with a response truncated, {st['dropped']} dropped; "
-                      f"{int(split.docs[-1]):,} tokens")
-        print(f"{d.world} process(es), {time.perf_counter() - t0:.1f}s in all; {prep.how()}")
-
-
-if __name__ == "__main__":
-    from lion_min.config import run_cli
-
-    run_cli(main)
+    run_cli(prepare_main)

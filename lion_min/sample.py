@@ -351,47 +351,7 @@ def folder_template(folder: Path, tokenizer) -> tuple[str, str]:
     return known.name, f"the tokenizer's template in {folder}"
 
 
-def main(argv: Optional[list[str]] = None) -> list[str]:
-    from lion_min.chat import get_template, stop_token_ids
-    from lion_min.checkpoint import load_model, resolve_path
-    from lion_min.config import ConfigError, format_config, parse_cli
-    from lion_min.stage import resolve_dtype
-    from lion_min.tokenizer import Tokenizer
+if __name__ == "__main__":  # python -m lion_min.sample: cli.sample_main
+    from lion_min.cli import run_cli, sample_main
 
-    cfg = parse_cli(SampleConfig, {}, argv, doc=__doc__.split("\n\nHow a batch runs")[0])
-    if not cfg.model:
-        raise ConfigError("--model=DIR is required")
-    if not cfg.prompt and not cfg.prompts_file:
-        raise ConfigError("give --prompt=TEXT or --prompts_file=FILE")
-    if cfg.chat_template not in ("none", "auto"):
-        get_template(cfg.chat_template)  # unknown names fail here, before loading anything
-    prompts = ([cfg.prompt] if cfg.prompt else []) + (read_prompts(cfg.prompts_file) if cfg.prompts_file else [])
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    folder = resolve_path(cfg.model)
-    tokenizer = Tokenizer.from_dir(folder)
-    template, why = (folder_template(folder, tokenizer) if cfg.chat_template == "auto"
-                     else (cfg.chat_template, "--chat_template"))
-    ids = [encode_prompt(tokenizer, p, template) for p in prompts]  # bad prompts fail before the weights load
-    model = load_model(folder, dtype=dtype, device=device)
-    if template == "none":
-        stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    else:
-        stop = stop_token_ids(tokenizer, template)
-    print(f"config:\n{format_config(cfg)}")
-    print(f"chat template: {template} ({why})")
-    out, stats = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          top_k=cfg.top_k, stop_ids=stop, pad_id=tokenizer.pad_id or 0, seed=cfg.seed,
-                          batch_size=cfg.batch_size, return_stats=True)
-    texts = [tokenizer.decode([t for t in row if t not in stop]) for row in out]
-    for i, (prompt, text) in enumerate(zip(prompts, texts)):
-        print(f"--- [{i}] prompt: {prompt!r}\n{text}")
-    print(f"--- {stats} ({device}, {dtype})")
-    return texts
-
-
-if __name__ == "__main__":
-    from lion_min.config import run_cli
-
-    run_cli(main)  # bad input: exit 2 and one `error:` line, like the training scripts
+    run_cli(sample_main)  # bad input: exit 2 and one `error:` line, like the training scripts

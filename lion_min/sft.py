@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from lion_min.chat import ChatEncoding, encode_chat, get_template
-from lion_min.config import ConfigError, DataConfig, check_values, format_config, run_cli, stage_main
+from lion_min.config import ConfigError, DataConfig, check_values, format_config
 from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import Packed, pack
@@ -171,14 +171,7 @@ def run(cfg: SFTConfig) -> TrainResult:
                      export_dtype=exported, summary=summary, run_record=record)
 
 
-def main(argv=None):
-    """The command line, as train_sft.py (also `python -m lion_min.sft` and `lion-sft` once installed)."""
-    return stage_main(SFTConfig, run, argv, __doc__)
+if __name__ == "__main__":  # python -m lion_min.sft, as train_sft.py
+    from lion_min.cli import run_cli, sft_main
 
-
-def cli():
-    run_cli(main)
-
-
-if __name__ == "__main__":
-    cli()
+    run_cli(sft_main)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 import train_dpo  # noqa: E402
 import train_online  # noqa: E402
 import train_sft  # noqa: E402
-from lion_min.config import run_cli  # noqa: E402
+from lion_min.cli import run_cli  # noqa: E402
 from tokenizers_for_tests import build_gemma_tokenizer  # noqa: E402
 
 

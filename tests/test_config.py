@@ -7,7 +7,8 @@ from typing import Optional
 
 import pytest
 
-from lion_min.config import ConfigError, TrainConfig, parse_cli
+from lion_min.config import ConfigError, TrainConfig
+from lion_min.flags import parse_cli
 from lion_min.train import lr_at
 
 
@@ -93,7 +94,7 @@ def test_recipes_load_for_every_stage_and_flags_override(stage, cls):
     naming its source, and a flag after --preset wins."""
     import importlib
 
-    from lion_min.config import RECIPES, recipe_presets
+    from lion_min.flags import RECIPES, recipe_presets
 
     module, name = cls.rsplit(".", 1)
     klass = getattr(importlib.import_module(module), name)

@@ -17,7 +17,7 @@ def test_installed_package_imports_from_another_folder(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                           "--target", str(target), str(src)], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    code = ("import lion_min, lion_min.config as c; print(lion_min.__file__); "
+    code = ("import lion_min, lion_min.flags as c; print(lion_min.__file__); "
             "print(sorted(c.recipe_presets('dpo')))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)

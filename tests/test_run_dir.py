@@ -160,7 +160,7 @@ def test_disk_full_at_export_is_one_line_and_leaves_no_half_export(tiny_chat_mod
     import errno
 
     from lion_min import checkpoint
-    from lion_min.config import run_cli
+    from lion_min.cli import run_cli
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -16,7 +16,8 @@ import lion_min
 from conftest import CONFIG_NAMES, make_hf_checkpoint
 from lion_min.config import ConfigError
 from lion_min.model import ModelArgs, Transformer
-from lion_min.sample import filter_logits, generate, main, read_prompts, sample_next
+from lion_min.cli import sample_main as main
+from lion_min.sample import filter_logits, generate, read_prompts, sample_next
 from tokenizers_for_tests import build_gemma_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

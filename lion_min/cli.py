@@ -1,0 +1,186 @@
+"""The command lines: flags to a stage, the presets, the no-flag demo, and how a command ends.
+
+    python train_sft.py [flags]          # or: python -m lion_min.sft, lion-sft once installed
+    python train_dpo.py [flags]          # python -m lion_min.dpo, lion-dpo
+    python train_online.py [flags]       # python -m lion_min.online, lion-online
+    python -m lion_min.sample [flags]    # sample_main
+    python -m lion_min.prepare [sft|dpo] [flags]   # prepare_main
+
+This is the top of the package (README "Architecture"): it imports the stages and the demo; no
+module below imports it (a module's `if __name__ == "__main__":` block may, being a script).
+"""
+
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from lion_min import demo, sample
+from lion_min.chat import get_template, stop_token_ids
+from lion_min.checkpoint import load_model, resolve_path
+from lion_min.config import ConfigError, format_config
+from lion_min.flags import parse_cli, recipe_presets
+from lion_min.sample import SampleConfig, encode_prompt, folder_template, generate, read_prompts
+from lion_min.stage import resolve_dtype
+from lion_min.tokenizer import Tokenizer
+
+
+def presets(stage: str) -> dict[str, dict]:
+    """Every preset a stage's command line knows: the demo's ("demo", "debug") and the recipe files'."""
+    return demo.presets(stage) | recipe_presets(stage)
+
+
+def default_preset(stage: str):
+    """The preset a command line without --preset or --config gets: the demo when it names no
+    starting model and no data (demo.wanted), else none."""
+    return demo.wanted(stage)
+
+
+def stage_main(config_cls, run, argv: Optional[list[str]], doc: str):
+    """What each train_*.py script runs: the presets (the demo's and the recipes'), the command
+    line, then the stage, on the demo's files when the demo (or debug) preset is chosen, which is
+    what a command line without a model and data means (lion_min/demo.py)."""
+    stage = config_cls.STAGE
+    cfg = parse_cli(config_cls, presets(stage), argv, default_preset=default_preset(stage), doc=doc)
+    if cfg.preset in ("demo", "debug"):
+        return demo.run_stage(stage, cfg, run)
+    return run(cfg)
+
+
+def run_cli(main) -> None:
+    """Run a stage's main(); bad input (a ValueError naming the file, line or key), a missing file,
+    or a non-finite loss ends the process with that one line on stderr and exit status 2."""
+    from lion_min.train import StopRequested
+
+    try:
+        main()
+    except StopRequested as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (loading, sampling), or a second one
+        print("stopped by Ctrl-C (no checkpoint written for this part of the run)", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        # One line, even when a library's message (huggingface_hub's, say) spans several.
+        message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    # After success only (a failed rank must not wait for the others): leave the process group
+    # and exit without the interpreter's teardown (parallel.shutdown says why).
+    from lion_min.parallel import shutdown
+
+    shutdown()
+
+
+# --- the stages' command lines (python -m lion_min.sft, lion-sft, ...) -----------------------------
+
+
+def sft_main(argv=None):
+    from lion_min import sft
+
+    return stage_main(sft.SFTConfig, sft.run, argv, sft.__doc__)
+
+
+def dpo_main(argv=None):
+    from lion_min import dpo
+
+    return stage_main(dpo.DPOConfig, dpo.run, argv, dpo.__doc__)
+
+
+def online_main(argv=None):
+    from lion_min import online
+
+    return stage_main(online.OnlineConfig, online.run, argv, online.__doc__)
+
+
+def sft():
+    """The console script lion-sft (pyproject.toml)."""
+    run_cli(sft_main)
+
+
+def dpo():
+    """The console script lion-dpo."""
+    run_cli(dpo_main)
+
+
+def online():
+    """The console script lion-online."""
+    run_cli(online_main)
+
+
+# --- python -m lion_min.sample ---------------------------------------------------------------------
+
+
+def sample_main(argv: Optional[list[str]] = None) -> list[str]:
+    """python -m lion_min.sample (its module docstring is the --help text): the completions, printed."""
+    cfg = parse_cli(SampleConfig, {}, argv, doc=sample.__doc__.split("\n\nHow a batch runs")[0])
+    if not cfg.model:
+        raise ConfigError("--model=DIR is required")
+    if not cfg.prompt and not cfg.prompts_file:
+        raise ConfigError("give --prompt=TEXT or --prompts_file=FILE")
+    if cfg.chat_template not in ("none", "auto"):
+        get_template(cfg.chat_template)  # unknown names fail here, before loading anything
+    prompts = ([cfg.prompt] if cfg.prompt else []) + (read_prompts(cfg.prompts_file) if cfg.prompts_file else [])
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    folder = resolve_path(cfg.model)
+    tokenizer = Tokenizer.from_dir(folder)
+    template, why = (folder_template(folder, tokenizer) if cfg.chat_template == "auto"
+                     else (cfg.chat_template, "--chat_template"))
+    ids = [encode_prompt(tokenizer, p, template) for p in prompts]  # bad prompts fail before the weights load
+    model = load_model(folder, dtype=dtype, device=device)
+    if template == "none":
+        stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    else:
+        stop = stop_token_ids(tokenizer, template)
+    print(f"config:\n{format_config(cfg)}")
+    print(f"chat template: {template} ({why})")
+    out, stats = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          top_k=cfg.top_k, stop_ids=stop, pad_id=tokenizer.pad_id or 0, seed=cfg.seed,
+                          batch_size=cfg.batch_size, return_stats=True)
+    texts = [tokenizer.decode([t for t in row if t not in stop]) for row in out]
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        print(f"--- [{i}] prompt: {prompt!r}\n{text}")
+    print(f"--- {stats} ({device}, {dtype})")
+    return texts
+
+
+# --- python -m lion_min.prepare --------------------------------------------------------------------
+
+
+def prepare_main(argv: Optional[list[str]] = None) -> None:
+    """python -m lion_min.prepare [sft|dpo] --model=... --data=... [the stage's flags] (its module
+    docstring is the --help text)"""
+    from lion_min import dpo, prepare, sft
+    from lion_min.parallel import init_distributed
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    stage = argv.pop(0) if argv and not argv[0].startswith("-") else "sft"
+    stages = {"sft": (sft.SFTConfig, prepare.prepare_sft, sft.load_sft_data),
+              "dpo": (dpo.DPOConfig, prepare.prepare_dpo, dpo.load_dpo_data)}
+    if stage not in stages:
+        raise ConfigError(f"python -m lion_min.prepare {stage}: expected sft or dpo")
+    cls, prepare_data, load = stages[stage]
+    cfg = parse_cli(cls, presets(stage), argv, doc=prepare.__doc__)
+    if not cfg.model or not cfg.data:
+        raise ConfigError("--model (for its tokenizer) and --data are required")
+    if cfg.data_cache == "off":
+        raise ConfigError("--data_cache=off: nothing to prepare (give a folder, or auto)")
+    d = init_distributed("cpu")
+    tokenizer = Tokenizer.from_dir(resolve_path(cfg.model, cfg.revision))
+    t0 = time.perf_counter()
+    prep = prepare_data(cfg, tokenizer, d, load=lambda: load(cfg))
+    if d.main:
+        print(prep.data_summary)
+        for name, split in (("", prep.train), ("eval: ", prep.eval)):
+            if isinstance(split, prepare.PreparedRows):
+                print(name + sft.packing_line(split.counts, len(split), cfg.seq_len) +
+                      f"; {split.counts.real_tokens:,} tokens")
+            elif split is not None:
+                st = split.stats
+                print(f"{name}{st['pairs']} pairs: {len(split)} kept, {st['prompt_truncated']} with the prompt "
+                      f"truncated, {st['response_truncated']} with a response truncated, {st['dropped']} dropped; "
+                      f"{int(split.docs[-1]):,} tokens")
+        print(f"{d.world} process(es), {time.perf_counter() - t0:.1f}s in all; {prep.how()}")
