@@ -158,8 +158,8 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     stage = argv.pop(0) if argv and not argv[0].startswith("-") else "sft"
-    stages = {"sft": (sft.SFTConfig, prepare.prepare_sft, sft.load_sft_data),
-              "dpo": (dpo.DPOConfig, prepare.prepare_dpo, dpo.load_dpo_data)}
+    stages = {"sft": (sft.SFTConfig, sft.prepare_sft, sft.load_sft_data),
+              "dpo": (dpo.DPOConfig, dpo.prepare_dpo, dpo.load_dpo_data)}
     if stage not in stages:
         raise ConfigError(f"python -m lion_min.prepare {stage}: expected sft or dpo")
     cls, prepare_data, load = stages[stage]
@@ -175,7 +175,7 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
     if d.main:
         print(prep.data_summary)
         for name, split in (("", prep.train), ("eval: ", prep.eval)):
-            if isinstance(split, prepare.PreparedRows):
+            if isinstance(split, sft.PreparedRows):
                 print(name + sft.packing_line(split.counts, len(split), cfg.seq_len) +
                       f"; {split.counts.real_tokens:,} tokens")
             elif split is not None:

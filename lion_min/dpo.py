@@ -11,12 +11,15 @@ in out_dir, after which no reference model is held. The loss is losses.dpo_loss 
 cDPO, IPO, hinge), averaged over the pairs of the global batch.
 """
 
+import collections.abc
 import dataclasses
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -30,7 +33,9 @@ from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
 from lion_min.parallel import Dist, all_reduce_sum, init_distributed
-from lion_min.prepare import prepare_dpo
+from lion_min.prepare import (CODE, ENCODE_BATCH as SHARD_BATCH, Prepared, Sequences, ShardWriter, cache_root,
+                              cache_fingerprint, concat_shards, data_identity, open_prepared, prepare_folder,
+                              token_dtype, tokenizer_identity, uses_seed)
 from lion_min.run_dir import claim
 from lion_min.stage import (build_from_folder, check_same_architecture, check_seq_len, export_dtype, load_policy,
                             opening_summary, resolve_dtype, with_system)
@@ -139,6 +144,82 @@ def encode_pairs(prefs, tokenizer, template: str, max_len: int, max_prompt_len: 
             st.response_truncated += any(s[3] for s in sides)
             out.append(EncodedPair(chosen=ChatEncoding(*sides[0][:2]), rejected=ChatEncoding(*sides[1][:2])))
     return out, st
+
+
+# --- prepared data: the encoded pairs in the data cache (lion_min/prepare.py) --------------------
+
+
+def dpo_fingerprint(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
+    """(fingerprint, the parts it hashes) of a DPO config's encoded pairs."""
+    parts = {
+        "stage": "dpo", "data": data_identity(cfg.data), "eval_data": data_identity(cfg.eval_data),
+        "eval_fraction": cfg.eval_fraction, "schema": cfg.schema, "skip_bad": cfg.skip_bad,
+        "seed": cfg.seed if uses_seed(cfg) else None, "tokenizer": tokenizer_identity(tokenizer),
+        "chat_template": cfg.chat_template, "system_prompt": cfg.system_prompt, "max_len": cfg.max_len,
+        "max_prompt_len": cfg.max_prompt_len,
+    }
+    return cache_fingerprint(parts, CODE + ("dpo.py",)), parts
+
+
+class PreparedPairs(Sequences, collections.abc.Sequence):
+    """One split's DPO pairs on disk: pairs[i] is EncodedPair(sequence 2i, sequence 2i + 1), as
+    encode_pairs made them; a list of those for a slice."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.stats = self.meta["stats"]
+        """PairStats of the encoding, as a dict."""
+
+    def __len__(self) -> int:
+        return (len(self.docs) - 1) // 2
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"pair {i} of {len(self)}")
+        i = int(i) % len(self)
+        return EncodedPair(chosen=self.example(2 * i), rejected=self.example(2 * i + 1))
+
+
+def encode_pair_shard(prefs: list, out: Path, tokenizer: Tokenizer, template: str, max_len: int,
+                      max_prompt_len: int, system_prompt) -> None:
+    """encode_pairs on `prefs` (in chunks) into a shard: each kept pair's chosen then rejected
+    sequence, their lengths, and the pair counts."""
+    w = ShardWriter(out, token_dtype(tokenizer.vocab_size))
+    lengths, total = [], PairStats()
+    for s in range(0, len(prefs), SHARD_BATCH):
+        pairs, st = encode_pairs(prefs[s : s + SHARD_BATCH], tokenizer, template, max_len, max_prompt_len,
+                                 system_prompt)
+        sides = [side for p in pairs for side in (p.chosen, p.rejected)]
+        w.write(list(chain.from_iterable(x.input_ids for x in sides)), list(chain.from_iterable(x.loss_mask for x in sides)))
+        lengths += [len(x.input_ids) for x in sides]
+        total = PairStats(*(a + b for a, b in zip(dataclasses.astuple(total), dataclasses.astuple(st))))
+    w.close(lengths=np.asarray(lengths, dtype=np.int64), stats=np.asarray(dataclasses.astuple(total), dtype=np.int64))
+
+
+def merge_pair_shards(shards: list[Path], out: Path, dtype: np.dtype) -> dict:
+    arrays = concat_shards(shards, out)
+    np.save(out / "docs.npy", np.concatenate([[0], np.cumsum(arrays["lengths"])]).astype(np.int64))
+    names = [f.name for f in dataclasses.fields(PairStats)]
+    stats = dict(zip(names, map(int, arrays["stats"].reshape(-1, len(names)).sum(0))))
+    meta = {"token_dtype": dtype.name, "stats": stats}
+    (out / "split.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def prepare_dpo(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[list, list, str]]) -> Prepared:
+    """The encoded pairs of a DPO config (PreparedPairs), as prepare_sft; load() gives preferences."""
+    fp, parts = dpo_fingerprint(cfg, tokenizer)
+    final = cache_root(cfg.data_cache) / fp
+    seconds = prepare_folder(
+        final, d, load,
+        encode=lambda prefs, out: encode_pair_shard(prefs, out, tokenizer, cfg.chat_template, cfg.max_len,
+                                                    cfg.max_prompt_len, cfg.system_prompt),
+        merge=lambda shards, out: merge_pair_shards(shards, out, token_dtype(tokenizer.vocab_size)),
+        parts=parts)
+    return open_prepared(final, PreparedPairs, seconds)
+
 
 
 def pair_micro(pairs: Sequence[EncodedPair], sel: np.ndarray, max_len: int, pad_id: int, device,

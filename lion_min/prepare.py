@@ -4,12 +4,17 @@
     torchrun --nproc_per_node=8 -m lion_min.prepare sft ...               # the same, 8 processes
     python -m lion_min.prepare dpo --model=M --data=D [the DPO flags]     # preference pairs
 
-The stages call `prepare_sft` / `prepare_dpo` themselves, so a run with an unprepared data set
-prepares it first (every rank encoding its share) and a later run, or a resume, reuses it.
+The stages call `sft.prepare_sft` / `dpo.prepare_dpo` themselves, so a run with an unprepared data
+set prepares it first (every rank encoding its share) and a later run, or a resume, reuses it.
+
+This module is the part the stages share: the fingerprint's pieces, the cache folder, the shard
+writer, the memory-mapped sequences, and `prepare_folder`, which shares the work across ranks. It
+is handed each stage's own encoding and layout (sft.py: encode_shard, merge_shards, PreparedRows;
+dpo.py: encode_pair_shard, merge_pair_shards, PreparedPairs) and knows no stage.
 
 Where: --data_cache=DIR (default `auto`: $XDG_CACHE_HOME/lion_min/data, else
 ~/.cache/lion_min/data), one folder per fingerprint: the sha256 of everything that changes the
-tokens (`sft_fingerprint`): each data file's bytes (a hub file: its repo, commit and path, fixed by
+tokens (`sft.sft_fingerprint`, `dpo.dpo_fingerprint`): each data file's bytes (a hub file: its repo, commit and path, fixed by
 the commit; not the path: a copy is the same data), each source's fraction, weight, schema and
 columns, skip_bad, the eval split, the seed where it samples,
 the tokenizer.json and special tokens, the chat template, the system prompt, seq_len, packing,
@@ -36,17 +41,15 @@ The format of one split (train/, eval/), all flat arrays:
     row_targets.npy  (rows,) int64 target tokens of each row: the global normaliser of a step
                   without reading the rows
 
-From these `PreparedRows.take(rows)` builds, per micro-batch, exactly what packing.pack() gives
+From these `sft.PreparedRows.take(rows)` builds, per micro-batch, exactly what packing.pack() gives
 for those rows (it calls pack() on each row's conversations), so host memory grows with the batch,
 not with the data set: 5 bytes per token on disk (4 + 1) instead of 32 in memory.
 
-DPO (`prepare_dpo`): the same tokens.bin, mask.bin and docs.npy hold each kept pair's chosen then
+DPO (`dpo.prepare_dpo`): the same tokens.bin, mask.bin and docs.npy hold each kept pair's chosen then
 rejected sequence as dpo.encode_pairs made them (truncated, final reply scored), and split.json
 its PairStats; `PreparedPairs[i]` is pair i, read from disk when a micro-batch needs it.
 """
 
-import collections.abc
-import dataclasses
 import hashlib
 import json
 import os
@@ -55,19 +58,16 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import tokenizers
 
-from lion_min.chat import ChatEncoding, encode_chats
+from lion_min.chat import ChatEncoding
 from lion_min.checkpoint import hash_files
 from lion_min.data import parse_mixture, resolve_files
-from lion_min.packing import FIELDS, Packed, best_fit_decreasing, pack
 from lion_min.parallel import Dist
-from lion_min.stage import with_system
 from lion_min.tokenizer import Tokenizer
 
 FORMAT = 1
@@ -75,9 +75,10 @@ FORMAT = 1
 ENCODE_BATCH = 1024
 """Conversations per batched tokenizer call."""
 CODE = ("chat.py", "packing.py", "prepare.py", "data.py", "schemas.py", "tokenizer.py", "stage.py")
-"""The modules whose source is part of the fingerprint: they decide the tokens and the rows (for
-DPO also dpo.py, which truncates the pairs; tokenizer.py calls the tokenizer, stage.py inserts the
-system turn). The tokenizers library's version is hashed too."""
+"""The modules whose source is part of every fingerprint: they decide the tokens and the rows
+(tokenizer.py calls the tokenizer, stage.py inserts the system turn); each stage adds its own file,
+which encodes and lays out its data (sft.py packs the rows, dpo.py truncates the pairs). The
+tokenizers library's version is hashed too."""
 _HUB_FILE = re.compile(r"datasets--[^/]+/snapshots/[0-9a-f]{40}/.+$")
 
 
@@ -120,40 +121,16 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict:
             "pad_id": tokenizer.pad_id, "tokenizers": tokenizers.__version__}
 
 
-def _samples(cfg) -> bool:
+def uses_seed(cfg) -> bool:
     """Whether cfg.seed changes which records are used (a mixture that samples, a random split)."""
     sampled = any(s.fraction not in (None, 1.0) or s.weight is not None for s in parse_mixture(cfg.data))
     return sampled or (not cfg.eval_data and cfg.eval_fraction > 0)
 
 
-def fingerprint(parts: dict, code_files: tuple[str, ...] = CODE) -> str:
+def cache_fingerprint(parts: dict, code_files: tuple[str, ...] = CODE) -> str:
     code = {name: _sha256_file(Path(__file__).parent / name) for name in code_files}
     blob = json.dumps(parts | {"format": FORMAT, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def sft_fingerprint(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
-    """(fingerprint, the parts it hashes) of an SFT config's prepared rows."""
-    parts = {
-        "stage": "sft", "data": data_identity(cfg.data), "eval_data": data_identity(cfg.eval_data),
-        "eval_fraction": cfg.eval_fraction, "schema": cfg.schema, "columns": cfg.columns, "skip_bad": cfg.skip_bad,
-        "seed": cfg.seed if _samples(cfg) else None, "tokenizer": tokenizer_identity(tokenizer),
-        "chat_template": cfg.chat_template, "system_prompt": cfg.system_prompt, "seq_len": cfg.seq_len,
-        "packing": cfg.packing, "train_on": cfg.train_on if cfg.loss_mask else "all", "overflow": cfg.overflow,
-    }
-    return fingerprint(parts), parts
-
-
-def dpo_fingerprint(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
-    """(fingerprint, the parts it hashes) of a DPO config's encoded pairs."""
-    parts = {
-        "stage": "dpo", "data": data_identity(cfg.data), "eval_data": data_identity(cfg.eval_data),
-        "eval_fraction": cfg.eval_fraction, "schema": cfg.schema, "skip_bad": cfg.skip_bad,
-        "seed": cfg.seed if _samples(cfg) else None, "tokenizer": tokenizer_identity(tokenizer),
-        "chat_template": cfg.chat_template, "system_prompt": cfg.system_prompt, "max_len": cfg.max_len,
-        "max_prompt_len": cfg.max_prompt_len,
-    }
-    return fingerprint(parts, CODE + ("dpo.py",)), parts
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -176,61 +153,6 @@ class Sequences:
     def example(self, i: int) -> ChatEncoding:
         a, b = self.docs[i], self.docs[i + 1]
         return ChatEncoding(self.tokens[a:b].tolist(), self.mask[a:b].astype(bool).tolist())
-
-
-class PreparedRows(Sequences):
-    """One split's packed SFT rows on disk (see the module docstring)."""
-
-    def __init__(self, folder: Path):
-        super().__init__(folder)
-        self.seq_len, self.pad_id = self.meta["seq_len"], self.meta["pad_id"]
-        self.isolate = True
-        """--isolate_documents: decided when rows are taken (the stored tokens are the same either way)."""
-        self.counts = Packed(rows={}, **self.meta["counts"])
-        """pack()'s counters for these rows (its rows stay on disk)."""
-        self.row_offsets = np.load(folder / "rows.npy")
-        self.row_docs = np.load(folder / "row_docs.npy")
-        self.row_targets = np.load(folder / "row_targets.npy")
-
-    def __len__(self) -> int:
-        return len(self.row_targets)
-
-    def take(self, sel) -> dict[str, np.ndarray]:
-        """The rows `sel` as (len(sel), seq_len) int64 arrays: pack()'s rows[k][sel] (FIELDS)."""
-        out = []
-        for r in sel:
-            docs = self.row_docs[self.row_offsets[r] : self.row_offsets[r + 1]]
-            # The row's conversations fill one bin, in the given order: pack() lays them out as the
-            # full packing did; only the doc ids are local (0, 1, ...) and are mapped back.
-            row = pack([self.example(i) for i in docs], self.seq_len, self.pad_id, isolate=self.isolate).rows
-            row["doc_ids"] = np.where(row["doc_ids"] >= 0, docs[np.maximum(row["doc_ids"], 0)], -1)
-            out.append(row)
-        if not out:
-            return {k: np.zeros((0, self.seq_len), np.int64) for k in FIELDS}
-        return {k: np.concatenate([row[k] for row in out]) for k in FIELDS}
-
-
-class PreparedPairs(Sequences, collections.abc.Sequence):
-    """One split's DPO pairs on disk: pairs[i] is dpo.EncodedPair(sequence 2i, sequence 2i + 1), as
-    dpo.encode_pairs made them; a list of those for a slice."""
-
-    def __init__(self, folder: Path):
-        super().__init__(folder)
-        self.stats = self.meta["stats"]
-        """dpo.PairStats of the encoding, as a dict."""
-
-    def __len__(self) -> int:
-        return (len(self.docs) - 1) // 2
-
-    def __getitem__(self, i):
-        from lion_min.dpo import EncodedPair
-
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"pair {i} of {len(self)}")
-        i = int(i) % len(self)
-        return EncodedPair(chosen=self.example(2 * i), rejected=self.example(2 * i + 1))
 
 
 @dataclass
@@ -281,7 +203,7 @@ class ShardWriter:
         (self.out / "done").touch()
 
 
-def _concat_shards(shards: list[Path], out: Path) -> dict[str, np.ndarray]:
+def concat_shards(shards: list[Path], out: Path) -> dict[str, np.ndarray]:
     """The shards' tokens.bin and mask.bin, in order, into out/; their lengths.npz arrays joined."""
     out.mkdir(parents=True)
     for name in ("tokens.bin", "mask.bin"):
@@ -291,89 +213,6 @@ def _concat_shards(shards: list[Path], out: Path) -> dict[str, np.ndarray]:
                     shutil.copyfileobj(part, f, 1 << 24)
     parts = [np.load(s / "lengths.npz") for s in shards]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files}
-
-
-def encode_shard(convs: list, out: Path, tokenizer: Tokenizer, template: str, train_on: str, system_prompt,
-                 seq_len: int, overflow: str) -> None:
-    """Encode `convs` (encode_chats, in batches) into a shard: their kept tokens and masks, and per
-    conversation the kept tokens, the full length and the target tokens."""
-    w = ShardWriter(out, token_dtype(tokenizer.vocab_size))
-    kept, full, targets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for s in range(0, len(convs), ENCODE_BATCH):
-        batch = [with_system(c, system_prompt) for c in convs[s : s + ENCODE_BATCH]]
-        b = encode_chats(tokenizer, batch, template, train_on)
-        n = np.diff(b.starts)  # (conversations,) full lengths
-        limit = np.where(n > seq_len, 0 if overflow == "drop" else seq_len, n)
-        doc = np.repeat(np.arange(len(n)), n)  # (tokens,) conversation of each token
-        pos = np.arange(len(doc)) - b.starts[doc]  # position within its conversation
-        keep = pos < limit[doc]
-        w.write(b.input_ids[keep], b.loss_mask[keep])
-        # Token t is a target when it trains and is not its conversation's first (nothing
-        # predicts that one), as pack() counts them.
-        kept.append(limit)
-        full.append(n)
-        targets.append(np.bincount(doc[keep & (pos >= 1) & b.loss_mask], minlength=len(n)))
-    w.close(kept=np.concatenate(kept), full=np.concatenate(full), targets=np.concatenate(targets))
-
-
-def merge_shards(shards: list[Path], out: Path, seq_len: int, packing: bool, overflow: str, pad_id: int,
-                 dtype: np.dtype) -> dict:
-    """The shards (in order) -> one split folder: tokens and masks concatenated, the rows laid out
-    as pack() lays them out (best_fit_decreasing, or one conversation per row). Returns its meta."""
-    lengths = _concat_shards(shards, out)
-    kept, full, targets = lengths["kept"], lengths["full"], lengths["targets"]
-    docs = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
-    examples = np.flatnonzero(kept > 0)  # dropped conversations have no tokens
-    if packing:
-        row_list = [examples[b] for b in best_fit_decreasing(kept[examples].tolist(), seq_len)]
-    else:
-        row_list = [examples[i : i + 1] for i in range(len(examples))]
-    rows = np.concatenate([[0], np.cumsum([len(r) for r in row_list])]).astype(np.int64)
-    row_docs = np.concatenate(row_list).astype(np.int64) if row_list else np.zeros(0, np.int64)
-    cum = np.concatenate([[0], np.cumsum(targets[row_docs])])
-    row_targets = (cum[rows[1:]] - cum[rows[:-1]]).astype(np.int64)
-    for name, arr in (("docs", docs), ("rows", rows), ("row_docs", row_docs), ("row_targets", row_targets)):
-        np.save(out / f"{name}.npy", arr)
-    counts = {
-        "num_examples": len(kept), "num_packed": len(examples),
-        "num_truncated": int((full > seq_len).sum()) if overflow == "truncate" else 0,
-        "num_dropped": int((full > seq_len).sum()) if overflow == "drop" else 0,
-        "real_tokens": int(kept.sum()), "row_tokens": (len(rows) - 1) * seq_len,
-        "target_tokens": int(row_targets.sum()),
-    }
-    meta = {"seq_len": seq_len, "pad_id": pad_id, "token_dtype": dtype.name, "counts": counts}
-    (out / "split.json").write_text(json.dumps(meta, indent=2))
-    return meta
-
-
-def encode_pair_shard(prefs: list, out: Path, tokenizer: Tokenizer, template: str, max_len: int,
-                      max_prompt_len: int, system_prompt) -> None:
-    """dpo.encode_pairs on `prefs` (in chunks) into a shard: each kept pair's chosen then rejected
-    sequence, their lengths, and the pair counts."""
-    from lion_min.dpo import PairStats, encode_pairs
-
-    w = ShardWriter(out, token_dtype(tokenizer.vocab_size))
-    lengths, total = [], PairStats()
-    for s in range(0, len(prefs), ENCODE_BATCH):
-        pairs, st = encode_pairs(prefs[s : s + ENCODE_BATCH], tokenizer, template, max_len, max_prompt_len,
-                                 system_prompt)
-        sides = [side for p in pairs for side in (p.chosen, p.rejected)]
-        w.write(list(chain.from_iterable(x.input_ids for x in sides)), list(chain.from_iterable(x.loss_mask for x in sides)))
-        lengths += [len(x.input_ids) for x in sides]
-        total = PairStats(*(a + b for a, b in zip(dataclasses.astuple(total), dataclasses.astuple(st))))
-    w.close(lengths=np.asarray(lengths, dtype=np.int64), stats=np.asarray(dataclasses.astuple(total), dtype=np.int64))
-
-
-def merge_pair_shards(shards: list[Path], out: Path, dtype: np.dtype) -> dict:
-    from lion_min.dpo import PairStats
-
-    arrays = _concat_shards(shards, out)
-    np.save(out / "docs.npy", np.concatenate([[0], np.cumsum(arrays["lengths"])]).astype(np.int64))
-    names = [f.name for f in dataclasses.fields(PairStats)]
-    stats = dict(zip(names, map(int, arrays["stats"].reshape(-1, len(names)).sum(0))))
-    meta = {"token_dtype": dtype.name, "stats": stats}
-    (out / "split.json").write_text(json.dumps(meta, indent=2))
-    return meta
 
 
 # --- preparing ------------------------------------------------------------------------------------
@@ -414,7 +253,7 @@ def _temporary_folder(final: Path, d: Dist) -> Path:
     return final.parent / name[0]
 
 
-def _prepare(final: Path, d: Dist, load: Callable[[], tuple[list, list, str]],
+def prepare_folder(final: Path, d: Dist, load: Callable[[], tuple[list, list, str]],
              encode: Callable[[list, Path], None], merge: Callable[[list[Path], Path], None], parts: dict) -> float:
     """Make the folder `final` unless it exists: every rank encodes its share of each split into a
     shard, rank 0 merges them and renames the temporary folder last. Returns the seconds spent
@@ -466,41 +305,6 @@ def _prepare(final: Path, d: Dist, load: Callable[[], tuple[list, list, str]],
             shutil.rmtree(tmp)
     _wait_for([final / "meta.json"])
     return time.perf_counter() - t0
-
-
-def prepare_sft(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[list, list, str]]) -> Prepared:
-    """The prepared rows of an SFT config (PreparedRows): from the cache, or prepared now (every
-    rank its share). load() -> (train conversations, eval conversations, LoadStats summary), called
-    only when the cache misses."""
-    fp, parts = sft_fingerprint(cfg, tokenizer)
-    final = cache_root(cfg.data_cache) / fp
-    train_on = cfg.train_on if cfg.loss_mask else "all"
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    seconds = _prepare(
-        final, d, load,
-        encode=lambda convs, out: encode_shard(convs, out, tokenizer, cfg.chat_template, train_on, cfg.system_prompt,
-                                               cfg.seq_len, cfg.overflow),
-        merge=lambda shards, out: merge_shards(shards, out, cfg.seq_len, cfg.packing, cfg.overflow, pad_id,
-                                               token_dtype(tokenizer.vocab_size)),
-        parts=parts)
-    prepared = open_prepared(final, PreparedRows, seconds)
-    for split in (prepared.train, prepared.eval):
-        if split is not None:
-            split.isolate = cfg.isolate_documents
-    return prepared
-
-
-def prepare_dpo(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[list, list, str]]) -> Prepared:
-    """The encoded pairs of a DPO config (PreparedPairs), as prepare_sft; load() gives preferences."""
-    fp, parts = dpo_fingerprint(cfg, tokenizer)
-    final = cache_root(cfg.data_cache) / fp
-    seconds = _prepare(
-        final, d, load,
-        encode=lambda prefs, out: encode_pair_shard(prefs, out, tokenizer, cfg.chat_template, cfg.max_len,
-                                                    cfg.max_prompt_len, cfg.system_prompt),
-        merge=lambda shards, out: merge_pair_shards(shards, out, token_dtype(tokenizer.vocab_size)),
-        parts=parts)
-    return open_prepared(final, PreparedPairs, seconds)
 
 
 if __name__ == "__main__":  # python -m lion_min.prepare: cli.prepare_main (it knows the stages)

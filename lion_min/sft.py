@@ -7,20 +7,26 @@ targets unless loss_mask is off. The objective is the token mean of -log p over 
 the global batch (losses.sft_loss), whatever the micro-batching or world size.
 """
 
+import json
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 
-from lion_min.chat import ChatEncoding, encode_chat, get_template
+from lion_min.chat import ChatEncoding, encode_chat, encode_chats, get_template
 from lion_min.config import ConfigError, DataConfig, check_values, format_config
 from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
-from lion_min.packing import Packed, pack
-from lion_min.parallel import init_distributed
-from lion_min.prepare import prepare_sft
+from lion_min.packing import FIELDS, Packed, best_fit_decreasing, pack
+from lion_min.parallel import Dist, init_distributed
+from lion_min.prepare import (CODE, ENCODE_BATCH, Prepared, Sequences, ShardWriter, cache_root, concat_shards,
+                              cache_fingerprint, data_identity, open_prepared, prepare_folder, token_dtype,
+                              tokenizer_identity, uses_seed)
 from lion_min.run_dir import claim
 from lion_min.stage import check_seq_len, export_dtype, load_policy, opening_summary, resolve_dtype, with_system
+from lion_min.tokenizer import Tokenizer
 from lion_min.train import Batches, TrainResult, eval_size, row_batches, train
 
 
@@ -123,6 +129,129 @@ def load_sft_data(cfg: SFTConfig) -> tuple[list, list, str]:
     else:
         convs, eval_convs = train_eval_split(convs, cfg.eval_fraction, cfg.seed)
     return convs, eval_convs, stats.summary()
+
+
+# --- prepared data: the packed rows in the data cache (lion_min/prepare.py) ----------------------
+
+
+def sft_fingerprint(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
+    """(fingerprint, the parts it hashes) of an SFT config's prepared rows."""
+    parts = {
+        "stage": "sft", "data": data_identity(cfg.data), "eval_data": data_identity(cfg.eval_data),
+        "eval_fraction": cfg.eval_fraction, "schema": cfg.schema, "columns": cfg.columns, "skip_bad": cfg.skip_bad,
+        "seed": cfg.seed if uses_seed(cfg) else None, "tokenizer": tokenizer_identity(tokenizer),
+        "chat_template": cfg.chat_template, "system_prompt": cfg.system_prompt, "seq_len": cfg.seq_len,
+        "packing": cfg.packing, "train_on": cfg.train_on if cfg.loss_mask else "all", "overflow": cfg.overflow,
+    }
+    return cache_fingerprint(parts, CODE + ("sft.py",)), parts
+
+
+class PreparedRows(Sequences):
+    """One split's packed SFT rows on disk (see the module docstring)."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.seq_len, self.pad_id = self.meta["seq_len"], self.meta["pad_id"]
+        self.isolate = True
+        """--isolate_documents: decided when rows are taken (the stored tokens are the same either way)."""
+        self.counts = Packed(rows={}, **self.meta["counts"])
+        """pack()'s counters for these rows (its rows stay on disk)."""
+        self.row_offsets = np.load(folder / "rows.npy")
+        self.row_docs = np.load(folder / "row_docs.npy")
+        self.row_targets = np.load(folder / "row_targets.npy")
+
+    def __len__(self) -> int:
+        return len(self.row_targets)
+
+    def take(self, sel) -> dict[str, np.ndarray]:
+        """The rows `sel` as (len(sel), seq_len) int64 arrays: pack()'s rows[k][sel] (FIELDS)."""
+        out = []
+        for r in sel:
+            docs = self.row_docs[self.row_offsets[r] : self.row_offsets[r + 1]]
+            # The row's conversations fill one bin, in the given order: pack() lays them out as the
+            # full packing did; only the doc ids are local (0, 1, ...) and are mapped back.
+            row = pack([self.example(i) for i in docs], self.seq_len, self.pad_id, isolate=self.isolate).rows
+            row["doc_ids"] = np.where(row["doc_ids"] >= 0, docs[np.maximum(row["doc_ids"], 0)], -1)
+            out.append(row)
+        if not out:
+            return {k: np.zeros((0, self.seq_len), np.int64) for k in FIELDS}
+        return {k: np.concatenate([row[k] for row in out]) for k in FIELDS}
+
+
+def encode_shard(convs: list, out: Path, tokenizer: Tokenizer, template: str, train_on: str, system_prompt,
+                 seq_len: int, overflow: str) -> None:
+    """Encode `convs` (encode_chats, in batches) into a shard: their kept tokens and masks, and per
+    conversation the kept tokens, the full length and the target tokens."""
+    w = ShardWriter(out, token_dtype(tokenizer.vocab_size))
+    kept, full, targets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for s in range(0, len(convs), ENCODE_BATCH):
+        batch = [with_system(c, system_prompt) for c in convs[s : s + ENCODE_BATCH]]
+        b = encode_chats(tokenizer, batch, template, train_on)
+        n = np.diff(b.starts)  # (conversations,) full lengths
+        limit = np.where(n > seq_len, 0 if overflow == "drop" else seq_len, n)
+        doc = np.repeat(np.arange(len(n)), n)  # (tokens,) conversation of each token
+        pos = np.arange(len(doc)) - b.starts[doc]  # position within its conversation
+        keep = pos < limit[doc]
+        w.write(b.input_ids[keep], b.loss_mask[keep])
+        # Token t is a target when it trains and is not its conversation's first (nothing
+        # predicts that one), as pack() counts them.
+        kept.append(limit)
+        full.append(n)
+        targets.append(np.bincount(doc[keep & (pos >= 1) & b.loss_mask], minlength=len(n)))
+    w.close(kept=np.concatenate(kept), full=np.concatenate(full), targets=np.concatenate(targets))
+
+
+def merge_shards(shards: list[Path], out: Path, seq_len: int, packing: bool, overflow: str, pad_id: int,
+                 dtype: np.dtype) -> dict:
+    """The shards (in order) -> one split folder: tokens and masks concatenated, the rows laid out
+    as pack() lays them out (best_fit_decreasing, or one conversation per row). Returns its meta."""
+    lengths = concat_shards(shards, out)
+    kept, full, targets = lengths["kept"], lengths["full"], lengths["targets"]
+    docs = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+    examples = np.flatnonzero(kept > 0)  # dropped conversations have no tokens
+    if packing:
+        row_list = [examples[b] for b in best_fit_decreasing(kept[examples].tolist(), seq_len)]
+    else:
+        row_list = [examples[i : i + 1] for i in range(len(examples))]
+    rows = np.concatenate([[0], np.cumsum([len(r) for r in row_list])]).astype(np.int64)
+    row_docs = np.concatenate(row_list).astype(np.int64) if row_list else np.zeros(0, np.int64)
+    cum = np.concatenate([[0], np.cumsum(targets[row_docs])])
+    row_targets = (cum[rows[1:]] - cum[rows[:-1]]).astype(np.int64)
+    for name, arr in (("docs", docs), ("rows", rows), ("row_docs", row_docs), ("row_targets", row_targets)):
+        np.save(out / f"{name}.npy", arr)
+    counts = {
+        "num_examples": len(kept), "num_packed": len(examples),
+        "num_truncated": int((full > seq_len).sum()) if overflow == "truncate" else 0,
+        "num_dropped": int((full > seq_len).sum()) if overflow == "drop" else 0,
+        "real_tokens": int(kept.sum()), "row_tokens": (len(rows) - 1) * seq_len,
+        "target_tokens": int(row_targets.sum()),
+    }
+    meta = {"seq_len": seq_len, "pad_id": pad_id, "token_dtype": dtype.name, "counts": counts}
+    (out / "split.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def prepare_sft(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[list, list, str]]) -> Prepared:
+    """The prepared rows of an SFT config (PreparedRows): from the cache, or prepared now (every
+    rank its share). load() -> (train conversations, eval conversations, LoadStats summary), called
+    only when the cache misses."""
+    fp, parts = sft_fingerprint(cfg, tokenizer)
+    final = cache_root(cfg.data_cache) / fp
+    train_on = cfg.train_on if cfg.loss_mask else "all"
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    seconds = prepare_folder(
+        final, d, load,
+        encode=lambda convs, out: encode_shard(convs, out, tokenizer, cfg.chat_template, train_on, cfg.system_prompt,
+                                               cfg.seq_len, cfg.overflow),
+        merge=lambda shards, out: merge_shards(shards, out, cfg.seq_len, cfg.packing, cfg.overflow, pad_id,
+                                               token_dtype(tokenizer.vocab_size)),
+        parts=parts)
+    prepared = open_prepared(final, PreparedRows, seconds)
+    for split in (prepared.train, prepared.eval):
+        if split is not None:
+            split.isolate = cfg.isolate_documents
+    return prepared
+
 
 
 def run(cfg: SFTConfig) -> TrainResult:

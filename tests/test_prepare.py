@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lion_min import prepare
+from lion_min import dpo, prepare, sft
 from lion_min.chat import encode_chat, encode_chats
 from lion_min.parallel import Dist
 from lion_min.sft import SFTConfig, load_sft_data, sft_rows
@@ -84,10 +84,10 @@ def config(setup, cache, **over) -> SFTConfig:
 
 
 def prepared(cfg, tok, d=ONE) -> prepare.Prepared:
-    return prepare.prepare_sft(cfg, tok, d, load=lambda: load_sft_data(cfg))
+    return sft.prepare_sft(cfg, tok, d, load=lambda: load_sft_data(cfg))
 
 
-def assert_rows_equal(store: prepare.PreparedRows, packed):
+def assert_rows_equal(store: sft.PreparedRows, packed):
     """Every row, taken from the disk in a scrambled order, equals pack()'s, as do the counters."""
     n = len(packed.rows["tokens"])
     assert len(store) == n > 5
@@ -118,7 +118,7 @@ def test_prepared_rows_equal_sft_rows(chat_setup, tmp_path, over):
     if eval_convs:
         assert_rows_equal(fresh.eval, sft_rows(eval_convs, chat_setup["tok"], cfg))
     # A later run reuses the folder (nothing loaded) and reads the same rows.
-    cached = prepare.prepare_sft(cfg, chat_setup["tok"], ONE, load=lambda: pytest.fail("the cache was not used"))
+    cached = sft.prepare_sft(cfg, chat_setup["tok"], ONE, load=lambda: pytest.fail("the cache was not used"))
     assert cached.seconds == 0 and cached.folder == fresh.folder
     assert_rows_equal(cached.train, packed)
 
@@ -128,13 +128,13 @@ def test_shards_merge_to_the_same_folder(chat_setup, tmp_path):
     convs, _, _ = load_sft_data(config(chat_setup, tmp_path))
     args = (chat_setup["tok"], "chatml", "assistant", None, 200, "truncate")
     dtype = prepare.token_dtype(chat_setup["tok"].vocab_size)
-    prepare.encode_shard(convs, tmp_path / "one" / "0", *args)
-    prepare.merge_shards([tmp_path / "one" / "0"], tmp_path / "one" / "rows", 200, True, "truncate", 0, dtype)
+    sft.encode_shard(convs, tmp_path / "one" / "0", *args)
+    sft.merge_shards([tmp_path / "one" / "0"], tmp_path / "one" / "rows", 200, True, "truncate", 0, dtype)
     cuts = [0, 7, 80, len(convs)]
     shards = [tmp_path / "three" / str(i) for i in range(3)]
     for i, s in enumerate(shards):
-        prepare.encode_shard(convs[cuts[i] : cuts[i + 1]], s, *args)
-    prepare.merge_shards(shards, tmp_path / "three" / "rows", 200, True, "truncate", 0, dtype)
+        sft.encode_shard(convs[cuts[i] : cuts[i + 1]], s, *args)
+    sft.merge_shards(shards, tmp_path / "three" / "rows", 200, True, "truncate", 0, dtype)
     files = sorted(p.name for p in (tmp_path / "one" / "rows").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "three" / "rows").iterdir())
     for name in files:
@@ -144,27 +144,27 @@ def test_shards_merge_to_the_same_folder(chat_setup, tmp_path):
 def test_fingerprint_changes_with_what_changes_the_tokens(chat_setup, tmp_path):
     tok = chat_setup["tok"]
     base = config(chat_setup, tmp_path)
-    fp = prepare.sft_fingerprint(base, tok)[0]
+    fp = sft.sft_fingerprint(base, tok)[0]
     # Not the training settings, the output folder, the cache folder, or a seed that samples nothing.
     for same in ({"lr": 1.0, "batch_size": 7, "max_steps": 3, "out_dir": "elsewhere", "epochs": 9, "seed": 5},
                  {"data_cache": str(tmp_path / "other")}):
-        assert prepare.sft_fingerprint(config(chat_setup, tmp_path, **same), tok)[0] == fp, same
+        assert sft.sft_fingerprint(config(chat_setup, tmp_path, **same), tok)[0] == fp, same
     # A copy of the data file elsewhere is the same data.
     copy = shutil.copy(chat_setup["data"], tmp_path / "copy.jsonl")
-    assert prepare.sft_fingerprint(config(chat_setup, tmp_path, data=str(copy)), tok)[0] == fp
+    assert sft.sft_fingerprint(config(chat_setup, tmp_path, data=str(copy)), tok)[0] == fp
     changed = [{"seq_len": 321}, {"chat_template": "gemma"}, {"packing": False}, {"loss_mask": False},
                {"train_on": "last"}, {"overflow": "drop"}, {"system_prompt": ""}, {"eval_fraction": 0.1}]
     for over in changed:
-        assert prepare.sft_fingerprint(config(chat_setup, tmp_path, **over), tok)[0] != fp, over
+        assert sft.sft_fingerprint(config(chat_setup, tmp_path, **over), tok)[0] != fp, over
     # The seed matters once the data is sampled.
     half = config(chat_setup, tmp_path, data=f"{chat_setup['data']}:0.5")
-    assert prepare.sft_fingerprint(half, tok)[0] != prepare.sft_fingerprint(dataclasses.replace(half, seed=1), tok)[0]
+    assert sft.sft_fingerprint(half, tok)[0] != sft.sft_fingerprint(dataclasses.replace(half, seed=1), tok)[0]
     # One byte more in the data, another tokenizer.
     edited = tmp_path / "edited.jsonl"
     edited.write_bytes(chat_setup["data"].read_bytes() + b"\n")
-    assert prepare.sft_fingerprint(config(chat_setup, tmp_path, data=str(edited)), tok)[0] != fp
+    assert sft.sft_fingerprint(config(chat_setup, tmp_path, data=str(edited)), tok)[0] != fp
     other_tok = Tokenizer.from_dir(build_gemma_tokenizer(tmp_path / "gemma_tok"))
-    assert prepare.sft_fingerprint(base, other_tok)[0] != fp
+    assert sft.sft_fingerprint(base, other_tok)[0] != fp
 
 
 def test_hub_files_are_identified_by_commit_and_path(tmp_path):
@@ -185,10 +185,10 @@ def test_an_interrupted_preparation_is_redone(chat_setup, tmp_path, monkeypatch)
         raise KeyboardInterrupt("killed while laying out the rows")
 
     with monkeypatch.context() as m:
-        m.setattr(prepare, "merge_shards", crash)
+        m.setattr(sft, "merge_shards", crash)
         with pytest.raises(KeyboardInterrupt):
             prepared(cfg, chat_setup["tok"])
-    fp = prepare.sft_fingerprint(cfg, chat_setup["tok"])[0]
+    fp = sft.sft_fingerprint(cfg, chat_setup["tok"])[0]
     left = [p.name for p in (tmp_path / "cache").iterdir()]
     assert left and all(name.startswith(f"{fp}.tmp-") for name in left)  # nothing that looks complete
     again = prepared(cfg, chat_setup["tok"])
@@ -281,7 +281,6 @@ def test_two_ranks_prepare_and_train_on_the_same_global_batches(tiny_chat_model,
 def test_encode_pairs_equals_encode_chat_per_side(tmp_path, monkeypatch):
     """The batched DPO encoder (both sides of many pairs per tokenizer call) == encode_chat on each
     side then truncate(), counts included; batches of 7 pairs so several batches are crossed."""
-    from lion_min import dpo
     from lion_min.schemas import Preference
 
     monkeypatch.setattr(dpo, "ENCODE_BATCH", 7)
@@ -311,7 +310,7 @@ def test_prepared_pairs_equal_encode_pairs(tiny_chat_model, tmp_path):
     tok = Tokenizer.from_dir(tiny_chat_model["model"])
     cfg = DPOConfig(model=str(tiny_chat_model["model"]), data=str(tiny_chat_model["prefs"]), max_len=40,
                     max_prompt_len=20, eval_fraction=0.2, system_prompt="", data_cache=str(tmp_path / "cache"))
-    prep = prepare.prepare_dpo(cfg, tok, ONE, load=lambda: load_dpo_data(cfg))
+    prep = dpo.prepare_dpo(cfg, tok, ONE, load=lambda: load_dpo_data(cfg))
     assert prep.seconds > 0
     prefs, eval_prefs, _ = load_dpo_data(cfg)
     for store, items in ((prep.train, prefs), (prep.eval, eval_prefs)):
@@ -322,16 +321,16 @@ def test_prepared_pairs_equal_encode_pairs(tiny_chat_model, tmp_path):
     assert prep.train.stats["prompt_truncated"] > 0 and prep.train.stats["response_truncated"] > 0
     with pytest.raises(IndexError):
         prep.train[len(prep.train)]
-    cached = prepare.prepare_dpo(cfg, tok, ONE, load=lambda: pytest.fail("the cache was not used"))
+    cached = dpo.prepare_dpo(cfg, tok, ONE, load=lambda: pytest.fail("the cache was not used"))
     assert cached.seconds == 0 and list(cached.train) == list(prep.train)
     # Shards: two ranks' halves merge to the same bytes as one rank's whole.
     args = (tok, "chatml", 40, 20, "")
-    prepare.encode_pair_shard(prefs, tmp_path / "one" / "0", *args)
-    prepare.merge_pair_shards([tmp_path / "one" / "0"], tmp_path / "one" / "m", np.dtype(np.uint16))
+    dpo.encode_pair_shard(prefs, tmp_path / "one" / "0", *args)
+    dpo.merge_pair_shards([tmp_path / "one" / "0"], tmp_path / "one" / "m", np.dtype(np.uint16))
     halves = [tmp_path / "two" / "0", tmp_path / "two" / "1"]
-    prepare.encode_pair_shard(prefs[:13], halves[0], *args)
-    prepare.encode_pair_shard(prefs[13:], halves[1], *args)
-    prepare.merge_pair_shards(halves, tmp_path / "two" / "m", np.dtype(np.uint16))
+    dpo.encode_pair_shard(prefs[:13], halves[0], *args)
+    dpo.encode_pair_shard(prefs[13:], halves[1], *args)
+    dpo.merge_pair_shards(halves, tmp_path / "two" / "m", np.dtype(np.uint16))
     for name in ("tokens.bin", "mask.bin", "docs.npy", "split.json"):
         assert (tmp_path / "one" / "m" / name).read_bytes() == (tmp_path / "two" / "m" / name).read_bytes() == \
                (prep.train.folder / name).read_bytes(), name
