@@ -212,7 +212,7 @@ def main(argv=None):
     from lion_min.chat import render
     from lion_min.data import load_conversations
     from lion_min.prepare import file_identity
-    from lion_min.stage import with_system
+    from lion_min.chat import with_system
     from lion_min.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model)

@@ -327,3 +327,11 @@ def stop_token_ids(tokenizer: Tokenizer, template: ChatTemplate | str) -> list[i
     if tokenizer.eos_id is not None and tokenizer.eos_id not in ids:
         ids.append(tokenizer.eos_id)
     return ids
+
+
+def with_system(messages: list[dict], system_prompt: Optional[str]) -> list[dict]:
+    """Prepend a system turn when one is configured and the conversation has none (LION inserts an
+    empty one for ChatML)."""
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}] + messages

@@ -19,10 +19,9 @@ import torch
 from lion_min import demo, sample
 from lion_min.chat import get_template, stop_token_ids
 from lion_min.checkpoint import load_model, resolve_path
-from lion_min.config import ConfigError, format_config
+from lion_min.config import ConfigError, format_config, resolve_dtype
 from lion_min.flags import parse_cli, recipe_presets
 from lion_min.sample import SampleConfig, encode_prompt, folder_template, generate, read_prompts
-from lion_min.stage import resolve_dtype
 from lion_min.tokenizer import Tokenizer
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 
 class ConfigError(ValueError):
     pass
@@ -175,6 +177,18 @@ def check_values(cfg) -> None:
                           f"contradict each other; drop one")
     if getattr(cfg, "out_dir", None) == "":
         raise ConfigError("--out_dir is empty: name the folder the run writes to")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""--dtype: the compute dtypes (master weights, optimizer state and reductions stay float32)."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype={name}: expected auto, float32 or bfloat16")
+    return DTYPES[name]
+
 
 BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
 

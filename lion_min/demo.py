@@ -449,7 +449,7 @@ def run_stage(stage: str, cfg, run):
     the online stage ends with the table of all three stages.
     """
     from lion_min.parallel import barrier, init_distributed
-    from lion_min.stage import append_summary
+    from lion_min.run_dir import append_summary
 
     d = init_distributed(cfg.device)
     if stage == "sft":

@@ -26,21 +26,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lion_min.chat import ChatEncoding, encode_chats, get_template
+from lion_min.chat import ChatEncoding, encode_chats, get_template, with_system
 from lion_min.checkpoint import hash_files, resolve_path
-from lion_min.config import ConfigError, DataConfig, check_values, format_config
+from lion_min.config import ConfigError, DataConfig, check_values, format_config, resolve_dtype
 from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
 from lion_min.parallel import Dist, all_reduce_sum, init_distributed
+from lion_min.policy import (build_from_folder, check_same_architecture, check_seq_len, export_dtype,
+                             load_policy)
 from lion_min.prepare import (CODE, ENCODE_BATCH as SHARD_BATCH, Prepared, Sequences, ShardWriter, cache_root,
                               cache_fingerprint, concat_shards, data_identity, open_prepared, prepare_folder,
                               token_dtype, tokenizer_identity, uses_seed)
 from lion_min.run_dir import claim
-from lion_min.stage import (build_from_folder, check_same_architecture, check_seq_len, export_dtype, load_policy,
-                            opening_summary, resolve_dtype, with_system)
 from lion_min.tokenizer import Tokenizer
-from lion_min.train import Batches, TrainResult, eval_size, train
+from lion_min.train import Batches, TrainResult, eval_size, opening_summary, train
 
 
 @dataclass

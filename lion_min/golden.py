@@ -31,14 +31,13 @@ from safetensors.torch import load_file, save_file
 import lion_min
 from lion_min.chat import ChatFormatError, get_template
 from lion_min.checkpoint import atomic_dir, hash_files, hf_name, load_model, resolve_path, weight_files
-from lion_min.config import ConfigError
+from lion_min.config import DTYPES, ConfigError
 from lion_min.data import DataError, load_conversations, load_preferences, parse_mixture, resolve_files
 from lion_min.dpo import encode_pairs
 from lion_min.flags import parse_cli
 from lion_min.losses import DPO_LOSS_TYPES, IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss
 from lion_min.packing import collate, pack
 from lion_min.sft import encode_conversations
-from lion_min.stage import DTYPES
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import make_optimizer
 

@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lion_min.chat import ChatEncoding, stop_token_ids
+from lion_min.chat import ChatEncoding, stop_token_ids, with_system
 from lion_min.checkpoint import load_model, resolve_path, save_model
-from lion_min.config import ConfigError, format_config
+from lion_min.config import ConfigError, format_config, resolve_dtype
 from lion_min.dpo import DPOConfig, EncodedPair, check_config as check_dpo_config, train_pairs, truncate
 from lion_min.judges import Judge, make_judge
 from lion_min.parallel import Dist, barrier, init_distributed
 from lion_min.plot import earlier_runs, plot_pipeline
-from lion_min.run_dir import claim
+from lion_min.policy import checkpoint_dtype
+from lion_min.run_dir import append_summary, claim
 from lion_min.sample import encode_prompt, generate, read_prompts
-from lion_min.stage import append_summary, checkpoint_dtype, resolve_dtype, with_system
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import StopRequested
 

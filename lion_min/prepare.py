@@ -74,9 +74,9 @@ FORMAT = 1
 """Bumped when the layout on disk changes."""
 ENCODE_BATCH = 1024
 """Conversations per batched tokenizer call."""
-CODE = ("chat.py", "packing.py", "prepare.py", "data.py", "schemas.py", "tokenizer.py", "stage.py")
+CODE = ("chat.py", "packing.py", "prepare.py", "data.py", "schemas.py", "tokenizer.py")
 """The modules whose source is part of every fingerprint: they decide the tokens and the rows
-(tokenizer.py calls the tokenizer, stage.py inserts the system turn); each stage adds its own file,
+(tokenizer.py calls the tokenizer, chat.py also inserts the system turn); each stage adds its own file,
 which encodes and lays out its data (sft.py packs the rows, dpo.py truncates the pairs). The
 tokenizers library's version is hashed too."""
 _HUB_FILE = re.compile(r"datasets--[^/]+/snapshots/[0-9a-f]{40}/.+$")

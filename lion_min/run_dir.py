@@ -236,3 +236,9 @@ def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optio
     finally:
         if d.main:
             (out_dir / LOCK).unlink(missing_ok=True)
+
+
+def append_summary(out_dir: Path, **fields):
+    path = out_dir / "summary.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(data | fields, indent=2))

@@ -15,19 +15,19 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from lion_min.chat import ChatEncoding, encode_chat, encode_chats, get_template
-from lion_min.config import ConfigError, DataConfig, check_values, format_config
+from lion_min.chat import ChatEncoding, encode_chat, encode_chats, get_template, with_system
+from lion_min.config import ConfigError, DataConfig, check_values, format_config, resolve_dtype
 from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import FIELDS, Packed, best_fit_decreasing, pack
 from lion_min.parallel import Dist, init_distributed
+from lion_min.policy import check_seq_len, export_dtype, load_policy
 from lion_min.prepare import (CODE, ENCODE_BATCH, Prepared, Sequences, ShardWriter, cache_root, concat_shards,
                               cache_fingerprint, data_identity, open_prepared, prepare_folder, token_dtype,
                               tokenizer_identity, uses_seed)
 from lion_min.run_dir import claim
-from lion_min.stage import check_seq_len, export_dtype, load_policy, opening_summary, resolve_dtype, with_system
 from lion_min.tokenizer import Tokenizer
-from lion_min.train import Batches, TrainResult, eval_size, row_batches, train
+from lion_min.train import Batches, TrainResult, eval_size, opening_summary, row_batches, train
 
 
 @dataclass

@@ -429,6 +429,41 @@ PROGRESS = [("loss", "loss", "{:.4f}"), ("rewards/accuracies", "acc", "{:.3f}"),
             ("rewards/margins", "margin", "{:.3f}"), ("rewards/chosen", "chosen", "{:+.3f}")]
 
 
+def opening_summary(cfg, batches, items: str, lines: dict[str, str], eval_items: int = 0,
+                    export_dtype: Optional[torch.dtype] = None) -> str:
+    """The block a run prints once before training (rank 0): the stage's own `lines` (data read and
+    kept, rows or pairs, target tokens), then the eval set, the steps, what the last partial batch
+    of each epoch leaves out, and what will be written where. `items` names what a batch holds."""
+    total, per_epoch = cfg.max_steps or batches.num_steps, batches.steps_per_epoch
+    if cfg.max_steps:
+        steps = f"{total} (--max_steps; one epoch is {per_epoch} steps, so {total / per_epoch:.3g} epochs)"
+    else:
+        steps = f"{total} = {cfg.epochs} epoch(s) x {per_epoch} steps"
+    world = batches.d.world
+    accum = batches.batch_size // (batches.micro_batch_size * world)
+    out = Path(cfg.out_dir)
+    rows = dict(lines)
+    if eval_items:
+        where = cfg.eval_data or f"--eval_fraction={cfg.eval_fraction} of --data"
+        when = f"every {cfg.eval_every} steps and at the end" if cfg.eval_every else "at the end"
+        rows["eval"] = f"{eval_items} {items} from {where}, {when}"
+    rows |= {
+        "steps": steps,
+        "batch": f"{batches.batch_size} {items} = {batches.micro_batch_size} per micro-batch x {accum} accumulated x "
+                 f"{world} rank(s)",
+        "left out": f"{batches.dropped_items} {items} per epoch (the last partial batch)",
+        "writes": f"{out}/: the Hugging Face folder (weights in "
+                  f"{str(export_dtype).removeprefix('torch.') if export_dtype else 'the training dtype'}), "
+                  f"train_config.json, metrics.jsonl, summary.json",
+        "checkpoints": (f"every {cfg.save_every} steps to {out / 'checkpoints'}/step_N ("
+                        + (f"the last {cfg.keep_checkpoints} kept)" if cfg.keep_checkpoints else "all kept)")
+                        if cfg.save_every else "none (--save_every=0)"),
+    }
+    width = max(map(len, rows))
+    return "run:\n" + "\n".join(f"  {k:<{width}}  " + v.replace("\n", "\n" + " " * (width + 4))
+                                    for k, v in rows.items())
+
+
 def progress_line(line: dict, total: int, eta: float) -> str:
     """One line per logged step: step, the stage's metrics, lr, grad norm, tokens/s, (MFU,) memory, eta;
     on an eval step a second line with the eval metrics."""

@@ -1,5 +1,5 @@
-"""Set-up steps the three stages share: devices and dtypes, the starting checkpoint and its
-tokenizer, the system turn, and the run's summary.json."""
+"""A run's starting checkpoint: the policy built from it (wrapped for training), the checks that
+its tokenizer, architecture and length fit the run, and the dtype its export is written in."""
 
 import json
 from pathlib import Path
@@ -9,20 +9,11 @@ import torch
 
 from lion_min.chat import template_of
 from lion_min.checkpoint import load_model, read_config, resolve_path
-from lion_min.config import ConfigError
+from lion_min.config import DTYPES, ConfigError
 from lion_min.parallel import Dist, build_model
 from lion_min.tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EXPORT_DTYPES = DTYPES | {"float16": torch.float16}  # a checkpoint may be stored in fp16; training never is
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ConfigError(f"--dtype={name}: expected auto, float32 or bfloat16")
-    return DTYPES[name]
 
 
 def build_from_folder(folder: Path, args, d: Dist, param_dtype: torch.dtype, **wrap):
@@ -83,52 +74,3 @@ def check_seq_len(seq_len: int, args, key: str = "seq_len", default: Optional[in
     if seq_len > args.max_seq_len:
         was = " (the default)" if seq_len == default else ""
         raise ConfigError(f"--{key}={seq_len}{was} is above the model's max_position_embeddings ({args.max_seq_len})")
-
-
-def with_system(messages: list[dict], system_prompt: Optional[str]) -> list[dict]:
-    """Prepend a system turn when one is configured and the conversation has none (LION inserts an
-    empty one for ChatML)."""
-    if system_prompt is None or (messages and messages[0]["role"] == "system"):
-        return messages
-    return [{"role": "system", "content": system_prompt}] + messages
-
-
-def append_summary(out_dir: Path, **fields):
-    path = out_dir / "summary.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps(data | fields, indent=2))
-
-
-def opening_summary(cfg, batches, items: str, lines: dict[str, str], eval_items: int = 0,
-                    export_dtype: Optional[torch.dtype] = None) -> str:
-    """The block a run prints once before training (rank 0): the stage's own `lines` (data read and
-    kept, rows or pairs, target tokens), then the eval set, the steps, what the last partial batch
-    of each epoch leaves out, and what will be written where. `items` names what a batch holds."""
-    total, per_epoch = cfg.max_steps or batches.num_steps, batches.steps_per_epoch
-    if cfg.max_steps:
-        steps = f"{total} (--max_steps; one epoch is {per_epoch} steps, so {total / per_epoch:.3g} epochs)"
-    else:
-        steps = f"{total} = {cfg.epochs} epoch(s) x {per_epoch} steps"
-    world = batches.d.world
-    accum = batches.batch_size // (batches.micro_batch_size * world)
-    out = Path(cfg.out_dir)
-    rows = dict(lines)
-    if eval_items:
-        where = cfg.eval_data or f"--eval_fraction={cfg.eval_fraction} of --data"
-        when = f"every {cfg.eval_every} steps and at the end" if cfg.eval_every else "at the end"
-        rows["eval"] = f"{eval_items} {items} from {where}, {when}"
-    rows |= {
-        "steps": steps,
-        "batch": f"{batches.batch_size} {items} = {batches.micro_batch_size} per micro-batch x {accum} accumulated x "
-                 f"{world} rank(s)",
-        "left out": f"{batches.dropped_items} {items} per epoch (the last partial batch)",
-        "writes": f"{out}/: the Hugging Face folder (weights in "
-                  f"{str(export_dtype).removeprefix('torch.') if export_dtype else 'the training dtype'}), "
-                  f"train_config.json, metrics.jsonl, summary.json",
-        "checkpoints": (f"every {cfg.save_every} steps to {out / 'checkpoints'}/step_N ("
-                        + (f"the last {cfg.keep_checkpoints} kept)" if cfg.keep_checkpoints else "all kept)")
-                        if cfg.save_every else "none (--save_every=0)"),
-    }
-    width = max(map(len, rows))
-    return "run:\n" + "\n".join(f"  {k:<{width}}  " + v.replace("\n", "\n" + " " * (width + 4))
-                                    for k, v in rows.items())
