@@ -12,6 +12,7 @@ module below imports it (a module's `if __name__ == "__main__":` block may, bein
 
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -183,3 +184,33 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
                       f"truncated, {st['response_truncated']} with a response truncated, {st['dropped']} dropped; "
                       f"{int(split.docs[-1]):,} tokens")
         print(f"{d.world} process(es), {time.perf_counter() - t0:.1f}s in all; {prep.how()}")
+
+
+# --- python -m lion_min.golden ---------------------------------------------------------------------
+
+
+def golden_main(argv: Optional[list[str]] = None) -> int:
+    """python -m lion_min.golden [compare EXPECTED ACTUAL] [flags] (golden.py's docstring): the exit status."""
+    from lion_min.golden import CompareConfig, compare, write
+    from lion_min.golden_compute import GoldenConfig, compute
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        paths = [a for a in argv[1:] if not a.startswith("--")]
+        if len(paths) != 2:
+            raise ConfigError("usage: python -m lion_min.golden compare EXPECTED ACTUAL "
+                              "[--rtol=R --atol=A --partial=true]")
+        opts = parse_cli(CompareConfig, {}, [a for a in argv[1:] if a.startswith("--")])
+        result = compare(*paths, rtol=opts.rtol, atol=opts.atol, partial=opts.partial)
+        print(result.table())
+        return 0 if result.ok else 1
+    cfg = parse_cli(GoldenConfig, {}, argv)
+    if not cfg.out:
+        raise ConfigError("--out is required")
+    golden = compute(cfg)
+    write(golden, cfg.out)
+    s = golden.meta["scalars"]
+    loss = s.get("sft_loss", s.get("dpo_loss"))
+    print(f"{golden.meta['kind']}: loss {loss:.6f}, grad norm {golden.meta['grad_norm']['total']:.6f}; "
+          f"wrote {Path(cfg.out) / 'golden.json'} and golden.safetensors")
+    return 0

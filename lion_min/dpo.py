@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lion_min.batches import Batches, eval_size, opening_summary
 from lion_min.chat import ChatEncoding, encode_chats, get_template, with_system
 from lion_min.checkpoint import hash_files, resolve_path
 from lion_min.config import ConfigError, DataConfig, check_values, format_config, resolve_dtype
@@ -40,7 +41,7 @@ from lion_min.prepare import (CODE, ENCODE_BATCH as SHARD_BATCH, Prepared, Seque
                               token_dtype, tokenizer_identity, uses_seed)
 from lion_min.run_dir import claim
 from lion_min.tokenizer import Tokenizer
-from lion_min.train import Batches, TrainResult, eval_size, opening_summary, train
+from lion_min.train import TrainResult, train
 
 
 @dataclass

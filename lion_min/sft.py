@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from lion_min.batches import Batches, eval_size, opening_summary, row_batches
 from lion_min.chat import ChatEncoding, encode_chat, encode_chats, get_template, with_system
 from lion_min.config import ConfigError, DataConfig, check_values, format_config, resolve_dtype
 from lion_min.data import load_conversations, train_eval_split
@@ -27,7 +28,7 @@ from lion_min.prepare import (CODE, ENCODE_BATCH, Prepared, Sequences, ShardWrit
                               tokenizer_identity, uses_seed)
 from lion_min.run_dir import claim
 from lion_min.tokenizer import Tokenizer
-from lion_min.train import Batches, TrainResult, eval_size, opening_summary, row_batches, train
+from lion_min.train import TrainResult, train
 
 
 @dataclass

@@ -2,6 +2,7 @@
 autograd on the same tokens, DPO losses written out by hand), the compare command on real mistakes,
 the documented file layout, and the shipped vectors against their regeneration."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -15,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lion_min import golden
+from lion_min import golden, golden_compute
+from lion_min.cli import golden_main
 from lion_min.config import ConfigError
 from lion_min.data import DataError
 
@@ -223,14 +225,14 @@ def test_bf16_vector_within_bf16_tolerance_of_transformers():
 def test_micro_batch_size_changes_nothing():
     settings = regenerate.VECTORS["sft-llama-3-8b-llama3"]
     cfg = {k: str(ROOT / v) if k in ("model", "data") else v for k, v in settings.items()}
-    one = golden.compute(golden.GoldenConfig(**cfg, micro_batch_size=1))
+    one = golden_compute.compute(golden_compute.GoldenConfig(**cfg, micro_batch_size=1))
     assert golden.compare(golden.load(VECTORS / "sft-llama-3-8b-llama3"), one, rtol=1e-6, atol=1e-6).ok
 
 
 def test_reference_defaults_to_the_model():
     settings = regenerate.VECTORS["dpo-sigmoid"] | {"ref_model": "", "lr": 0.0}
     cfg = {k: str(ROOT / v) if k in ("model", "data") else v for k, v in settings.items()}
-    g = golden.compute(golden.GoldenConfig(**cfg))
+    g = golden_compute.compute(golden_compute.GoldenConfig(**cfg))
     torch.testing.assert_close(g.tensors["dpo_losses"], torch.full((6,), math.log(2)))
     assert g.meta["scalars"]["reward_margin"] == 0.0 and "ref_model" not in g.meta["fingerprints"]
     torch.testing.assert_close(g.tensors["policy_logps"], g.tensors["reference_logps"], atol=0, rtol=0)
@@ -247,7 +249,7 @@ def row(result: golden.Comparison, quantity: str) -> golden.Row:
 def test_compare_passes_identical(name, capsys):
     result = golden.compare(VECTORS / name, VECTORS / name)
     assert result.ok and {r.status for r in result.rows} == {"ok"} and not result.notes
-    assert golden.main(["compare", str(VECTORS / name), str(VECTORS / name / "golden.json")]) == 0
+    assert golden_main(["compare", str(VECTORS / name), str(VECTORS / name / "golden.json")]) == 0
     assert "PASS" in capsys.readouterr().out
 
 
@@ -259,13 +261,13 @@ def test_compare_fails_on_a_projection_scaled_by_1_01(tmp_path, capsys):
     weights["model.layers.1.self_attn.v_proj.weight"] *= 1.01
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     cfg = {k: str(ROOT / v) if k == "data" else v for k, v in settings.items()} | {"model": str(model)}
-    golden.write(golden.compute(golden.GoldenConfig(**cfg)), tmp_path / "actual")
+    golden.write(golden_compute.compute(golden_compute.GoldenConfig(**cfg)), tmp_path / "actual")
     result = golden.compare(VECTORS / "sft-llama-3-8b-llama3", tmp_path / "actual")
     assert not result.ok
     assert row(result, "input_ids").status == "ok" and row(result, "token_logps").status == "FAIL"
     assert row(result, "grad_norm.per_tensor").status == "FAIL"
     assert any("fingerprints differ: model" in n for n in result.notes)
-    assert golden.main(["compare", str(VECTORS / "sft-llama-3-8b-llama3"), str(tmp_path / "actual")]) == 1
+    assert golden_main(["compare", str(VECTORS / "sft-llama-3-8b-llama3"), str(tmp_path / "actual")]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
@@ -356,7 +358,7 @@ def test_layout_is_as_documented(name):
         assert any(regex(p).match(key) for p in patterns), f"undocumented key {key}"
     for p, needed in patterns.items():
         assert needed == any(regex(p).match(k) for k in keys), p
-    assert {f"settings.{f.name}" for f in golden.dataclasses.fields(golden.GoldenConfig)} == {
+    assert {f"settings.{f.name}" for f in dataclasses.fields(golden_compute.GoldenConfig)} == {
         k for k in keys if k.startswith("settings.")}
     # golden.safetensors: names, dtypes and shapes.
     table = {key.split(".")[0]: (dtype, shape, applies[when])
@@ -437,22 +439,22 @@ def test_bad_input(tmp_path):
     settings = regenerate.VECTORS["sft-gemma-2b-gemma"]
     cfg = {k: str(ROOT / v) if k in ("model", "data") else v for k, v in settings.items()}
     with pytest.raises(ConfigError, match="--model is required"):
-        golden.main([f"--data={cfg['data']}", f"--out={tmp_path / 'x'}"])
+        golden_main([f"--data={cfg['data']}", f"--out={tmp_path / 'x'}"])
     with pytest.raises(ConfigError, match="--out is required"):
-        golden.main([f"--data={cfg['data']}", f"--model={cfg['model']}"])
+        golden_main([f"--data={cfg['data']}", f"--model={cfg['model']}"])
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds other files"):
         golden.write(golden.load(VECTORS / "sft-gemma-2b-gemma"), tmp_path / "busy")
     (tmp_path / "odd.jsonl").write_text('{"text": "hello"}\n')
     with pytest.raises(DataError, match="neither conversations .* nor preference pairs"):
-        golden.compute(golden.GoldenConfig(**cfg | {"data": str(tmp_path / "odd.jsonl")}))
+        golden_compute.compute(golden_compute.GoldenConfig(**cfg | {"data": str(tmp_path / "odd.jsonl")}))
     with pytest.raises(DataError, match=r"^\S*missing.jsonl: no such file or folder"):
-        golden.compute(golden.GoldenConfig(**cfg | {"data": str(tmp_path / "missing.jsonl")}))
+        golden_compute.compute(golden_compute.GoldenConfig(**cfg | {"data": str(tmp_path / "missing.jsonl")}))
     with pytest.raises(ValueError, match="chats.jsonl: message 0: system role not supported by the gemma"):
-        golden.compute(golden.GoldenConfig(**cfg | {"data": str(GOLDEN / "data" / "chats.jsonl")}))
+        golden_compute.compute(golden_compute.GoldenConfig(**cfg | {"data": str(GOLDEN / "data" / "chats.jsonl")}))
     with pytest.raises(ConfigError, match="--loss_type=kto"):
-        golden.compute(golden.GoldenConfig(**cfg | {"loss_type": "kto"}))
+        golden_compute.compute(golden_compute.GoldenConfig(**cfg | {"loss_type": "kto"}))
     proc = subprocess.run([sys.executable, "-m", "lion_min.golden", "compare", str(tmp_path / "nothing"),
                            str(VECTORS / "dpo-ipo")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "golden.json: not found" in proc.stderr

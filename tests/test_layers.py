@@ -23,11 +23,11 @@ LAYERS = [
     ["model", "chat", "data", "checkpoint", "packing", "flops", "parallel", "pairrm", "__init__"],
     # 3. options: the config dataclasses and value checks, then the --key=value parser over them
     ["config", "flags"],
-    # 4. machinery every stage shares: the starting model, the data cache, the run folder, the loop,
-    #    the sampler, the judges, the plots
-    ["policy", "prepare", "run_dir", "train_state", "train", "sample", "judges", "plot"],
-    # 5. the stages (each owns its encoding and objective), and the golden numbers made from them
-    ["sft", "dpo", "online", "golden"],
+    # 4. machinery every stage shares: the starting model, the data cache, the run folder, the batch
+    #    plan, the loop, the sampler, the judges, the plots; the golden files and their comparison
+    ["policy", "prepare", "run_dir", "train_state", "batches", "train", "sample", "judges", "plot", "golden"],
+    # 5. the stages (each owns its encoding and objective), and the golden numbers made with them
+    ["sft", "dpo", "online", "golden_compute"],
     # 6. the demo and the experiments: they import stages; no stage imports them
     ["demo", "experiments"],
     # 7. the command lines: flags to stages, presets, the no-flag demo (then train_*.py and bench/)

@@ -1,4 +1,4 @@
-"""The opening summary a run prints before training (lion_min/train.py:opening_summary) and the
+"""The opening summary a run prints before training (lion_min/batches.py:opening_summary) and the
 progress line (lion_min/train.py:progress_line): what they say, and that they stay readable."""
 
 import dataclasses
@@ -8,7 +8,8 @@ import torch
 
 from lion_min.parallel import Dist
 from lion_min.sft import SFTConfig
-from lion_min.train import Batches, opening_summary, progress_line
+from lion_min.batches import Batches, opening_summary
+from lion_min.train import progress_line
 
 
 def batches(num_items: int, batch_size: int, micro: int, epochs: int, world: int = 1) -> Batches:

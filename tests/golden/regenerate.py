@@ -155,11 +155,11 @@ VECTORS = {
 
 def generate(name: str, out_dir: Path) -> Path:
     """Vector `name` into out_dir; the settings record the paths relative to the repository."""
-    from lion_min import golden
+    from lion_min import golden, golden_compute
 
     settings = VECTORS[name]
     absolute = {k: str(ROOT / v) if k in ("model", "ref_model", "data") else v for k, v in settings.items()}
-    g = golden.compute(golden.GoldenConfig(**absolute, out=str(out_dir)))
+    g = golden_compute.compute(golden_compute.GoldenConfig(**absolute, out=str(out_dir)))
     g.meta["settings"] |= {k: settings[k] for k in ("model", "ref_model", "data") if k in settings}
     g.meta["settings"]["out"] = f"tests/golden/vectors/{name}"
     return golden.write(g, out_dir)
