@@ -19,7 +19,8 @@ import lion_min
 from lion_min.chat import ChatFormatError, get_template
 from lion_min.checkpoint import hash_files, hf_name, load_model, resolve_path, weight_files
 from lion_min.config import DTYPES, ConfigError
-from lion_min.data import DataError, load_conversations, load_preferences, parse_mixture, resolve_files
+from lion_min.data import DataError, load_conversations, load_preferences, parse_mixture
+from lion_min.data_files import resolve_files
 from lion_min.dpo import encode_pairs
 from lion_min.golden import FORMAT, Golden
 from lion_min.losses import DPO_LOSS_TYPES, IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss

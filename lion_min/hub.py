@@ -1,7 +1,7 @@
 """Local path or Hugging Face hub id: the one rule for --model, --ref_model, --judge and --data, and
 the one-line message when the hub cannot deliver.
 
-No network here; checkpoint.resolve_path and data.resolve_files call huggingface_hub themselves.
+No network here; checkpoint.resolve_path and data_files.resolve_files call huggingface_hub themselves.
 """
 
 import os

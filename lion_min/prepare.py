@@ -66,7 +66,8 @@ import tokenizers
 
 from lion_min.chat import ChatEncoding
 from lion_min.checkpoint import hash_files
-from lion_min.data import parse_mixture, resolve_files
+from lion_min.data import parse_mixture
+from lion_min.data_files import resolve_files
 from lion_min.parallel import Dist
 from lion_min.tokenizer import Tokenizer
 

@@ -1,5 +1,6 @@
 """Record schemas: one record (a dict read from JSONL, JSON or Parquet) -> a conversation or a
-preference pair. Where records come from (files, globs, the hub, mixtures) is lion_min/data.py.
+preference pair. Where records come from (files, globs, the hub, mixtures) is lion_min/data_files.py
+and data.py.
 
 A conversation is a list of messages `{"role": "system" | "user" | "assistant", "content": str}`
 (only those two keys are kept). A `Preference` holds the shared prompt turns and, separately, the

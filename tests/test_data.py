@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lion_min.data import (DataError, Preference, Source, load_conversations, load_preferences, parse_mixture,
-                           resolve_files, train_eval_split)
+                           train_eval_split)
+from lion_min.data_files import resolve_files
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -20,7 +20,7 @@ LAYERS = [
     # 1. facts and kernels: nothing of the package below them
     ["attention", "losses", "tokenizer", "schemas", "hub", "deberta"],
     # 2. the model and the formats it reads and writes
-    ["model", "chat", "data", "checkpoint", "packing", "flops", "parallel", "pairrm", "__init__"],
+    ["model", "chat", "data_files", "data", "checkpoint", "packing", "flops", "parallel", "pairrm", "__init__"],
     # 3. options: the config dataclasses and value checks, then the --key=value parser over them
     ["config", "flags"],
     # 4. machinery every stage shares: the starting model, the data cache, the run folder, the batch
