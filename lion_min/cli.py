@@ -5,6 +5,7 @@
     python train_online.py [flags]       # python -m lion_min.online, lion-online
     python -m lion_min.sample [flags]    # sample_main
     python -m lion_min.prepare [sft|dpo] [flags]   # prepare_main
+    python -m lion_min.golden [compare] [flags]    # golden_main
 
 This is the top of the package (README "Architecture"): it imports the stages and the demo; no
 module below imports it (a module's `if __name__ == "__main__":` block may, being a script).
