@@ -14,13 +14,13 @@ dpo.py: encode_pair_shard, merge_pair_shards, PreparedPairs) and knows no stage.
 
 Where: --data_cache=DIR (default `auto`: $XDG_CACHE_HOME/lion_min/data, else
 ~/.cache/lion_min/data), one folder per fingerprint: the sha256 of everything that changes the
-tokens (`sft.sft_fingerprint`, `dpo.dpo_fingerprint`): each data file's bytes (a hub file: its repo, commit and path, fixed by
-the commit; not the path: a copy is the same data), each source's fraction, weight, schema and
-columns, skip_bad, the eval split, the seed where it samples,
-the tokenizer.json and special tokens, the chat template, the system prompt, seq_len, packing,
-loss mask / train_on, overflow, and the source of the code that encodes and packs. With several
-ranks (or nodes) the folder must be one that every rank sees. `--data_cache=off` is the old path:
-every rank encodes and packs everything in memory.
+tokens (`sft.sft_fingerprint`, `dpo.dpo_fingerprint`): each data file's bytes (a hub file: its
+repo, commit and path, fixed by the commit; not the path: a copy is the same data), each source's
+fraction, weight, schema and columns, skip_bad, the eval split, the seed where it samples, the
+tokenizer.json and special tokens, the chat template, the system prompt, seq_len, packing, loss
+mask / train_on, overflow, and the source of the code that encodes and packs. With several ranks
+(or nodes) the folder must be one that every rank sees. `--data_cache=off` is the old path: every
+rank encodes and packs everything in memory.
 
 Preparation writes into `<fingerprint>.tmp-<id>/` and renames it to `<fingerprint>/` last, so an
 interrupted preparation never looks complete; it is redone by the next run (the stale temporary
@@ -45,9 +45,9 @@ From these `sft.PreparedRows.take(rows)` builds, per micro-batch, exactly what p
 for those rows (it calls pack() on each row's conversations), so host memory grows with the batch,
 not with the data set: 5 bytes per token on disk (4 + 1) instead of 32 in memory.
 
-DPO (`dpo.prepare_dpo`): the same tokens.bin, mask.bin and docs.npy hold each kept pair's chosen then
-rejected sequence as dpo.encode_pairs made them (truncated, final reply scored), and split.json
-its PairStats; `PreparedPairs[i]` is pair i, read from disk when a micro-batch needs it.
+DPO (`dpo.prepare_dpo`): the same tokens.bin, mask.bin and docs.npy hold each kept pair's chosen
+then rejected sequence as dpo.encode_pairs made them (truncated, final reply scored), and split.json
+its PairStats; `dpo.PreparedPairs[i]` is pair i, read from disk when a micro-batch needs it.
 """
 
 import hashlib
