@@ -10,18 +10,29 @@ document only. That block-diagonal causal rule is turned into whatever the kerne
            kernel (see below); it has no backward on CPU.
 - "varlen": cu_seqlens for torch.nn.attention.varlen.varlen_attn (FlashAttention-2: CUDA, bf16/fp16
            only; rows are flattened into one sequence, documents must be contiguous in the row).
+           Its public signature changed in every release since it appeared, so what the installed
+           function accepts is read once, at import (`varlen_api`): torch 2.10 takes `is_causal=`
+           and needs as many K/V heads as query heads; 2.11 takes keyword-only `window_size=(-1, 0)`
+           for causal and still has no `enable_gqa`; from 2.12 (2.12 docs; checked on 2.13) it takes
+           both `window_size=` and `enable_gqa=`. Older torch has no varlen module: "auto" then never
+           picks it and asking for it is an error. Grouped/multi-query K/V are repeated per query
+           head (repeat_interleave, SDPA's enable_gqa order) where `enable_gqa` is missing.
 
 "auto" picks, per device and activation dtype: CPU -> sdpa (flex has no CPU backward, varlen no
-CPU kernel); CUDA bf16/fp16 -> varlen (exact document boundaries, no partly masked tiles, no mask
-to build); CUDA fp32 -> flex (FlashAttention has no fp32 kernel). bench/gpu_check.py times all three.
+CPU kernel); CUDA -> flex, in bf16 and fp32. The first H200 run (torch 2.11, ../shared/gpu/2026-12-04.md)
+measured flex 1.7-4x faster than dense SDPA for forward + backward on packed rows and never timed
+varlen (it crashed on the enable_gqa keyword); auto stays on flex until a recorded GPU run of
+bench/gpu_check.py shows varlen faster on these shapes (that script prints the fastest kernel per
+head shape and whether auto agrees).
 
 Without doc_ids the mask is plain causal and SDPA's `is_causal` fast path is used. With a KV cache
 the key side is the cache: its slots carry the doc id of the token written there, so left-padded
 prompts in a sampling batch are just documents with id -1 (see sample.py).
 """
 
+import inspect
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +47,47 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 # Inside a compiled block, flex_attention is traced into the block's graph.
 _compiled_flex_attention = torch.compile(flex_attention)
 _compiled_create_block_mask = torch.compile(create_block_mask)
+
+
+@dataclass(frozen=True)
+class VarlenAPI:
+    """What the installed varlen_attn accepts, read from its signature."""
+
+    fn: Callable
+    causal: dict  # the keyword that makes it causal: {"is_causal": True} or {"window_size": (-1, 0)}
+    gqa: bool  # takes enable_gqa= (fewer K/V heads than query heads)
+
+
+def varlen_api(fn: Optional[Callable] = None) -> Optional[VarlenAPI]:
+    """The installed torch's varlen_attn (or `fn`, for tests) and how to call it; None without one
+    or with a signature that has no way to ask for causal attention."""
+    if fn is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn as fn
+        except ImportError:  # torch < 2.10
+            return None
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:  # torch >= 2.11: (left, right) = (-1, 0) is causal
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:  # torch 2.10
+        causal = {"is_causal": True}
+    else:
+        return None
+    return VarlenAPI(fn, causal, "enable_gqa" in params)
+
+
+VARLEN = varlen_api()  # read once per process
+
+
+def varlen_problem(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    """Why attn_backend='varlen' cannot run here, or None when it can."""
+    if VARLEN is None:
+        return (f"torch {torch.__version__} has no usable torch.nn.attention.varlen.varlen_attn "
+                f"(it appeared in torch 2.10)")
+    if device_type != "cuda" or dtype not in HALF_DTYPES:
+        return (f"FlashAttention's varlen kernel runs on CUDA in bfloat16/float16 only, not "
+                f"{device_type} {str(dtype).replace('torch.', '')} (torch {torch.__version__})")
+    return None
 
 
 @dataclass
@@ -53,14 +105,13 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     """The backend to use for activations of `dtype` on `device`; ValueError if it cannot run there."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "varlen" and (device.type != "cuda" or dtype not in HALF_DTYPES):
-        raise ValueError(f"attn_backend='varlen' (FlashAttention) runs on CUDA in bfloat16/float16 only, not "
-                         f"{device.type} {str(dtype).replace('torch.', '')}; use attn_backend='flex' or 'sdpa'")
+    problem = varlen_problem(device.type, dtype) if backend == "varlen" else None
+    if problem:
+        raise ValueError(f"attn_backend='varlen': {problem}; use attn_backend='flex' or 'sdpa'")
     if backend != "auto":
         return backend
-    if device.type != "cuda":
-        return "sdpa"
-    return "varlen" if dtype in HALF_DTYPES else "flex"
+    # By measurement (see the module docstring): flex on CUDA until varlen is shown faster.
+    return "flex" if device.type == "cuda" else "sdpa"
 
 
 def dense_mask(q_doc: torch.Tensor, q_slot: torch.Tensor, k_doc: torch.Tensor, k_slot: torch.Tensor) -> torch.Tensor:
@@ -110,7 +161,8 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str = "auto", dtype: to
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) -> torch.Tensor:
     """q (B, Hq, Tq, hd), k/v (B, Hkv, Tk, hd) -> (B, Hq, Tq, hd); scale is 1/sqrt(hd).
 
-    Grouped/multi-query K/V are passed with their own head count (enable_gqa), not repeated per head.
+    Grouped/multi-query K/V are passed with their own head count (enable_gqa), not repeated per head,
+    except to a varlen_attn without enable_gqa.
     """
     gqa = q.shape[1] != k.shape[1]
     if mask.backend == "causal":
@@ -120,13 +172,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) ->
     if mask.backend == "flex":
         return _compiled_flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     if mask.backend == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        B, H, T, hd = q.shape
-        flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], hd)  # (B*T, H, hd)
-        out = varlen_attn(
-            flat(q), flat(k), flat(v), mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
-            window_size=(-1, 0), enable_gqa=gqa,  # (-1, 0): causal
-        )
-        return out.reshape(B, T, H, hd).transpose(1, 2)
+        return _varlen(q, k, v, mask)
     raise ValueError(f"unknown attention mask kind {mask.backend!r}")
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) -> torch.Tensor:
+    """attend() through varlen_attn, called the way the installed torch's signature asks."""
+    api = VARLEN
+    if api is None:
+        raise ValueError(f"attn_backend='varlen': {varlen_problem('cuda', torch.bfloat16)}")
+    B, H, T, hd = q.shape
+    gqa = {}
+    if H != k.shape[1]:
+        if api.gqa:
+            gqa = {"enable_gqa": True}
+        else:  # query head h reads K/V head h // (H / Hkv), as SDPA's enable_gqa does
+            k, v = (x.repeat_interleave(H // k.shape[1], dim=1) for x in (k, v))
+    flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], hd)  # (B*T, heads, hd)
+    out = api.fn(flat(q), flat(k), flat(v), mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
+                 **api.causal, **gqa)
+    return out.reshape(B, T, H, hd).transpose(1, 2)

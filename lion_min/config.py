@@ -169,9 +169,13 @@ def check_values(cfg) -> None:
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device=cuda: no CUDA device is available here (use --device=cpu or auto)")
         on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        if cfg.attn_backend == "varlen" and (cfg.dtype == "float32" or not on_gpu):
-            raise ConfigError("--attn_backend=varlen needs a CUDA device and --dtype=bfloat16 (flash varlen kernels "
-                              "have no float32 or CPU version); use sdpa or flex")
+        if cfg.attn_backend == "varlen":
+            from lion_min.attention import varlen_problem
+
+            dtype = torch.float32 if cfg.dtype == "float32" or not on_gpu else torch.bfloat16  # as --dtype=auto picks
+            problem = varlen_problem("cuda" if on_gpu else "cpu", dtype)
+            if problem:
+                raise ConfigError(f"--attn_backend=varlen: {problem}; use --attn_backend=flex or sdpa")
     if getattr(cfg, "overwrite", False) and getattr(cfg, "resume", ""):
         raise ConfigError(f"--overwrite=true with --resume={cfg.resume}: replacing the run and continuing it "
                           f"contradict each other; drop one")

@@ -1,15 +1,19 @@
 """attention.py: each mask form against the dense SDPA reference, on CPU.
 
 FlexAttention has no CPU backward, but its compiled forward runs on CPU (inductor's C++ kernel),
-so the block mask and the compiled kernel are checked here; varlen_attn is CUDA-only, so only its
-cu_seqlens are (bench/gpu_check.py runs the kernels on a GPU)."""
+so the block mask and the compiled kernel are checked here. varlen_attn is CUDA-only: its cu_seqlens
+are checked, and attend() is run against fakes of each release's signature that compute exact
+per-document attention on CPU (bench/gpu_check.py runs the real kernels on a GPU)."""
+
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lion_min
-from lion_min.attention import attend, build_mask, dense_mask, resolve_backend, varlen_seqlens
+from lion_min import attention
+from lion_min.attention import AttnMask, attend, build_mask, dense_mask, resolve_backend, varlen_api, varlen_seqlens
 
 
 def ragged_doc_ids(B: int, T: int, seed: int) -> torch.Tensor:
@@ -84,7 +88,7 @@ def test_varlen_seqlens():
 def test_resolve_backend():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("auto", cpu, torch.bfloat16) == "sdpa"
-    assert resolve_backend("auto", cuda, torch.bfloat16) == "varlen"
+    assert resolve_backend("auto", cuda, torch.bfloat16) == "flex"  # by measurement, until varlen is timed faster
     assert resolve_backend("auto", cuda, torch.float32) == "flex"
     assert resolve_backend("flex", cpu) == "flex"
     with pytest.raises(ValueError, match="bfloat16/float16 only, not cuda float32"):
@@ -93,3 +97,113 @@ def test_resolve_backend():
         resolve_backend("varlen", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="unknown attention backend"):
         resolve_backend("flash", cpu)
+
+
+# --- varlen_attn as each torch release spells it -----------------------------------------------------
+
+
+def _exact_varlen(q, k, v, cu_q, cu_k, causal: bool, gqa: bool):
+    """What FlashAttention's varlen kernel computes: q (Tq, Hq, D), k/v (Tk, Hkv, D), one document at a
+    time (SDPA on its slice), causal or not. Like the real one it refuses Hq != Hkv without GQA."""
+    if q.shape[1] != k.shape[1] and not gqa:
+        raise ValueError(f"Expect query and key/value to have the same number of heads but got "
+                         f"Hq={q.shape[1]} and Hkv={k.shape[1]}")
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q.tolist()[:-1], cu_q.tolist()[1:]):
+        doc = lambda x: x[a:b].transpose(0, 1)[None]  # (1, H, n, D)
+        out[a:b] = F.scaled_dot_product_attention(doc(q), doc(k), doc(v), is_causal=causal,
+                                                  enable_gqa=gqa)[0].transpose(0, 1)
+    return out
+
+
+def varlen_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    return _exact_varlen(query, key, value, cu_seq_q, cu_seq_k, is_causal, gqa=False)
+
+
+def varlen_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+               window_size=(-1, -1)):
+    assert window_size in ((-1, -1), (-1, 0))
+    return _exact_varlen(query, key, value, cu_seq_q, cu_seq_k, window_size == (-1, 0), gqa=False)
+
+
+def varlen_213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+               window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert window_size in ((-1, -1), (-1, 0))
+    return _exact_varlen(query, key, value, cu_seq_q, cu_seq_k, window_size == (-1, 0), gqa=enable_gqa)
+
+
+def test_varlen_api_reads_each_signature():
+    assert varlen_api(varlen_210) == attention.VarlenAPI(varlen_210, {"is_causal": True}, gqa=False)
+    assert varlen_api(varlen_211) == attention.VarlenAPI(varlen_211, {"window_size": (-1, 0)}, gqa=False)
+    assert varlen_api(varlen_213) == attention.VarlenAPI(varlen_213, {"window_size": (-1, 0)}, gqa=True)
+    assert varlen_api(lambda q, k, v, cu_q, cu_k, max_q, max_k: q) is None  # no way to ask for causal
+    # The installed torch (2.13 in CI) is read the same way.
+    from torch.nn.attention.varlen import varlen_attn
+
+    assert attention.VARLEN == varlen_api(varlen_attn)
+
+
+@pytest.mark.parametrize("fake", [varlen_210, varlen_211, varlen_213], ids=["2.10", "2.11", "2.13"])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["grouped", "multi-query"])
+def test_attend_varlen_equals_dense_sdpa(monkeypatch, fake, kv_heads):
+    monkeypatch.setattr(attention, "VARLEN", varlen_api(fake))
+    B, T, Hq = 3, 160, 8
+    doc = ragged_doc_ids(B, T, seed=7)
+    assert all(len(set(row.tolist()) - {-1}) >= 2 for row in doc)  # several documents in every row
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(B, h, T, 16, generator=gen) for h in (Hq, kv_heads, kv_heads))
+    slots = torch.arange(T)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(doc, slots, doc, slots), enable_gqa=True)
+    # build_mask refuses varlen on CPU (no kernel), so the mask is the one it builds on CUDA.
+    out = attend(q, k, v, AttnMask("varlen", cu_seqlens=varlen_seqlens(doc), max_seqlen=T))
+    keep = (doc >= 0)[:, None, :, None].expand_as(ref)  # padding outputs are never read
+    torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_fakes_catch_wrong_calls():
+    """The fakes above can fail: a call that is not causal, K/V heads expanded in the wrong order, or
+    grouped heads passed to a release without enable_gqa each give other numbers or an error."""
+    B, T, Hq, Hkv = 2, 90, 8, 2
+    doc = ragged_doc_ids(B, T, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(B, h, T, 16, generator=gen) for h in (Hq, Hkv, Hkv))
+    slots = torch.arange(T)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(doc, slots, doc, slots), enable_gqa=True)
+    cu = varlen_seqlens(doc)
+    flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], 16)
+    unflat = lambda y: y.reshape(B, T, Hq, 16).transpose(1, 2)
+    keep = (doc >= 0)[:, None, :, None].expand_as(ref)
+    right = unflat(varlen_213(flat(q), flat(k), flat(v), cu, cu, T, T, window_size=(-1, 0), enable_gqa=True))
+    torch.testing.assert_close(right[keep], ref[keep], atol=1e-5, rtol=1e-5)
+    not_causal = unflat(varlen_213(flat(q), flat(k), flat(v), cu, cu, T, T, enable_gqa=True))
+    assert (not_causal[keep] - ref[keep]).abs().max() > 0.1
+    not_causal_210 = unflat(varlen_210(flat(q), *(flat(x.repeat_interleave(4, 1)) for x in (k, v)), cu, cu, T, T))
+    assert (not_causal_210[keep] - ref[keep]).abs().max() > 0.1
+    wrong_order = unflat(varlen_211(flat(q), *(flat(x.repeat(1, 4, 1, 1)) for x in (k, v)), cu, cu, T, T,
+                                    window_size=(-1, 0)))  # head h reads K/V head h % 2 instead of h // 4
+    assert (wrong_order[keep] - ref[keep]).abs().max() > 0.1
+    with pytest.raises(ValueError, match="same number of heads"):
+        varlen_211(flat(q), flat(k), flat(v), cu, cu, T, T, window_size=(-1, 0))
+
+
+def test_torch_without_varlen(monkeypatch):
+    """A torch older than 2.10 (no varlen module): auto never picks varlen, and asking for it is the
+    one-line error naming the torch version and the alternatives."""
+    monkeypatch.setattr(attention, "VARLEN", None)
+    for device in ("cpu", "cuda"):
+        for dtype in (torch.bfloat16, torch.float32):
+            assert resolve_backend("auto", torch.device(device), dtype) != "varlen"
+    with pytest.raises(ValueError, match=rf"torch {re.escape(torch.__version__)} has no usable .*varlen_attn.*flex' or 'sdpa'"):
+        resolve_backend("varlen", torch.device("cuda"), torch.bfloat16)
+    from lion_min.config import ConfigError, check_values
+    from lion_min.sft import SFTConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine with such a torch
+    with pytest.raises(ConfigError, match=rf"^--attn_backend=varlen: torch {re.escape(torch.__version__)} has no usable "
+                                          r".*; use --attn_backend=flex or sdpa$"):
+        check_values(SFTConfig(attn_backend="varlen", device="auto", dtype="bfloat16"))
+    monkeypatch.setattr(attention, "VARLEN", varlen_api(varlen_213))  # with varlen that run passes the check
+    check_values(SFTConfig(attn_backend="varlen", device="auto", dtype="bfloat16"))
+    with pytest.raises(ConfigError, match="not cuda float32"):
+        check_values(SFTConfig(attn_backend="varlen", device="auto", dtype="float32"))

@@ -110,7 +110,8 @@ CASES = [
     ("sft", {"lr": 0}, "--lr=0.0: must be in (0, inf)"),
     ("sft", {"label_smoothing": 0.1}, "unknown option --label_smoothing"),
     ("dpo", {"loss_type": "ipo", "label_smoothing": 0.1}, "--label_smoothing=0.1 applies to --loss_type=sigmoid only"),
-    ("sft", {"attn_backend": "varlen"}, "--attn_backend=varlen needs a CUDA device and --dtype=bfloat16"),
+    ("sft", {"attn_backend": "varlen"}, "--attn_backend=varlen: FlashAttention's varlen kernel runs on CUDA in "
+                                        "bfloat16/float16 only, not cpu float32 (torch "),
     ("sft", {"device": "cuda"}, "--device=cuda: no CUDA device is available here"),
     ("sft", {"data": "{root}/sub/chats.jsonl", "out_dir": "{root}/sub"}, "contains --data="),
     ("sft", {"out_dir": "{root}/empty.jsonl"}, "empty.jsonl: is a file, not a folder"),
