@@ -41,8 +41,10 @@ class TrainConfig:
     Master weights, optimizer state and gradient reduction stay in float32."""
     compile: bool = False
     """torch.compile each block."""
-    activation_checkpointing: bool = False
-    """Recompute each block in backward instead of keeping its activations."""
+    activation_checkpointing: str = "auto"
+    """'auto' (from the step's estimated memory against free device memory; off on CPU), 'off',
+    'selective' (every other block) or 'full' (every block): recompute blocks in backward instead of
+    keeping their activations. true / false (older recipes) mean full / off."""
     attn_backend: str = "auto"
     """How packed documents are isolated: 'auto', 'sdpa' (dense mask), 'flex', 'varlen'."""
 
@@ -127,6 +129,7 @@ RANGES = {
 CHOICES = {
     "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
     "attn_backend": ("auto", "sdpa", "flex", "varlen"), "lr_schedule": ("cosine", "linear", "constant"),
+    "activation_checkpointing": ("auto", "off", "selective", "full"),
     "export_dtype": ("source", "float32", "bfloat16", "float16"),
     "train_on": ("assistant", "last"), "overflow": ("truncate", "drop"),
 }
@@ -195,6 +198,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+# Flags that were booleans once: their true / false words (and a bare flag, and TOML true / false in
+# a recipe) still mean what they meant.
+WERE_BOOLS = {"activation_checkpointing": ("full", "off")}
+
+
+def was_bool(key: str, value, hint):
+    """`value` of flag `key` (annotated `hint`) with a boolean word of a flag in WERE_BOOLS mapped."""
+    if key in WERE_BOOLS and hint is str and (isinstance(value, bool) or str(value).lower() in BOOL_WORDS):
+        on = value if isinstance(value, bool) else str(value).lower() in BOOL_WORDS[:4]
+        return WERE_BOOLS[key][0 if on else 1]
+    return value
 
 
 def parse_value(value: str, annotation, key: str):

@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Callable, Optional
 
-from lion_min.config import BOOL_WORDS, ConfigError, check_values, parse_value
+from lion_min.config import BOOL_WORDS, WERE_BOOLS, ConfigError, check_values, parse_value, was_bool
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -136,17 +136,17 @@ def parse_cli(cls, presets: dict[str, dict], argv: Optional[list[str]] = None,
         if key not in fields:
             where = "--config" if "config" in given else "--preset"
             raise ConfigError(f"{where}={overrides.get('preset')}: {str(_unknown(key, fields)).replace('--', '', 1)}")
-        setattr(cfg, key, value)
+        setattr(cfg, key, was_bool(key, value, hints.get(key)))
     for key, value in pairs:
         if key in ("preset", "config"):
             continue
         if key not in fields:
             raise _unknown(key, fields)
         if value is None:
-            if hints[key] is not bool:
+            if hints[key] is not bool and key not in WERE_BOOLS:
                 raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")
             value = "true"
-        setattr(cfg, key, parse_value(value, hints[key], key))
+        setattr(cfg, key, was_bool(key, parse_value(value, hints[key], key), hints[key]))
     check_values(cfg)
     return cfg
 

@@ -232,8 +232,9 @@ class Transformer(nn.Module):
         self.register_buffer("cache_doc", None, persistent=False)
         self.attn_backend = "auto"
         """'auto' | 'sdpa' | 'flex' | 'varlen': how doc_ids become a mask (see attention.py)."""
-        self.activation_checkpointing = False
-        """Recompute each block in backward instead of keeping its activations (training only)."""
+        self.activation_checkpointing = "off"
+        """'off' | 'selective' (every other block) | 'full' (every block): recompute those blocks in
+        backward instead of keeping their activations (training only; True / False mean full / off)."""
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -300,8 +301,10 @@ class Transformer(nn.Module):
             mask = self._cache_mask(doc_ids, cache_slots, B)
         else:
             mask = build_mask(doc_ids, self.attn_backend, h.dtype)
-        for layer in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+        ac = {True: "full", False: "off"}.get(self.activation_checkpointing, self.activation_checkpointing)
+        for i, layer in enumerate(self.layers):
+            # selective: torchtitan's layer-wise selective AC at frequency 2, blocks 0, 2, 4, ...
+            if torch.is_grad_enabled() and (ac == "full" or (ac == "selective" and i % 2 == 0)):
                 h = checkpoint(layer, h, cos, sin, mask, cache_slots, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache_slots)

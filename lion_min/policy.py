@@ -10,7 +10,7 @@ import torch
 from lion_min.chat import template_of
 from lion_min.checkpoint import load_model, read_config, resolve_path
 from lion_min.config import DTYPES, ConfigError
-from lion_min.parallel import Dist, build_model
+from lion_min.parallel import Dist, build_model, choose_checkpointing
 from lion_min.tokenizer import Tokenizer
 
 EXPORT_DTYPES = DTYPES | {"float16": torch.float16}  # a checkpoint may be stored in fp16; training never is
@@ -31,8 +31,14 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
     if d.main and own is not None and own.name != cfg.chat_template:
         print(f"note: {folder} carries the {own.name} chat template; this run uses --chat_template="
               f"{cfg.chat_template} (the export will carry that one)")
-    model = build_from_folder(folder, args, d, param_dtype, activation_checkpointing=cfg.activation_checkpointing,
-                              compile=cfg.compile, attn_backend=cfg.attn_backend)
+    # Checkpointing from the step's estimated memory against what the device has free (before loading).
+    tokens = cfg.micro_batch_size * getattr(cfg, "seq_len", getattr(cfg, "max_len", 0))
+    live_ref = hasattr(cfg, "precompute_ref") and not cfg.precompute_ref
+    ac, why = choose_checkpointing(cfg.activation_checkpointing, args, tokens, d.world, param_dtype, d.device, live_ref)
+    if d.main:
+        print(f"memory: activation checkpointing {why}")
+    model = build_from_folder(folder, args, d, param_dtype, activation_checkpointing=ac, compile=cfg.compile,
+                              attn_backend=cfg.attn_backend)
     return model, args, tokenizer, folder
 
 

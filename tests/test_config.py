@@ -58,9 +58,31 @@ def test_lr_schedule_shapes():
 
 def test_space_form_and_bare_boolean_flags():
     cfg = parse_cli(Cfg, PRESETS, ["--lr", "3e-4", "--compile", "--name", "x", "--activation_checkpointing=false"])
-    assert (cfg.lr, cfg.compile, cfg.name, cfg.activation_checkpointing) == (3e-4, True, "x", False)
+    assert (cfg.lr, cfg.compile, cfg.name, cfg.activation_checkpointing) == (3e-4, True, "x", "off")
     cfg = parse_cli(Cfg, PRESETS, ["--compile", "False", "--skip_nonfinite", "yes", "--lr", "1e-4"])
     assert (cfg.compile, cfg.skip_nonfinite, cfg.lr) == (False, True, 1e-4)
+
+
+def test_activation_checkpointing_modes_and_the_old_booleans(tmp_path):
+    """auto | off | selective | full; the boolean it was (flags, a bare flag, TOML in recipes) still works."""
+    ac = lambda *argv, presets=PRESETS: parse_cli(Cfg, presets, list(argv)).activation_checkpointing
+    assert ac() == "auto"
+    assert [ac(f"--activation_checkpointing={v}") for v in ("off", "selective", "full", "auto")] == [
+        "off", "selective", "full", "auto"]
+    assert [ac(f"--activation_checkpointing={v}") for v in ("true", "yes", "1", "false", "no", "0")] == [
+        "full"] * 3 + ["off"] * 3
+    assert ac("--activation_checkpointing", "--lr", "1e-3") == "full"  # bare: true, as before
+    assert ac("--activation_checkpointing", "selective") == "selective"
+    assert ac("--preset=old", presets={"old": {"activation_checkpointing": True}}) == "full"  # TOML / preset boolean
+    assert ac("--preset=old", presets={"old": {"activation_checkpointing": False}}) == "off"
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[shared]\nactivation_checkpointing = true\n")
+    assert ac(f"--config={recipe}") == "full"
+    with pytest.raises(ConfigError, match="--activation_checkpointing=some: expected one of auto, off, selective, full"):
+        ac("--activation_checkpointing=some")
+    with pytest.raises(ConfigError, match="unknown option --gradient_checkpointing: lion_min calls it "
+                                          "--activation_checkpointing"):
+        ac("--gradient_checkpointing=true")
 
 
 def test_help_lists_every_flag_with_its_doc_and_the_presets(capsys):
