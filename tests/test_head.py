@@ -1,9 +1,10 @@
 """The output head's two log-prob paths (losses.token_logprobs): fp32, and half_matmul (bf16/fp16
 products with fp32 sums and fp32 log-softmax, the CUDA default), forced here on the CPU."""
 
+import pytest
 import torch
 
-from lion_min.losses import IGNORE_INDEX, token_logprobs
+from lion_min.losses import IGNORE_INDEX, _HalfHeadLogprobs, token_logprobs
 
 
 def _inputs(N=40, D=24, V=300, dtype=torch.float32, seed=0):
@@ -47,3 +48,29 @@ def test_half_matmul_bf16_close_to_fp32_reference():
     # Against the unrounded fp32 inputs (the old bf16 behaviour cast to fp32 first): bf16 rounding of
     # the inputs alone moves log-probs by about this much at these magnitudes (logits ~ +-30).
     assert (half - token_logprobs(h32, w32, targets)).abs().max() < 0.5
+
+
+@pytest.mark.slow
+def test_fused_slices_equal_the_fp32_path():
+    """The CUDA default fuses each vocabulary slice's elementwise work (torch.compile); forced here on
+    the CPU (inductor's C++ kernels), it gives the fp32 path's log-probs and gradients on the same
+    bf16-rounded values, as the eager slices do."""
+    h32, w32, targets = _inputs(N=64, D=64, V=1000, seed=3)
+    weights = torch.randn(targets.shape, generator=torch.Generator().manual_seed(4))
+    out = {}
+    for fused in (False, True):
+        h, w = h32.bfloat16().requires_grad_(True), w32.bfloat16().requires_grad_(True)
+        logp = _HalfHeadLogprobs.apply(h, w, targets, 250, fused)  # four vocabulary slices
+        (logp * weights).sum().backward()
+        out[fused] = (logp.detach(), h.grad.float(), w.grad.float())
+    hr, wr = h32.bfloat16().float().requires_grad_(True), w32.bfloat16().float().requires_grad_(True)
+    ref = token_logprobs(hr, wr, targets)
+    (ref * weights).sum().backward()
+    assert (out[True][0] - ref).abs().max() < 1e-4 and (out[True][0][targets == IGNORE_INDEX] == 0).all()
+    for got, want in zip(out[True][1:], (hr.grad, wr.grad)):
+        assert (got - want).norm() / want.norm() < 1e-2
+    # fused and eager slices: the same operations, so the same numbers up to fp32 rounding (exp kernels)
+    for got, want in zip(out[True], out[False]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-2)
+    # and the check can fail: a wrong target column moves the log-probs far
+    assert (_HalfHeadLogprobs.apply(h32.bfloat16(), w32.bfloat16(), (targets + 1) % 1000, 250, True) - ref).abs().max() > 1
