@@ -19,7 +19,7 @@ def test_gpu_check_smoke(tmp_path):
                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     text = out.read_text()
-    for section in ("attention", "compile", "sft", "dpo", "sample"):
+    for section in ("attention", "compile", "sft", "dpo", "sample", "cli", "pipeline"):
         assert f"== {section} " in text and f"({section}: " in text, section
     assert "FAILED" not in text and "every section ran" in text
     # Each section printed its figures, and the kernels without a CPU version said so.
@@ -28,6 +28,20 @@ def test_gpu_check_smoke(tmp_path):
         assert line in text, line
     assert text.count("varlen   skipped: attn_backend='varlen'") == 2
     assert text.count("backward skipped: FlexAttention has no CPU backward") == 2
+    # The real train_sft.py ran under torchrun and its steps were read back; the debug pipeline's stages ran.
+    assert "memory: activation checkpointing off (auto: cpu" in text and "  step 3: " in text
+    for stage in ("sft", "dpo", "online"):
+        assert f"debug pipeline: {stage}" in text
+    # The summary is last: every figure beside its target; speed targets are not judged on the CPU.
+    summary = text[text.index("== summary"):].splitlines()
+    for row in ("sft gemma-2b: MFU", "sft gemma-2b: head + log-probs", "sft gemma-2b: first step (compile)",
+                "dpo step, live reference", "dpo step, precomputed reference", "decode, batch 4 (compiled)",
+                "compiled vs eager bf16 step", "attention gemma-2b heads (tiny): fastest f+b",
+                "train_sft.py under torchrun, gemma-2b", "train_sft.py: activation checkpointing"):
+        assert any(line.strip().startswith(row) for line in summary), row
+    assert all(line.rstrip().endswith(("n/a on CPU", "met", "-", "verdict")) for line in summary[1:-2] if line.strip())
+    assert not any("NOT met" in line for line in summary)
+    assert summary[-1].startswith("total ")
     # The file holds what was printed (the process may print warnings to stderr besides).
     assert all(line in res.stdout for line in text.splitlines() if line)
 
