@@ -175,7 +175,8 @@ def check_values(cfg) -> None:
         if cfg.attn_backend == "varlen":
             from lion_min.attention import varlen_problem
 
-            dtype = torch.float32 if cfg.dtype == "float32" or not on_gpu else torch.bfloat16  # as --dtype=auto picks
+            as_auto = torch.bfloat16 if on_gpu else torch.float32  # what --dtype=auto picks
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype, as_auto)
             problem = varlen_problem("cuda" if on_gpu else "cpu", dtype)
             if problem:
                 raise ConfigError(f"--attn_backend=varlen: {problem}; use --attn_backend=flex or sdpa")

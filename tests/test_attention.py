@@ -207,3 +207,5 @@ def test_torch_without_varlen(monkeypatch):
     check_values(SFTConfig(attn_backend="varlen", device="auto", dtype="bfloat16"))
     with pytest.raises(ConfigError, match="not cuda float32"):
         check_values(SFTConfig(attn_backend="varlen", device="auto", dtype="float32"))
+    with pytest.raises(ConfigError, match="not cpu bfloat16"):
+        check_values(SFTConfig(attn_backend="varlen", device="cpu", dtype="bfloat16"))
