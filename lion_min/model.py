@@ -73,6 +73,12 @@ class ModelArgs:
         return self.n_layers * per_layer + self.dim + head + (emb if embedding else 0)
 
 
+def checkpointing_mode(value) -> str:
+    """An activation checkpointing setting as 'off' | 'selective' | 'full' (the booleans it once was:
+    True = full, False = off)."""
+    return ("full" if value else "off") if isinstance(value, bool) else value
+
+
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """(head_dim / 2,) fp32 inverse frequencies, with the Llama-3.1 rescaling when configured."""
     exponents = torch.arange(0, args.head_dim, 2, dtype=torch.int64).float() / args.head_dim
@@ -301,7 +307,7 @@ class Transformer(nn.Module):
             mask = self._cache_mask(doc_ids, cache_slots, B)
         else:
             mask = build_mask(doc_ids, self.attn_backend, h.dtype)
-        ac = {True: "full", False: "off"}.get(self.activation_checkpointing, self.activation_checkpointing)
+        ac = checkpointing_mode(self.activation_checkpointing)
         for i, layer in enumerate(self.layers):
             # selective: torchtitan's layer-wise selective AC at frequency 2, blocks 0, 2, 4, ...
             if torch.is_grad_enabled() and (ac == "full" or (ac == "selective" and i % 2 == 0)):

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from lion_min.model import Transformer
+from lion_min.model import Transformer, checkpointing_mode
 
 
 @dataclass
@@ -218,6 +218,17 @@ def step_memory(args, tokens: int, world: int, param_dtype: torch.dtype, ac: str
     return parts
 
 
+def min_free_memory(d: Dist) -> Optional[int]:
+    """Free device memory now, the least over the ranks (so that every rank makes the same choice);
+    None off CUDA."""
+    if d.device.type != "cuda":
+        return None
+    free = torch.tensor(torch.cuda.mem_get_info(d.device)[0], device=d.device)
+    if d.world > 1:
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    return int(free)
+
+
 def choose_checkpointing(mode: str, args, tokens: int, world: int, param_dtype: torch.dtype, device: torch.device,
                          live_ref: bool = False, free_bytes: Optional[int] = None) -> tuple[str, str]:
     """(mode, one line saying why) for --activation_checkpointing=`mode` (see AC_MODES).
@@ -226,7 +237,7 @@ def choose_checkpointing(mode: str, args, tokens: int, world: int, param_dtype: 
     cheapest mode whose estimated step (step_memory) fits in 90% of the device memory free now:
     off, then selective, then full (full also when nothing fits: the least memory there is).
     """
-    mode = {True: "full", False: "off"}.get(mode, mode)
+    mode = checkpointing_mode(mode)
     est = {m: sum(step_memory(args, tokens, world, param_dtype, m, live_ref).values()) for m in AC_MODES[1:]}
     estimates = ", ".join(f"{m} {est[m] / GiB:.1f}" for m in AC_MODES[1:])
     if mode != "auto":

@@ -10,7 +10,7 @@ import torch
 from lion_min.chat import template_of
 from lion_min.checkpoint import load_model, read_config, resolve_path
 from lion_min.config import DTYPES, ConfigError
-from lion_min.parallel import Dist, build_model, choose_checkpointing
+from lion_min.parallel import Dist, build_model, choose_checkpointing, min_free_memory
 from lion_min.tokenizer import Tokenizer
 
 EXPORT_DTYPES = DTYPES | {"float16": torch.float16}  # a checkpoint may be stored in fp16; training never is
@@ -32,9 +32,11 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
         print(f"note: {folder} carries the {own.name} chat template; this run uses --chat_template="
               f"{cfg.chat_template} (the export will carry that one)")
     # Checkpointing from the step's estimated memory against what the device has free (before loading).
-    tokens = cfg.micro_batch_size * getattr(cfg, "seq_len", getattr(cfg, "max_len", 0))
+    # Tokens per micro-batch at most: rows of seq_len (SFT), or a pair's two sequences of max_len (DPO).
+    tokens = cfg.micro_batch_size * (cfg.seq_len if hasattr(cfg, "seq_len") else 2 * cfg.max_len)
     live_ref = hasattr(cfg, "precompute_ref") and not cfg.precompute_ref
-    ac, why = choose_checkpointing(cfg.activation_checkpointing, args, tokens, d.world, param_dtype, d.device, live_ref)
+    ac, why = choose_checkpointing(cfg.activation_checkpointing, args, tokens, d.world, param_dtype, d.device, live_ref,
+                                   free_bytes=min_free_memory(d))
     if d.main:
         print(f"memory: activation checkpointing {why}")
     model = build_from_folder(folder, args, d, param_dtype, activation_checkpointing=ac, compile=cfg.compile,
