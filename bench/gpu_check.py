@@ -20,6 +20,7 @@ Sections (each prints its own header; a failure is printed and the next section 
              SFT step on the same packed row of preference pairs (Llama-3.2-1B shape).
   sample     sampler decode tokens/s at batch 64 (compiled CUDA-graph step and eager) against the
              HBM roofline (weights plus the KV cache read once per step).
+  (sft and sample also print the kernels that took the most time in one profiled step / generate.)
   cli        the real train_sft.py under torchrun --nproc_per_node=1 on a random-weight Gemma-2b
              folder this script writes (the real config, a character tokenizer with the ChatML
              special tokens), 8192-token packed rows, compile, a few steps: tok/s, MFU and memory
@@ -136,6 +137,25 @@ class Check:
                              n_kv_heads=1 if gemma else 2, head_dim=32 if gemma else 16, hidden_dim=128,
                              tie_embeddings=args.tie_embeddings, rope_scaling=args.rope_scaling, max_seq_len=1024)
         return args
+
+    def top_kernels(self, label: str, fn, n: int = 8):
+        """Profile one call of fn and print the n kernels (CPU ops on the CPU) that took the most time:
+        where a step's time goes, for the next session with a GPU to act on."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            fn()
+            self.sync()
+        events = prof.key_averages()
+        if cuda:  # device_time_total from torch 2.4; cuda_time_total before
+            spent = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+        else:
+            spent = lambda e: e.self_cpu_time_total
+        total = sum(spent(e) for e in events) or 1
+        self.print(f"  top {n} {'kernels' if cuda else 'ops'} by self time, {label} ({total / 1e3:.1f} ms in all):")
+        for e in sorted(events, key=spent, reverse=True)[:n]:
+            self.print(f"    {spent(e) / 1e3:8.2f} ms {spent(e) / total:6.1%}  x{e.count:<5d} {e.key[:90]}")
 
     def peak_memory(self) -> str:
         if self.device.type != "cuda":
@@ -381,6 +401,7 @@ def sft_shape(c: Check, name: str, T: int):
     else:
         c.print("  MFU: n/a (no known peak for this device)")
         c.result(f"sft {name}: MFU", "n/a (no known peak)", f">= {PEAK_MFU:.0%} of peak", None)
+    c.top_kernels("one SFT step", partial(sft_step, model, opt, row))
     del model, opt  # free the model before the head is measured alone
     c.reset_memory()
     share = head_share(c, args, T, step_s, row["targets"])
@@ -494,6 +515,8 @@ def section_sample(c: Check):
         c.print(f"  {label:22s} decode {tok_s:10,.0f} tok/s "
                 f"({stats.decode_s / stats.steps * 1e3:.2f} ms per step), prefill {stats.prefill_s * 1e3:.1f} ms")
         decode_tok_s = tok_s if compiled else decode_tok_s
+    c.top_kernels(f"generate, {min(new, 32)} new tokens, compiled",
+                  lambda: generate(model, prompts, min(new, 32), temperature=1.0, seed=0, compile=True))
     model.clear_caches()
     if c.hbm:
         # per step: every weight once, plus the cache. The ideal reads the filled slots only (prompt +
