@@ -13,21 +13,23 @@ Sections (each prints its own header; a failure is printed and the next section 
              the eager bf16 FSDP2 step, same init and row: loss, grad norm, cosine of the AdamW
              updates; the eager fp32 step beside them gives the scale of bf16 rounding.
   sft        the SFT step (bf16 FSDP2 + compile, activation checkpointing as auto picks it here, one
-             packed 8192-token row with document masks, AdamW) for a Gemma-2b-shaped random model: tokens/s, MFU
-             in torchtitan's convention and useful MFU (lion_min/flops.py), peak memory, and the
-             head's share of the step (the head and log-probs alone, forward + backward).
-  dpo        the DPO step (policy forward + backward, live reference forward, AdamW) against the
-             SFT step on the same packed row of preference pairs (Llama-3.2-1B shape).
+             packed 8192-token row with document masks, AdamW) for a Gemma-2b-shaped random model:
+             tokens/s, MFU in torchtitan's convention (against the datasheet peak and the measured
+             matmul ceiling) and useful MFU (lion_min/flops.py), peak memory beside the estimate,
+             and the head's share of the step (the head and log-probs alone, forward + backward).
+  dpo        the DPO step (policy forward + backward, live reference forward, AdamW), and with the
+             reference log-probs precomputed, against the SFT step on the same packed row of
+             preference pairs (Llama-3.2-1B shape).
   sample     sampler decode tokens/s at batch 64 (compiled CUDA-graph step and eager) against the
              HBM roofline (weights plus the KV cache read once per step).
   (sft and sample also print the kernels that took the most time in one profiled step / generate.)
+  pipeline   the debug pipeline end to end under torchrun with compile (train_sft.py, train_dpo.py,
+             train_online.py with --preset=debug; the online stage samples with the CUDA-graph
+             decode step), each stage under its own timeout.
   cli        the real train_sft.py under torchrun --nproc_per_node=1 on a random-weight Gemma-2b
              folder this script writes (the real config, a character tokenizer with the ChatML
              special tokens), 8192-token packed rows, compile, a few steps: tok/s, MFU and memory
              from its metrics.jsonl.
-  pipeline   the debug pipeline end to end under torchrun with compile (train_sft.py, train_dpo.py,
-             train_online.py with --preset=debug; the online stage samples with the CUDA-graph
-             decode step), each stage under its own timeout.
 
 The last lines are a summary table: every figure beside its target from issue 23. The whole run
 keeps to --budget seconds (default 470): a section that no longer fits is skipped and says so, and
@@ -70,7 +72,9 @@ from lion_min.packing import collate, pack  # noqa: E402
 from lion_min.parallel import GiB, Dist, build_model, choose_checkpointing, step_memory  # noqa: E402
 from lion_min.sample import generate  # noqa: E402
 
-SECTIONS = ("attention", "compile", "sft", "dpo", "sample", "cli", "pipeline")
+# pipeline before cli: its online stage has never run on a GPU, while cli's MFU repeats sft's
+# through the real script; if the budget runs short, cli is the one skipped.
+SECTIONS = ("attention", "compile", "sft", "dpo", "sample", "pipeline", "cli")
 # Seconds a section needs at least on one H100/H200 (from the 2026-12-04 run, rounded up); one
 # that no longer fits in what is left of --budget is skipped. --smoke ignores these.
 MIN_SECONDS = {"attention": 45, "compile": 40, "sft": 70, "dpo": 30, "sample": 45, "cli": 120, "pipeline": 120}

@@ -144,6 +144,19 @@ def test_varlen_api_reads_each_signature():
     assert attention.VARLEN == varlen_api(varlen_attn)
 
 
+def test_varlen_api_reads_the_installed_module(monkeypatch):
+    """varlen_api() reads torch.nn.attention.varlen itself: a 2.11-shaped function put there is read
+    as one, and a torch without the module (before 2.10) gives None."""
+    import sys
+
+    import torch.nn.attention.varlen as module
+
+    monkeypatch.setattr(module, "varlen_attn", varlen_211)
+    assert varlen_api() == attention.VarlenAPI(varlen_211, {"window_size": (-1, 0)}, gqa=False)
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # `import` then raises ImportError
+    assert varlen_api() is None
+
+
 @pytest.mark.parametrize("fake", [varlen_210, varlen_211, varlen_213], ids=["2.10", "2.11", "2.13"])
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["grouped", "multi-query"])
 def test_attend_varlen_equals_dense_sdpa(monkeypatch, fake, kv_heads):
