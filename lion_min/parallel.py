@@ -188,10 +188,9 @@ def step_memory(args, tokens: int, world: int, param_dtype: torch.dtype, ac: str
     A first-order model, checked against the one recorded GPU peak (tests/test_parallel.py): FSDP2
     keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments sharded over the ranks,
     plus the gathered compute copy of about two blocks (the one running and the one prefetched) and
-    of the embedding/head (kept gathered). Activations: a block that is not checkpointed keeps, per
-    token, its two norm inputs and outputs, q/k/v before and after RoPE and the attention output,
-    the MLP's gate, up and their product, and fp32 norm statistics; a checkpointed block keeps its
-    input only, and backward rebuilds one block at a time. The head holds a 2 x head_chunk x vocab
+    of the embedding/head (kept gathered). Activations: a block that is not checkpointed keeps what
+    eager autograd saves (listed below); a checkpointed block keeps its input only, and backward
+    rebuilds one block at a time. The head holds a 2 x head_chunk x vocab
     fp32 slice of logits (forward and backward; losses.token_logprobs). 10% on top for the
     allocator, communication buffers and what this model leaves out.
     """
@@ -202,7 +201,12 @@ def step_memory(args, tokens: int, world: int, param_dtype: torch.dtype, ac: str
     block = args.num_params(embedding=False) - (0 if args.tie_embeddings else V * D)  # the blocks' weights
     block //= max(args.n_layers, 1)
     qkv = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
-    per_token_block = s * (4 * D + 2 * qkv + args.n_heads * args.head_dim + 3 * args.hidden_dim) + 4 * (2 * D + args.n_heads)
+    # What eager autograd keeps per token of a block that is not checkpointed (compiled blocks keep
+    # somewhat less): the two norms' outputs, q/k/v after RoPE, the attention output and its copy
+    # for the output projection, the MLP's gate, up, act(gate) and product; the norms' fp32 inputs
+    # and 1/rms.
+    per_token_block = (s * (2 * D + qkv + 2 * args.n_heads * args.head_dim + 4 * args.hidden_dim)
+                       + 4 * (2 * D + 2))
     kept = {"off": args.n_layers, "selective": args.n_layers // 2, "full": 0}[ac]
     parts = {
         "weights (fp32 master)": P * 4 / shard,
