@@ -203,10 +203,10 @@ def step_memory(args, tokens: int, world: int, param_dtype: torch.dtype, ac: str
     qkv = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
     # What eager autograd keeps per token of a block that is not checkpointed (compiled blocks keep
     # somewhat less): the two norms' outputs, q/k/v after RoPE, the attention output and its copy
-    # for the output projection, the MLP's gate, up, act(gate) and product; the norms' fp32 inputs
-    # and 1/rms.
+    # for the output projection, the MLP's gate, up, act(gate) and product; each norm's fp32 input,
+    # fp32 normalised input and 1/rms (tests/test_parallel.py counts them on the CPU).
     per_token_block = (s * (2 * D + qkv + 2 * args.n_heads * args.head_dim + 4 * args.hidden_dim)
-                       + 4 * (2 * D + 2))
+                       + 2 * 4 * (2 * D + 1))
     kept = {"off": args.n_layers, "selective": args.n_layers // 2, "full": 0}[ac]
     parts = {
         "weights (fp32 master)": P * 4 / shard,

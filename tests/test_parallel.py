@@ -132,6 +132,38 @@ def test_step_memory_estimate():
     assert live["reference model"] > gemma.num_params() * 2  # bf16 weights of the reference
 
 
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_step_memory_activations_are_what_autograd_saves(family):
+    """The estimate's activations per token per block against the bytes autograd actually saves in a
+    bf16 forward on the CPU (the tensors saved for backward, weights excluded, each storage once),
+    counted as the difference between 4 and 2 blocks: within 10%, plain causal and packed."""
+    args = ModelArgs(family=family, vocab_size=512, dim=256, n_heads=8, n_kv_heads=1 if family == "gemma" else 2,
+                     head_dim=32, hidden_dim=2048, tie_embeddings=family == "gemma")
+    T = 512
+
+    def saved(n_layers: int, doc_ids) -> int:
+        args.n_layers = n_layers
+        model = plain_bf16(args)
+        model.init_buffers()
+        weights = {p.data_ptr() for p in model.parameters()}
+        seen = set()
+
+        def pack(t):
+            if t.data_ptr() not in weights:
+                seen.add((t.data_ptr(), t.untyped_storage().nbytes()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.hidden(torch.randint(0, 512, (1, T)), doc_ids=doc_ids)
+        return sum(n for _, n in seen)
+
+    args.n_layers = 3
+    estimate = step_memory(args, T, 1, torch.bfloat16, "off")["activations"] / T / 3
+    for doc_ids in (None, torch.zeros(1, T, dtype=torch.long)):
+        per_block = (saved(4, doc_ids) - saved(2, doc_ids)) / 2 / T
+        assert abs(per_block / estimate - 1) < 0.1, (doc_ids is None, per_block, estimate)
+
+
 def test_choose_checkpointing_from_free_memory():
     import json
 
