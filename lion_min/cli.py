@@ -63,10 +63,13 @@ def run_cli(main) -> None:
         print("stopped by Ctrl-C (no checkpoint written for this part of the run)", file=sys.stderr)
         sys.exit(130)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        # One line, even when a library's message (huggingface_hub's, say) spans several.
-        message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        from lion_min.parallel import PeerFailed, exit_now
+
+        if not isinstance(e, PeerFailed):  # the rank that failed has printed the message
+            # One line, even when a library's message (huggingface_hub's, say) spans several.
+            message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            print(f"error: {message}", file=sys.stderr)
+        exit_now(2)
     # After success only (a failed rank must not wait for the others): leave the process group
     # and exit without the interpreter's teardown (parallel.shutdown says why).
     from lion_min.parallel import shutdown

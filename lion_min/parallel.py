@@ -88,6 +88,40 @@ def shutdown() -> None:
         os._exit(0)
 
 
+class PeerFailed(ValueError):
+    """Another rank failed and said so (raise_if_any); it prints the error, this rank exits quietly."""
+
+
+def raise_if_any(error: Optional[BaseException], d: Dist) -> None:
+    """Agree on a failure that may have happened on some ranks only (a full disk, NaN in one rank's
+    shards, an export on rank 0): every rank passes its own error or None. The lowest failing rank
+    raises its error, every other rank PeerFailed, so the run ends on all ranks with one message.
+    Also a barrier. Call it where the ranks would otherwise go on to a collective that a failed
+    rank never joins."""
+    if d.world == 1:
+        if error is not None:
+            raise error
+        return
+    messages = [None] * d.world
+    dist.all_gather_object(messages, None if error is None else str(error) or type(error).__name__)
+    failed = [r for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        return
+    if d.rank == failed[0]:
+        raise error
+    raise PeerFailed(f"rank {failed[0]} failed: {messages[failed[0]]}")
+
+
+def exit_now(code: int) -> None:
+    """End a process with `code`; a rank of a process group skips the interpreter's teardown, where
+    gloo's threads can hang or abort it (see shutdown), so that it exits at once."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def barrier(d: Dist):
     if d.world > 1:
         dist.barrier()

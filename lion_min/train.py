@@ -32,8 +32,9 @@ from lion_min.checkpoint import save_model
 from lion_min.config import ConfigError, TrainConfig, config_to_json
 from lion_min.losses import global_mean
 from lion_min.flops import document_lengths, mfu, mfu_useful, peak_flops
-from lion_min.parallel import Dist, all_reduce_sum, all_reduce_tensor, barrier
-from lion_min.train_state import CheckpointWriteError, load_checkpoint, resolve_resume, save_checkpoint
+from lion_min.parallel import Dist, all_reduce_sum, all_reduce_tensor, raise_if_any
+from lion_min.train_state import (WRITE_ERRORS, CheckpointWriteError, load_checkpoint, resolve_resume,
+                                  save_checkpoint, write_failure)
 
 Objective = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]]
 
@@ -128,7 +129,7 @@ def resume_point(cfg: TrainConfig, out_dir: Path, total: int, model, optimizer, 
         return 0, 0, 0, None
     check_same_run(resume_from, cfg, run_record, verbose=d.main)
     state = load_checkpoint(resume_from, model, optimizer, d)
-    if state["step"] >= total:
+    if state["step"] > total:
         raise ConfigError(f"--resume: {resume_from} is at step {state['step']}, but this run has {total} steps "
                           f"(--max_steps={cfg.max_steps}): nothing to train")
     return state["step"], state.get("tokens", 0), state.get("skipped_steps", 0), resume_from
@@ -205,7 +206,10 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(config_to_json(cfg))
         metrics_path.write_text("".join(ln + "\n" for ln in metrics_until(metrics_path, start)))
-        print(f"training {total} steps from step {start}" + (f" (resumed from {resume_from})" if resume_from else ""))
+        if start == total:  # killed (or out of disk) during the export: only the export is left to do
+            print(f"{resume_from} is the run's last step: exporting")
+        else:
+            print(f"training {total} steps from step {start}" + (f" (resumed from {resume_from})" if resume_from else ""))
     stop = StopSignals()
     peak = peak_flops(d.device)
     t_start = time.perf_counter()
@@ -246,7 +250,7 @@ def train(
                 save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
     finally:
         stop.restore()
-    if cfg.save_every:  # the end state too, so a longer --max_steps can continue from it
+    if cfg.save_every and start < total:  # the end state too, so a longer --max_steps can continue from it
         save_checkpoint(out_dir, total, model, optimizer, cfg, d,
                         {"tokens": tokens_seen, "skipped_steps": skipped, "run": run_record})
     eval_loss = finish(cfg, model, objective, eval_batches, d, total, tokenizer, chat_template, export_dtype, summary)
@@ -268,22 +272,33 @@ def finish(cfg: TrainConfig, model, objective: Objective, eval_batches: Optional
                 f.write(json.dumps({"step": total, **{f"eval/{k}": v for k, v in ev.items()}}) + "\n")
             print(f"eval after step {total}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     sd = full_state_dict(model)
-    if d.main:
-        for k, v in sd.items():
-            if not torch.isfinite(v).all():
-                raise FloatingPointError(f"final weights contain NaN/inf in {k}; not exported")
+    error = None
+    if d.main:  # rank 0 writes; the others learn whether it failed instead of waiting for it
         try:
-            save_model(model, out_dir, tokenizer=tokenizer, dtype=export_dtype, state_dict=sd,
-                       chat_template=chat_template)
-        except OSError as e:  # disk full, say: the export is written aside and moved in, so nothing half-made stays
-            raise CheckpointWriteError(f"{out_dir}: cannot write the Hugging Face export ({e.strerror or e}); "
-                                       f"the last checkpoint, if any, can be resumed") from e
-        if summary is not None:
-            summary |= {"steps": total, "eval_loss": eval_loss}
-            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"wrote the Hugging Face folder {out_dir}")
-    barrier(d)
+            export(cfg, model, sd, total, eval_loss, tokenizer, chat_template, export_dtype, summary)
+        except (FloatingPointError, CheckpointWriteError) as e:
+            error = e
+    raise_if_any(error, d)
     return eval_loss
+
+
+def export(cfg: TrainConfig, model, sd: dict, total: int, eval_loss: Optional[float], tokenizer,
+           chat_template: Optional[str], export_dtype: Optional[torch.dtype], summary: Optional[dict]) -> None:
+    """Rank 0: the Hugging Face folder from the full state dict `sd` (never of non-finite weights),
+    then summary.json, which marks the run finished."""
+    out_dir = Path(cfg.out_dir)
+    for k, v in sd.items():
+        if not torch.isfinite(v).all():
+            raise FloatingPointError(f"final weights contain NaN/inf in {k}; not exported")
+    try:
+        save_model(model, out_dir, tokenizer=tokenizer, dtype=export_dtype, state_dict=sd, chat_template=chat_template)
+    except WRITE_ERRORS as e:  # disk full, say: the export is written aside and moved in, so nothing half-made stays
+        raise CheckpointWriteError(f"{out_dir}: cannot write the Hugging Face export ({write_failure(e)}); "
+                                   f"the last checkpoint, if any, can be resumed") from e
+    if summary is not None:
+        summary |= {"steps": total, "eval_loss": eval_loss}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote the Hugging Face folder {out_dir}")
 
 
 class StopRequested(Exception):

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 
 from lion_min.config import TrainConfig, config_to_json
-from lion_min.parallel import Dist, barrier
+from lion_min.parallel import Dist, barrier, raise_if_any
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. A folder is complete once renamed from its .tmp name,
@@ -35,6 +37,23 @@ class CheckpointWriteError(ValueError):
     """A checkpoint could not be written (disk full, read-only folder...): one line naming the path."""
 
 
+# What a write that fails (a full disk, a read-only folder) raises, by writer: OSError from Python's
+# own files, RuntimeError from torch.save's zip writer ("[enforce fail at inline_container.cc]
+# unexpected pos"), SafetensorError from safetensors ("No space left on device (os error 28)"), and
+# DCP's CheckpointException (a BaseException) wrapping any of these from its writer threads.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
+
+
+def write_failure(e: BaseException) -> str:
+    """The cause of a failed write in one line: the writer's own error (unwrapped from DCP's)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig, d: Dist, extra: dict) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -42,15 +61,16 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig
     final = out_dir / "checkpoints" / f"step_{step}"
     tmp = final.with_name(final.name + ".tmp")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    for t in model_sd.values():
-        local = t.to_local() if hasattr(t, "to_local") else t
-        if not torch.isfinite(local).all():
-            raise FloatingPointError(f"step {step}: model weights contain NaN/inf; checkpoint not written")
-    try:
-        if d.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier(d)
+    bad = [k for k, t in model_sd.items() if not torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()]
+    # Every rank learns of a NaN in one rank's shards, so that none is left waiting in the save.
+    raise_if_any(FloatingPointError(f"step {step}: model weights contain NaN/inf ({bad[0]}); checkpoint not "
+                                    f"written") if bad else None, d)
+
+    def make_tmp():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def write_shards():
         with warnings.catch_warnings():  # DCP warns when there is no process group: one process is fine
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -58,18 +78,29 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig
         if d.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(d.device)
         torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
-    except OSError as e:  # a half-written step folder is removed; the previous checkpoint stays
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"{tmp}: cannot write the checkpoint of step {step}: {e.strerror or e}") from e
-    barrier(d)
-    if d.main:
+
+    def complete():
         state = {"step": step, "config": json.loads(config_to_json(cfg)), **extra}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)  # a damaged folder of the same step (resume passed over it)
         tmp.rename(final)
-        if cfg.keep_checkpoints > 0:  # 0 keeps them all; the one just written is always kept
-            for old in checkpoint_dirs(out_dir)[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+
+    try:  # each part on its ranks, then every rank learns whether one failed (no rank left waiting)
+        for write, here in ((make_tmp, d.main), (write_shards, True), (complete, d.main)):
+            error = None
+            try:
+                if here:
+                    write()
+            except WRITE_ERRORS as e:
+                error = CheckpointWriteError(f"{tmp}: cannot write the checkpoint of step {step}: {write_failure(e)}")
+            raise_if_any(error, d)
+    except CheckpointWriteError:  # the half-written step folder is removed; the previous checkpoint stays
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if d.main and cfg.keep_checkpoints > 0:  # 0 keeps them all; the one just written is always kept
+        for old in checkpoint_dirs(out_dir)[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
     barrier(d)
     return final
 

@@ -1,6 +1,7 @@
 """Crash safety: kill -9 mid-run and resume, a rank killed under torchrun --max-restarts, non-finite
 losses, interrupted saves."""
 
+import errno
 import json
 import os
 import re
@@ -8,9 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +149,80 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_chat_m
     train_sft.main(sft_args(tiny_chat_model, crashed, max_steps=6, save_every=2, resume="auto"))
     a, b = load_file(str(full / "model.safetensors")), load_file(str(crashed / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def run_cli_exit(argv, capsys) -> tuple[int, str]:
+    """What `python train_sft.py ARGV` does: (exit status, stderr)."""
+    from lion_min.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: train_sft.main(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def fill_disk_after_a_few_bytes(error: BaseException):
+    """A stand-in for a writer that runs out of disk: writes a little of the file, then raises `error`."""
+    def write(data, target, *args, **kwargs):
+        with open(target, "wb") if isinstance(target, (str, Path)) else nullcontext(target) as f:
+            f.write(b"\0" * 100)
+        raise error
+    return write
+
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+TORCH_FULL = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 448 vs 384")
+SAFETENSORS_FULL = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                   '"No space left on device" })')
+
+
+@pytest.mark.parametrize("where, error, says", [
+    ("shards", TORCH_FULL, "RuntimeError: [enforce fail at inline_container.cc:664] . unexpected pos 448 vs 384"),
+    ("shards", ENOSPC, "No space left on device"),
+    ("rng", TORCH_FULL, "unexpected pos 448 vs 384"),
+    ("rng", ENOSPC, "No space left on device"),
+])
+def test_disk_full_during_a_checkpoint_one_line_and_nothing_lost(tiny_chat_model, tmp_path, monkeypatch, capsys,
+                                                                  where, error, says):
+    from torch.distributed.checkpoint import filesystem
+
+    out = tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=4, save_every=2))  # step_2 and step_4
+    before = {p.relative_to(out): p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    # Going on to 8 steps, the step-6 save runs out of disk inside DCP's writer or in torch.save of the rng state.
+    if where == "shards":  # DCP's writer thread: the error comes back wrapped in a CheckpointException
+        monkeypatch.setattr(filesystem, "_write_item",
+                            lambda transforms, stream, *a, **k: fill_disk_after_a_few_bytes(error)(None, stream))
+    else:
+        monkeypatch.setattr(torch, "save", fill_disk_after_a_few_bytes(error))
+    code, err = run_cli_exit(sft_args(tiny_chat_model, out, max_steps=8, save_every=2, resume="auto",
+                                      keep_checkpoints=0), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "step_6.tmp: cannot write the checkpoint of step 6" in lines[0]
+    assert says in lines[0]
+    assert not list(out.rglob("*.tmp*"))
+    after = {p.relative_to(out): p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before  # earlier checkpoints untouched, byte for byte
+
+
+@pytest.mark.parametrize("error, says", [(SAFETENSORS_FULL, "SafetensorError: Error while serializing: IoError"),
+                                         (ENOSPC, "No space left on device")])
+def test_disk_full_during_the_export_then_resume_exports(tiny_chat_model, tmp_path, monkeypatch, capsys, error, says):
+    import lion_min.checkpoint
+
+    full, out = tmp_path / "full", tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, full, max_steps=4))
+    monkeypatch.setattr(lion_min.checkpoint, "save_file", fill_disk_after_a_few_bytes(error))
+    code, err = run_cli_exit(sft_args(tiny_chat_model, out, max_steps=4), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {out}: cannot write the Hugging Face export") and says in lines[0]
+    assert not list(tmp_path.rglob("*.tmp*")) and not (out / "model.safetensors").exists()
+    assert (out / "checkpoints" / "step_4" / "trainer_state.json").is_file()  # the final checkpoint was written
+    monkeypatch.undo()
+    # The final checkpoint is there but the export is not: a resume exports it (no step to train).
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=4, resume="auto"))
+    assert "is the run's last step: exporting" in capsys.readouterr().out
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
