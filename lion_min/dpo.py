@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lion_min.batches import Batches, eval_size, opening_summary
@@ -33,7 +33,7 @@ from lion_min.config import ConfigError, DataConfig, check_values, format_config
 from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
-from lion_min.parallel import Dist, all_reduce_sum, init_distributed
+from lion_min.parallel import Dist, all_reduce_sum, init_distributed, raise_if_any
 from lion_min.policy import (build_from_folder, check_same_architecture, check_seq_len, export_dtype,
                              load_policy)
 from lion_min.prepare import (CODE, ENCODE_BATCH as SHARD_BATCH, Prepared, Sequences, ShardWriter, cache_root,
@@ -42,6 +42,7 @@ from lion_min.prepare import (CODE, ENCODE_BATCH as SHARD_BATCH, Prepared, Seque
 from lion_min.run_dir import claim
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import TrainResult, train
+from lion_min.train_state import WRITE_ERRORS, CheckpointWriteError, one_line
 
 
 @dataclass
@@ -322,20 +323,33 @@ def compute_ref_logps(ref_model, pairs, d: Dist, micro_batch_size: int, max_len:
 
 
 def load_or_compute_ref_logps(path: Path, fp: str, compute, d: Dist) -> torch.Tensor:
-    """Reuse `path` only if its fingerprint matches; refuse a stale one rather than overwrite it."""
+    """Reuse `path` only if its fingerprint matches; refuse a stale one rather than overwrite it.
+    An unreadable one (cut short by a crash or a full disk) is computed again, with a note."""
     if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            stored = (f.metadata() or {}).get("fingerprint")
+        try:
+            with safe_open(str(path), "pt") as f:
+                stored = (f.metadata() or {}).get("fingerprint")
+                ref = f.get_tensor("ref_logps") if stored == fp else None
+        except (SafetensorError, OSError) as e:
+            if d.main:
+                print(f"note: {path} is unreadable ({one_line(e)}); computing the reference log-probs again")
+        else:
             if stored != fp:
                 raise ValueError(f"{path}: reference log-probs were computed for other data, reference model or "
                                  f"template (fingerprint {stored} != {fp}); delete the file to recompute")
-            return f.get_tensor("ref_logps")
+            return ref
     ref = compute()
+    error = None
     if d.main:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"ref_logps": ref.contiguous()}, str(tmp), metadata={"fingerprint": fp})
-        tmp.rename(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"ref_logps": ref.contiguous()}, str(tmp), metadata={"fingerprint": fp})
+            tmp.rename(path)
+        except WRITE_ERRORS as e:
+            tmp.unlink(missing_ok=True)
+            error = CheckpointWriteError(f"{path}: cannot write the reference log-probs ({one_line(e)})")
+    raise_if_any(error, d)
     return ref
 
 

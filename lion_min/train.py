@@ -34,7 +34,7 @@ from lion_min.losses import global_mean
 from lion_min.flops import document_lengths, mfu, mfu_useful, peak_flops
 from lion_min.parallel import Dist, all_reduce_sum, all_reduce_tensor, raise_if_any
 from lion_min.train_state import (WRITE_ERRORS, CheckpointWriteError, load_checkpoint, resolve_resume,
-                                  save_checkpoint, write_failure)
+                                  save_checkpoint, one_line)
 
 Objective = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]]
 
@@ -293,7 +293,7 @@ def export(cfg: TrainConfig, model, sd: dict, total: int, eval_loss: Optional[fl
     try:
         save_model(model, out_dir, tokenizer=tokenizer, dtype=export_dtype, state_dict=sd, chat_template=chat_template)
     except WRITE_ERRORS as e:  # disk full, say: the export is written aside and moved in, so nothing half-made stays
-        raise CheckpointWriteError(f"{out_dir}: cannot write the Hugging Face export ({write_failure(e)}); "
+        raise CheckpointWriteError(f"{out_dir}: cannot write the Hugging Face export ({one_line(e)}); "
                                    f"the last checkpoint, if any, can be resumed") from e
     if summary is not None:
         summary |= {"steps": total, "eval_loss": eval_loss}

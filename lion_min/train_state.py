@@ -44,8 +44,8 @@ class CheckpointWriteError(ValueError):
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
 
 
-def write_failure(e: BaseException) -> str:
-    """The cause of a failed write in one line: the writer's own error (unwrapped from DCP's)."""
+def one_line(e: BaseException) -> str:
+    """The cause of a failed read or write in one line: the library's own error (unwrapped from DCP's)."""
     if isinstance(e, CheckpointException) and e.failures:
         e = next(iter(e.failures.values()))[0]
     if isinstance(e, OSError):
@@ -92,7 +92,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig
                 if here:
                     write()
             except WRITE_ERRORS as e:
-                error = CheckpointWriteError(f"{tmp}: cannot write the checkpoint of step {step}: {write_failure(e)}")
+                error = CheckpointWriteError(f"{tmp}: cannot write the checkpoint of step {step}: {one_line(e)}")
             raise_if_any(error, d)
     except CheckpointWriteError:  # the half-written step folder is removed; the previous checkpoint stays
         if d.main:
@@ -126,13 +126,33 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def readable(path: Path) -> bool:
-    """A complete folder whose trainer_state.json parses and whose DCP metadata is there."""
+def damage(path: Path) -> Optional[str]:
+    """What makes a complete-looking checkpoint unloadable, or None: an unreadable trainer_state.json,
+    DCP metadata missing or unreadable, a shard missing or shorter than the metadata says (a copy or
+    disk cut short), an unreadable rng state."""
+    from torch.distributed.checkpoint import FileSystemReader
+
     try:
         json.loads((path / "trainer_state.json").read_text())["step"]
     except (OSError, ValueError, KeyError):
-        return False
-    return (path / ".metadata").is_file()
+        return "unreadable trainer_state.json"
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as e:  # missing, torn or not DCP's: pickle and OS errors alike
+        return f"unreadable DCP metadata: {one_line(e)}"
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        have = (path / name).stat().st_size if (path / name).is_file() else None
+        if have is None or have < size:
+            return f"{name} is {'missing' if have is None else f'{have} bytes, cut short of {size}'}"
+    for rng in sorted(path.glob("rng_rank*.pt")):
+        try:
+            torch.load(rng, weights_only=True)
+        except Exception as e:  # a truncated zip: RuntimeError, EOFError...
+            return f"unreadable {rng.name}: {one_line(e)}"
+    return None
 
 
 def resolve_resume(cfg: TrainConfig, out_dir: Path, verbose: bool = True) -> Optional[Path]:
@@ -142,11 +162,11 @@ def resolve_resume(cfg: TrainConfig, out_dir: Path, verbose: bool = True) -> Opt
         return None
     if cfg.resume == "auto":
         for path in reversed(checkpoint_dirs(out_dir)):
-            if readable(path):
+            why = damage(path)
+            if why is None:
                 return path
             if verbose:
-                print(f"warning: {path} is damaged (unreadable trainer_state.json or no DCP metadata); "
-                      f"trying the previous checkpoint")
+                print(f"warning: {path} is damaged ({why}); trying the previous checkpoint")
         return None
     path = Path(cfg.resume)
     if not (path / "trainer_state.json").is_file():

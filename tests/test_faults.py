@@ -226,3 +226,42 @@ def test_disk_full_during_the_export_then_resume_exports(tiny_chat_model, tmp_pa
     a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.parametrize("cut", ["__0_0.distcp", "rng_rank0.pt", ".metadata"])
+def test_a_truncated_file_in_the_newest_checkpoint_is_passed_over(tiny_chat_model, tmp_path, capsys, cut):
+    # A constant lr: the 4-step run's checkpoints are those of the 6-step run, so a resume from step 2
+    # gives the 6-step run's weights exactly.
+    full, out = tmp_path / "full", tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, full, max_steps=6, lr_schedule="constant", save_every=0))
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=4, lr_schedule="constant"))  # step_2, step_4
+    shard = out / "checkpoints" / "step_4" / cut
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # present but cut short
+    capsys.readouterr()
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=6, lr_schedule="constant", resume="auto"))
+    printed = capsys.readouterr().out
+    assert f"warning: {shard.parent} is damaged (" in printed and cut.lstrip(".") in printed
+    assert f"resumed from {out / 'checkpoints' / 'step_2'}" in printed
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_truncated_reference_logps_file_is_computed_again(tiny_chat_model, tmp_path, capsys):
+    import train_dpo
+
+    dpo = dict(model=tiny_chat_model["model"], data=tiny_chat_model["prefs"], max_len=64, max_prompt_len=32,
+               batch_size=4, micro_batch_size=2, lr=1e-3, warmup_ratio=0.0, lr_schedule="constant", seed=0,
+               device="cpu", precompute_ref=True, save_every=1)
+    argv = lambda out, **over: [f"--{k}={v}" for k, v in (dpo | {"out_dir": out} | over).items()]  # noqa: E731
+    full, out = tmp_path / "full", tmp_path / "run"
+    train_dpo.main(argv(full, max_steps=3, save_every=0))
+    train_dpo.main(argv(out, max_steps=2))
+    file = out / "reference_logps.safetensors"
+    good = file.read_bytes()
+    file.write_bytes(good[: len(good) - 40])  # cut short (a crash or a full disk while copying the run)
+    capsys.readouterr()
+    train_dpo.main(argv(out, max_steps=3, resume="auto"))
+    assert f"note: {file} is unreadable (" in capsys.readouterr().out
+    assert file.read_bytes() == good  # computed again, to the same bytes
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
