@@ -334,7 +334,7 @@ def _records(files: list[Path]) -> Iterator[tuple[Path, str, Any]]:
             yield from _parquet_records(path)
             continue
         with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
+            head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 BOM (json.load skips it too)
             f.seek(0)
             if path.suffix == ".json" and head.startswith(b"["):
                 try:

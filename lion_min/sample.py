@@ -155,7 +155,11 @@ def _generate_chunk(model, prompts, max_new_tokens, temperature, top_k, top_p, s
     try:
         t0 = time.perf_counter()
         logits = _last_logits(model, tokens, positions, doc_ids, torch.arange(T, device=device))
-        _sync(device)
+        # Weights holding NaN/inf (a diverged run) make every logit NaN: say so, once per chunk,
+        # instead of failing in multinomial (or, greedy, returning token 0 everywhere).
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("the model's logits are not finite (NaN/inf) after the prompt: its weights "
+                                     "hold NaN/inf (a diverged run?) or overflow in this dtype")
         t1 = time.perf_counter()
         slot = torch.tensor([T], device=device)  # (1,) the cache slot of the token being fed
         for step in range(max_new_tokens):

@@ -263,6 +263,15 @@ def test_globs_folders_and_json_files(tmp_path):
         load_conversations(str(tmp_path / "arr.json"))
 
 
+
+def test_json_array_and_json_lines_with_a_utf8_bom(tmp_path):
+    # Windows editors (Notepad, PowerShell's Out-File utf8) start a file with a BOM.
+    (tmp_path / "arr.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(numbered(2, 0), indent=2).encode())
+    (tmp_path / "lines.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in numbered(2, 5)).encode())
+    assert ids(load_conversations(str(tmp_path / "arr.json"))[0]) == ["q0", "q1"]
+    assert ids(load_conversations(str(tmp_path / "lines.jsonl"))[0]) == ["q5", "q6"]
+
+
 # --- Parquet -------------------------------------------------------------------------------------
 
 

@@ -364,3 +364,24 @@ def test_prompts_file_formats(tmp_path):
         path.write_text(json.dumps(record) + "\n")
         with pytest.raises(ConfigError, match=f"{name}.jsonl: {message}"):
             read_prompts(str(path))
+
+
+@pytest.mark.parametrize("temperature", ["1.0", "0"])
+def test_cli_weights_holding_nan_one_line(chat_model, tmp_path, capsys, temperature):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lion_min.config import run_cli
+
+    folder = tmp_path / "diverged"
+    shutil.copytree(chat_model, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")  # what a diverged run exports
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main([f"--model={folder}", "--prompt=Hello", "--chat_template=gemma", "--max_new_tokens=4",
+                              f"--temperature={temperature}", "--device=cpu"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: the model's logits are not finite (NaN/inf)")
