@@ -108,13 +108,17 @@ def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         scaling = {k: scaling[k] for k in keys} | {"rope_type": "llama3"}
 
     heads = need("num_attention_heads")
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    if heads % kv_heads:  # grouped-query attention shares each key/value head among a whole group
+        raise CheckpointError(f"{source}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads "
+                              f"({kv_heads})")
     return ModelArgs(
         family=family,
         vocab_size=need("vocab_size"),
         dim=need("hidden_size"),
         n_layers=need("num_hidden_layers"),
         n_heads=heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or heads,
+        n_kv_heads=kv_heads,
         # gemma-7b: head_dim 256 although hidden_size / heads = 192, so never derive it when given.
         head_dim=cfg.get("head_dim") or need("hidden_size") // heads,
         hidden_dim=need("intermediate_size"),

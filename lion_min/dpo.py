@@ -444,8 +444,19 @@ def run(cfg: DPOConfig) -> TrainResult:
         pst = PairStats(**prep.train.stats)
         if d.main:
             print(f"data: {prep.how()}")
+    check_enough_pairs(len(pairs), pst, cfg)
     return train_pairs(cfg, d, pairs, eval_pairs, dtype, {"data": data_summary, **dataclasses.asdict(pst)},
                        inputs={"--data": cfg.data, "--eval_data": cfg.eval_data})
+
+
+def check_enough_pairs(kept: int, st: PairStats, cfg: DPOConfig):
+    """Fewer pairs kept than one batch because encoding dropped them: say why they were dropped."""
+    why = [f"{n} pairs dropped: {reason}" for n, reason in ((st.identical, "identical sides (chosen == rejected)"),
+                                                            (st.dropped, "nothing left to score after truncation"))
+           if n]
+    if kept < cfg.batch_size and why:
+        raise ConfigError(f"--data={cfg.data}: only {kept} of {st.pairs} pairs kept for --batch_size={cfg.batch_size}; "
+                          f"{', '.join(why)}")
 
 
 def load_dpo_data(cfg: DPOConfig) -> tuple[list, list, str]:

@@ -78,6 +78,12 @@ def check_config(cfg: OnlineConfig):
         raise ConfigError(f"--n_samples={cfg.n_samples}: need at least 2 samples to form a pair")
     if cfg.rounds < 1:
         raise ConfigError(f"--rounds={cfg.rounds} must be at least 1")
+    # Refused, as transformers' generate refuses sampling at temperature 0 (TRL's online DPO samples
+    # through it): greedy decoding gives every sample of a prompt the same text, so no pair forms.
+    if cfg.temperature <= 0:
+        raise ConfigError(f"--temperature={cfg.temperature:g}: online DPO samples {cfg.n_samples} different responses "
+                          f"per prompt, and greedy decoding (temperature 0) makes them all the same; use a "
+                          f"temperature > 0 (LION: 0.8)")
 
 
 def gather(items: list, d: Dist) -> list:

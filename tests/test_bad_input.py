@@ -40,7 +40,7 @@ def files(tiny_chat_model, tmp_path_factory):
     (root / "utf8_prompts.txt").write_bytes(b"fine\n\nalso fine\nbroken \xff here\n")
     # Checkpoints broken in the ways a download or a hand edit breaks them.
     model = tiny_chat_model["model"]
-    for name in ("corrupt", "types", "bigvocab", "otherarch", "badindex"):
+    for name in ("corrupt", "types", "bigvocab", "otherarch", "badindex", "kvheads"):
         shutil.copytree(model, root / name)
     (root / "badindex" / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
     data = (model / "model.safetensors").read_bytes()
@@ -49,6 +49,9 @@ def files(tiny_chat_model, tmp_path_factory):
     (root / "types" / "config.json").write_text(json.dumps(config | {"hidden_size": str(config["hidden_size"])}))
     (root / "bigvocab" / "config.json").write_text(json.dumps(config | {"vocab_size": 100}))
     (root / "otherarch" / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
+    (root / "kvheads" / "config.json").write_text(json.dumps(config | {"num_key_value_heads": 3}))
+    (root / "same_sides.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "a"}) + "\n"
+                                                   for i in range(8)))
     # A checkpoint whose tokenizer lacks ChatML's special tokens.
     plain = root / "plain_tok_model"
     shutil.copytree(tiny_chat_model["model"], plain)
@@ -102,6 +105,9 @@ CASES = [
     ("online", {"prompts": "{root}/utf8_prompts.txt"}, "utf8_prompts.txt: line 4: not valid UTF-8"),
     ("sft", {"model": "{root}/corrupt"}, "corrupt/model.safetensors: not a readable safetensors file"),
     ("sft", {"model": "{root}/badindex"}, "badindex/model.safetensors.index.json: not a valid index file"),
+    ("sft", {"model": "{root}/kvheads"}, "kvheads/config.json: num_attention_heads (8) is not a multiple of num_key_value_heads (3)"),
+    ("dpo", {"data": "{root}/same_sides.jsonl"}, "8 pairs dropped: identical sides (chosen == rejected)"),
+    ("online", {"temperature": 0}, "--temperature=0: online DPO samples 2 different responses per prompt, and greedy decoding"),
     ("sft", {"model": "{root}/types"}, "types/config.json: hidden_size must be a positive integer, got '64'"),
     ("sft", {"model": "{root}/bigvocab"}, "bigvocab: the tokenizer has 651 token ids but config.json's vocab_size (the embedding rows) is 100"),
     ("dpo", {"ref_model": "{root}/otherarch"}, "otherarch: another architecture than --model (n_layers 1 vs 2)"),

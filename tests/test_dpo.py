@@ -147,3 +147,21 @@ def test_accumulation_and_two_ranks_equal_single(tiny_chat_model, tmp_path):
         w, w_ref = weights(tmp_path / other), weights(tmp_path / "mb2")
         for k in w_ref:
             torch.testing.assert_close(w[k], w_ref[k], atol=2e-6, rtol=1e-5, msg=f"{other}: {k}")
+
+
+@pytest.mark.parametrize("data_cache", ["auto", "off"])
+def test_every_pair_with_identical_sides_names_the_cause(tiny_chat_model, tmp_path, capsys, data_cache):
+    from lion_min.config import run_cli
+
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": f"A{i}.", "rejected": f"A{i}."}) + "\n"
+                            for i in range(12)))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: train_dpo.main(args(tiny_chat_model, out, data=same, data_cache=data_cache,
+                                            eval_fraction=0.0)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert err[0] == (f"error: --data={same}: only 0 of 12 pairs kept for --batch_size=4; "
+                      f"12 pairs dropped: identical sides (chosen == rejected)")
+    assert not out.exists()

@@ -81,3 +81,17 @@ def test_two_ranks_sample_their_share_and_train_sharded(tiny_online_argv, tmp_pa
     first = json.loads((out / "round_0" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-5)
     assert (out / "model.safetensors").is_file()
+
+
+def test_temperature_zero_is_refused_before_sampling(tiny_online_argv, tmp_path, capsys):
+    from lion_min.config import run_cli
+
+    out = tmp_path / "greedy"
+    argv = tiny_online_argv(out)[:-1] + ["--temperature=0"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: train_online.main(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: --temperature=0: online DPO samples 3 different responses per prompt, and "
+                             "greedy decoding (temperature 0) makes them all the same")
+    assert not out.exists()
