@@ -70,6 +70,13 @@ def run_cli(main) -> None:
             message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
             print(f"error: {message}", file=sys.stderr)
         exit_now(2)
+    except RuntimeError as e:  # a collective cut short by a rank that failed: one line, not a traceback
+        from lion_min.parallel import exit_now, peer_gone
+
+        if peer_gone(e) is None:
+            raise
+        print(f"error: {peer_gone(e)}", file=sys.stderr)
+        exit_now(2)
     # After success only (a failed rank must not wait for the others): leave the process group
     # and exit without the interpreter's teardown (parallel.shutdown says why).
     from lion_min.parallel import shutdown

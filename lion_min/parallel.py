@@ -5,7 +5,9 @@ multi-node form) sets RANK, WORLD_SIZE and LOCAL_RANK, read here, and MASTER_ADD
 which init_process_group reads.
 """
 
+import itertools
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -39,21 +41,31 @@ def init_distributed(device: str = "auto") -> Dist:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        warn_shared_store_restarts(rank)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        store, _, _ = next(dist.rendezvous("env://", rank, world))  # MASTER_ADDR / MASTER_PORT: torchrun's
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=dist.PrefixStore(attempt(store), store),
+                                rank=rank, world_size=world, device_id=dev if dev.type == "cuda" else None)
     return Dist(rank, world, local_rank, dev)
 
 
-def warn_shared_store_restarts(rank: int):
-    """torchrun --max-restarts=N: by default the agent shares one TCPStore with the workers across
-    restarts, and a restarted group can read the previous attempt's addresses from it and fail to
-    connect (pytorch/pytorch#135712; on CPU/gloo here 4 of 7 restarts failed so). Launching with
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt a fresh store (0 failures in 6)."""
-    if (rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
-            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
-        print("warning: torchrun --max-restarts with the agent's shared TCPStore can fail to re-form the "
-              "group after a restart (pytorch/pytorch#135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
-              flush=True)
+def attempt(store) -> str:
+    """A name for this start of the workers that every rank computes alike, under which the
+    process group keeps its keys.
+
+    torchrun --max-restarts=N restarts the workers with the same TCPStore (the agent's, shared by
+    default), and the process group's keys of the attempt that died are still in it: a restarted
+    group read the dead workers' addresses and failed ("Gloo connectFullMesh failed ... Connection
+    refused") or waited on them for the 30-minute timeout (pytorch/pytorch#135712; 7 of 9 restarts
+    here). Under a fresh prefix each attempt reads only its own keys. The attempt is the agents'
+    rendezvous round, read from the keys the agents write in that store for each round (the same
+    on every node), else (a store without them) torchrun's restart count."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        rounds = itertools.takewhile(lambda r: store.check([f"torch.rendezvous.{run_id}.{r}/torchelastic/role_info/0"]),
+                                     itertools.count())
+        last = max(rounds, default=None)
+        if last is not None:
+            return f"lion_min/round_{last}"
+    return f"lion_min/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
@@ -110,6 +122,23 @@ def raise_if_any(error: Optional[BaseException], d: Dist) -> None:
     if d.rank == failed[0]:
         raise error
     raise PeerFailed(f"rank {failed[0]} failed: {messages[failed[0]]}")
+
+
+# How gloo and NCCL report that a peer is gone (it failed, or was killed) during a collective.
+_PEER_GONE = ("closed by peer", "reset by peer", "Connection refused", "NCCL communicator was aborted")
+
+
+def peer_gone(e: BaseException) -> Optional[str]:
+    """One line for a collective that failed because another rank stopped (its own error is the
+    cause, printed by that rank), or None when `e` is something else."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1 and isinstance(e, RuntimeError)):
+        return None
+    text = str(e)
+    if not (isinstance(e, dist.DistError) or any(s in text for s in _PEER_GONE)):
+        return None
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\] ", "", first).split(". This is typically")[0]  # gloo's source path
+    return f"rank {dist.get_rank()}: another rank stopped (its own error says why), so a collective failed: {first}"
 
 
 def exit_now(code: int) -> None:

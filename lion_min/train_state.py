@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 
 from lion_min.config import TrainConfig, config_to_json
-from lion_min.parallel import Dist, barrier, raise_if_any
+from lion_min.parallel import Dist, PeerFailed, barrier, raise_if_any
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. A folder is complete once renamed from its .tmp name,
@@ -94,7 +94,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig
             except WRITE_ERRORS as e:
                 error = CheckpointWriteError(f"{tmp}: cannot write the checkpoint of step {step}: {one_line(e)}")
             raise_if_any(error, d)
-    except CheckpointWriteError:  # the half-written step folder is removed; the previous checkpoint stays
+    except (CheckpointWriteError, PeerFailed):  # the half-written step folder is removed; the previous one stays
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -66,22 +66,33 @@ def worker_pids(parent: int) -> dict[int, int]:
     return found
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc (Linux)")
-def test_torchrun_restarts_the_group_after_a_rank_is_killed(tiny_chat_model, tmp_path):
-    # torchrun's agent shares one TCPStore with the workers across restarts, so the restarted gloo group
-    # can read the dead attempt's addresses (pytorch/pytorch#135712): the documented launch sets
-    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives each attempt a fresh store.
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    res = subprocess.run([*torchrun, str(ROOT / "train_sft.py"), *sft_args(tiny_chat_model, full, max_steps=16)],
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_chat_model, tmp_path_factory):
+    """An uninterrupted 2-rank run of 16 steps: its weights."""
+    full = tmp_path_factory.mktemp("two_ranks") / "full"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([*TORCHRUN, str(ROOT / "train_sft.py"), *sft_args(tiny_chat_model, full, max_steps=16)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    return load_file(str(full / "model.safetensors"))
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc (Linux)")
+@pytest.mark.parametrize("killed_rank, attempt", [(1, 0), (0, 0), (1, 1), (0, 1)])
+def test_torchrun_restarts_the_group_after_a_rank_is_killed(tiny_chat_model, two_rank_run, tmp_path, killed_rank,
+                                                            attempt):
+    # The plain launch (torchrun's agent shares its TCPStore with the workers): the restarted group
+    # must not read the dead attempt's keys (parallel.attempt); it failed 7 times in 9 before.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    killed = tmp_path / "killed"
     log = tmp_path / "killed.log"
     with log.open("w") as f:
-        proc = subprocess.Popen([*torchrun, "--max-restarts=1", str(ROOT / "train_sft.py"),
+        proc = subprocess.Popen([*TORCHRUN, "--max-restarts=1", str(ROOT / "train_sft.py"),
                                  *sft_args(tiny_chat_model, killed, max_steps=16, resume="auto")],
                                 stdout=f, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 240
@@ -89,13 +100,20 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed(tiny_chat_model, tmp
             time.sleep(0.02)
         ranks = worker_pids(proc.pid)
         assert set(ranks) == {0, 1}, f"workers not found: {ranks}"
-        os.kill(ranks[1], signal.SIGKILL)
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+        os.kill(ranks[killed_rank], signal.SIGKILL)
+        try:
+            code = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:  # the restarted group hangs: end it, then fail
+            for pid in worker_pids(proc.pid).values():
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            code = "a hang"
+        assert code == 0, log.read_text()[-3000:]
     text = log.read_text()
-    assert "failed (exitcode: -9) local_rank: 1" in text  # torchrun saw the kill...
+    assert f"failed (exitcode: -9) local_rank: {killed_rank}" in text  # torchrun saw the kill...
     assert re.search(r"training 16 steps from step ([4-9]|1[0-4]) \(resumed from .*step_\d+\)", text), text[-3000:]
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(killed / "model.safetensors"))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # ...and the result is bit-identical
+    got = load_file(str(killed / "model.safetensors"))
+    assert got.keys() == two_rank_run.keys() and all((got[k] == two_rank_run[k]).all() for k in got)  # ...bit-identical
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
 
@@ -265,3 +283,87 @@ def test_a_truncated_reference_logps_file_is_computed_again(tiny_chat_model, tmp
     assert file.read_bytes() == good  # computed again, to the same bytes
     a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+# --- a failure on one rank ends every rank --------------------------------------------------------
+
+FAULTS = {
+    # NaN in rank 1's shards only, found when the step-4 checkpoint is saved.
+    "nan_shard": ("1", r"error: step 4: model weights contain NaN/inf \(\S+\); checkpoint not written$", 1),
+    # The disk fills on rank 1 only, while it writes its rng state into the step-4 checkpoint.
+    "disk_full": ("1", r"error: \S+step_4.tmp: cannot write the checkpoint of step 4: No space left on device$", 1),
+    # Rank 0 fails alone (a bad value, say) while rank 1 goes on into step 3's all-reduce.
+    "rank0_raises": ("0", r"error: injected failure on rank 0$", 2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_failure_on_one_rank_ends_every_rank_at_once(tiny_chat_model, tmp_path, fault):
+    rank, message, lines = FAULTS[fault]
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, fault, rank,
+           *sft_args(tiny_chat_model, out, max_steps=8)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    ended = time.time()
+    assert res.returncode != 0
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == lines and re.match(message, errors[0]), res.stderr[-3000:]
+    assert all("another rank stopped (its own error says why)" in ln for ln in errors[1:])
+    assert "[rank" not in res.stderr  # no rank printed a traceback
+    # Every rank has exited (torchrun returns after its last worker) within seconds of the fault.
+    fault_time = float((tmp_path / "fault_time").read_text())
+    print(f"{fault}: all ranks ended {ended - fault_time:.1f} s after the fault")
+    assert ended - fault_time < 30
+    assert not list(out.rglob("*.tmp")) and not (out / "model.safetensors").exists()
+
+
+def inject(fault: str, rank: int, fault_time: Path):
+    """Worker side of the test above: make `fault` happen on `rank` only."""
+    import lion_min.train as train
+
+    def mark():
+        fault_time.write_text(repr(time.time()))
+
+    if fault == "nan_shard":
+        real_save = train.save_checkpoint
+
+        def save_poisoned(out_dir, step, model, *args, **kwargs):
+            if step == 4 and int(os.environ["RANK"]) == rank:
+                p = next(model.parameters())
+                with torch.no_grad():
+                    (p.to_local() if hasattr(p, "to_local") else p).view(-1)[0] = float("nan")
+                mark()
+            return real_save(out_dir, step, model, *args, **kwargs)
+
+        train.save_checkpoint = save_poisoned
+    elif fault == "disk_full" and int(os.environ["RANK"]) == rank:
+        real_torch_save = torch.save
+
+        def torch_save(obj, f, *args, **kwargs):
+            if "step_4.tmp" in str(f) and "rng_rank" in str(f):
+                mark()
+                fill_disk_after_a_few_bytes(ENOSPC)(obj, f)
+            return real_torch_save(obj, f, *args, **kwargs)
+
+        torch.save = torch_save
+    elif fault == "rank0_raises" and int(os.environ["RANK"]) == rank:
+        real_step = train.train_step
+
+        def failing_step(*args, **kwargs):
+            if args[-1] == 2:  # the third step
+                mark()
+                raise ValueError(f"injected failure on rank {rank}")
+            return real_step(*args, **kwargs)
+
+        train.train_step = failing_step
+
+
+if __name__ == "__main__":  # python tests/test_faults.py FAULT RANK TRAIN_SFT_ARGS... (under torchrun)
+    from lion_min.cli import run_cli
+
+    fault, rank, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    out = Path(next(a for a in argv if a.startswith("--out_dir=")).split("=", 1)[1])
+    inject(fault, rank, out.parent / "fault_time")
+    run_cli(lambda: train_sft.main(argv))
