@@ -186,6 +186,24 @@ def _broadcast(value, d: Dist):
     return box[0]
 
 
+def check_shared(out_dir: Path, d: Dist):
+    """Every rank must see the lock rank 0 just wrote: each writes its checkpoint shards into
+    out_dir, so on several nodes it must be a shared file system (else a checkpoint would be
+    missing the other nodes' shards)."""
+    if d.world == 1:
+        return
+    import torch.distributed as dist
+
+    lock = _broadcast(read_json(out_dir / LOCK) if d.main else None, d)
+    seen = [None] * d.world
+    dist.all_gather_object(seen, (read_json(out_dir / LOCK) == lock, socket.gethostname()))
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise ConfigError(f"--out_dir={out_dir}: {', '.join(blind)} cannot see the folder rank 0 created there: "
+                          f"with several nodes, --out_dir must be on a file system every node shares "
+                          f"(docs/multinode.md)")
+
+
 @contextmanager
 def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optional[bool] = None):
     """Check out_dir (rank 0 decides, every rank raises the same error), lock it, write run.json;
@@ -223,6 +241,7 @@ def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optio
     if error is not None:
         raise error
     try:
+        check_shared(out_dir, d)
         yield record
     except BaseException:
         # A run that failed before its first step leaves nothing behind (a folder it did not create

@@ -110,7 +110,9 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed(tiny_chat_model, two
             code = "a hang"
         assert code == 0, log.read_text()[-3000:]
     text = log.read_text()
-    assert f"failed (exitcode: -9) local_rank: {killed_rank}" in text  # torchrun saw the kill...
+    # torchrun saw a worker fail (the killed one, or its peer, which stops at once on losing it)...
+    assert re.search(r"failed \(exitcode: (-9|2)\) local_rank: [01]", text), text[-3000:]
+    assert text.count("training 16 steps from step") == 2  # ...and started the group again, which resumed
     assert re.search(r"training 16 steps from step ([4-9]|1[0-4]) \(resumed from .*step_\d+\)", text), text[-3000:]
     got = load_file(str(killed / "model.safetensors"))
     assert got.keys() == two_rank_run.keys() and all((got[k] == two_rank_run[k]).all() for k in got)  # ...bit-identical
