@@ -29,7 +29,7 @@ from typing import Optional
 
 from lion_min.checkpoint import EXPORT_FILES
 from lion_min.config import ConfigError, read_json
-from lion_min.parallel import Dist
+from lion_min.parallel import Dist, PeerFailed
 
 # Keys that do not change what a step computes: cadence of logging, eval and saving; how the global
 # batch is split (the loss is invariant to micro_batch_size and world size); hardware and speed;
@@ -198,10 +198,10 @@ def check_shared(out_dir: Path, d: Dist):
     seen = [None] * d.world
     dist.all_gather_object(seen, (read_json(out_dir / LOCK) == lock, socket.gethostname()))
     blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
-    if blind:
-        raise ConfigError(f"--out_dir={out_dir}: {', '.join(blind)} cannot see the folder rank 0 created there: "
-                          f"with several nodes, --out_dir must be on a file system every node shares "
-                          f"(docs/multinode.md)")
+    if blind:  # said once, by rank 0
+        error = (f"--out_dir={out_dir}: {', '.join(blind)} cannot see the folder rank 0 created there: with several "
+                 f"nodes, --out_dir must be on a file system every node shares (docs/multinode.md)")
+        raise ConfigError(error) if d.main else PeerFailed(error)
 
 
 @contextmanager

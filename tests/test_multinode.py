@@ -1,6 +1,7 @@
 """docs/multinode.md's commands, run as written on CPU with gloo: two "nodes" on localhost (two
 torchrun agents meeting through the c10d rendezvous) give the weights of one process; data
-prepared ahead is used as is; an --out_dir that one node does not see stops both at once."""
+prepared ahead is used as is; an --out_dir that one node does not see stops both at once; the
+Slurm script runs under stand-ins for srun and scontrol (with the test's paths in its export line)."""
 
 import os
 import re
@@ -24,7 +25,7 @@ DOC = ROOT / "docs" / "multinode.md"
 def doc_command(name: str) -> str:
     """The fenced block of docs/multinode.md marked `# run by tests/test_multinode.py: NAME`."""
     blocks = re.findall(r"```bash\n(.*?)```", DOC.read_text(), re.S)
-    found = [b for b in blocks if b.lstrip().startswith(f"# run by tests/test_multinode.py: {name}\n")]
+    found = [b for b in blocks if f"# run by tests/test_multinode.py: {name}\n" in b]
     assert len(found) == 1, f"docs/multinode.md: no single block marked {name!r}"
     return "\n".join(line.strip() for line in found[0].splitlines())  # the block's indent inside a list
 
@@ -95,4 +96,31 @@ def test_an_out_dir_one_node_does_not_see_stops_both_nodes(setup):
     assert errors and all("cannot see the folder rank 0 created there: with several nodes, --out_dir must be on a "
                           "file system every node shares" in ln for ln in errors), errors
     assert not any(out.exists() for out in outs)  # nothing left behind
+    assert len(errors) == 4  # said once (by rank 0) at the first start and at each of torchrun's 3 restarts
     print(f"both nodes stopped after {took:.0f} s (torchrun's 3 restarts included)")
+
+
+@pytest.mark.slow
+def test_the_slurm_script_under_stand_ins_for_srun(setup, tmp_path):
+    root, env = setup
+    script = doc_command("slurm")
+    exports = re.search(r"^export PORT=.*?(?<!\\)\n", script, re.S | re.M)
+    assert exports, "the script's export line of site paths"
+    out = root / "slurm"
+    script = script.replace(exports.group(0), f"export PORT={free_port()} RECIPE={env['RECIPE']} DATA={env['DATA']} "
+                                              f"OUT={out} CACHE=off\n")
+    bin_dir = tmp_path / "bin"  # srun: one task per node of the allocation, all at once; scontrol: the nodes
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nfor i in $(seq 1 $SLURM_NNODES); do "$@" & done\n'
+                                  'status=0; for job in $(jobs -p); do wait $job || status=1; done; exit $status\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho 127.0.0.1\necho 127.0.0.2\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    slurm = {"SLURM_JOB_NODELIST": "node[001-002]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1",
+             "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{env['PATH']}"}
+    (tmp_path / "job.sh").write_text(script)
+    res = subprocess.run(["bash", str(tmp_path / "job.sh")], cwd=ROOT, env=env | slurm, capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and "batch          4 rows = 1 per micro-batch x 2 accumulated x " \
+                                                      "2 rank(s)" in res.stdout
