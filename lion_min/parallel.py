@@ -5,7 +5,6 @@ multi-node form) sets RANK, WORLD_SIZE and LOCAL_RANK, read here, and MASTER_ADD
 which init_process_group reads.
 """
 
-import itertools
 import os
 import re
 import sys
@@ -42,30 +41,26 @@ def init_distributed(device: str = "auto") -> Dist:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         store, _, _ = next(dist.rendezvous("env://", rank, world))  # MASTER_ADDR / MASTER_PORT: torchrun's
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=dist.PrefixStore(attempt(store), store),
-                                rank=rank, world_size=world, device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=attempt_store(store), rank=rank,
+                                world_size=world, device_id=dev if dev.type == "cuda" else None)
     return Dist(rank, world, local_rank, dev)
 
 
-def attempt(store) -> str:
-    """A name for this start of the workers that every rank computes alike, under which the
-    process group keeps its keys.
+def attempt_store(store):
+    """The store the process group keeps its keys in: under torchrun's agent-shared TCPStore, a
+    part of it for this start of the workers alone.
 
     torchrun --max-restarts=N restarts the workers with the same TCPStore (the agent's, shared by
-    default), and the process group's keys of the attempt that died are still in it: a restarted
+    default), where the process group's keys of the attempt that died are still kept: a restarted
     group read the dead workers' addresses and failed ("Gloo connectFullMesh failed ... Connection
-    refused") or waited on them for the 30-minute timeout (pytorch/pytorch#135712; 7 of 9 restarts
-    here). Under a fresh prefix each attempt reads only its own keys. The attempt is the agents'
-    rendezvous round, read from the keys the agents write in that store for each round (the same
-    on every node), else (a store without them) torchrun's restart count."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if run_id is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        rounds = itertools.takewhile(lambda r: store.check([f"torch.rendezvous.{run_id}.{r}/torchelastic/role_info/0"]),
-                                     itertools.count())
-        last = max(rounds, default=None)
-        if last is not None:
-            return f"lion_min/round_{last}"
-    return f"lion_min/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    refused") or waited on them until the timeout (pytorch/pytorch#135712; 7 of 9 restarts here).
+    Under a prefix named by torchrun's restart count each attempt reads only its own keys. On several
+    nodes the agents' restart counts can differ (a node restarted by a membership change does not
+    count it), so docs/multinode.md launches them with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a fresh
+    store for each start, used as is."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
+    return dist.PrefixStore(f"lion_min/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:

@@ -86,7 +86,7 @@ def two_rank_run(tiny_chat_model, tmp_path_factory):
 def test_torchrun_restarts_the_group_after_a_rank_is_killed(tiny_chat_model, two_rank_run, tmp_path, killed_rank,
                                                             attempt):
     # The plain launch (torchrun's agent shares its TCPStore with the workers): the restarted group
-    # must not read the dead attempt's keys (parallel.attempt); it failed 7 times in 9 before.
+    # must not read the dead attempt's keys (parallel.attempt_store); it failed 7 times in 9 before.
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     killed = tmp_path / "killed"

@@ -5,6 +5,7 @@ Slurm script runs under stand-ins for srun and scontrol (with the test's paths i
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -49,11 +50,31 @@ def setup(tiny_chat_model, tmp_path_factory):
     return root, env
 
 
-def run_nodes(env: dict, outs: list[Path], timeout: int = 240) -> list[subprocess.CompletedProcess]:
-    """The doc's torchrun command on each "node" at once (node i writing to outs[i])."""
+def workers(job: str) -> dict[int, int]:
+    """{RANK: pid} of the worker processes of the torchrun job named `job` (--rdzv_id)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(x.split("=", 1) for x in (proc / "environ").read_bytes().decode().split("\0") if "=" in x)
+        except (OSError, ValueError):  # not a process, or one that ended while we looked
+            continue
+        if env.get("TORCHELASTIC_RUN_ID") == job and "RANK" in env:
+            found[int(env["RANK"])] = int(proc.name)
+    return found
+
+
+def run_nodes(env: dict, outs: list[Path], timeout: int = 240, kill_after: str = "", kill_rank: int = 0
+              ) -> list[subprocess.CompletedProcess]:
+    """The doc's torchrun command on each "node" at once (node i writing to outs[i]); with
+    `kill_after`, the worker of rank `kill_rank` is killed once outs[0]/kill_after exists."""
     cmd, port = doc_command("nodes"), str(free_port())
     procs = [subprocess.Popen(["bash", "-c", cmd], cwd=ROOT, env=env | {"PORT": port, "OUT": str(out)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outs]
+    if kill_after:
+        deadline = time.time() + timeout
+        while not (outs[0] / kill_after).exists() and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(workers(env["JOB"])[kill_rank], signal.SIGKILL)
     outputs = [p.communicate(timeout=timeout) for p in procs]
     return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outputs)]
 
@@ -124,3 +145,22 @@ def test_the_slurm_script_under_stand_ins_for_srun(setup, tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert (out / "model.safetensors").is_file() and "batch          4 rows = 1 per micro-batch x 2 accumulated x " \
                                                       "2 rank(s)" in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc (Linux)")
+def test_two_nodes_restart_together_after_a_worker_is_killed(setup):
+    root, env = setup
+    env = env | {"CACHE": "off", "JOB": "multinode-restart"}
+    one = root / "one_again"
+    train_sft.main([f"--config={env['RECIPE']}", f"--data={env['DATA']}", "--data_cache=off", f"--out_dir={one}"])
+    out = root / "two_nodes_killed"
+    results = run_nodes(env, [out, out], kill_after="checkpoints/step_2", kill_rank=1)
+    for res in results:
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    printed = "".join(r.stdout for r in results)
+    assert "training 6 steps from step 0" in printed and re.search(r"training 6 steps from step [2-5] \(resumed", printed)
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    rel = max(float((a[k] - b[k]).norm() / a[k].norm()) for k in a)
+    print(f"two localhost nodes, a worker killed and the job restarted, vs one process: {rel:.1e}")
+    assert rel < 1e-5
