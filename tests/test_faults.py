@@ -1,5 +1,8 @@
 """Crash safety: kill -9 mid-run and resume, a rank killed under torchrun --max-restarts, non-finite
-losses, interrupted saves."""
+losses, interrupted saves, a full disk, files cut short, a failure on one rank of several.
+
+Run as a script (under torchrun) it is the worker of the one-rank-failure tests:
+python tests/test_faults.py FAULT RANK TRAIN_SFT_ARGS..."""
 
 import errno
 import json
@@ -362,7 +365,7 @@ def inject(fault: str, rank: int, fault_time: Path):
         train.train_step = failing_step
 
 
-if __name__ == "__main__":  # python tests/test_faults.py FAULT RANK TRAIN_SFT_ARGS... (under torchrun)
+if __name__ == "__main__":
     from lion_min.cli import run_cli
 
     fault, rank, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
