@@ -334,7 +334,8 @@ class StopSignals:
 
 def metrics_until(path: Path, step: int) -> list[str]:
     """The lines of metrics.jsonl that a resume from `step` keeps (0: none); a torn last line (a
-    crash mid-write) is dropped with a warning."""
+    crash mid-write) is dropped with a warning, and so is the final eval's line (eval keys only) of
+    an export that never finished, since finish() evaluates again."""
     if step == 0 or not path.is_file():
         return []
     kept = []
@@ -344,7 +345,9 @@ def metrics_until(path: Path, step: int) -> list[str]:
         except json.JSONDecodeError:
             print(f"warning: {path}: line {n} is not complete JSON (a crash mid-write?); dropped")
             continue
-        if record is not None and record.get("step", 0) <= step:
+        final_eval = record is not None and record.get("step") == step and all(
+            k == "step" or k.startswith("eval/") for k in record)
+        if record is not None and record.get("step", 0) <= step and not final_eval:
             kept.append(line)
     return kept
 

@@ -234,9 +234,9 @@ def test_disk_full_during_the_export_then_resume_exports(tiny_chat_model, tmp_pa
     import lion_min.checkpoint
 
     full, out = tmp_path / "full", tmp_path / "run"
-    train_sft.main(sft_args(tiny_chat_model, full, max_steps=4))
+    train_sft.main(sft_args(tiny_chat_model, full, max_steps=4, eval_fraction=0.25))
     monkeypatch.setattr(lion_min.checkpoint, "save_file", fill_disk_after_a_few_bytes(error))
-    code, err = run_cli_exit(sft_args(tiny_chat_model, out, max_steps=4), capsys)
+    code, err = run_cli_exit(sft_args(tiny_chat_model, out, max_steps=4, eval_fraction=0.25), capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: {out}: cannot write the Hugging Face export") and says in lines[0]
@@ -244,8 +244,11 @@ def test_disk_full_during_the_export_then_resume_exports(tiny_chat_model, tmp_pa
     assert (out / "checkpoints" / "step_4" / "trainer_state.json").is_file()  # the final checkpoint was written
     monkeypatch.undo()
     # The final checkpoint is there but the export is not: a resume exports it (no step to train).
-    train_sft.main(sft_args(tiny_chat_model, out, max_steps=4, resume="auto"))
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=4, eval_fraction=0.25, resume="auto"))
     assert "is the run's last step: exporting" in capsys.readouterr().out
+    lines = [[json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()] for run in (full, out)]
+    assert [r["step"] for r in lines[1]] == [1, 2, 3, 4, 4]  # the final eval once, not again after the resume
+    assert [r.get("loss", r.get("eval/loss")) for r in lines[1]] == [r.get("loss", r.get("eval/loss")) for r in lines[0]]
     a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
