@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "docs/walkthrough.md", "docs/golden.md", "docs/experiments.md", "bench/README.md"]
+DOCS = ["README.md", "docs/walkthrough.md", "docs/golden.md", "docs/experiments.md", "docs/multinode.md",
+        "bench/README.md"]
 POINTER = re.compile(r"((?:lion_min|tests|bench)/[\w/]+\.py|(?<![\w/])train_(?:sft|dpo|online)\.py)(?:::?([\w.]+))?")
 
 

@@ -151,7 +151,7 @@ def test_accumulation_and_two_ranks_equal_single(tiny_chat_model, tmp_path):
 
 @pytest.mark.parametrize("data_cache", ["auto", "off"])
 def test_every_pair_with_identical_sides_names_the_cause(tiny_chat_model, tmp_path, capsys, data_cache):
-    from lion_min.config import run_cli
+    from lion_min.cli import run_cli
 
     same = tmp_path / "same.jsonl"
     same.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": f"A{i}.", "rejected": f"A{i}."}) + "\n"

@@ -84,7 +84,7 @@ def test_two_ranks_sample_their_share_and_train_sharded(tiny_online_argv, tmp_pa
 
 
 def test_temperature_zero_is_refused_before_sampling(tiny_online_argv, tmp_path, capsys):
-    from lion_min.config import run_cli
+    from lion_min.cli import run_cli
 
     out = tmp_path / "greedy"
     argv = tiny_online_argv(out)[:-1] + ["--temperature=0"]

@@ -372,7 +372,7 @@ def test_cli_weights_holding_nan_one_line(chat_model, tmp_path, capsys, temperat
 
     from safetensors.torch import load_file, save_file
 
-    from lion_min.config import run_cli
+    from lion_min.cli import run_cli
 
     folder = tmp_path / "diverged"
     shutil.copytree(chat_model, folder)
