@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from lion_min.flags import parse_cli  # noqa: E402
+from test_faults import worker_pids as workers  # noqa: E402  (torchrun's workers, found through /proc)
 
 
 @dataclass
@@ -53,21 +54,6 @@ def setup(work: Path) -> tuple[Path, Path]:
                                                      {"role": "assistant", "content": f"{i + i % 7}."}]}) + "\n"
                             for i in range(48)))
     return model, data
-
-
-def workers(parent: int) -> dict[int, int]:
-    """{RANK: pid} of torchrun's worker processes."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
-                continue
-            env = dict(x.split("=", 1) for x in (proc / "environ").read_bytes().decode().split("\0") if "=" in x)
-        except (OSError, ValueError):
-            continue
-        if "RANK" in env:
-            found[int(env["RANK"])] = int(proc.name)
-    return found
 
 
 def main(argv=None):
