@@ -1,16 +1,19 @@
-"""The paper's first experiments in miniature: the demo task, on CPU, minutes each.
+"""The paper's experiments in miniature: the demo task, on CPU, minutes each.
 
     python -m lion_min.experiments demo      # the README's demo, every stage, over seeds
     python -m lion_min.experiments packing   # SFT: padding / naive packing / packing, with and without loss masking
     python -m lion_min.experiments dpo       # offline DPO: the beta sweep and the choice of reference model
     python -m lion_min.experiments online    # online vs offline DPO at a matched number of preference pairs
     python -m lion_min.experiments margins   # each pair's chosen and rejected log-prob change under DPO
+    python -m lion_min.experiments scaling   # offline DPO: accuracy against steps for 1/8 .. all of the pairs
+    python -m lion_min.experiments margins_by_loss   # the margin analysis for IPO, hinge and cDPO beside DPO
     python -m lion_min.experiments all
 
 Every arm runs over --seeds seeds (default 3) through the real stages (sft.run, dpo.run,
-online.run) on the demo's data (lion_min/demo.py), in out/experiments/NAME/ARM/seed_S. A finished
-run (its result.json) is reused, so an interrupted experiment continues where it stopped, and the
-SFT models that the DPO experiments start from are trained once per seed (out/experiments/sft/).
+online.run) on the demo's data (lion_min/demo.py), in out/experiments/NAME/ARM/seed_S (the shared
+machinery is lion_min/experiment_runs.py). A finished run (its result.json) is reused, so an
+interrupted experiment continues where it stopped, and the SFT models that the DPO experiments
+start from are trained once per seed (out/experiments/sft/).
 Reuse compares only the demo's data version (a run on other data is refused), not the settings:
 after changing demo.SETTINGS or this file, use another --out.
 Each experiment writes NAME/results.json (every run's figures), NAME/table.md (mean, spread and
@@ -25,254 +28,19 @@ adds each model's carry decision per units sum (carry_logodds: demo/carry.json, 
 
 import json
 import math
+import shutil
 import sys
-from dataclasses import dataclass
-from functools import cached_property
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from lion_min import demo
-from lion_min.config import ConfigError, check_values, read_json
+from lion_min.config import ConfigError, check_values
 from lion_min.flags import parse_cli
-
-# --- sizes ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Size:
-    """How much each run does. "full" is what docs/experiments.md reports; "tiny" runs every code
-    path in seconds (the test suite)."""
-
-    sft_conversations: int
-    """SFT conversations of the packing experiment (the demo's SFT models see all 16000, twice)."""
-    max_steps: int
-    """0 = the settings' epochs; otherwise exactly this many steps per run (tiny)."""
-    test_prompts: int
-    """Held-out problems for greedy accuracy."""
-    eval_pairs: int
-    """Held-out preference pairs for the DPO figures: the last of the demo's pairs file, a multiple
-    of the micro-batch so that the training loop's own eval scores every one of them."""
-    online_prompts: int
-    online_rounds: int
-    batch_size: int = 0
-    """0 = the settings' batch sizes; otherwise every run's (tiny: a few prompts must fill a batch)."""
-    judge: str = "demo"
-    """The online judge: the demo's rule, or "length" where the model is untrained (tiny: every
-    reply would be wrong, and all scores would tie)."""
-
-
-SIZES = {
-    "full": Size(sft_conversations=8000, max_steps=0, test_prompts=demo.N_TEST, eval_pairs=192, online_prompts=256,
-                 online_rounds=4),
-    "tiny": Size(sft_conversations=64, max_steps=2, test_prompts=8, eval_pairs=8, online_prompts=8, online_rounds=1,
-                 batch_size=2, judge="length"),
-}
-
-
-@dataclass
-class ExperimentConfig:
-    RANGES = {"seeds": "[1, 100]"}
-    CHOICES = {"size": tuple(SIZES)}
-
-    seeds: int = 3
-    """Seeds per arm (each seed: its own starting model, data order and sampling)."""
-    out: str = "out/experiments"
-    size: str = "full"
-    """full (docs/experiments.md) or tiny (a few steps per run: checks the code, measures nothing)."""
-
-
-# --- running one arm ------------------------------------------------------------------------------
-
-
-class Context:
-    """The experiment's shared files: the demo data (written once), one starting model per seed,
-    a held-out split of the pairs file, and the stage settings every run starts from."""
-
-    def __init__(self, cfg: ExperimentConfig):
-        self.root, self.size, self.seeds = Path(cfg.out), SIZES[cfg.size], range(cfg.seeds)
-        meta = read_json(self.root / "data" / "meta.json")
-        if meta is not None and meta.get("version") != demo.DATA_VERSION:  # refused before anything is rewritten
-            raise ConfigError(f"{self.root / 'data' / 'meta.json'}: these runs were made from version "
-                              f"{meta.get('version')} of the demo's data (now {demo.DATA_VERSION}): use another "
-                              f"--out, or remove {self.root}")
-        self.paths = demo.write_demo_data(self.root / "data", seed=0)
-        self.test = demo.read_test(self.paths["test"])[: self.size.test_prompts]
-        self.dpo_train, self.dpo_eval = self._split_pairs()
-
-    def _split_pairs(self) -> tuple[Path, Path]:
-        """The demo's pairs file cut into training pairs and `eval_pairs` held-out ones (the last)."""
-        train, held = self.root / "data" / "dpo_train.jsonl", self.root / "data" / "dpo_eval.jsonl"
-        lines = self.paths["dpo"].read_text().splitlines(keepends=True)
-        n = self.size.eval_pairs
-        for path, part in ((train, lines[:-n]), (held, lines[-n:])):
-            if not path.is_file() or path.read_text() != "".join(part):
-                path.write_text("".join(part))
-        return train, held
-
-    @cached_property
-    def right_answers(self) -> Path:
-        """The held-out problems with their right worked answers, as conversations (for reply_loss)."""
-        path = self.root / "data" / "test_right_answers.jsonl"
-        rows = [{"messages": [{"role": "user", "content": p},
-                              {"role": "assistant", "content": demo.worked_answer(*demo.parse_problem(p))}]}
-                for p in self.test]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return path
-
-    def run_dir(self, name: str, arm: str, seed: int) -> Path:
-        """Where `sweep` runs an arm of an experiment for a seed."""
-        return self.root / name / slug(arm) / f"seed_{seed}"
-
-    def init_model(self, seed: int) -> Path:
-        return demo.init_model(self.root / "data" / f"init_model_seed_{seed}", self.paths["tokenizer"], seed)
-
-    def settings(self, stage: str, folder: Path, seed: int, **over) -> dict:
-        """The demo's settings for the stage, in `folder`, with `over` on top."""
-        s = demo.SETTINGS[stage] | dict(out_dir=str(folder), seed=seed, overwrite=True, device="cpu", log_every=1000)
-        s |= over
-        if self.size.max_steps:
-            s |= dict(max_steps=self.size.max_steps)
-        if self.size.batch_size:
-            s |= dict(batch_size=self.size.batch_size, micro_batch_size=self.size.batch_size)
-        return s
-
-    def accuracy(self, folder: Path) -> dict:
-        from lion_min.checkpoint import load_model
-        from lion_min.tokenizer import Tokenizer
-
-        acc = demo.evaluate_accuracy(load_model(str(folder)), Tokenizer.from_dir(folder), self.test)
-        return {"accuracy": acc.final, "strict_accuracy": acc.strict}
-
-    def sft_model(self, seed: int) -> Path:
-        """The demo's SFT model for this seed (demo settings, from this seed's starting model)."""
-        return run_once(self.root / "sft" / f"seed_{seed}", lambda folder: self._sft(folder, seed))
-
-    def _sft(self, folder: Path, seed: int) -> dict:
-        from lion_min.sft import SFTConfig, run
-
-        run(SFTConfig(**self.settings("sft", folder, seed, model=str(self.init_model(seed)),
-                                      data=str(self.paths["sft"]), eval_data=str(self.paths["sft_eval"]))))
-        return self.accuracy(folder)
-
-
-def run_once(folder: Path, make: Callable[[Path], dict]) -> Path:
-    """Run `make(folder)` unless folder/result.json exists (a finished run); returns the folder.
-    A run made from another version of the demo's data is refused, not reused."""
-    done = read_json(folder / "result.json")
-    if done is not None and done.get("data_version") != demo.DATA_VERSION:
-        made = f"version {done['data_version']}" if "data_version" in done else f"a version before {demo.DATA_VERSION}"
-        raise ConfigError(f"{folder / 'result.json'}: a run made from {made} of the demo's data (now "
-                          f"{demo.DATA_VERSION}): use another --out, or remove {folder}")
-    if done is None:
-        result = make(folder) | {"data_version": demo.DATA_VERSION}
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "result.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.rename(folder / "result.json")
-    return folder
-
-
-def head(source: Path, n: int, dest: Path) -> Path:
-    """Write the first n lines of `source` to `dest` (a smaller data or prompts file); returns dest."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text("".join(source.read_text().splitlines(keepends=True)[:n]))
-    return dest
-
-
-def result(folder: Path) -> dict:
-    return json.loads((folder / "result.json").read_text())
-
-
-def sweep(ctx: Context, name: str, arms: dict[str, Callable[[Path, int], dict]]) -> list[dict]:
-    """Every arm over every seed, in out/NAME/ARM/seed_S; returns one row per run."""
-    rows = []
-    for arm, make in arms.items():
-        for seed in ctx.seeds:
-            folder = ctx.run_dir(name, arm, seed)
-            print(f"== {name}: {arm}, seed {seed}", flush=True)
-            rows.append({"arm": arm, "seed": seed} | result(run_once(folder, lambda f: make(f, seed))))
-    return rows
-
-
-def slug(arm: str) -> str:
-    return "".join(c if c.isalnum() or c in "._=" else "_" for c in arm)
-
-
-# --- summaries ------------------------------------------------------------------------------------
-
-
-def spread(values: list[float]) -> dict:
-    """mean, sample standard deviation (0 for one value), min and max."""
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": n}
-
-
-def table(rows: list[dict], metrics: dict[str, str]) -> str:
-    """A markdown table: one line per arm, each metric as mean ± sd [min, max] over the seeds."""
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    lines = ["| arm | seeds | " + " | ".join(metrics.values()) + " |", "|---|---:|" + "---:|" * len(metrics)]
-    for arm in arms:
-        mine = [r for r in rows if r["arm"] == arm]
-        cells = []
-        for key in metrics:
-            s = spread([r[key] for r in mine])
-            cells.append(f"{s['mean']:.3f} ± {s['sd']:.3f} [{s['min']:.3f}, {s['max']:.3f}]")
-        lines.append(f"| {arm} | {len(mine)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(ctx: Context, name: str, rows: list[dict], metrics: dict[str, str], extra: str = ""):
-    folder = ctx.root / name
-    (folder / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-    text = f"# {name}\n\n{table(rows, metrics)}" + (f"\n{extra}" if extra else "")
-    (folder / "table.md").write_text(text)
-    print(f"\n{text}\nwrote {folder / 'results.json'} and {folder / 'table.md'}")
-
-
-def bar_chart(ctx: Context, name: str, rows: list[dict], metrics: dict[str, str]) -> Optional[Path]:
-    """One panel per metric: each arm's mean with its seeds as dots."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    n_rows = math.ceil(len(metrics) / 3)  # at most 3 panels a row, the rows as even as they go
-    cols = math.ceil(len(metrics) / n_rows)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(4.5 * cols, 4 * n_rows), squeeze=False)
-    for ax in axes.flat[len(metrics):]:
-        ax.set_visible(False)
-    for ax, (key, label) in zip(axes.flat, metrics.items()):
-        for i, arm in enumerate(arms):
-            vals = [r[key] for r in rows if r["arm"] == arm]
-            ax.bar(i, sum(vals) / len(vals), color="#9ecae1")
-            ax.plot([i] * len(vals), vals, "k.", ms=6)
-        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
-        ax.set_title(label, fontsize=10)
-    return save(fig, ctx.root / name / f"{name}.png")
-
-
-def pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        return plt
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install -r requirements-plot.txt)")
-        return None
-
-
-def save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    fig.clf()
-    print(f"wrote {path}")
-    return path
+from lion_min.experiment_runs import (SIZES, Context, ExperimentConfig, Size, bar_chart, head, pyplot, result,  # noqa: F401
+                                      run_once, save, slug, spread, sweep, table, write_outputs)
 
 
 # --- 1. SFT: padding vs packing, loss masking -----------------------------------------------------
@@ -347,16 +115,17 @@ SWEEP_LR = 7e-5
 this sweep is the evidence for); high enough that the betas part ways within one epoch."""
 
 
-def dpo_arm(ctx: Context, beta: float, reference: str = "sft") -> Callable:
+def dpo_arm(ctx: Context, beta: float, reference: str = "sft", **loss) -> Callable:
     """Offline DPO from the seed's SFT model on the demo's pairs (less the held-out ones); the
-    reference is the SFT model or ("start") the model SFT started from."""
+    reference is the SFT model or ("start") the model SFT started from. `loss`: the DPO stage's
+    loss_type and label_smoothing (default: the sigmoid loss, no smoothing)."""
     from lion_min.dpo import DPOConfig, run
 
     def make(folder: Path, seed: int) -> dict:
         sft = ctx.sft_model(seed)
         ref = str(ctx.init_model(seed)) if reference == "start" else ""
         run(DPOConfig(**ctx.settings("dpo", folder, seed, model=str(sft), ref_model=ref, beta=beta, lr=SWEEP_LR,
-                                     data=str(ctx.dpo_train), eval_data=str(ctx.dpo_eval), save_every=0)))
+                                     data=str(ctx.dpo_train), eval_data=str(ctx.dpo_eval), save_every=0, **loss)))
         last = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x][-1]
         changes = logp_changes(folder, sft, ctx.dpo_eval, keep=folder / "logp_changes.jsonl")
         return ctx.accuracy(folder) | {
@@ -516,6 +285,227 @@ def plot_margins(path: Path, per_pair: dict, curves: dict) -> Optional[Path]:
     return save(fig, path)
 
 
+# --- 5. scaling offline DPO: accuracy against steps for more or fewer pairs --------------------------
+
+SCALING_SHARES = (8, 4, 2, 1)
+"""The preference-set sizes: 1/8, 1/4, 1/2 and all of the training pairs (the first n of them)."""
+SATURATION_TOL = 0.02
+"""A curve has saturated at the first step whose accuracy is within this of the curve's best."""
+
+
+def saturation(curve: list[list[float]], tol: float = SATURATION_TOL) -> dict:
+    """Where an accuracy curve [[step, accuracy], ...] saturates: the first step whose accuracy is
+    at least its best minus `tol`; with the best and the last accuracy, and whether that step is
+    the curve's last (still rising at the end of the budget)."""
+    best = max(acc for _, acc in curve)
+    step = next(s for s, acc in curve if acc >= best - tol)
+    return {"saturation_step": step, "best_accuracy": best, "last_step": step == curve[-1][0]}
+
+
+def mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
+    """The mean of curves read at the same steps: [[step, mean], ...]."""
+    return [[points[0][0], sum(p[1] for p in points) / len(points)] for points in zip(*curves)]
+
+
+def step_accuracy(ctx: Context, run: Path, step_dir: Path) -> dict:
+    """Greedy accuracy of the weights in a resumable checkpoint of `run` (the model part of it,
+    read into the run's exported model, which has the same architecture)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from lion_min.checkpoint import load_model
+
+    model = load_model(str(run))
+    state = {"model": get_model_state_dict(model)}
+    with warnings.catch_warnings():  # DCP warns when there is no process group: one process is fine
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(step_dir))
+    set_model_state_dict(model, state["model"])
+    return ctx.accuracy(run, model=model)
+
+
+def scaling_arm(ctx: Context, n_pairs: int) -> Callable:
+    """Offline DPO from the seed's SFT model on the first n_pairs training pairs, for the same
+    number of steps whatever n_pairs (the data cycled epoch after epoch), with the online stage's
+    optimizer settings (constant lr 5e-5 after no warmup, beta 0.5: no schedule that ends the
+    curves for them). Greedy accuracy every scaling_every steps, read from the run's checkpoints
+    (removed once read), and the loop's own held-out reward accuracy at the same steps."""
+    from lion_min.dpo import DPOConfig, run
+    from lion_min.train_state import checkpoint_dirs
+
+    def make(folder: Path, seed: int) -> dict:
+        sft = ctx.sft_model(seed)
+        data = head(ctx.dpo_train, n_pairs, folder.parent / "pairs.jsonl")
+        steps, every = ctx.size.scaling_steps, ctx.size.scaling_every
+        optimizer = {k: demo.SETTINGS["online"][k] for k in ONLINE_OPTIMIZER}
+        cfg = DPOConfig(**ctx.settings("dpo", folder, seed, model=str(sft), data=str(data), eval_data=str(ctx.dpo_eval),
+                                       max_steps=steps, save_every=every, keep_checkpoints=0, eval_every=every,
+                                       **optimizer))
+        run(cfg)
+        curve, strict = [[0, result(sft)["accuracy"]]], [[0, result(sft)["strict_accuracy"]]]
+        for step_dir in checkpoint_dirs(folder):
+            step = int(step_dir.name.removeprefix("step_"))
+            acc = ctx.accuracy(folder) if step == steps else step_accuracy(ctx, folder, step_dir)
+            curve.append([step, acc["accuracy"]])
+            strict.append([step, acc["strict_accuracy"]])
+        shutil.rmtree(folder / "checkpoints")
+        metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        held = [[m["step"], m["eval/rewards/accuracies"]] for m in metrics if "eval/rewards/accuracies" in m]
+        return {"accuracy": curve[-1][1], "strict_accuracy": strict[-1][1], "pairs": n_pairs,
+                "epochs": steps * cfg.batch_size / n_pairs, "curve": curve,
+                "strict_curve": strict, "reward_accuracy_curve": held}
+
+    return make
+
+
+def scaling(ctx: Context):
+    """Accuracy against DPO steps for each preference-set size; where each curve saturates."""
+    n_all = len(ctx.dpo_train.read_text().splitlines())
+    arms = {f"{n_all // k} pairs" + (f" (1/{k})" if k > 1 else " (all)"): scaling_arm(ctx, n_all // k)
+            for k in SCALING_SHARES}
+    rows = [r | saturation(r["curve"]) for r in sweep(ctx, "scaling", arms)]
+    metrics = {"accuracy": "accuracy at the last step", "best_accuracy": "best accuracy along the curve",
+               "saturation_step": f"saturation step (first within {SATURATION_TOL} of the best)",
+               "epochs": "epochs over the pairs"}
+    steps = [s for s, _ in rows[0]["curve"]]
+    lines = ["| arm | " + " | ".join(map(str, steps)) + " |", "|---|" + "---:|" * len(steps)]
+    summary = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        curves = [r["curve"] for r in rows if r["arm"] == arm]
+        mean = mean_curve(curves)
+        lines.append(f"| {arm} | " + " | ".join(f"{a:.3f}" for _, a in mean) + " |")
+        sat = saturation(mean)
+        ends = sum(r["last_step"] for r in rows if r["arm"] == arm)
+        summary.append(f"- {arm}: the mean curve saturates at step {sat['saturation_step']} (best "
+                       f"{sat['best_accuracy']:.3f}); {ends} of {len(curves)} seeds saturate only at the last step")
+    extra = ("Mean accuracy (final answer) over the seeds at each step (step 0: the SFT model):\n\n"
+             + "\n".join(lines) + "\n\n" + "\n".join(summary) + "\n")
+    write_outputs(ctx, "scaling", rows, metrics, extra=extra)
+    plot_scaling(ctx.root / "scaling" / "scaling.png", rows)
+
+
+def plot_scaling(path: Path, rows: list[dict]) -> Optional[Path]:
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
+        mine = [r for r in rows if r["arm"] == arm]
+        color = f"C{i}"
+        for ax, key in ((a, "curve"), (b, "reward_accuracy_curve")):
+            for r in mine:
+                ax.plot(*zip(*r[key]), color=color, alpha=0.3, lw=0.8)
+            ax.plot(*zip(*mean_curve([r[key] for r in mine])), color=color, lw=2, label=arm)
+        a.axvline(saturation(mean_curve([r["curve"] for r in mine]))["saturation_step"], color=color, ls=":", lw=1)
+    a.set_xlabel("DPO step")
+    a.set_ylabel("greedy accuracy (final answer), 500 held-out problems")
+    a.set_title(f"thin: seeds; dotted: where the mean saturates (within {SATURATION_TOL} of its best)", fontsize=9)
+    a.legend(fontsize=8)
+    b.set_xlabel("DPO step")
+    b.set_ylabel("reward accuracy, held-out pairs")
+    b.set_title("the DPO loop's own held-out eval", fontsize=9)
+    return save(fig, path)
+
+
+# --- 6. the margin analysis for each loss of the DPO family -------------------------------------------
+
+LOSSES = {
+    "IPO": (dict(loss_type="ipo"), (0.05, 0.1, 0.2, 0.5)),
+    "hinge": (dict(loss_type="hinge"), (0.1, 0.25, 0.5, 1.0)),
+    "cDPO eps=0.1": (dict(loss_type="sigmoid", label_smoothing=0.1), (0.05, 0.1, 0.5)),
+}
+"""Each loss and the betas its calibration tries (on seed 0). IPO's beta sets its target
+log-ratio margin 1 / (2 beta) (10 to 1 nats), the hinge's margin is 1 / beta (10 to 1 nats); cDPO
+is the sigmoid loss with labels flipped with probability 0.1."""
+ANCHOR = 0.1
+"""Sigmoid DPO at this beta (experiment 4's arm) is the strength the other losses are matched to."""
+
+
+def curve_shape(xs: list[float], ys: list[float]) -> dict:
+    """A quadratic fitted to a curve (least squares): y ~ a x^2 + b x + c; its curvature a (< 0:
+    bends down, a cap) and where the fitted parabola is highest on the curve's x range. A curve of
+    two points (a tiny run) gets a line: curvature 0."""
+    import numpy as np
+
+    a, b, c = np.polyfit(xs, ys, 2) if len(xs) > 2 else (0.0, *np.polyfit(xs, ys, 1))
+    lo, hi = min(xs), max(xs)
+    candidates = [lo, hi] + ([-b / (2 * a)] if a < 0 and lo < -b / (2 * a) < hi else [])
+    return {"curvature": float(a), "peak": float(max(candidates, key=lambda x: a * x * x + b * x + c))}
+
+
+def training_curves(run: Path) -> dict[str, list]:
+    """The training batches' mean chosen and rejected log-prob change (log pi - log pi_SFT) at each
+    step of a DPO run (its metrics.jsonl), with x the share of training done (step / steps)."""
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "loss" in m]
+    total = steps[-1]["step"]
+    return {"x": [m["step"] / total for m in steps], "chosen": [m["logratios/chosen"] for m in steps],
+            "rejected": [m["logratios/rejected"] for m in steps]}
+
+
+def margins_by_loss(ctx: Context):
+    """Experiment 4's margin analysis for IPO, hinge and cDPO beside sigmoid DPO, each at a beta
+    whose seed-0 accuracy is closest to sigmoid DPO's at beta 0.1 (same data, steps and lr)."""
+    anchor_arm = {f"beta={ANCHOR}": dpo_arm(ctx, ANCHOR)}
+    target = sweep(ctx.only_seed(0), "dpo", anchor_arm)[0]["accuracy"]
+    calibration, chosen = [], {}
+    for name, (loss, betas) in LOSSES.items():
+        grid = {f"{name}, beta={b}": dpo_arm(ctx, b, **loss) for b in betas}
+        tried = sweep(ctx.only_seed(0), "margins_by_loss", grid)
+        best = min(tried, key=lambda r: abs(r["accuracy"] - target))
+        chosen[best["arm"]] = grid[best["arm"]]
+        calibration += [f"| {r['arm']} | {r['accuracy']:.3f} | {'chosen' if r is best else ''} |" for r in tried]
+    found = [(r | {"arm": f"DPO (sigmoid), beta={ANCHOR}"}, ctx.run_dir("dpo", r["arm"], r["seed"]))
+             for r in sweep(ctx, "dpo", anchor_arm)]
+    found += [(r, ctx.run_dir("margins_by_loss", r["arm"], r["seed"])) for r in sweep(ctx, "margins_by_loss", chosen)]
+    rows, runs = [r for r, _ in found], {r["arm"]: [] for r, _ in found}
+    for r, folder in found:
+        curves = training_curves(folder)
+        margin = [c - j for c, j in zip(curves["chosen"], curves["rejected"])]
+        shape_m, shape_c = curve_shape(curves["x"], margin), curve_shape(curves["x"], curves["chosen"])
+        r |= {"margin_curvature": shape_m["curvature"], "margin_peak": shape_m["peak"],
+              "chosen_curvature": shape_c["curvature"], "chosen_peak": shape_c["peak"]}
+        per_pair = [json.loads(x) for x in (folder / "logp_changes.jsonl").read_text().splitlines()]
+        runs[r["arm"]].append({"seed": r["seed"], "per_pair": per_pair} | curves)
+    metrics = {"accuracy": "accuracy (final answer)", "chosen_change": "chosen: change of log p",
+               "rejected_change": "rejected: change of log p", "chosen_fell": "share of pairs whose chosen log p fell",
+               "margin_curvature": "margin curve: x² coefficient", "margin_peak": "margin curve: peak at",
+               "chosen_curvature": "chosen curve: x² coefficient", "chosen_peak": "chosen curve: peak at"}
+    extra = (f"Calibration on seed 0 (sigmoid DPO at beta {ANCHOR}: accuracy {target:.3f}; the beta whose "
+             "accuracy is closest is chosen):\n\n| loss, beta | accuracy (seed 0) | |\n|---|---:|---|\n"
+             + "\n".join(calibration) + "\n")
+    write_outputs(ctx, "margins_by_loss", rows, metrics, extra=extra)
+    (ctx.root / "margins_by_loss" / "curves.json").write_text(json.dumps(runs) + "\n")
+    plot_margins_by_loss(ctx.root / "margins_by_loss" / "margins_by_loss.png", runs)
+
+
+def plot_margins_by_loss(path: Path, runs: dict[str, list[dict]]) -> Optional[Path]:
+    import numpy as np
+
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(2, len(runs), figsize=(4.2 * len(runs), 8), squeeze=False)
+    for (arm, seeds), top, bottom in zip(runs.items(), axes[0], axes[1]):
+        for s in seeds:
+            top.scatter([p["chosen"] for p in s["per_pair"]], [p["rejected"] for p in s["per_pair"]], s=6, alpha=0.4)
+            margin = [c - r for c, r in zip(s["chosen"], s["rejected"])]
+            bottom.plot(s["x"], s["chosen"], color="tab:green", alpha=0.6, lw=0.8)
+            bottom.plot(s["x"], s["rejected"], color="tab:red", alpha=0.6, lw=0.8)
+            bottom.plot(s["x"], margin, color="k", alpha=0.4, lw=0.8)
+            fit = np.polyfit(s["x"], margin, min(2, len(margin) - 1))
+            bottom.plot(s["x"], np.polyval(fit, s["x"]), "k--", lw=1.2)
+        top.axhline(0, color="grey", lw=0.5)
+        top.axvline(0, color="grey", lw=0.5)
+        top.set_title(arm, fontsize=10)
+        top.set_xlabel("chosen: change of log p (held-out pair)")
+        bottom.axhline(0, color="grey", lw=0.5)
+        bottom.set_xlabel("share of training done")
+    axes[0][0].set_ylabel("rejected: change of log p")
+    axes[1][0].set_ylabel("batch mean change: chosen (green), rejected (red),\nmargin (black; dashed: quadratic fit)")
+    return save(fig, path)
+
+
 # --- 0. the demo itself, over seeds ------------------------------------------------------------------
 
 
@@ -651,7 +641,8 @@ def pipeline(ctx: Context):
 
 # --- the command line --------------------------------------------------------------------------------
 
-EXPERIMENTS = {"demo": pipeline, "packing": packing, "dpo": dpo, "online": online, "margins": margins}
+EXPERIMENTS = {"demo": pipeline, "packing": packing, "dpo": dpo, "online": online, "margins": margins,
+               "scaling": scaling, "margins_by_loss": margins_by_loss}
 
 
 def main(argv: Optional[list[str]] = None):

@@ -21,7 +21,7 @@ def rows(out, name):
 
 
 def test_every_experiment_writes_its_table_for_every_arm(ran):
-    arms = {"demo": 3, "packing": 6, "dpo": 5, "online": 2, "margins": 1}
+    arms = {"demo": 3, "packing": 6, "dpo": 5, "online": 2, "margins": 1, "scaling": 4, "margins_by_loss": 4}
     for name, n in arms.items():
         r = rows(ran, name)
         assert len(r) == n and [x["seed"] for x in r] == [0] * n
@@ -146,11 +146,95 @@ def test_online_and_offline_train_on_the_same_number_of_pairs(ran):
     assert offline["model"] == str(ran / "sft" / "seed_0")
 
 
-def test_a_finished_run_is_reused(ran):
-    result = ran / "packing" / experiments.slug("packing, reply loss") / "seed_0" / "result.json"
-    before = result.stat().st_mtime_ns
-    experiments.main(["packing", "--size=tiny", "--seeds=1", f"--out={ran}"])
-    assert result.stat().st_mtime_ns == before
+@pytest.mark.parametrize("name", ["packing", "scaling", "margins_by_loss"])
+def test_a_finished_run_is_reused(ran, name):
+    results = sorted((ran / name).glob("*/seed_*/result.json"))
+    before = [r.stat().st_mtime_ns for r in results]
+    table = (ran / name / "table.md").read_text()
+    experiments.main([name, "--size=tiny", "--seeds=1", f"--out={ran}"])
+    assert results and [r.stat().st_mtime_ns for r in results] == before
+    assert (ran / name / "table.md").read_text() == table
+
+
+def test_scaling_arms_read_accuracy_along_the_same_steps(ran):
+    """Four preference-set sizes (1/8 .. all of the training pairs), the same steps and optimizer
+    settings; each curve starts at the SFT model and ends at the exported model's accuracy."""
+    size = experiments.SIZES["tiny"]
+    n_all = len((ran / "data" / "dpo_train.jsonl").read_text().splitlines())
+    r = rows(ran, "scaling")
+    assert [x["pairs"] for x in r] == [n_all // 8, n_all // 4, n_all // 2, n_all]
+    sft = json.loads((ran / "sft" / "seed_0" / "result.json").read_text())
+    for x in r:
+        folder = ran / "scaling" / experiments.slug(x["arm"]) / "seed_0"
+        cfg = json.loads((folder / "train_config.json").read_text())
+        assert (cfg["max_steps"], cfg["lr"], cfg["lr_schedule"], cfg["beta"]) == (
+            size.scaling_steps, *(experiments.demo.SETTINGS["online"][k] for k in ("lr", "lr_schedule", "beta")))
+        assert len((folder.parent / "pairs.jsonl").read_text().splitlines()) == x["pairs"]
+        steps = list(range(0, size.scaling_steps + 1, size.scaling_every))
+        assert [s for s, _ in x["curve"]] == steps and x["curve"][0][1] == sft["accuracy"]
+        assert x["curve"][-1][1] == x["accuracy"] and [s for s, _ in x["reward_accuracy_curve"]] == steps[1:]
+        assert x["saturation_step"] in steps and x["best_accuracy"] == max(a for _, a in x["curve"])
+        assert not (folder / "checkpoints").exists()  # read, then removed
+    assert (ran / "scaling" / "table.md").read_text().count("the mean curve saturates at step") == 4
+
+
+def test_a_checkpoint_is_read_with_its_own_weights(ran, tmp_path):
+    """step_accuracy reads the model part of a resumable checkpoint: a checkpoint of the SFT
+    model's weights, read into a DPO run's folder, scores what the SFT model scores."""
+    from lion_min.checkpoint import load_model
+    from lion_min.config import TrainConfig
+    from lion_min.parallel import init_distributed
+    from lion_min.train import make_optimizer
+    from lion_min.train_state import save_checkpoint
+
+    ctx = experiments.Context(experiments.ExperimentConfig(out=str(ran), size="tiny", seeds=1))
+    sft = load_model(str(ran / "sft" / "seed_0"))
+    step_dir = save_checkpoint(tmp_path, 1, sft, make_optimizer(sft, TrainConfig()), TrainConfig(),
+                               init_distributed("cpu"), {})
+    run = ran / "scaling" / experiments.slug(rows(ran, "scaling")[-1]["arm"]) / "seed_0"
+    got = experiments.step_accuracy(ctx, run, step_dir)
+    assert got == ctx.accuracy(ran / "sft" / "seed_0")
+
+
+def test_saturation_on_a_known_curve():
+    curve = [[0, 0.50], [16, 0.70], [32, 0.85], [48, 0.90], [64, 0.91], [80, 0.905]]
+    assert experiments.saturation(curve, tol=0.02) == {"saturation_step": 48, "best_accuracy": 0.91,
+                                                       "last_step": False}
+    assert experiments.saturation(curve, tol=0.1)["saturation_step"] == 32
+    rising = [[0, 0.5], [16, 0.6], [32, 0.7]]
+    assert experiments.saturation(rising) == {"saturation_step": 32, "best_accuracy": 0.7, "last_step": True}
+    mean = experiments.mean_curve([[[0, 0.2], [8, 0.4]], [[0, 0.4], [8, 0.8]]])
+    assert [s for s, _ in mean] == [0, 8] and [a for _, a in mean] == pytest.approx([0.3, 0.6])
+
+
+def test_curve_shape_fits_a_known_parabola():
+    xs = [i / 20 for i in range(1, 21)]
+    cap = experiments.curve_shape(xs, [-3 * (x - 0.4) ** 2 + 1 for x in xs])
+    assert cap["curvature"] == pytest.approx(-3) and cap["peak"] == pytest.approx(0.4)
+    cup = experiments.curve_shape(xs, [2 * x * x - x for x in xs])  # bends up: highest at an end
+    assert cup["curvature"] == pytest.approx(2) and cup["peak"] == pytest.approx(1.0)
+    line = experiments.curve_shape([0.5, 1.0], [1.0, 2.0])
+    assert line == {"curvature": 0.0, "peak": 1.0}
+
+
+def test_margins_by_loss_calibrates_then_runs_each_loss(ran):
+    """Each loss's calibration runs on seed 0; the chosen beta's run is the one in the table; the
+    sigmoid arm is experiment 4's run (the DPO experiment's beta 0.1), not a new one."""
+    r = rows(ran, "margins_by_loss")
+    assert r[0]["arm"] == "DPO (sigmoid), beta=0.1"
+    assert r[0]["chosen_change"] == rows(ran, "dpo")[2]["chosen_change"]
+    table = (ran / "margins_by_loss" / "table.md").read_text()
+    for x, (name, (loss, betas)) in zip(r[1:], experiments.LOSSES.items()):
+        assert x["arm"].startswith(f"{name}, beta=")
+        cfg = json.loads((ran / "margins_by_loss" / experiments.slug(x["arm"]) / "seed_0" / "train_config.json")
+                         .read_text())
+        assert cfg["loss_type"] == loss["loss_type"] and cfg["label_smoothing"] == loss.get("label_smoothing", 0.0)
+        assert cfg["beta"] in betas and f"| {x['arm']} | {x['accuracy']:.3f} | chosen |" in table
+        assert all(f"| {name}, beta={b} |" in table for b in betas)
+    curves = json.loads((ran / "margins_by_loss" / "curves.json").read_text())
+    assert list(curves) == [x["arm"] for x in r]
+    run = curves["DPO (sigmoid), beta=0.1"][0]
+    assert len(run["per_pair"]) == experiments.SIZES["tiny"].eval_pairs and run["x"][-1] == 1.0
 
 
 def test_spread():
