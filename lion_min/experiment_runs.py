@@ -39,8 +39,8 @@ class Size:
     judge: str = "demo"
     """The online judge: the demo's rule, or "length" where the model is untrained (tiny: every
     reply would be wrong, and all scores would tie)."""
-    scaling_steps: int = 224
-    """Steps of every run of the scaling experiment (2 epochs of all the training pairs at 16 a step)."""
+    scaling_steps: int = 192
+    """Steps of every run of the scaling experiment (1.7 epochs of all the training pairs at 16 a step)."""
     scaling_every: int = 32
     """The scaling experiment reads each run's accuracy every this many steps (each read is a greedy
     pass over the held-out problems: 32 keeps the experiment within ~40 minutes on 2 shared cores)."""
