@@ -38,9 +38,9 @@ import torch
 
 from lion_min import demo
 from lion_min.config import ConfigError, check_values
-from lion_min.flags import parse_cli
 from lion_min.experiment_runs import (SIZES, Context, ExperimentConfig, Size, bar_chart, head, pyplot, result,  # noqa: F401
                                       run_once, save, slug, spread, sweep, table, write_outputs)
+from lion_min.flags import parse_cli
 
 
 # --- 1. SFT: padding vs packing, loss masking -----------------------------------------------------
@@ -295,8 +295,8 @@ SATURATION_TOL = 0.02
 
 def saturation(curve: list[list[float]], tol: float = SATURATION_TOL) -> dict:
     """Where an accuracy curve [[step, accuracy], ...] saturates: the first step whose accuracy is
-    at least its best minus `tol`; with the best and the last accuracy, and whether that step is
-    the curve's last (still rising at the end of the budget)."""
+    at least its best minus `tol`; with the best accuracy, and whether that step is the curve's
+    last (still rising at the end of the budget)."""
     best = max(acc for _, acc in curve)
     step = next(s for s, acc in curve if acc >= best - tol)
     return {"saturation_step": step, "best_accuracy": best, "last_step": step == curve[-1][0]}
@@ -327,8 +327,8 @@ def step_accuracy(ctx: Context, run: Path, step_dir: Path) -> dict:
 def scaling_arm(ctx: Context, n_pairs: int) -> Callable:
     """Offline DPO from the seed's SFT model on the first n_pairs training pairs, for the same
     number of steps whatever n_pairs (the data cycled epoch after epoch), with the online stage's
-    optimizer settings (constant lr 5e-5 after no warmup, beta 0.5: no schedule that ends the
-    curves for them). Greedy accuracy every scaling_every steps, read from the run's checkpoints
+    optimizer settings (constant lr 5e-5, no warmup, beta 0.5: no schedule that ends the curves
+    for them). Greedy accuracy every scaling_every steps, read from the run's checkpoints
     (removed once read), and the loop's own held-out reward accuracy at the same steps."""
     from lion_min.dpo import DPOConfig, run
     from lion_min.train_state import checkpoint_dirs

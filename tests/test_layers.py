@@ -29,7 +29,7 @@ LAYERS = [
     # 5. the stages (each owns its encoding and objective), and the golden numbers made with them
     ["sft", "dpo", "online", "golden_compute"],
     # 6. the demo and the experiments: they import stages; no stage imports them
-    ["demo", "experiments"],
+    ["demo", "experiment_runs", "experiments"],
     # 7. the command lines: flags to stages, presets, the no-flag demo (then train_*.py and bench/)
     ["cli"],
 ]
