@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lion_min.checkpoint import load_model, save_model  # noqa: E402
 from lion_min.model import ModelArgs, Transformer  # noqa: E402
+from lion_min.tokenizer import Tokenizer  # noqa: E402
 
 __version__ = "0.2.0"  # as pyproject.toml
-__all__ = ["load_model", "save_model", "ModelArgs", "Transformer"]
+__all__ = ["load_model", "save_model", "ModelArgs", "Transformer", "Tokenizer"]

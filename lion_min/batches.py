@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from lion_min.chat import template_line
 from lion_min.config import ConfigError
 from lion_min.losses import IGNORE_INDEX
 from lion_min.packing import collate
@@ -89,7 +90,7 @@ def eval_size(num_items: int, micro_batch_size: int, d: Dist, unit: str) -> int:
 
 
 def opening_summary(cfg, batches, items: str, lines: dict[str, str], eval_items: int = 0,
-                    export_dtype: Optional[torch.dtype] = None) -> str:
+                    export_dtype: Optional[torch.dtype] = None, tokenizer=None) -> str:
     """The block a run prints once before training (rank 0): the stage's own `lines` (data read and
     kept, rows or pairs, target tokens), then the eval set, the steps, what the last partial batch
     of each epoch leaves out, and what will be written where. `items` names what a batch holds."""
@@ -102,6 +103,8 @@ def opening_summary(cfg, batches, items: str, lines: dict[str, str], eval_items:
     accum = batches.batch_size // (batches.micro_batch_size * world)
     out = Path(cfg.out_dir)
     rows = dict(lines)
+    if tokenizer is not None:
+        rows["chat template"] = template_line(cfg.chat_template, tokenizer)
     if eval_items:
         where = cfg.eval_data or f"--eval_fraction={cfg.eval_fraction} of --data"
         when = f"every {cfg.eval_every} steps and at the end" if cfg.eval_every else "at the end"

@@ -140,6 +140,29 @@ def template_of(jinja: Optional[str]) -> Optional[ChatTemplate]:
     return next((t for t in TEMPLATES.values() if t.jinja == jinja), None)
 
 
+def with_template_tokens(tokenizer: Tokenizer, template: ChatTemplate | str) -> Tokenizer:
+    """The tokenizer, able to encode `template`. ChatML is written into models of any family (LION
+    trains it on the base Gemma and Llama-3, whose tokenizers lack its two tokens), so its tokens
+    are given ids where missing (Tokenizer.with_special_tokens: the family's reserved tokens, else
+    new ids). The llama3 and gemma templates need their own family's tokenizer (check_tokenizer)."""
+    t = _as_template(template)
+    return tokenizer.with_special_tokens(list(t.specials)) if t.name == "chatml" else tokenizer
+
+
+def template_line(template: str, tokenizer: Tokenizer) -> str:
+    """The opening summary's line on the chat template: whether it is the model folder's own or
+    replaces another, and how its tokens got ids when the tokenizer lacked them."""
+    own = template_of(tokenizer.chat_template)
+    if own is not None and own.name == template:
+        line = f"{template} (the model folder's own)"
+    elif tokenizer.chat_template is None:
+        line = f"{template} (the model folder carries none)"
+    else:
+        line = (f"{template}, replacing the {own.name if own else 'unknown'} template the model folder carries: "
+                f"the export carries {template} (--chat_template=auto keeps the folder's)")
+    return line + (f"; {tokenizer.added}" if tokenizer.added else "")
+
+
 def _as_template(template: ChatTemplate | str) -> ChatTemplate:
     return get_template(template) if isinstance(template, str) else template
 

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from lion_min.chat import TEMPLATES, template_of
 from lion_min.hub import did_you_mean, hub_error, looks_local
 from lion_min.model import ModelArgs, Transformer
+from lion_min.tokenizer import Tokenizer
 
 
 class CheckpointError(ValueError):
@@ -421,6 +422,24 @@ def hf_state_dict(state_dict: dict[str, torch.Tensor], dtype: Optional[torch.dty
     return out
 
 
+def grow_vocab(state_dict: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """The state dict with the embedding (and an untied output head) grown to vocab_size rows, each
+    new row the mean of the existing rows (computed in float32).
+
+    The rows of tokens added to a checkpoint (the ChatML markers on a base model) start where the
+    average token is, as transformers' resize_token_embeddings(mean_resizing=True) does: it draws
+    them from a normal at that mean with 1e-9 times the rows' covariance, i.e. the mean to within
+    about 3e-5 of the rows' spread. The mean itself is deterministic, so a policy and its reference
+    grown apart get the same rows."""
+    out = dict(state_dict)
+    for name in ("tok_embeddings.weight", "output.weight"):
+        w = out.get(name)
+        if w is not None and w.shape[0] < vocab_size:
+            mean = w.float().mean(0, keepdim=True).to(w.dtype)
+            out[name] = torch.cat([w, mean.expand(vocab_size - w.shape[0], -1)])
+    return out
+
+
 def save_model(
     model: Transformer,
     out_dir: str | Path,
@@ -432,7 +451,8 @@ def save_model(
 ) -> Path:
     """Write a Hugging Face folder: safetensors (sharded with an index when larger than
     max_shard_size), config.json and generation_config.json as the checkpoint had them (see
-    config_from_args, generation_config), and the tokenizer's files when a tokenizer is given.
+    config_from_args, generation_config), and the tokenizer's files when a tokenizer is given (a
+    lion_min Tokenizer, a tokenizer folder, or a transformers tokenizer: Tokenizer.of).
 
     chat_template: a Jinja string or a known template's name ("chatml", "llama3", "gemma"), stored
     with the tokenizer; None keeps the tokenizer's own. When the template is a known one, its
@@ -440,6 +460,7 @@ def save_model(
     `state_dict` (our parameter names) replaces model.state_dict(), e.g. the full weights gathered
     from an FSDP-sharded model."""
     out_dir = Path(out_dir)
+    tokenizer = Tokenizer.of(tokenizer) if tokenizer is not None else None
     if chat_template in TEMPLATES:
         chat_template = TEMPLATES[chat_template].jinja
     stop_id = None

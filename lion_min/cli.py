@@ -23,6 +23,7 @@ from lion_min.chat import get_template, stop_token_ids
 from lion_min.checkpoint import load_model, resolve_path
 from lion_min.config import ConfigError, format_config, resolve_dtype
 from lion_min.flags import parse_cli, recipe_presets
+from lion_min.policy import chat_tokenizer
 from lion_min.sample import SampleConfig, encode_prompt, folder_template, generate, read_prompts
 from lion_min.tokenizer import Tokenizer
 
@@ -180,7 +181,7 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
     if cfg.data_cache == "off":
         raise ConfigError("--data_cache=off: nothing to prepare (give a folder, or auto)")
     d = init_distributed("cpu")
-    tokenizer = Tokenizer.from_dir(resolve_path(cfg.model, cfg.revision))
+    tokenizer = chat_tokenizer(cfg, resolve_path(cfg.model, cfg.revision))
     t0 = time.perf_counter()
     prep = prepare_data(cfg, tokenizer, d, load=lambda: load(cfg))
     if d.main:

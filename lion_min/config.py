@@ -105,7 +105,8 @@ class DataConfig(TrainConfig):
     skip_bad: bool = False
     """Skip and count bad records instead of stopping at the first one."""
     chat_template: str = "chatml"
-    """chatml | llama3 | gemma."""
+    """chatml (LION's; its two tokens are given ids when the tokenizer lacks them) | llama3 | gemma |
+    auto (the model folder's own template, chatml when it carries none)."""
     system_prompt: Optional[str] = None
     """Inserted as the system turn when a conversation has none (LION: '' with ChatML)."""
     data_cache: str = "auto"
@@ -153,7 +154,7 @@ def check_values(cfg) -> None:
     from lion_min.losses import DPO_LOSS_TYPES
 
     # The templates and loss types are listed where they are defined.
-    choices_of = CHOICES | {"chat_template": tuple(TEMPLATES), "loss_type": DPO_LOSS_TYPES}
+    choices_of = CHOICES | {"chat_template": (*TEMPLATES, "auto"), "loss_type": DPO_LOSS_TYPES}
     choices_of |= getattr(type(cfg), "CHOICES", {})
     for key, choices in choices_of.items():
         value = getattr(cfg, key, None)

@@ -34,8 +34,8 @@ from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
 from lion_min.parallel import Dist, all_reduce_sum, init_distributed, raise_if_any
-from lion_min.policy import (build_from_folder, check_same_architecture, check_seq_len, export_dtype,
-                             load_policy)
+from lion_min.policy import (build_from_folder, chat_tokenizer, check_same_architecture, check_seq_len,
+                             export_dtype, load_policy)
 from lion_min.prepare import (CODE, ENCODE_BATCH as SHARD_BATCH, Prepared, Sequences, ShardWriter, cache_root,
                               cache_fingerprint, concat_shards, data_identity, open_prepared, prepare_folder,
                               token_dtype, tokenizer_identity, uses_seed)
@@ -416,7 +416,7 @@ def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Seq
             lines = {"data": summary["data"].removeprefix("data: ")} if "data" in summary else {}
             print(opening_summary(cfg, batches, "pairs", lines | {
                 "pairs": pairs_line, "target tokens": f"{scored:,} scored response tokens (chosen + rejected)",
-            }, eval_items=n_eval, export_dtype=exported))
+            }, eval_items=n_eval, export_dtype=exported, tokenizer=tokenizer))
         return train(cfg, model, objective, batches, d, eval_batches=eval_batches, tokenizer=tokenizer,
                      chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.max_len,
                      export_dtype=exported, summary=summary, run_record=record)
@@ -431,7 +431,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     dtype = resolve_dtype(cfg.dtype, d.device)
     if d.main:
         print(f"config:\n{format_config(cfg)}")
-    tokenizer = Tokenizer.from_dir(resolve_path(cfg.model, cfg.revision))
+    tokenizer = chat_tokenizer(cfg, resolve_path(cfg.model, cfg.revision))
     if cfg.data_cache == "off":  # every rank encodes everything, in memory
         prefs, eval_prefs, data_summary = load_dpo_data(cfg)
         pairs, pst = encode_pairs(prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len,

@@ -1,14 +1,15 @@
 """A run's starting checkpoint: the policy built from it (wrapped for training), the checks that
 its tokenizer, architecture and length fit the run, and the dtype its export is written in."""
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from lion_min.chat import template_of
-from lion_min.checkpoint import load_model, read_config, resolve_path
+from lion_min.chat import TEMPLATES, template_line, template_of, with_template_tokens
+from lion_min.checkpoint import grow_vocab, load_model, read_config, resolve_path
 from lion_min.config import DTYPES, ConfigError
 from lion_min.parallel import Dist, build_model, choose_checkpointing, min_free_memory
 from lion_min.tokenizer import Tokenizer
@@ -17,20 +18,41 @@ EXPORT_DTYPES = DTYPES | {"float16": torch.float16}  # a checkpoint may be store
 
 
 def build_from_folder(folder: Path, args, d: Dist, param_dtype: torch.dtype, **wrap):
-    """build_model with the weights of a checkpoint folder (read by rank 0 only)."""
-    return build_model(args, d, load_weights=lambda: load_model(folder).state_dict(), param_dtype=param_dtype, **wrap)
+    """build_model with the weights of a checkpoint folder (read by rank 0 only); embedding rows for
+    token ids beyond the checkpoint's (args.vocab_size larger: chat tokens added) start at the mean."""
+    return build_model(args, d, load_weights=lambda: grow_vocab(load_model(folder).state_dict(), args.vocab_size),
+                       param_dtype=param_dtype, **wrap)
+
+
+def chat_tokenizer(cfg, folder: Path) -> Tokenizer:
+    """The tokenizer of `folder`, able to encode the run's chat template.
+
+    --chat_template=auto becomes the folder's own template (cfg.chat_template is set to its name),
+    or chatml, LION's, when the folder carries none. ChatML's two tokens are given ids when the
+    tokenizer lacks them (chat.with_template_tokens), as LION did on the base Gemma and Llama-3."""
+    tokenizer = Tokenizer.from_dir(folder)
+    if cfg.chat_template == "auto":
+        own = template_of(tokenizer.chat_template)
+        if tokenizer.chat_template is not None and own is None:
+            raise ConfigError(f"--chat_template=auto: {folder} carries a chat template lion_min does not know; "
+                              f"name one with --chat_template ({', '.join(TEMPLATES)})")
+        cfg.chat_template = own.name if own else "chatml"
+    return with_template_tokens(tokenizer, cfg.chat_template)
 
 
 def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] = None):
-    """The starting checkpoint as a wrapped training model, its ModelArgs and its tokenizer."""
+    """The starting checkpoint as a wrapped training model, its ModelArgs and its tokenizer (with the
+    chat template's tokens; new ids grow the embedding: build_from_folder)."""
     folder = folder or resolve_path(cfg.model, cfg.revision)
     args = read_config(folder)
-    tokenizer = Tokenizer.from_dir(folder)
-    check_vocab(tokenizer, args, folder)
-    own = template_of(tokenizer.chat_template)
-    if d.main and own is not None and own.name != cfg.chat_template:
-        print(f"note: {folder} carries the {own.name} chat template; this run uses --chat_template="
-              f"{cfg.chat_template} (the export will carry that one)")
+    check_vocab(Tokenizer.from_dir(folder), args, folder)
+    tokenizer = chat_tokenizer(cfg, folder)
+    if d.main and "replacing" in (line := template_line(cfg.chat_template, tokenizer)):
+        print(f"note: chat template {line}")  # said again in the opening summary
+    if tokenizer.vocab_size > args.vocab_size:
+        tokenizer.added += (f"; the embedding{'' if args.tie_embeddings else ' and the output head'} grow from "
+                            f"{args.vocab_size} to {tokenizer.vocab_size} rows, each new row the mean of the others")
+        args = dataclasses.replace(args, vocab_size=tokenizer.vocab_size)
     # Checkpointing from the step's estimated memory against what the device has free (before loading).
     # Tokens per micro-batch at most: rows of seq_len (SFT), or a pair's two sequences of max_len (DPO).
     tokens = cfg.micro_batch_size * (cfg.seq_len if hasattr(cfg, "seq_len") else 2 * cfg.max_len)

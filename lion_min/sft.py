@@ -293,7 +293,7 @@ def run(cfg: SFTConfig) -> TrainResult:
                     f"conversations ({packed.num_truncated} truncated, {packed.num_dropped} dropped), "
                     f"packing efficiency {packed.efficiency:.3f}",
             "target tokens": f"{packed.target_tokens:,}",
-        }, eval_items=evals.num_items if evals else 0, export_dtype=exported))
+        }, eval_items=evals.num_items if evals else 0, export_dtype=exported, tokenizer=tokenizer))
     inputs = {"--model": folder, "--data": cfg.data, "--eval_data": cfg.eval_data}
     with claim(cfg, d, inputs) as record:
         return train(cfg, model, sft_objective, batches, d, eval_batches=evals, tokenizer=tokenizer,

@@ -12,6 +12,8 @@ carries the original tokenizer_config.json, special_tokens_map.json, ... as othe
 """
 
 import json
+import re
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +26,10 @@ SIDE_FILES = ("tokenizer.json", "special_tokens_map.json", "tokenizer.model", "a
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.5x saves a template; read before the config's
 TOKEN_NAMES = ("bos_token", "eos_token", "pad_token")
+# Special tokens a family reserves for later use, each numbered: Gemma's <unused0>..<unused98>,
+# Llama-3's <|reserved_special_token_0|>..<|reserved_special_token_250|>. New special tokens take
+# their places (lowest number first), so the model keeps its shape.
+RESERVED = re.compile(r"<unused(\d+)>|<\|reserved_special_token_(\d+)\|>")
 
 
 class TokenizerError(ValueError):
@@ -80,6 +86,8 @@ class Tokenizer:
         """The files of the folder it was read from (SIDE_FILES, the config, the template file),
         byte for byte; save() writes them back."""
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.added = ""
+        """How with_special_tokens gave this copy its new tokens ('' for a tokenizer as read)."""
         template = self.config.get("chat_template")  # a list of named templates is left alone
         if TEMPLATE_FILE in self.files:  # transformers reads this file first, so it wins
             try:
@@ -125,6 +133,23 @@ class Tokenizer:
             config=config,
             files=files,
         )
+
+    @classmethod
+    def of(cls, tokenizer) -> "Tokenizer":
+        """A lion_min Tokenizer from a Tokenizer (itself), a tokenizer folder (a path), or a
+        transformers tokenizer (what its save_pretrained writes, so tokens added to it come along)."""
+        if isinstance(tokenizer, Tokenizer):
+            return tokenizer
+        if isinstance(tokenizer, (str, Path)):
+            return cls.from_dir(tokenizer)
+        if hasattr(tokenizer, "save_pretrained"):
+            with tempfile.TemporaryDirectory() as tmp:
+                tokenizer.save_pretrained(tmp)
+                own = cls.from_dir(tmp)
+            own.source = getattr(tokenizer, "name_or_path", None) or own.source
+            return own
+        raise TypeError(f"expected a lion_min Tokenizer, a tokenizer folder or a transformers tokenizer, "
+                        f"got {type(tokenizer).__name__}")
 
     def encode(self, text: str) -> list[int]:
         """Token ids of the whole text, tokenized once, with no special tokens added."""
@@ -189,3 +214,56 @@ class Tokenizer:
         for name, data in files.items():
             (out_dir / name).write_bytes(data)
         return out_dir
+
+    def with_special_tokens(self, tokens: list[str]) -> "Tokenizer":
+        """A copy that encodes each of `tokens` as one special token (its `added` says how).
+
+        Tokens it already has keep their ids. The others take the places of the family's reserved
+        tokens (RESERVED) when there are enough of them: renamed in tokenizer.json (its added tokens
+        and its model vocabulary) and in tokenizer_config.json's added_tokens_decoder, so the
+        vocabulary keeps its size. Otherwise they are appended as new ids after the largest, and the
+        model needs embedding rows for them (checkpoint.grow_vocab). The copy's files are the new
+        ones, so save() exports a tokenizer that has these tokens."""
+        missing = [t for t in dict.fromkeys(tokens) if len(self.encode(t)) != 1]
+        if not missing:
+            return self
+        data = json.loads(self._tok.to_str())
+        vocab = data["model"].get("vocab")
+        vocab = vocab if isinstance(vocab, dict) else {}  # BPE / WordPiece / WordLevel: token -> id
+        ids = {entry["content"]: entry["id"] for entry in data["added_tokens"]} | {
+            t: i for t, i in vocab.items() if t not in {e["content"] for e in data["added_tokens"]}}
+        reserved = sorted((int(m.group(1) or m.group(2)), t) for t in ids if (m := RESERVED.fullmatch(t)))
+        decoder = dict(self.config.get("added_tokens_decoder") or {})
+        if len(reserved) >= len(missing):
+            renamed = dict(zip((t for _, t in reserved), missing))
+            for entry in data["added_tokens"]:
+                if entry["content"] in renamed:
+                    entry["content"] = renamed[entry["content"]]
+            for old, new in renamed.items():
+                if old in vocab:
+                    vocab[new] = vocab.pop(old)
+                if str(ids[old]) in decoder:
+                    decoder[str(ids[old])] = dict(decoder[str(ids[old])], content=new, special=True)
+            tok = tokenizers.Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
+            how = "onto the reserved " + ", ".join(f"{old} (id {ids[old]})" for old in renamed)
+        else:
+            renamed = {}
+            tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
+            how = "as new ids (the tokenizer has no reserved tokens to reuse)"
+        # A token renamed only in the model vocabulary, or a new one, becomes an added special token.
+        tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in missing])
+        for t in missing:
+            decoder.setdefault(str(tok.token_to_id(t)), {"content": t, "lstrip": False, "normalized": False,
+                                                         "rstrip": False, "single_word": False, "special": True})
+        files = dict(self.files, **{"tokenizer.json": tok.to_str(pretty=True).encode("utf-8")})
+        config = dict(self.config)
+        if "added_tokens_decoder" in config:  # transformers reads the added tokens from here too
+            config["added_tokens_decoder"] = dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))
+        if "added_tokens.json" in files:  # the slow tokenizer's token -> id map
+            added = json.loads(files["added_tokens.json"]) | {t: tok.token_to_id(t) for t in missing}
+            files["added_tokens.json"] = _json_bytes({k: v for k, v in added.items() if k not in renamed})
+        if CONFIG_FILE in files:
+            files[CONFIG_FILE] = _json_bytes(config)
+        copy = Tokenizer(tok, self.bos_token, self.eos_token, self.pad_token, self.source, config, files)
+        copy.added = ", ".join(f"{t} = {tok.token_to_id(t)}" for t in missing) + ", " + how
+        return copy

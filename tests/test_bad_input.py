@@ -52,7 +52,7 @@ def files(tiny_chat_model, tmp_path_factory):
     (root / "kvheads" / "config.json").write_text(json.dumps(config | {"num_key_value_heads": 3}))
     (root / "same_sides.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "a"}) + "\n"
                                                    for i in range(8)))
-    # A checkpoint whose tokenizer lacks ChatML's special tokens.
+    # A checkpoint whose tokenizer (Gemma-like) lacks ChatML's and Llama-3's special tokens.
     plain = root / "plain_tok_model"
     shutil.copytree(tiny_chat_model["model"], plain)
     build_gemma_tokenizer(plain)
@@ -75,10 +75,10 @@ CASES = [
     ("sft", {"data": "{root}/wrongschema.jsonl"}, "wrongschema.jsonl: line 1: cannot tell the schema"),
     ("sft", {"data": "{root}/empty.jsonl"}, "empty.jsonl: no records"),
     ("sft", {"model": "{root}/no_model"}, "no_model: no such checkpoint folder"),
-    ("sft", {"model": "{plain}"}, "lacks the special token '<|im_start|>'"),
+    ("sft", {"model": "{plain}", "chat_template": "llama3"}, "lacks the special token '<|start_header_id|>'"),
     ("sft", {"micro_batch_size": 8}, "--micro_batch_size=8 is larger than --batch_size=4"),
     ("sft", {"seq_len": 100000}, "--seq_len=100000 is above the model's max_position_embeddings (8192)"),
-    ("sft", {"chat_template": "vicuna"}, "--chat_template=vicuna: expected one of llama3, gemma, chatml"),
+    ("sft", {"chat_template": "vicuna"}, "--chat_template=vicuna: expected one of llama3, gemma, chatml, auto"),
     ("sft", {"preset": "lion-mistral"}, "--preset=lion-mistral: unknown preset"),
     ("sft", {"data": ""}, "--data is required (run with no flags at all for the built-in demo)"),
     ("sft", {"learning_rate": "1e-5"}, "unknown option --learning_rate: lion_min calls it --lr"),

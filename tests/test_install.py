@@ -32,3 +32,50 @@ def test_the_stages_run_as_modules():
         res = subprocess.run([sys.executable, "-m", f"lion_min.{stage}", "--help"], capture_output=True, text=True,
                              cwd=ROOT)
         assert res.returncode == 0 and "--model=" in res.stdout and "lion-gemma-2b" in res.stdout, res.stderr
+
+
+def readme_python_block(after: str) -> str:
+    """The first ```python block of README.md after the heading `after`."""
+    text = (ROOT / "README.md").read_text()
+    return text[text.index(after):].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_python_api_runs_as_written(tmp_path, monkeypatch):
+    """The Public API snippet, as printed, with a tiny local checkpoint for the hub id and the CPU for
+    CUDA: it loads, computes logits, decodes one token and exports a folder transformers loads."""
+    import transformers
+
+    from test_checkpoint import hub_checkpoint
+
+    src = hub_checkpoint("llama3", tmp_path / "Meta-Llama-3-8B")
+    code = readme_python_block("## Public API")
+    assert code.count('"meta-llama/Meta-Llama-3-8B"') == 2 and 'device="cuda"' in code
+    code = code.replace('"meta-llama/Meta-Llama-3-8B"', repr(str(src))).replace('"cuda"', '"cpu"')
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["logits"].shape == (1, len(scope["input_ids"][0]), 1024)
+    out = tmp_path / "out" / "my-model"
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 1024
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+def test_save_model_takes_any_kind_of_tokenizer(tmp_path):
+    """save_model(tokenizer=...) with a transformers tokenizer, a lion_min Tokenizer or a folder path:
+    each export's tokenizer encodes a chat exactly as the source does."""
+    import transformers
+
+    import lion_min
+    from test_checkpoint import hub_checkpoint
+
+    src = hub_checkpoint("gemma", tmp_path / "src")
+    model = lion_min.load_model(src)
+    text = "<bos><start_of_turn>user\nHi there<end_of_turn>\n"
+    want = lion_min.Tokenizer.from_dir(src).encode(text)
+    kinds = {"transformers": transformers.AutoTokenizer.from_pretrained(src),
+             "lion_min": lion_min.Tokenizer.from_dir(src), "folder": str(src)}
+    for kind, tokenizer in kinds.items():
+        out = lion_min.save_model(model, tmp_path / kind, tokenizer=tokenizer, chat_template="gemma")
+        assert lion_min.Tokenizer.from_dir(out).encode(text) == want, kind
+        hf = transformers.AutoTokenizer.from_pretrained(out)
+        assert hf.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False) == text, kind
