@@ -7,11 +7,14 @@ Each round:
   2. the judge scores them (judges.py); a prompt whose samples are all identical, or whose best
      and worst scores tie, is dropped; otherwise chosen = best, rejected = worst, as the sampled
      tokens themselves (no re-tokenization of their text);
-  3. out_dir/round_K.jsonl records prompts, samples, scores and pairs, for auditing;
+  3. out_dir/round_K.jsonl records prompts, samples (text and token ids), scores and pairs, written
+     as soon as the round is judged: a rerun reuses it instead of sampling again (with other
+     training settings too, as long as no round has finished: TRAINING_KEYS);
   4. reference log-probs are computed with the reference model (the starting model unless
      --ref_model says otherwise), then DPO runs with the offline stage's code (dpo.train_pairs)
      and exports out_dir/round_K/.
-A run that stops resumes at the first round without its out_dir/round_K.done marker. At the end,
+A run that stops resumes at the first round without its out_dir/round_K.done marker; a finished
+run asked again has nothing to do, and asked for more --rounds continues after its last. At the end,
 out_dir/curves.png plots the loss and reward curves of the runs this one descends from and of
 every round (lion_min/plot.py; skipped with a message without matplotlib).
 """
@@ -27,13 +30,13 @@ import torch.distributed as dist
 
 from lion_min.chat import ChatEncoding, stop_token_ids, with_system
 from lion_min.checkpoint import load_model, resolve_path, save_model
-from lion_min.config import ConfigError, format_config, resolve_dtype
+from lion_min.config import ConfigError, format_config, read_json, resolve_dtype
 from lion_min.dpo import DPOConfig, EncodedPair, check_config as check_dpo_config, train_pairs, truncate
 from lion_min.judges import Judge, make_judge
 from lion_min.parallel import Dist, barrier, init_distributed
 from lion_min.plot import earlier_runs, plot_pipeline
-from lion_min.policy import checkpoint_dtype
-from lion_min.run_dir import append_summary, claim
+from lion_min.policy import chat_tokenizer, checkpoint_dtype
+from lion_min.run_dir import append_summary, broadcast, claim
 from lion_min.sample import encode_prompt, generate, read_prompts
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import StopRequested
@@ -69,6 +72,14 @@ class OnlineConfig(DPOConfig):
     """Prompts per sampling batch (each row is one sample of one prompt)."""
 
 
+# What only the training of a round reads, not its sampling and judging: while no round has finished,
+# a rerun in the same out_dir may change these and still reuse the rounds already sampled and judged.
+TRAINING_KEYS = frozenset({
+    "lr", "lr_schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "epochs",
+    "max_steps", "batch_size", "skip_nonfinite", "beta", "loss_type", "label_smoothing", "ref_model",
+    "precompute_ref", "max_len", "rounds", "eval_data", "eval_fraction"})
+
+
 def check_config(cfg: OnlineConfig):
     check_dpo_config(cfg)
     for key in ("prompts", "judge"):
@@ -84,6 +95,15 @@ def check_config(cfg: OnlineConfig):
         raise ConfigError(f"--temperature={cfg.temperature:g}: online DPO samples {cfg.n_samples} different responses "
                           f"per prompt, and greedy decoding (temperature 0) makes them all the same; use a "
                           f"temperature > 0 (LION: 0.8)")
+
+
+def check_enough_prompts(cfg: OnlineConfig, num_prompts: int):
+    """A prompt gives at most one pair (its best and worst sample), so a round of fewer prompts than
+    --batch_size cannot fill one batch: refused before anything is sampled."""
+    if num_prompts < cfg.batch_size:
+        raise ConfigError(f"--prompts={cfg.prompts}: {num_prompts} prompts give at most {num_prompts} pairs a round "
+                          f"(one per prompt, from its {cfg.n_samples} samples), fewer than --batch_size="
+                          f"{cfg.batch_size}; use more prompts or a smaller --batch_size")
 
 
 def gather(items: list, d: Dist) -> list:
@@ -155,6 +175,26 @@ def mean_score(records: list[dict]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
+def write_round(path: Path, records: list[dict]):
+    """round_K.jsonl: per prompt its messages, samples (text, and the token ids that train), scores and
+    the pair chosen (or why the prompt was dropped, once pairs are chosen)."""
+    write_jsonl(path, [
+        {"prompt": r["messages"], "samples": r["texts"], "scores": r["scores"], "chosen": r.get("chosen"),
+         "rejected": r.get("rejected"), "dropped": r.get("dropped"), "prompt_ids": r["prompt_ids"],
+         "sample_ids": r["samples"], "prompt_truncated": r["prompt_truncated"]} for r in records])
+
+
+def read_round(path: Path) -> list[dict] | None:
+    """The records of a sampled and judged round (write_round), or None for a file written before
+    rounds kept their token ids."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not lines or "sample_ids" not in lines[0]:
+        return None
+    return [{"index": i, "messages": r["prompt"], "prompt_ids": r["prompt_ids"], "samples": r["sample_ids"],
+             "texts": r["samples"], "scores": r["scores"], "prompt_truncated": r["prompt_truncated"]}
+            for i, r in enumerate(lines)]
+
+
 def write_jsonl(path: Path, rows: list[dict]):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -165,7 +205,14 @@ def run_round(cfg: OnlineConfig, d: Dist, k: int, policy: Path, ref_folder: Path
               dtype) -> dict:
     """Sample, judge, pick pairs, write round_k.jsonl, train; returns the round's statistics."""
     out_dir = Path(cfg.out_dir)
-    records = sample_and_judge(cfg, d, policy, prompts, judge, cfg.seed + k, dtype)
+    path = out_dir / f"round_{k}.jsonl"
+    records = broadcast(read_round(path) if d.main and path.is_file() else None, d)
+    if records is None:
+        records = sample_and_judge(cfg, d, policy, prompts, judge, cfg.seed + k, dtype)
+        if d.main:  # kept at once: sampling a real model's round takes hours
+            write_round(path, records)
+    elif d.main:
+        print(f"round {k}: reusing the samples and scores of {path}")
     pairs, dropped = [], {}
     for r in records:
         r["dropped"] = why = choose_pair(r)
@@ -174,15 +221,14 @@ def run_round(cfg: OnlineConfig, d: Dist, k: int, policy: Path, ref_folder: Path
         else:
             pairs.append(to_pair(r, cfg.max_len, cfg.max_prompt_len))
     if d.main:
-        write_jsonl(out_dir / f"round_{k}.jsonl", [
-            {"prompt": r["messages"], "samples": r["texts"], "scores": r["scores"],
-             "chosen": r.get("chosen"), "rejected": r.get("rejected"), "dropped": r["dropped"]} for r in records])
+        write_round(path, records)
         cut = sum(r["prompt_truncated"] for r in records)
         print(f"round {k}: mean judged reward {mean_score(records):.4f} | {len(pairs)} pairs | dropped: {dropped}"
               + (f" | {cut} prompts cut to --max_prompt_len={cfg.max_prompt_len}" if cut else ""))
     if len(pairs) < cfg.batch_size:
-        raise ValueError(f"round {k}: only {len(pairs)} usable pairs for batch_size={cfg.batch_size} "
-                         f"(dropped: {dropped}); use more prompts or samples, or a smaller batch")
+        raise ConfigError(f"round {k}: only {len(pairs)} usable pairs for --batch_size={cfg.batch_size} (dropped: "
+                          f"{dropped}); its samples and scores are kept in {path}: the same command with "
+                          f"--batch_size={max(len(pairs), 1)} or less reuses them")
     # A round that stopped part way is redone from its sampling: its DPO folder is replaced, so it
     # writes no checkpoints, and a signal's message says how this stage resumes.
     round_cfg = dataclasses.replace(cfg, model=str(policy), ref_model=str(ref_folder), resume="", seed=cfg.seed + k,
@@ -205,14 +251,30 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
     start_folder = resolve_path(cfg.model, cfg.revision)
     ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else start_folder
     prompts = read_prompts(cfg.prompts)
+    check_enough_prompts(cfg, len(prompts))
+    if chat_tokenizer(cfg, start_folder).added:  # also settles --chat_template=auto
+        raise ConfigError(f"--model={cfg.model}: its tokenizer lacks the {cfg.chat_template} template's tokens; online "
+                          f"DPO samples with them, so start from an SFT or DPO run's export (which carries them)")
     judge = judge or make_judge(cfg.judge, chat_template=cfg.chat_template, dtype=dtype, device=d.device)
     if d.main:
         print(f"config:\n{format_config(cfg)}")
         print(f"{len(prompts)} prompts, judge {cfg.judge!r}, {cfg.rounds} round(s) of {cfg.n_samples} samples each")
     judge_dir = cfg.judge.removeprefix("pairrm:")
     inputs = {"--model": start_folder, "--ref_model": ref_folder, "--prompts": cfg.prompts, "--judge": judge_dir}
-    # Finished rounds are always reused, so the folder must hold this same run (or be replaced).
-    with claim(cfg, d, inputs, resuming=True):
+    # Finished rounds are always reused, so the folder must hold this same run (or be replaced); until
+    # one has finished, only the sampled rounds are kept and the training settings may change.
+    out_dir = Path(cfg.out_dir)
+    finished = sorted(out_dir.glob("round_*.done"))
+    if len(finished) > cfg.rounds:
+        raise ConfigError(f"--rounds={cfg.rounds}: {out_dir} holds {len(finished)} finished rounds of this run; ask "
+                          f"for at least as many (or --overwrite=true to start again)")
+    with claim(cfg, d, inputs, resuming=True, free=frozenset() if finished else TRAINING_KEYS):
+        summary = read_json(out_dir / "summary.json") or {}
+        if len(summary.get("rounds", [])) == cfg.rounds and not cfg.overwrite:  # the rerun rule
+            if d.main:
+                print(f"{out_dir} holds this run, finished ({cfg.rounds} round(s)) and exported: nothing to do (a "
+                      f"larger --rounds continues it; --overwrite=true runs it again)")
+            return summary["rounds"]
         return rounds(cfg, d, start_folder, ref_folder, prompts, judge, dtype)
 
 

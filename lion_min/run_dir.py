@@ -33,7 +33,8 @@ from lion_min.parallel import Dist, PeerFailed
 
 # Keys that do not change what a step computes: cadence of logging, eval and saving; how the global
 # batch is split (the loss is invariant to micro_batch_size and world size); hardware and speed;
-# where and how the run is started. max_steps is allowed with a note (the schedule changes length).
+# where and how the run is started. How long a run is may change, with a note: a finished run asked
+# for more steps, epochs or (online) rounds continues from where it ended.
 SAFE_KEYS = {"log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "overwrite", "micro_batch_size",
              "device", "compile", "activation_checkpointing", "attn_backend", "preset", "out_dir", "export_dtype",
              "revision", "data_cache"}
@@ -41,7 +42,8 @@ SAFE_KEYS = {"log_every", "eval_every", "save_every", "keep_checkpoints", "resum
 FINGERPRINTED = {"--model": "model", "--ref_model": "ref_model", "--data": "data", "--eval_data": "eval_data",
                  "--prompts": "prompts", "--judge": "judge"}
 """Inputs compared by contents: the same files under another path (./out/sft, a moved folder) are the same run."""
-NOTED_KEYS = {"max_steps"}
+NOTED_KEYS = {"max_steps": " (the schedule now spans a different number of steps)", "epochs":
+              " (the schedule now spans a different number of steps)", "rounds": ""}
 RUN_RECORDS = ["run.json", "train_config.json", "metrics.jsonl", "summary.json", "checkpoints", "reference_logps*",
                "round_*", "last_round_metrics.jsonl", "curves.png"]
 RUN_FILES = RUN_RECORDS + list(EXPORT_FILES)
@@ -90,23 +92,25 @@ def local_inputs(inputs: dict[str, Optional[str | Path]]) -> dict[str, Path]:
     return out
 
 
-def differences(saved_config: dict, saved_prints: dict, cfg, prints: dict) -> tuple[list[str], list[str]]:
-    """(keys that make it another run, keys that changed harmlessly but are worth a note)."""
+def differences(saved_config: dict, saved_prints: dict, cfg, prints: dict,
+                free: frozenset = frozenset()) -> tuple[list[str], list[str]]:
+    """(keys that make it another run, keys that changed harmlessly but are worth a note); keys in
+    `free` may change too (online: the training settings while no round has finished)."""
     now = dataclasses.asdict(cfg)
     by_contents = {FINGERPRINTED[flag] for flag in prints if flag in saved_prints}
     changed = sorted(k for k in now.keys() | saved_config.keys()
                      if now.get(k) != saved_config.get(k) and k not in by_contents)
-    refused = [k for k in changed if k not in SAFE_KEYS | NOTED_KEYS]
+    refused = [k for k in changed if k not in SAFE_KEYS | NOTED_KEYS.keys() | free]
     refused += [f"{k} (contents)" for k in sorted(prints) if k in saved_prints and prints[k] != saved_prints[k]]
     quiet = {"resume", "overwrite", "out_dir", "preset"}  # how a run is started, not what it computes
     return refused, [k for k in changed if k not in quiet and k not in refused]
 
 
 def has_progress(out_dir: Path) -> bool:
-    """Whether a run got anywhere worth keeping: a logged step, a checkpoint, a finished online round."""
+    """Whether a run got anywhere worth keeping: a logged step, a checkpoint, a sampled online round."""
     metrics = out_dir / "metrics.jsonl"
     return ((metrics.is_file() and metrics.stat().st_size > 0) or (out_dir / "checkpoints").is_dir()
-            or any(out_dir.glob("round_*.done")))
+            or any(out_dir.glob("round_*.done")) or any(out_dir.glob("round_*.jsonl")))
 
 
 def _holds_run(out_dir: Path) -> list[str]:
@@ -128,7 +132,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool) -> tuple[dict, list[str]]:
+def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool,
+          free: frozenset = frozenset()) -> tuple[dict, list[str]]:
     """Everything claim refuses, without writing: returns (fingerprints, notes)."""
     out_dir = Path(cfg.out_dir).expanduser().resolve()
     if out_dir.exists() and not out_dir.is_dir():
@@ -166,17 +171,18 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool) -> tuple
         if not resuming:
             raise ConfigError(f"--out_dir={cfg.out_dir} holds a run ({_some(found)}); continue it with "
                               f"--resume=auto, pick another --out_dir, or replace it with --overwrite=true")
-        refused, noted = differences(saved["config"], saved.get("inputs", {}), cfg, prints)
+        refused, noted = differences(saved["config"], saved.get("inputs", {}), cfg, prints, free)
         if refused:
             raise ConfigError(f"--out_dir={cfg.out_dir} holds another run: {', '.join(refused)} differ; pick "
                               f"another --out_dir, or replace it with --overwrite=true")
         notes += [f"note: {k} changed from {saved['config'].get(k)!r} to {getattr(cfg, k)!r} since the run began"
-                  + (" (the schedule now spans a different number of steps)" if k in NOTED_KEYS else "")
+                  + NOTED_KEYS.get(k, "")
                   for k in noted]
     return prints, notes
 
 
-def _broadcast(value, d: Dist):
+def broadcast(value, d: Dist):
+    """Rank 0's value (any picklable object) on every rank."""
     if d.world == 1:
         return value
     import torch.distributed as dist
@@ -194,7 +200,7 @@ def check_shared(out_dir: Path, d: Dist):
         return
     import torch.distributed as dist
 
-    lock = _broadcast(read_json(out_dir / LOCK) if d.main else None, d)
+    lock = broadcast(read_json(out_dir / LOCK) if d.main else None, d)
     seen = [None] * d.world
     dist.all_gather_object(seen, (read_json(out_dir / LOCK) == lock, socket.gethostname()))
     blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(seen) if not ok]
@@ -205,18 +211,20 @@ def check_shared(out_dir: Path, d: Dist):
 
 
 @contextmanager
-def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optional[bool] = None):
+def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optional[bool] = None,
+          free: frozenset = frozenset()):
     """Check out_dir (rank 0 decides, every rank raises the same error), lock it, write run.json;
-    yields the run record {"config", "inputs"} for the checkpoints; unlocks at the end."""
+    yields the run record {"config", "inputs"} for the checkpoints; unlocks at the end. Settings in
+    `free` may differ from the run's (run.json then records the new ones)."""
     resuming = bool(cfg.resume) if resuming is None else resuming
     out_dir = Path(cfg.out_dir)
     result = None
     if d.main:
         try:
-            result = check(cfg, inputs, resuming)
+            result = check(cfg, inputs, resuming, free)
         except ConfigError as e:
             result = e
-    result = _broadcast(result, d)
+    result = broadcast(result, d)
     if isinstance(result, ConfigError):
         raise result
     prints, notes = result
@@ -233,11 +241,11 @@ def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optio
                         shutil.rmtree(p) if p.is_dir() else p.unlink()
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-            if not (out_dir / "run.json").is_file() or cfg.overwrite or not resuming:
+            if not (out_dir / "run.json").is_file() or cfg.overwrite or not resuming or free:
                 (out_dir / "run.json").write_text(json.dumps(record, indent=2))
         except OSError as e:  # a read-only or full disk, a path through a file...
             error = ConfigError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror or e})")
-    error = _broadcast(error, d)
+    error = broadcast(error, d)
     if error is not None:
         raise error
     try:

@@ -29,7 +29,7 @@ import torch
 
 from lion_min.batches import Batches
 from lion_min.checkpoint import save_model
-from lion_min.config import ConfigError, TrainConfig, config_to_json
+from lion_min.config import ConfigError, TrainConfig, config_to_json, read_json
 from lion_min.losses import global_mean
 from lion_min.flops import document_lengths, mfu, mfu_useful, peak_flops
 from lion_min.parallel import Dist, all_reduce_sum, all_reduce_tensor, raise_if_any
@@ -118,9 +118,6 @@ def resume_point(cfg: TrainConfig, out_dir: Path, total: int, model, optimizer, 
     """(first step, tokens seen, skipped steps, checkpoint) of this run: 0s and None for a fresh one.
     A resume must be of the same run (check_same_run) and have something left to do."""
     summary_file = out_dir / "summary.json"
-    if cfg.resume and summary_file.is_file() and json.loads(summary_file.read_text()).get("steps") == total:
-        raise ConfigError(f"--resume: {out_dir} holds this run, finished ({total} steps) and exported: nothing to "
-                          f"do (--overwrite=true runs it again)")
     resume_from = resolve_resume(cfg, out_dir, d.main)
     if cfg.resume and resume_from is None and summary_file.is_file():
         raise ConfigError(f"--resume={cfg.resume}: {out_dir} holds this run, finished, but no checkpoint to continue "
@@ -199,6 +196,12 @@ def train(
     total = cfg.max_steps or batches.num_steps
     if total <= 0:
         raise ValueError("no optimizer steps to run: the data gives fewer rows than one batch")
+    done = read_json(out_dir / "summary.json") or {}
+    if cfg.resume and done.get("steps") == total:  # the rerun rule: same run, finished -> nothing to do
+        if d.main:
+            print(f"{out_dir} holds this run, finished ({total} steps) and exported: nothing to do (a larger "
+                  f"--max_steps or --epochs continues it; --overwrite=true runs it again)")
+        return TrainResult(total, done.get("eval_loss"))
     optimizer = make_optimizer(model, cfg)
     start, tokens_seen, skipped, resume_from = resume_point(cfg, out_dir, total, model, optimizer, d, run_record)
     metrics_path = out_dir / "metrics.jsonl"

@@ -9,6 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_online  # noqa: E402
+from lion_min.config import ConfigError  # noqa: E402
 from lion_min.online import choose_pair, to_pair  # noqa: E402
 
 
@@ -55,11 +56,11 @@ def test_one_round_end_to_end_and_resume(tiny_chat_model, tmp_path, capsys):
     # The length judge, recomputed from the audited texts: the mean over every sample of round 0.
     texts = [t for r in records for t in r["samples"]]
     assert summary["mean_reward_start"] == pytest.approx(sum(map(len, texts)) / len(texts))
-    # Resume: the finished round is skipped, not redone.
+    # Rerun: the finished run has nothing to do.
     before = (out / "round_0.jsonl").read_bytes()
     capsys.readouterr()
     train_online.main(argv)
-    assert "round 0: already done" in capsys.readouterr().out
+    assert "finished (1 round(s)) and exported: nothing to do" in capsys.readouterr().out
     assert (out / "round_0.jsonl").read_bytes() == before
 
 
@@ -95,3 +96,43 @@ def test_temperature_zero_is_refused_before_sampling(tiny_online_argv, tmp_path,
     assert err[0].startswith("error: --temperature=0: online DPO samples 3 different responses per prompt, and "
                              "greedy decoding (temperature 0) makes them all the same")
     assert not out.exists()
+
+
+def test_too_few_prompts_for_a_batch_are_refused_before_sampling(tiny_online_argv, tmp_path, monkeypatch):
+    from lion_min import online
+
+    monkeypatch.setattr(online, "sample_and_judge", lambda *a, **k: pytest.fail("refused before sampling"))
+    out = tmp_path / "online"
+    with pytest.raises(ConfigError, match=r"prompts.jsonl: 8 prompts give at most 8 pairs a round \(one per prompt, "
+                                          r"from its 3 samples\), fewer than --batch_size=16"):
+        train_online.main(tiny_online_argv(out) + ["--batch_size=16"])
+    assert not out.exists()
+
+
+def test_a_round_short_of_pairs_is_kept_and_reused_with_a_smaller_batch(tiny_online_argv, tmp_path, monkeypatch):
+    """Round 0 yields 4 pairs (every other prompt dropped) for --batch_size=8: the error names the
+    kept round file; the same command with --batch_size=4 trains on those samples without sampling."""
+    from lion_min import online
+
+    real_choose = online.choose_pair
+    monkeypatch.setattr(online, "choose_pair", lambda r: real_choose(r) or ("" if r["index"] % 2 else "test: dropped"))
+    out = tmp_path / "online"
+    argv = tiny_online_argv(out)
+    with pytest.raises(ConfigError, match=r"round 0: only 4 usable pairs for --batch_size=8 .* kept in .*round_0.jsonl: "
+                                          r"the same command with --batch_size=4 or less reuses them"):
+        train_online.main(argv + ["--batch_size=8"])
+    sampled = [json.loads(line) for line in (out / "round_0.jsonl").read_text().splitlines()]
+    assert len(sampled) == 8 and all(len(r["sample_ids"]) == 3 for r in sampled)
+    real_sample, sampled_from = online.sample_and_judge, []
+
+    def sample(cfg, d, policy, *args):
+        sampled_from.append(Path(policy).name)
+        return real_sample(cfg, d, policy, *args)
+
+    monkeypatch.setattr(online, "sample_and_judge", sample)
+    history = train_online.main(argv + ["--batch_size=4", "--lr=5e-4"])
+    assert sampled_from == ["round_0"]  # only the final policy's judged reward: round 0 itself is reused
+    assert history[0]["pairs"] == 4 and (out / "round_0.done").is_file()
+    again = [json.loads(line) for line in (out / "round_0.jsonl").read_text().splitlines()]
+    assert [(r["samples"], r["scores"]) for r in again] == [(r["samples"], r["scores"]) for r in sampled]
+    assert json.loads((out / "run.json").read_text())["config"]["batch_size"] == 4

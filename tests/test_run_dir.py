@@ -176,13 +176,51 @@ def test_disk_full_at_export_is_one_line_and_leaves_no_half_export(tiny_chat_mod
     assert (out / "metrics.jsonl").read_text().count("\n") == 2  # the steps themselves are kept
 
 
-def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny_chat_model, tmp_path):
+def test_one_rerun_rule_sft(tiny_chat_model, tmp_path, capsys):
+    """The rerun rule, SFT: the same finished run with --resume=auto exits 0 with "nothing to do" and
+    changes nothing (so `sft && dpo && online` can be rerun after a later stage failed); asked for
+    more epochs or steps it continues from its last checkpoint; asked for fewer it refuses."""
     out = tmp_path / "run"
-    train_sft.main(sft_args(tiny_chat_model, out, save_every=2))
+    args = dict(save_every=2, max_steps=0, epochs=1, batch_size=8)  # 32 rows: 4 steps an epoch
+    train_sft.main(sft_args(tiny_chat_model, out, **args))
     before = snapshot(out)
-    with pytest.raises(ConfigError, match=r"holds this run, finished \(4 steps\) and exported: nothing to do"):
-        train_sft.main(sft_args(tiny_chat_model, out, save_every=2, resume="auto"))
+    capsys.readouterr()
+    res = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), *sft_args(tiny_chat_model, out, **args),
+                          "--resume=auto"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "holds this run, finished (4 steps) and exported: nothing to do" in res.stdout
     assert snapshot(out) == before
+    train_sft.main(sft_args(tiny_chat_model, out, **args | {"epochs": 2}, resume="auto"))
+    stdout = capsys.readouterr().out
+    assert "note: epochs changed from 1 to 2" in stdout and "training 8 steps from step 4" in stdout
+    assert [x["step"] for x in lines(out)] == list(range(1, 9))
+    train_sft.main(sft_args(tiny_chat_model, out, **args | {"max_steps": 10}, resume="auto"))
+    assert [x["step"] for x in lines(out)] == list(range(1, 11))
+    with pytest.raises(ConfigError, match="is at step 10, but this run has 8 steps"):
+        train_sft.main(sft_args(tiny_chat_model, out, **args | {"epochs": 2}, resume="auto"))
+
+
+def test_one_rerun_rule_online(tiny_online_argv, tmp_path, capsys, monkeypatch):
+    """The rerun rule, online: the finished run asked again has nothing to do (nothing is sampled);
+    asked for one more round it continues after the last; asked for fewer it refuses."""
+    from lion_min import online
+
+    out = tmp_path / "online"
+    train_online.main(tiny_online_argv(out, rounds=1))
+    before = snapshot(out)
+    real = online.sample_and_judge
+    monkeypatch.setattr(online, "sample_and_judge", lambda *a, **k: pytest.fail("a finished run must not sample"))
+    capsys.readouterr()
+    assert [h["round"] for h in train_online.main(tiny_online_argv(out, rounds=1))] == [0]
+    assert "holds this run, finished (1 round(s)) and exported: nothing to do" in capsys.readouterr().out
+    assert snapshot(out) == before
+    monkeypatch.setattr(online, "sample_and_judge", real)
+    history = train_online.main(tiny_online_argv(out, rounds=2))
+    assert [h["round"] for h in history] == [0, 1] and (out / "round_1.done").is_file()
+    assert "round 0: already done" in capsys.readouterr().out
+    assert (out / "round_0.jsonl").read_bytes() == before["round_0.jsonl"]
+    with pytest.raises(ConfigError, match="--rounds=1: .* holds 2 finished rounds"):
+        train_online.main(tiny_online_argv(out, rounds=1))
 
 
 def test_the_demo_never_replaces_a_run_that_is_not_the_demos(tiny_chat_model, tmp_path):
