@@ -203,22 +203,24 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
 
 def golden_main(argv: Optional[list[str]] = None) -> int:
     """python -m lion_min.golden [compare EXPECTED ACTUAL] [flags] (golden.py's docstring): the exit status."""
-    from lion_min.golden import CompareConfig, compare, write
+    from lion_min import golden
+    from lion_min.golden import COMPARE_USAGE, CompareConfig, compare, write
     from lion_min.golden_compute import GoldenConfig, compute
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
-        paths = [a for a in argv[1:] if not a.startswith("--")]
+        paths = [a for a in argv[1:] if not a.startswith("-")]
+        opts = parse_cli(CompareConfig, {}, [a for a in argv[1:] if a.startswith("-")], doc=COMPARE_USAGE)
         if len(paths) != 2:
-            raise ConfigError("usage: python -m lion_min.golden compare EXPECTED ACTUAL "
-                              "[--rtol=R --atol=A --partial=true]")
-        opts = parse_cli(CompareConfig, {}, [a for a in argv[1:] if a.startswith("--")])
+            raise ConfigError("usage: " + COMPARE_USAGE.split("\n", 1)[0])
         result = compare(*paths, rtol=opts.rtol, atol=opts.atol, partial=opts.partial)
         print(result.table())
         return 0 if result.ok else 1
-    cfg = parse_cli(GoldenConfig, {}, argv)
+    cfg = parse_cli(GoldenConfig, {}, argv, doc=golden.__doc__)
     if not cfg.out:
         raise ConfigError("--out is required")
+    if (Path(cfg.out) / "golden.json").exists() and not cfg.overwrite:
+        raise ConfigError(f"--out={cfg.out}: holds golden numbers already; --overwrite=true replaces them")
     golden = compute(cfg)
     write(golden, cfg.out)
     s = golden.meta["scalars"]

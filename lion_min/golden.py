@@ -265,7 +265,11 @@ def compare(expected: str | Path | Golden, actual: str | Path | Golden, rtol: Op
     defaults = TOLERANCES["bfloat16" if "bfloat16" in dtypes else "float32"]
     rtol = defaults["rtol"] if rtol is None else rtol
     atol = defaults["atol"] if atol is None else atol
-    kind = exp.meta.get("kind", "sft")
+    kind, other = exp.meta.get("kind", "sft"), act.meta.get("kind", "sft")
+    if kind != other:  # nothing of one compares with the other
+        return Comparison(rows=[Row("kind", "-", f"{kind} vs {other}", f"EXPECTED is {kind}, ACTUAL is {other}",
+                                    "FAIL")], notes=[f"the kinds differ: {kind} vs {other}; compare a vector with one "
+                                                     f"of the same kind"], rtol=rtol, atol=atol, partial=partial)
     notes = []
     for section in ("settings", "fingerprints"):
         e, a = exp.meta.get(section, {}), act.meta.get(section, {})
@@ -287,6 +291,12 @@ def assert_matches(expected, actual, **tolerances) -> None:
 
 
 # --- command line --------------------------------------------------------------------------------
+
+
+COMPARE_USAGE = """python -m lion_min.golden compare EXPECTED ACTUAL [--rtol=R --atol=A --partial=true]
+
+Compares two golden folders (or their golden.json) quantity by quantity: a table of each one's
+largest difference and where; exit status 0 within tolerance, 1 otherwise."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ from lion_min.train import make_optimizer
 @dataclass
 class GoldenConfig:
     RANGES = {"lr": "[0, inf)"}  # 0 = no optimizer step
+    CHOICES = {"chat_template": ("llama3", "gemma", "chatml")}  # named: a golden vector states its template
 
     model: str = ""
     """Checkpoint folder or hub id; the tokenizer is read from the same folder."""
@@ -45,6 +46,8 @@ class GoldenConfig:
     """Inserted as the system turn when a conversation has none."""
     out: str = ""
     """Output folder: golden.json and golden.safetensors (it may hold nothing else)."""
+    overwrite: bool = False
+    """Replace the golden numbers an --out folder already holds."""
     seq_len: int = 2048
     """Row length. SFT: a longer conversation is truncated (or dropped: overflow). DPO: the max_len
     each side (prompt + response) is truncated to."""
@@ -278,7 +281,7 @@ def compute(cfg: GoldenConfig) -> Golden:
         "format": FORMAT,
         "kind": kind,
         "versions": {"lion_min": getattr(lion_min, "__version__", "unversioned"), "torch": torch.__version__},
-        "settings": dataclasses.asdict(cfg),
+        "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overwrite"},  # how, not what
         "fingerprints": fingerprints,
         "scalars": scalars,
         "grad_norm": {"total": math.sqrt(sum(v * v for v in per_tensor.values())), "per_tensor": per_tensor},

@@ -465,3 +465,36 @@ def test_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lion_min.golden", "compare", str(tmp_path / "nothing"),
                            str(VECTORS / "dpo-ipo")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "golden.json: not found" in proc.stderr
+
+
+def test_help_names_compare_and_compare_help_exits_0():
+    """A user reads `--help` first: the main help names the compare subcommand, and
+    `golden compare --help` prints its usage and flags with exit status 0."""
+    main = subprocess.run([sys.executable, "-m", "lion_min.golden", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert main.returncode == 0 and "python -m lion_min.golden compare EXPECTED ACTUAL" in main.stdout
+    assert "--overwrite=" in main.stdout
+    cmp = subprocess.run([sys.executable, "-m", "lion_min.golden", "compare", "--help"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert cmp.returncode == 0 and cmp.stdout.startswith("python -m lion_min.golden compare EXPECTED ACTUAL")
+    assert "--rtol=" in cmp.stdout and "--partial=" in cmp.stdout and not cmp.stderr
+
+
+def test_an_existing_golden_is_replaced_only_with_overwrite(tmp_path, capsys):
+    settings = regenerate.VECTORS["sft-gemma-2b-gemma"]
+    flags = [f"--{k}={ROOT / v if k in ('model', 'data') else v}" for k, v in settings.items()]
+    out = tmp_path / "golden"
+    shutil.copytree(VECTORS / "sft-gemma-2b-gemma", out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(ConfigError, match=r"--out=.*golden: holds golden numbers already; --overwrite=true replaces"):
+        golden_main(flags + [f"--out={out}"])
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert golden_main(flags + [f"--out={out}", "--overwrite=true"]) == 0
+    assert "overwrite" not in golden.load(out).meta["settings"]  # how it was written, not what it holds
+    assert golden.compare(VECTORS / "sft-gemma-2b-gemma", out).ok
+
+
+def test_comparing_an_sft_vector_with_a_dpo_vector_says_the_kinds_differ(capsys):
+    result = golden.compare(VECTORS / "sft-llama-3-8b-llama3", VECTORS / "dpo-sigmoid")
+    assert not result.ok and [(r.quantity, r.at, r.status) for r in result.rows] == [("kind", "sft vs dpo", "FAIL")]
+    assert golden_main(["compare", str(VECTORS / "sft-llama-3-8b-llama3"), str(VECTORS / "dpo-sigmoid")]) == 1
+    assert "the kinds differ: sft vs dpo" in capsys.readouterr().out
