@@ -37,7 +37,7 @@ from lion_min.parallel import Dist, all_reduce_sum, init_distributed, raise_if_a
 from lion_min.policy import (build_from_folder, chat_tokenizer, check_same_architecture, check_seq_len,
                              export_dtype, load_policy)
 from lion_min.prepare import (CODE, ENCODE_BATCH as SHARD_BATCH, Prepared, Sequences, ShardWriter, cache_root,
-                              cache_fingerprint, concat_shards, data_identity, open_prepared, prepare_folder,
+                              cache_fingerprint, concat_shards, data_identity, input_names, open_prepared, prepare_folder,
                               token_dtype, tokenizer_identity, uses_seed)
 from lion_min.run_dir import claim
 from lion_min.tokenizer import Tokenizer
@@ -219,8 +219,8 @@ def prepare_dpo(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[lis
         encode=lambda prefs, out: encode_pair_shard(prefs, out, tokenizer, cfg.chat_template, cfg.max_len,
                                                     cfg.max_prompt_len, cfg.system_prompt),
         merge=lambda shards, out: merge_pair_shards(shards, out, token_dtype(tokenizer.vocab_size)),
-        parts=parts)
-    return open_prepared(final, PreparedPairs, seconds)
+        parts=parts, names=input_names(cfg))
+    return open_prepared(final, PreparedPairs, seconds, input_names(cfg))
 
 
 

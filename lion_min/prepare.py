@@ -22,9 +22,13 @@ mask / train_on, overflow, and the source of the code that encodes and packs. Wi
 (or nodes) the folder must be one that every rank sees. `--data_cache=off` is the old path: every
 rank encodes and packs everything in memory.
 
+The cache holds content only: what a run prints and records about its data (the summary of the
+records read) names that run's own files, whichever copy of the same bytes filled the cache.
+
 Preparation writes into `<fingerprint>.tmp-<id>/` and renames it to `<fingerprint>/` last, so an
-interrupted preparation never looks complete; it is redone by the next run (the stale temporary
-folder can be deleted). With N ranks, rank r encodes the r-th contiguous 1/N of the conversations
+interrupted preparation never looks complete; it is redone by the next run. A preparation that
+fails removes its temporary folder; one left by a process that was killed (on this machine) is
+removed by the next preparation of the same data. With N ranks, rank r encodes the r-th contiguous 1/N of the conversations
 and writes them as a shard; rank 0 waits for every shard, lays out the rows and renames; the others
 wait for the folder. The waits poll the file system (no collective: a long preparation cannot hit
 a process-group timeout); a rank that does not see rank 0's temporary folder within a minute stops
@@ -55,17 +59,19 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tokenizers
 
 from lion_min.chat import ChatEncoding
 from lion_min.checkpoint import hash_files
+from lion_min.config import read_json
 from lion_min.data import parse_mixture
 from lion_min.data_files import resolve_files
 from lion_min.parallel import Dist
@@ -156,6 +162,28 @@ class Sequences:
         return ChatEncoding(self.tokens[a:b].tolist(), self.mask[a:b].astype(bool).tolist())
 
 
+def input_names(cfg) -> list[str]:
+    """The strings by which a run names its data: each source as given and each of its files, in
+    order. Runs with one fingerprint have as many, naming files of the same bytes one for one."""
+    names = []
+    for spec in (cfg.data, cfg.eval_data):
+        for src in parse_mixture(spec) if spec else []:
+            names += [src.path, *(str(f) for f in resolve_files(src.path, src.revision))]
+    return names
+
+
+def _without_names(text: str, names: list[str]) -> str:
+    for i in sorted(range(len(names)), key=lambda i: -len(names[i])):  # a folder's path is inside its files'
+        text = text.replace(names[i], f"{{input {i}}}")
+    return text
+
+
+def _with_names(text: str, names: list[str]) -> str:
+    for i, name in enumerate(names):
+        text = text.replace(f"{{input {i}}}", name)
+    return text
+
+
 @dataclass
 class Prepared:
     folder: Path
@@ -171,10 +199,11 @@ class Prepared:
         return f"{f'prepared in {self.seconds:.1f}s' if self.seconds else 'prepared before'}: {self.folder}"
 
 
-def open_prepared(folder: Path, kind: type, seconds: float = 0.0) -> Prepared:
+def open_prepared(folder: Path, kind: type, seconds: float = 0.0, names: Sequence[str] = ()) -> Prepared:
+    """The prepared folder; its data summary names this run's inputs (`names`, input_names)."""
     meta = json.loads((folder / "meta.json").read_text())
     return Prepared(folder, kind(folder / "train"), kind(folder / "eval") if (folder / "eval").is_dir() else None,
-                    meta["data_summary"], seconds)
+                    _with_names(meta["data_summary"], list(names)), seconds)
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -241,11 +270,14 @@ def _wait_for(paths: list[Path], within: Optional[float] = None) -> None:
 
 
 def _temporary_folder(final: Path, d: Dist) -> Path:
-    """The temporary folder of this preparation, made by rank 0 and named for all ranks; every rank
-    checks that it sees it (so a cache folder that is not shared fails now, not after the work)."""
+    """The temporary folder of this preparation, made by rank 0 (owner.json: its host and pid) and
+    named for all ranks; every rank checks that it sees it (so a cache folder that is not shared
+    fails now, not after the work)."""
     name = [f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"]
     if d.main:
         (final.parent / name[0]).mkdir(parents=True)
+        (final.parent / name[0] / "owner.json").write_text(json.dumps({"host": socket.gethostname(),
+                                                                       "pid": os.getpid()}))
     if d.world > 1:
         import torch.distributed as dist
 
@@ -254,11 +286,24 @@ def _temporary_folder(final: Path, d: Dist) -> Path:
     return final.parent / name[0]
 
 
+def _left_by_the_dead(stale: list[Path]) -> list[Path]:
+    """The temporary folders whose preparing process, on this machine, is gone."""
+    from lion_min.run_dir import pid_alive
+
+    dead = []
+    for folder in stale:
+        owner = read_json(folder / "owner.json") or {}
+        if owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", -1))):
+            dead.append(folder)
+    return dead
+
+
 def prepare_folder(final: Path, d: Dist, load: Callable[[], tuple[list, list, str]],
-             encode: Callable[[list, Path], None], merge: Callable[[list[Path], Path], None], parts: dict) -> float:
+             encode: Callable[[list, Path], None], merge: Callable[[list[Path], Path], None], parts: dict,
+             names: Sequence[str] = ()) -> float:
     """Make the folder `final` unless it exists: every rank encodes its share of each split into a
     shard, rank 0 merges them and renames the temporary folder last. Returns the seconds spent
-    (0 when the folder existed)."""
+    (0 when the folder existed). The stored data summary names the inputs as `{input i}` (names[i])."""
     found = [final.is_dir()]
     if d.world > 1:  # one decision for all ranks, even if another job finishes this folder meanwhile
         import torch.distributed as dist
@@ -274,10 +319,26 @@ def prepare_folder(final: Path, d: Dist, load: Callable[[], tuple[list, list, st
     t0 = time.perf_counter()
     if d.main:
         stale = sorted(final.parent.glob(f"{final.name}.tmp-*"))
+        for folder in _left_by_the_dead(stale):
+            shutil.rmtree(folder, ignore_errors=True)
+            stale.remove(folder)
+            print(f"note: removed {folder}, an unfinished preparation of this data whose process is gone")
         if stale:
             print(f"note: {len(stale)} unfinished preparation(s) of this data in {final.parent} "
-                  f"({stale[0].name}...): interrupted, or running now elsewhere; delete them when not")
+                  f"({stale[0].name}...): running now elsewhere, or interrupted on another machine; delete them "
+                  f"when not")
     tmp = _temporary_folder(final, d)
+    try:
+        return _prepare_into(tmp, final, d, load, encode, merge, parts, names, t0)
+    except BaseException:
+        if d.main:  # a failed preparation leaves nothing behind (the other ranks' shards are inside)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _prepare_into(tmp: Path, final: Path, d: Dist, load, encode, merge, parts: dict, names: Sequence[str],
+                  t0: float) -> float:
+    """prepare_folder's work in its temporary folder `tmp`, renamed to `final` last."""
     train, evals, data_summary = load()
     t_load = time.perf_counter()
     splits = {"train": train, "eval": evals} if evals else {"train": train}
@@ -295,9 +356,10 @@ def prepare_folder(final: Path, d: Dist, load: Callable[[], tuple[list, list, st
         # waiting for the other shards and laying out the rows.
         t_end = time.perf_counter()
         seconds = {"load": t_load - t0, "encode": t_encode - t_load, "merge": t_end - t_encode, "world": d.world}
+        (tmp / "owner.json").unlink()
         (tmp / "meta.json").write_text(json.dumps({"fingerprint": final.name, "parts": parts,
-                                                   "data_summary": data_summary, "prepare_seconds": seconds},
-                                                  indent=2, default=str))
+                                                   "data_summary": _without_names(data_summary, list(names)),
+                                                   "prepare_seconds": seconds}, indent=2, default=str))
         try:
             tmp.rename(final)  # last: only a complete preparation carries the fingerprint's name
         except OSError:  # another job finished the same folder first: theirs is the same

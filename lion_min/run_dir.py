@@ -122,7 +122,7 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -152,7 +152,7 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool,
         if owner.get("host") != socket.gethostname():  # no way to tell from here whether it is alive
             raise ConfigError(f"--out_dir={cfg.out_dir}: a run on host {owner.get('host')} (pid {owner.get('pid')}) "
                               f"holds the lock {lock}; if it is no longer running, delete that file")
-        if _pid_alive(int(owner.get("pid", -1))):
+        if pid_alive(int(owner.get("pid", -1))):
             raise ConfigError(f"--out_dir={cfg.out_dir}: another run (pid {owner['pid']}) is writing there "
                               f"(lock {lock}); wait for it or pick another --out_dir")
         notes.append(f"note: taking over the lock of a run that is no longer alive (pid {owner.get('pid')})")

@@ -24,7 +24,7 @@ from lion_min.packing import FIELDS, Packed, best_fit_decreasing, pack
 from lion_min.parallel import Dist, init_distributed
 from lion_min.policy import check_seq_len, export_dtype, load_policy
 from lion_min.prepare import (CODE, ENCODE_BATCH, Prepared, Sequences, ShardWriter, cache_root, concat_shards,
-                              cache_fingerprint, data_identity, open_prepared, prepare_folder, token_dtype,
+                              cache_fingerprint, data_identity, input_names, open_prepared, prepare_folder, token_dtype,
                               tokenizer_identity, uses_seed)
 from lion_min.run_dir import claim
 from lion_min.tokenizer import Tokenizer
@@ -246,8 +246,8 @@ def prepare_sft(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[lis
                                                cfg.seq_len, cfg.overflow),
         merge=lambda shards, out: merge_shards(shards, out, cfg.seq_len, cfg.packing, cfg.overflow, pad_id,
                                                token_dtype(tokenizer.vocab_size)),
-        parts=parts)
-    prepared = open_prepared(final, PreparedRows, seconds)
+        parts=parts, names=input_names(cfg))
+    prepared = open_prepared(final, PreparedRows, seconds, input_names(cfg))
     for split in (prepared.train, prepared.eval):
         if split is not None:
             split.isolate = cfg.isolate_documents

@@ -178,7 +178,11 @@ def test_hub_files_are_identified_by_commit_and_path(tmp_path):
     assert prepare.file_identity(local) == prepare._sha256_file(local) != prepare.file_identity(f)
 
 
-def test_an_interrupted_preparation_is_redone(chat_setup, tmp_path, monkeypatch):
+def test_an_interrupted_preparation_is_redone(chat_setup, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or any error) while preparing removes the temporary folder; one left by a process
+    that was killed (kill -9) is removed by the next preparation; another machine's is left alone."""
+    import socket
+
     cfg = config(chat_setup, tmp_path / "cache")
 
     def crash(*args, **kwargs):
@@ -189,9 +193,18 @@ def test_an_interrupted_preparation_is_redone(chat_setup, tmp_path, monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             prepared(cfg, chat_setup["tok"])
     fp = sft.sft_fingerprint(cfg, chat_setup["tok"])[0]
-    left = [p.name for p in (tmp_path / "cache").iterdir()]
-    assert left and all(name.startswith(f"{fp}.tmp-") for name in left)  # nothing that looks complete
+    assert not list((tmp_path / "cache").iterdir())  # no empty <fingerprint>.tmp-<id> folder left
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for name, host in (("killed", socket.gethostname()), ("elsewhere", "another-host")):
+        (tmp_path / "cache" / f"{fp}.tmp-{name}").mkdir()
+        (tmp_path / "cache" / f"{fp}.tmp-{name}" / "owner.json").write_text(
+            json.dumps({"host": host, "pid": int(gone.stdout)}))
+    capsys.readouterr()
     again = prepared(cfg, chat_setup["tok"])
+    out = capsys.readouterr().out
+    assert f"note: removed {tmp_path / 'cache' / fp}.tmp-killed, an unfinished preparation" in out
+    assert "1 unfinished preparation(s) of this data" in out
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [fp, f"{fp}.tmp-elsewhere"]
     assert again.seconds > 0 and again.folder.name == fp
     convs, _, _ = load_sft_data(cfg)
     assert_rows_equal(again.train, sft_rows(convs, chat_setup["tok"], cfg))
@@ -252,6 +265,29 @@ def test_stage_metrics_equal_with_and_without_the_cache(tiny_chat_model, tmp_pat
                    {k: v for k, v in b.items() if "time" not in k and "per_s" not in k and k != "memory_gib"}, run
     summary = json.loads((tmp_path / "cold" / "summary.json").read_text())
     assert summary["conversations"] == 43 and summary["target_tokens"] > 0
+
+
+def test_each_run_records_its_own_data_not_the_copy_that_filled_the_cache(tiny_chat_model, tmp_path, capsys):
+    """Two users' copies of the same bytes share one prepared folder, and each run prints and writes
+    into summary.json the path it was given; the cache's meta.json names no path at all."""
+    sys.path.insert(0, str(ROOT))
+    import train_sft
+
+    copies = [tmp_path / user / "chats.jsonl" for user in ("alice", "bob")]
+    for copy in copies:
+        copy.parent.mkdir()
+        shutil.copy(tiny_chat_model["data"], copy)
+    for copy in copies:
+        capsys.readouterr()
+        train_sft.main(sft_args(tiny_chat_model, copy.parent / "run", data=copy, data_cache=tmp_path / "cache",
+                                max_steps=1))
+        out = capsys.readouterr().out
+        data_row = next(line for line in out.splitlines() if line.strip().startswith(f"{copy}:"))
+        assert "read 48, skipped 0, kept 48" in data_row
+        recorded = json.loads((copy.parent / "run" / "summary.json").read_text())["data"]
+        assert str(copy) in recorded and "alice" not in recorded.replace(str(copy), "")
+    [folder] = (tmp_path / "cache").iterdir()
+    assert "alice" not in (folder / "meta.json").read_text() and "{input 0}" in (folder / "meta.json").read_text()
 
 
 @pytest.mark.slow
