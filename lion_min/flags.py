@@ -106,15 +106,14 @@ def parse_cli(cls, presets: dict[str, dict], argv: Optional[list[str]] = None,
 
     presets: name -> {field: value}. default_preset(keys given on the command line) names the preset
     to apply when neither --preset nor --config is given (the scripts use it for the demo).
-    `--help` prints `doc`, the presets and every flag, then exits 0.
+    `--help` prints `doc`, the presets and every flag, then exits 0; after --preset=NAME or
+    --config=FILE the flags show that recipe's values, and where they come from.
     """
     argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print(help_text(cls, presets, doc))
-        sys.exit(0)
+    wants_help = "--help" in argv or "-h" in argv
     fields = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    pairs = _split_argv(argv, hints)
+    pairs = _split_argv([a for a in argv if a not in ("--help", "-h")], hints)
     given = {k for k, _ in pairs}
     overrides: dict = {}
     name = next((v for k, v in pairs if k == "preset"), None)
@@ -131,6 +130,10 @@ def parse_cli(cls, presets: dict[str, dict], argv: Optional[list[str]] = None,
                 raise ConfigError(f"--config={value}: no such recipe file")
             stage = getattr(cls, "STAGE", "")
             overrides = read_recipe(Path(value), stage) | {"preset": value}
+    if wants_help:  # a recipe named on the command line shows its values (not the demo's, chosen by default)
+        named = "config" in given or any(k == "preset" for k, _ in pairs)
+        print(help_text(cls, presets, doc, overrides if named else None))
+        sys.exit(0)
     cfg = cls()
     for key, value in overrides.items():  # recipe values are already typed (TOML)
         if key not in fields:
@@ -180,18 +183,30 @@ def field_docs(cls) -> dict[str, tuple[str, str]]:
     return out
 
 
-def help_text(cls, presets: dict[str, dict], doc: str = "") -> str:
+def help_text(cls, presets: dict[str, dict], doc: str = "", recipe: Optional[dict] = None) -> str:
+    """`doc`, the presets and every flag with its default, or with `recipe`'s value (a preset's or
+    --config's settings, "preset" naming it) marked by where it comes from."""
     hints = typing.get_type_hints(cls)
     defaults = cls()
+    recipe = {k: v for k, v in (recipe or {}).items() if k != "preset" and hasattr(defaults, k)} | (
+        {"preset": recipe["preset"]} if recipe else {})
+    chosen = recipe.get("preset", "")
+    source = (RECIPES / f"{chosen}.toml" if (RECIPES / f"{chosen}.toml").is_file()
+              else chosen if Path(chosen).is_file() else "lion_min/demo.py")
     groups: dict[str, list[str]] = {}
     for name, (group, text) in field_docs(cls).items():
         hint = hints[name]
         optional = typing.get_origin(hint) is typing.Union
         kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
         kind = kind.__name__ + (" or none" if optional else "")
-        line = f"  --{name}={getattr(defaults, name)!r}  ({kind})"
+        value = recipe.get(name, getattr(defaults, name))
+        line = f"  --{name}={value!r}  ({kind})" + ("  [recipe]" if name in recipe and name != "preset" else "")
         groups.setdefault(group, []).append(line + (f"\n      {text}" if text else ""))
     parts = [doc.strip()] if doc else []
+    if recipe:
+        which = f" (--preset={chosen})" if str(source) != chosen else ""
+        parts.append(f"values marked [recipe] come from {source}{which}; the others are the defaults; flags on the "
+                     f"command line override both.")
     if presets:
         parts.append("presets (--preset=NAME; flags after it override its values):")
         parts += [f"  {n:<16} {recipe_summary(n) or presets[n].get('_doc', '')}".rstrip() for n in presets]

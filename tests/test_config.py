@@ -172,3 +172,22 @@ def test_empty_string_is_kept_for_optional_text_and_none_means_none():
     assert parse_cli(SFTConfig, {}, ["--model=m", "--data=d", "--system_prompt="]).system_prompt == ""
     assert parse_cli(SFTConfig, {}, ["--model=m", "--data=d", "--system_prompt=none"]).system_prompt is None
     assert parse_cli(Cfg, {}, ["--name=null"]).name is None
+
+
+def test_help_after_a_preset_shows_its_values_and_file(capsys):
+    """`--preset=lion-gemma-2b --help`: each flag the recipe sets shows the recipe's value, marked,
+    and the help says which file they come from; plain --help shows the defaults."""
+    from lion_min.cli import sft_main
+    from lion_min.flags import RECIPES
+
+    with pytest.raises(SystemExit) as e:
+        sft_main(["--preset=lion-gemma-2b", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert f"values marked [recipe] come from {RECIPES / 'lion-gemma-2b.toml'} (--preset=lion-gemma-2b)" in out
+    for flag in ("--seq_len=8192", "--epochs=3", "--lr=2e-05", "--model='google/gemma-2b'"):
+        assert f"  {flag}  " in out and out.split(f"  {flag}  ")[1].split("\n")[0].endswith("[recipe]"), flag
+    with pytest.raises(SystemExit):
+        sft_main(["--help"])
+    plain = capsys.readouterr().out
+    assert "  --seq_len=2048  (int)\n" in plain and "[recipe]" not in plain
