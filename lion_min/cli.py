@@ -11,6 +11,7 @@ This is the top of the package (README "Architecture"): it imports the stages an
 module below imports it (a module's `if __name__ == "__main__":` block may, being a script).
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,13 +20,14 @@ from typing import Optional
 import torch
 
 from lion_min import demo, sample
-from lion_min.chat import get_template, stop_token_ids
+from lion_min.chat import ChatFormatError, get_template, stop_token_ids
 from lion_min.checkpoint import load_model, resolve_path
 from lion_min.config import ConfigError, format_config, resolve_dtype
 from lion_min.flags import parse_cli, recipe_presets
 from lion_min.policy import chat_tokenizer
 from lion_min.sample import SampleConfig, encode_prompt, folder_template, generate, read_prompts
-from lion_min.tokenizer import Tokenizer
+from lion_min.data_files import DataError
+from lion_min.tokenizer import Tokenizer, TokenizerError
 
 
 def presets(stage: str) -> dict[str, dict]:
@@ -66,10 +68,14 @@ def run_cli(main) -> None:
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         from lion_min.parallel import PeerFailed, exit_now
 
-        if not isinstance(e, PeerFailed):  # the rank that failed has printed the message
+        # Under torchrun every rank checks the same flags and inputs and fails alike: rank 0 says so
+        # once. An error of one rank's own (its share of the work) is said by that rank, named.
+        rank = int(os.environ.get("RANK", "0"))
+        same_everywhere = isinstance(e, (ConfigError, FileNotFoundError, DataError, ChatFormatError, TokenizerError))
+        if not isinstance(e, PeerFailed) and (rank == 0 or not same_everywhere):  # (a peer's failure: said there)
             # One line, even when a library's message (huggingface_hub's, say) spans several.
             message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr)
         exit_now(2)
     except RuntimeError as e:  # a collective cut short by a rank that failed: one line, not a traceback
         from lion_min.parallel import exit_now, peer_gone
@@ -106,19 +112,37 @@ def online_main(argv=None):
     return stage_main(online.OnlineConfig, online.run, argv, online.__doc__)
 
 
+# With no arguments at all, train_*.py runs the demo (the README's first command, from the clone),
+# while these, which run from any folder, print how to use them: a demo training into ./out is not
+# what a bare `lion-sft` typed in a project folder should start.
+USAGE = """usage: {name} --model=DIR_OR_HUB_ID --{data}=FILE [--out_dir=DIR] [flags]{judge}
+       {name} --preset=lion-gemma-2b --{data}=FILE    (a recipe: lion-gemma-2b, lion-llama3-8b)
+       {name} --preset=demo                          (the built-in demo, into ./out/demo)
+       {name} --help                                 (every flag with its default, and the presets)"""
+
+
+def console(main, name: str, data: str = "data", judge: str = ""):
+    """A stage's command line as an installed command (or python -m lion_min.<stage>): the usage
+    and exit status 2 when given no arguments, else run_cli(main)."""
+    if len(sys.argv) == 1:
+        print(USAGE.format(name=name, data=data, judge=judge), file=sys.stderr)
+        sys.exit(2)
+    run_cli(main)
+
+
 def sft():
     """The console script lion-sft (pyproject.toml)."""
-    run_cli(sft_main)
+    console(sft_main, "lion-sft")
 
 
 def dpo():
     """The console script lion-dpo."""
-    run_cli(dpo_main)
+    console(dpo_main, "lion-dpo")
 
 
 def online():
     """The console script lion-online."""
-    run_cli(online_main)
+    console(online_main, "lion-online", "prompts", " --judge=RULE_OR_DIR")
 
 
 # --- python -m lion_min.sample ---------------------------------------------------------------------

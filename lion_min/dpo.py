@@ -469,7 +469,7 @@ def load_dpo_data(cfg: DPOConfig) -> tuple[list, list, str]:
     return prefs, eval_prefs, stats.summary()
 
 
-if __name__ == "__main__":  # python -m lion_min.dpo, as train_dpo.py
-    from lion_min.cli import run_cli, dpo_main
+if __name__ == "__main__":  # python -m lion_min.dpo, as lion-dpo
+    from lion_min.cli import dpo
 
-    run_cli(dpo_main)
+    dpo()

@@ -315,7 +315,7 @@ def rounds(cfg: OnlineConfig, d: Dist, start_folder: Path, ref_folder: Path, pro
     return history
 
 
-if __name__ == "__main__":  # python -m lion_min.online, as train_online.py
-    from lion_min.cli import run_cli, online_main
+if __name__ == "__main__":  # python -m lion_min.online, as lion-online
+    from lion_min.cli import online
 
-    run_cli(online_main)
+    online()

@@ -301,7 +301,7 @@ def run(cfg: SFTConfig) -> TrainResult:
                      export_dtype=exported, summary=summary, run_record=record)
 
 
-if __name__ == "__main__":  # python -m lion_min.sft, as train_sft.py
-    from lion_min.cli import run_cli, sft_main
+if __name__ == "__main__":  # python -m lion_min.sft, as lion-sft
+    from lion_min.cli import sft
 
-    run_cli(sft_main)
+    sft()

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -79,3 +81,34 @@ def test_save_model_takes_any_kind_of_tokenizer(tmp_path):
         assert lion_min.Tokenizer.from_dir(out).encode(text) == want, kind
         hf = transformers.AutoTokenizer.from_pretrained(out)
         assert hf.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False) == text, kind
+
+
+def test_a_bare_console_command_prints_usage_instead_of_training(tmp_path, monkeypatch, capsys):
+    """`lion-sft` (or python -m lion_min.sft) with no arguments, in a project folder: the usage on
+    stderr, exit status 2, nothing written; train_sft.py with no arguments stays the demo."""
+    from lion_min import cli
+
+    monkeypatch.chdir(tmp_path)
+    for command, name in ((cli.sft, "lion-sft"), (cli.dpo, "lion-dpo"), (cli.online, "lion-online")):
+        monkeypatch.setattr(sys, "argv", [name])
+        with pytest.raises(SystemExit) as e:
+            command()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"usage: {name} --model=DIR_OR_HUB_ID")
+        assert f"{name} --preset=demo" in err and f"{name} --help" in err
+    assert "--prompts=FILE" in err and "--judge=" in err
+    res = subprocess.run([sys.executable, "-m", "lion_min.sft"], capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode == 2 and res.stderr.startswith("usage: lion-sft") and not res.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_flag_error_is_printed_once(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train_sft.py"), "--model=m", "--data=d.jsonl", "--lr_rate=1"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if "error: unknown option --lr_rate" in line]
+    assert len(errors) == 1, res.stderr[-3000:]
