@@ -31,6 +31,7 @@ prompts in a sampling batch are just documents with id -1 (see sample.py).
 """
 
 import inspect
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -44,9 +45,11 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 # Compiled once per process and used whether or not the model's blocks are compiled (torchtitan
 # does the same): eager flex_attention is an unfused reference that materialises the (B, H, T, T)
 # scores, and eager create_block_mask builds the dense (B, T, T) mask before reducing it to tiles.
-# Inside a compiled block, flex_attention is traced into the block's graph.
-_compiled_flex_attention = torch.compile(flex_attention)
-_compiled_create_block_mask = torch.compile(create_block_mask)
+# Inside a compiled block, flex_attention is traced into the block's graph. Wrapped at the first
+# call: torch.compile imports torch._dynamo (seconds), which a run on SDPA, or --help, never needs.
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn)
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str = "auto", dtype: to
         def document_causal(b, h, q_idx, kv_idx):
             return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
 
-        block_mask = _compiled_create_block_mask(document_causal, B, None, T, T, device=doc_ids.device)
+        block_mask = _compiled(create_block_mask)(document_causal, B, None, T, T, device=doc_ids.device)
         return AttnMask("flex", block_mask=block_mask)
     # varlen: max_seqlen only sizes the kernel's grid (tiles past a document's end return at once),
     # so the row length T, an upper bound known without reading the data, saves a host sync.
@@ -170,7 +173,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) ->
     if mask.backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
     if mask.backend == "flex":
-        return _compiled_flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+        return _compiled(flex_attention)(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     if mask.backend == "varlen":
         return _varlen(q, k, v, mask)
     raise ValueError(f"unknown attention mask kind {mask.backend!r}")

@@ -31,6 +31,7 @@ The same seed, prompts and batch_size give the same tokens (on the same device a
 """
 
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -123,9 +124,12 @@ def _last_logits(model: Transformer, tokens, positions, doc_ids, slots) -> torch
     return F.linear(h, model.head_weight)  # (B, V), model dtype
 
 
-# Compiled lazily, at the first call; dynamo guards on shapes, not on the model or cache objects, so
-# every model of one architecture and every generate() call with one cache shape share the graph.
-_compiled_last_logits = torch.compile(_last_logits, mode="reduce-overhead", fullgraph=True)
+# Compiled lazily, at the first call (torch.compile imports torch._dynamo, seconds, only then);
+# dynamo guards on shapes, not on the model or cache objects, so every model of one architecture and
+# every generate() call with one cache shape share the graph.
+@functools.cache
+def _compiled_last_logits():
+    return torch.compile(_last_logits, mode="reduce-overhead", fullgraph=True)
 CACHE_ROUND = 256
 STOP_CHECK_EVERY = 8
 
@@ -150,7 +154,7 @@ def _generate_chunk(model, prompts, max_new_tokens, temperature, top_k, top_p, s
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache_len, decode, check_every = T + max_new_tokens, _last_logits, 1 if device.type == "cpu" else STOP_CHECK_EVERY
     if compiled:
-        cache_len, decode = -(-cache_len // CACHE_ROUND) * CACHE_ROUND, _compiled_last_logits
+        cache_len, decode = -(-cache_len // CACHE_ROUND) * CACHE_ROUND, _compiled_last_logits()
     model.setup_caches(B, cache_len)
     try:
         t0 = time.perf_counter()
