@@ -4,6 +4,7 @@ Everything here is a pure function of tensors. The one IGNORE_INDEX marks a posi
 token is not a training target (prompt tokens, the last token of a document, padding).
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -55,9 +56,11 @@ def _slice_grad(logits: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, local:
 
 # On CUDA the elementwise work on each (N, Vc) fp32 slice runs as one fused kernel per helper (read
 # the logits once; write bf16 d_logits once) instead of five or six passes over 1 GiB slices; the
-# same operations as the eager helpers, which the CPU runs (so CPU numbers do not move).
-_fused_slice_stats = torch.compile(_slice_stats, dynamic=True)
-_fused_slice_grad = torch.compile(_slice_grad, dynamic=True)
+# same operations as the eager helpers, which the CPU runs (so CPU numbers do not move). Wrapped at
+# the first use: torch.compile imports torch._dynamo (seconds), which a CPU run or --help never needs.
+@functools.cache
+def _fused(fn):
+    return torch.compile(fn, dynamic=True)
 
 
 class _HalfHeadLogprobs(torch.autograd.Function):
@@ -72,7 +75,7 @@ class _HalfHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_chunk: int, fused: bool = False):
         # hidden (N, D) in the activation dtype, weight (V, D) any float dtype, targets (N,) int64
-        stats = _fused_slice_stats if fused else _slice_stats
+        stats = _fused(_slice_stats) if fused else _slice_stats
         wide = torch.promote_types(hidden.dtype, torch.float32)
         lse = torch.full(targets.shape, float("-inf"), dtype=wide, device=hidden.device)  # (N,)
         picked = torch.zeros(targets.shape, dtype=wide, device=hidden.device)  # (N,)
@@ -87,7 +90,7 @@ class _HalfHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, targets, lse = ctx.saved_tensors
-        grad_of = _fused_slice_grad if ctx.fused else _slice_grad
+        grad_of = _fused(_slice_grad) if ctx.fused else _slice_grad
         g = torch.where(targets != IGNORE_INDEX, grad_logp, 0.0).to(lse.dtype)  # (N,)
         grad_h = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty(weight.shape, dtype=lse.dtype, device=weight.device) if ctx.needs_input_grad[1] else None
