@@ -69,13 +69,13 @@ def run_cli(main) -> None:
         from lion_min.parallel import PeerFailed, exit_now
 
         # Under torchrun every rank checks the same flags and inputs and fails alike: rank 0 says so
-        # once. An error of one rank's own (its share of the work) is said by that rank, named.
+        # once. An error of one rank's own (its share of the work) is said by that rank.
         rank = int(os.environ.get("RANK", "0"))
         same_everywhere = isinstance(e, (ConfigError, FileNotFoundError, DataError, ChatFormatError, TokenizerError))
         if not isinstance(e, PeerFailed) and (rank == 0 or not same_everywhere):  # (a peer's failure: said there)
             # One line, even when a library's message (huggingface_hub's, say) spans several.
             message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            print(f"error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
         exit_now(2)
     except RuntimeError as e:  # a collective cut short by a rank that failed: one line, not a traceback
         from lion_min.parallel import exit_now, peer_gone
