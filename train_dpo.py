@@ -7,12 +7,12 @@
 """
 
 import lion_min  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts)
-from lion_min import dpo
 from lion_min.cli import run_cli, stage_main
+from lion_min.config import DPOConfig
 
 
 def main(argv=None):
-    return stage_main(dpo.DPOConfig, dpo.run, argv, __doc__)
+    return stage_main(DPOConfig, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@
 """
 
 import lion_min  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts)
-from lion_min import online
 from lion_min.cli import run_cli, stage_main
+from lion_min.config import OnlineConfig
 
 
 def main(argv=None):
-    return stage_main(online.OnlineConfig, online.run, argv, __doc__)
+    return stage_main(OnlineConfig, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@
 """
 
 import lion_min  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts)
-from lion_min import sft
 from lion_min.cli import run_cli, stage_main
+from lion_min.config import SFTConfig
 
 
 def main(argv=None):
-    return stage_main(sft.SFTConfig, sft.run, argv, __doc__)
+    return stage_main(SFTConfig, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,24 @@ import os
 # environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lion_min.checkpoint import load_model, save_model  # noqa: E402
-from lion_min.model import ModelArgs, Transformer  # noqa: E402
-from lion_min.tokenizer import Tokenizer  # noqa: E402
-
 __version__ = "0.2.0"  # as pyproject.toml
-__all__ = ["load_model", "save_model", "ModelArgs", "Transformer", "Tokenizer"]
+
+# The public names, each from the module that defines it, imported at first use (PEP 562): a
+# command line parses its flags and prints --help without loading torch (lion_min/cli.py).
+_HOMES = {"load_model": "checkpoint", "save_model": "checkpoint", "ModelArgs": "model", "Transformer": "model",
+          "Tokenizer": "tokenizer"}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'lion_min' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"lion_min.{_HOMES[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-BACKENDS = ("auto", "sdpa", "flex", "varlen")
+from lion_min.choices import ATTN_BACKENDS
+
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 # Compiled once per process and used whether or not the model's blocks are compiled (torchtitan
@@ -106,8 +107,8 @@ class AttnMask:
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The backend to use for activations of `dtype` on `device`; ValueError if it cannot run there."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTN_BACKENDS}")
     problem = varlen_problem(device.type, dtype) if backend == "varlen" else None
     if problem:
         raise ValueError(f"attn_backend='varlen': {problem}; use attn_backend='flex' or 'sdpa'")

@@ -9,25 +9,23 @@
 
 This is the top of the package (README "Architecture"): it imports the stages and the demo; no
 module below imports it (a module's `if __name__ == "__main__":` block may, being a script).
+
+The flags are parsed and checked, and --help printed, before torch is imported (that takes a second
+or more): what is imported at the top here does not import it, and each command imports the modules
+that run it once its flags are known (tests/test_install.py holds the training scripts to that).
 """
 
+import ast
+import importlib
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from lion_min import demo, sample
-from lion_min.chat import ChatFormatError, get_template, stop_token_ids
-from lion_min.checkpoint import load_model, resolve_path
-from lion_min.config import ConfigError, format_config, resolve_dtype
+from lion_min import demo
+from lion_min.config import ConfigError, DPOConfig, OnlineConfig, SFTConfig, format_config
 from lion_min.flags import parse_cli, recipe_presets
-from lion_min.policy import chat_tokenizer
-from lion_min.sample import SampleConfig, encode_prompt, folder_template, generate, read_prompts
-from lion_min.data_files import DataError
-from lion_min.tokenizer import Tokenizer, TokenizerError
 
 
 def presets(stage: str) -> dict[str, dict]:
@@ -41,41 +39,60 @@ def default_preset(stage: str):
     return demo.wanted(stage)
 
 
-def stage_main(config_cls, run, argv: Optional[list[str]], doc: str):
+def stage_doc(stage: str) -> str:
+    """A stage module's docstring (its --help text), read from its source without importing it."""
+    return ast.get_docstring(ast.parse((Path(__file__).parent / f"{stage}.py").read_text()), clean=False)
+
+
+def stage_main(config_cls, argv: Optional[list[str]], doc: str):
     """What each train_*.py script runs: the presets (the demo's and the recipes'), the command
-    line, then the stage, on the demo's files when the demo (or debug) preset is chosen, which is
-    what a command line without a model and data means (lion_min/demo.py)."""
+    line, then the stage (lion_min/<stage>.py:run), on the demo's files when the demo (or debug)
+    preset is chosen, which is what a command line without a model and data means (lion_min/demo.py).
+    The stage's module, and torch with it, is imported once the flags are parsed and checked."""
     stage = config_cls.STAGE
     cfg = parse_cli(config_cls, presets(stage), argv, default_preset=default_preset(stage), doc=doc)
+    run = importlib.import_module(f"lion_min.{stage}").run
     if cfg.preset in ("demo", "debug"):
         return demo.run_stage(stage, cfg, run)
     return run(cfg)
 
 
+def loaded(module: str, name: str) -> tuple:
+    """lion_min.<module>'s `name` (an exception class) if that module is loaded, else nothing: what
+    run_cli catches from a module that never loaded cannot have been raised, and loading it now would
+    load torch after a bad flag that was found before it."""
+    return (getattr(sys.modules[f"lion_min.{module}"], name),) if f"lion_min.{module}" in sys.modules else ()
+
+
 def run_cli(main) -> None:
     """Run a stage's main(); bad input (a ValueError naming the file, line or key), a missing file,
     or a non-finite loss ends the process with that one line on stderr and exit status 2."""
-    from lion_min.train import StopRequested
-
     try:
         main()
-    except StopRequested as e:
+    except loaded("train", "StopRequested") as e:
         print(str(e), file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (loading, sampling), or a second one
         print("stopped by Ctrl-C (no checkpoint written for this part of the run)", file=sys.stderr)
         sys.exit(130)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        from lion_min.parallel import PeerFailed, exit_now
+        from lion_min.chat import ChatFormatError
+        from lion_min.data_files import DataError
+        from lion_min.tokenizer import TokenizerError
 
         # Under torchrun every rank checks the same flags and inputs and fails alike: rank 0 says so
         # once. An error of one rank's own (its share of the work) is said by that rank.
         rank = int(os.environ.get("RANK", "0"))
         same_everywhere = isinstance(e, (ConfigError, FileNotFoundError, DataError, ChatFormatError, TokenizerError))
-        if not isinstance(e, PeerFailed) and (rank == 0 or not same_everywhere):  # (a peer's failure: said there)
+        peer_failed = isinstance(e, loaded("parallel", "PeerFailed"))  # (said by that peer)
+        if not peer_failed and (rank == 0 or not same_everywhere):
             # One line, even when a library's message (huggingface_hub's, say) spans several.
             message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
             print(f"error: {message}", file=sys.stderr)
+        if "lion_min.parallel" not in sys.modules:  # no process group: a plain exit
+            sys.exit(2)
+        from lion_min.parallel import exit_now
+
         exit_now(2)
     except RuntimeError as e:  # a collective cut short by a rank that failed: one line, not a traceback
         from lion_min.parallel import exit_now, peer_gone
@@ -86,30 +103,25 @@ def run_cli(main) -> None:
         exit_now(2)
     # After success only (a failed rank must not wait for the others): leave the process group
     # and exit without the interpreter's teardown (parallel.shutdown says why).
-    from lion_min.parallel import shutdown
+    if "lion_min.parallel" in sys.modules:
+        from lion_min.parallel import shutdown
 
-    shutdown()
+        shutdown()
 
 
 # --- the stages' command lines (python -m lion_min.sft, lion-sft, ...) -----------------------------
 
 
 def sft_main(argv=None):
-    from lion_min import sft
-
-    return stage_main(sft.SFTConfig, sft.run, argv, sft.__doc__)
+    return stage_main(SFTConfig, argv, stage_doc("sft"))
 
 
 def dpo_main(argv=None):
-    from lion_min import dpo
-
-    return stage_main(dpo.DPOConfig, dpo.run, argv, dpo.__doc__)
+    return stage_main(DPOConfig, argv, stage_doc("dpo"))
 
 
 def online_main(argv=None):
-    from lion_min import online
-
-    return stage_main(online.OnlineConfig, online.run, argv, online.__doc__)
+    return stage_main(OnlineConfig, argv, stage_doc("online"))
 
 
 # With no arguments at all, train_*.py runs the demo (the README's first command, from the clone),
@@ -150,6 +162,15 @@ def online():
 
 def sample_main(argv: Optional[list[str]] = None) -> list[str]:
     """python -m lion_min.sample (its module docstring is the --help text): the completions, printed."""
+    import torch
+
+    from lion_min import sample
+    from lion_min.chat import get_template, stop_token_ids
+    from lion_min.checkpoint import load_model, resolve_path
+    from lion_min.config import resolve_dtype
+    from lion_min.sample import SampleConfig, encode_prompt, folder_template, generate, read_prompts
+    from lion_min.tokenizer import Tokenizer
+
     cfg = parse_cli(SampleConfig, {}, argv, doc=sample.__doc__.split("\n\nHow a batch runs")[0])
     if not cfg.model:
         raise ConfigError("--model=DIR is required")
@@ -190,7 +211,9 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
     """python -m lion_min.prepare [sft|dpo] --model=... --data=... [the stage's flags] (its module
     docstring is the --help text)"""
     from lion_min import dpo, prepare, sft
+    from lion_min.checkpoint import resolve_path
     from lion_min.parallel import init_distributed
+    from lion_min.policy import chat_tokenizer
 
     argv = sys.argv[1:] if argv is None else list(argv)
     stage = argv.pop(0) if argv and not argv[0].startswith("-") else "sft"

@@ -1,9 +1,13 @@
-"""The training options every stage shares: the dataclasses, the allowed values, and parsing one value.
+"""The training options: the dataclasses, the allowed values, and parsing one value.
 
-Each stage (lion_min/sft.py, dpo.py, online.py) defines one dataclass that extends TrainConfig (or
-DataConfig) with its own fields; the field defaults are for fine-tuning a pretrained checkpoint.
-The command line over these dataclasses is lion_min/flags.py; the scripts' presets are in
-lion_min/cli.py.
+TrainConfig and DataConfig hold what every stage shares; each stage's dataclass (SFTConfig,
+DPOConfig, OnlineConfig) extends one with its own fields, and its run() is in lion_min/sft.py,
+dpo.py, online.py. The field defaults are for fine-tuning a pretrained checkpoint. The command
+line over these dataclasses is lion_min/flags.py; the scripts' presets are in lion_min/cli.py.
+
+Importing this module does not import torch (tests/test_install.py holds it to that): a command
+line is parsed and checked, and --help printed, before torch is loaded, which takes a second or
+more. Only the checks that need a device (--device=cuda, --attn_backend=varlen) import it.
 """
 
 import dataclasses
@@ -11,9 +15,12 @@ import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+from lion_min.choices import ATTN_BACKENDS, DPO_LOSS_TYPES
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
@@ -115,7 +122,100 @@ class DataConfig(TrainConfig):
     (see lion_min/prepare.py)."""
 
 
+# --- each stage's own options (its run() is in lion_min/sft.py, dpo.py, online.py) ---------------
+
+
+@dataclass
+class SFTConfig(DataConfig):
+    """`data` holds conversations (schema messages | sharegpt | prompt_response)."""
+
+    STAGE = "sft"
+    GROUP = "sft"
+
+    out_dir: str = "out/sft"
+    # -- sft
+    columns: Optional[str] = None
+    """Column mapping for the schema's fields, e.g. 'prompt=query,response=response' (MetaMathQA)."""
+    seq_len: int = 2048
+    """Tokens per packed row (LION: 8192; 2048 fits a 2B-8B model on one GPU without tuning)."""
+    packing: bool = True
+    """True: bin-pack conversations into rows; False: one conversation per row, padded."""
+    isolate_documents: bool = True
+    """False: the paper's ablation of naive packing: packed conversations attend to each other and
+    positions run on across the row (packing.pack isolate=False)."""
+    loss_mask: bool = True
+    """True: train on assistant replies only; False: on every token (the paper's ablation)."""
+    train_on: str = "assistant"
+    """With loss_mask: 'assistant' (every reply) or 'last' (only the last reply)."""
+    overflow: str = "truncate"
+    """Conversations longer than seq_len: 'truncate' or 'drop' (both counted)."""
+
+
+@dataclass
+class DPOConfig(DataConfig):
+    """`data` holds preference pairs (schema text_pairs | message_pairs | hh_rlhf)."""
+
+    STAGE = "dpo"
+    GROUP = "dpo"
+
+    out_dir: str = "out/dpo"
+    lr: float = 5e-7
+    """LION's DPO learning rate (both models)."""
+    lr_schedule: str = "linear"
+    batch_size: int = 128
+    """LION: 128 pairs per optimizer step."""
+    # -- dpo
+    beta: float = 0.1
+    """KL strength (the DPO paper's and TRL's default; LION uses 0.05 for Gemma-2b, 0.01 for Llama-3-8b)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO), ipo or hinge."""
+    label_smoothing: float = 0.0
+    """cDPO: probability that a label is flipped (sigmoid loss only)."""
+    ref_model: str = ""
+    """Reference checkpoint ('' = the starting model)."""
+    precompute_ref: bool = True
+    """Compute reference log-probs once up front (stored in out_dir) and train without a reference
+    in memory (LION); false keeps a frozen reference model."""
+    max_len: int = 2048
+    """Tokens per sequence, prompt included (LION: 2048)."""
+    max_prompt_len: int = 512
+    """Prompt tokens kept, from the end (LION Gemma-2b: 512)."""
+
+
+@dataclass
+class OnlineConfig(DPOConfig):
+    """`prompts` holds the prompts to sample from; `judge` scores the samples."""
+
+    STAGE = "online"
+    GROUP = "online"
+
+    out_dir: str = "out/online"
+    batch_size: int = 32
+    """LION Gemma-2b online: 32 pairs per optimizer step."""
+    # -- online
+    prompts: str = ""
+    """Prompts: .jsonl with a "prompt" field (text or a list of messages) or an SFT file's "messages"
+    (the turns before the final reply), or one per line."""
+    judge: str = ""
+    """A rule (length, brevity; the demo adds demo), a reward-model folder or hub id, or pairrm:DIR
+    (the paper's PairRM ranker, docs/pairrm.md)."""
+    n_samples: int = 5
+    """Samples per prompt (LION: 5)."""
+    temperature: float = 0.8
+    """LION: 0.8."""
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 2048
+    """LION: up to 2048 new tokens."""
+    rounds: int = 1
+    sample_batch_size: int = 64
+    """Prompts per sampling batch (each row is one sample of one prompt)."""
+
+
 # --- values: checked when the command line is parsed, before anything is loaded ---------------------
+
+DTYPES = ("float32", "bfloat16")
+"""--dtype: the compute dtypes (master weights, optimizer state and reductions stay float32)."""
 
 # Allowed range of each numeric flag, as an interval ("[" includes the end, "(" excludes it).
 RANGES = {
@@ -128,8 +228,8 @@ RANGES = {
     "max_new_tokens": "[1, inf)", "sample_batch_size": "[1, inf)",
 }
 CHOICES = {
-    "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
-    "attn_backend": ("auto", "sdpa", "flex", "varlen"), "lr_schedule": ("cosine", "linear", "constant"),
+    "device": ("auto", "cpu", "cuda"), "dtype": ("auto", *DTYPES),
+    "attn_backend": ATTN_BACKENDS, "lr_schedule": ("cosine", "linear", "constant"),
     "activation_checkpointing": ("auto", "off", "selective", "full"),
     "export_dtype": ("source", "float32", "bfloat16", "float16"),
     "train_on": ("assistant", "last"), "overflow": ("truncate", "drop"),
@@ -151,7 +251,6 @@ def check_values(cfg) -> None:
         if value is not None and not _in_interval(value, interval):
             raise ConfigError(f"--{key}={value}: must be in {interval}")
     from lion_min.chat import TEMPLATES
-    from lion_min.losses import DPO_LOSS_TYPES
 
     # The templates and loss types are listed where they are defined.
     choices_of = CHOICES | {"chat_template": (*TEMPLATES, "auto"), "loss_type": DPO_LOSS_TYPES}
@@ -177,7 +276,7 @@ def check_values(cfg) -> None:
             from lion_min.attention import varlen_problem
 
             as_auto = torch.bfloat16 if on_gpu else torch.float32  # what --dtype=auto picks
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype, as_auto)
+            dtype = getattr(torch, cfg.dtype) if cfg.dtype in DTYPES else as_auto
             problem = varlen_problem("cuda" if on_gpu else "cpu", dtype)
             if problem:
                 raise ConfigError(f"--attn_backend=varlen: {problem}; use --attn_backend=flex or sdpa")
@@ -187,16 +286,16 @@ def check_values(cfg) -> None:
     if getattr(cfg, "out_dir", None) == "":
         raise ConfigError("--out_dir is empty: name the folder the run writes to")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-"""--dtype: the compute dtypes (master weights, optimizer state and reductions stay float32)."""
 
+def resolve_dtype(name: str, device: "torch.device") -> "torch.dtype":
+    """--dtype as a torch dtype: auto is bfloat16 on a GPU, float32 on the CPU."""
+    import torch
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
         raise ConfigError(f"--dtype={name}: expected auto, float32 or bfloat16")
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
 BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")

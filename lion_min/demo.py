@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from lion_min.config import ConfigError, read_json
-from lion_min.model import ModelArgs
 
 # --- the task ------------------------------------------------------------------------------------
 
@@ -235,9 +234,11 @@ def build_demo_tokenizer(out_dir: str | Path) -> Path:
 # --- model and recommended stage settings ----------------------------------------------------------
 
 
-def demo_model_args(tokenizer_or_vocab_size) -> ModelArgs:
-    """The demo model: a 4-layer Llama-style decoder, dim 128 (~0.8M parameters). Takes the
-    lion_min Tokenizer (its BOS / EOS / pad ids go into the config) or just a vocabulary size."""
+def demo_model_args(tokenizer_or_vocab_size):
+    """The demo model's ModelArgs: a 4-layer Llama-style decoder, dim 128 (~0.8M parameters). Takes
+    the lion_min Tokenizer (its BOS / EOS / pad ids go into the config) or just a vocabulary size."""
+    from lion_min.model import ModelArgs  # not at the top: --help reads the presets before torch loads
+
     tok = tokenizer_or_vocab_size
     vocab = tok if isinstance(tok, int) else tok.vocab_size
     ids = {} if isinstance(tok, int) else dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from lion_min.batches import Batches, eval_size, opening_summary
 from lion_min.chat import ChatEncoding, encode_chats, get_template, with_system
 from lion_min.checkpoint import hash_files, resolve_path
-from lion_min.config import ConfigError, DataConfig, check_values, format_config, resolve_dtype
+from lion_min.config import ConfigError, DPOConfig, check_values, format_config, resolve_dtype
 from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import dpo_loss, global_mean, sequence_logps
 from lion_min.packing import collate, pack
@@ -43,37 +43,6 @@ from lion_min.run_dir import claim
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import TrainResult, train
 from lion_min.train_state import WRITE_ERRORS, CheckpointWriteError, one_line
-
-
-@dataclass
-class DPOConfig(DataConfig):
-    """`data` holds preference pairs (schema text_pairs | message_pairs | hh_rlhf)."""
-
-    STAGE = "dpo"
-    GROUP = "dpo"
-
-    out_dir: str = "out/dpo"
-    lr: float = 5e-7
-    """LION's DPO learning rate (both models)."""
-    lr_schedule: str = "linear"
-    batch_size: int = 128
-    """LION: 128 pairs per optimizer step."""
-    # -- dpo
-    beta: float = 0.1
-    """KL strength (the DPO paper's and TRL's default; LION uses 0.05 for Gemma-2b, 0.01 for Llama-3-8b)."""
-    loss_type: str = "sigmoid"
-    """sigmoid (DPO), ipo or hinge."""
-    label_smoothing: float = 0.0
-    """cDPO: probability that a label is flipped (sigmoid loss only)."""
-    ref_model: str = ""
-    """Reference checkpoint ('' = the starting model)."""
-    precompute_ref: bool = True
-    """Compute reference log-probs once up front (stored in out_dir) and train without a reference
-    in memory (LION); false keeps a frozen reference model."""
-    max_len: int = 2048
-    """Tokens per sequence, prompt included (LION: 2048)."""
-    max_prompt_len: int = 512
-    """Prompt tokens kept, from the end (LION Gemma-2b: 512)."""
 
 
 def check_config(cfg: DPOConfig):

@@ -247,7 +247,7 @@ def compute(cfg: GoldenConfig) -> Golden:
     folder = resolve_path(cfg.model, cfg.revision)
     tokenizer = Tokenizer.from_dir(folder)
     kind, records = _load_records(cfg)
-    dtype = DTYPES[cfg.dtype]
+    dtype = getattr(torch, cfg.dtype)
     model = load_model(folder, dtype=dtype, device=cfg.device)
     if model.args.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids, the model only "

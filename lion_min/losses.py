@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from lion_min.choices import DPO_LOSS_TYPES
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+IGNORE_INDEX = -100
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ every round (lion_min/plot.py; skipped with a message without matplotlib).
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,8 +29,8 @@ import torch.distributed as dist
 
 from lion_min.chat import ChatEncoding, stop_token_ids, with_system
 from lion_min.checkpoint import load_model, resolve_path, save_model
-from lion_min.config import ConfigError, format_config, read_json, resolve_dtype
-from lion_min.dpo import DPOConfig, EncodedPair, check_config as check_dpo_config, train_pairs, truncate
+from lion_min.config import ConfigError, OnlineConfig, format_config, read_json, resolve_dtype
+from lion_min.dpo import EncodedPair, check_config as check_dpo_config, train_pairs, truncate
 from lion_min.judges import Judge, make_judge
 from lion_min.parallel import Dist, barrier, init_distributed
 from lion_min.plot import earlier_runs, plot_pipeline
@@ -40,36 +39,6 @@ from lion_min.run_dir import append_summary, broadcast, claim
 from lion_min.sample import encode_prompt, generate, read_prompts
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import StopRequested
-
-
-@dataclass
-class OnlineConfig(DPOConfig):
-    """`prompts` holds the prompts to sample from; `judge` scores the samples."""
-
-    STAGE = "online"
-    GROUP = "online"
-
-    out_dir: str = "out/online"
-    batch_size: int = 32
-    """LION Gemma-2b online: 32 pairs per optimizer step."""
-    # -- online
-    prompts: str = ""
-    """Prompts: .jsonl with a "prompt" field (text or a list of messages) or an SFT file's "messages"
-    (the turns before the final reply), or one per line."""
-    judge: str = ""
-    """A rule (length, brevity; the demo adds demo), a reward-model folder or hub id, or pairrm:DIR
-    (the paper's PairRM ranker, docs/pairrm.md)."""
-    n_samples: int = 5
-    """Samples per prompt (LION: 5)."""
-    temperature: float = 0.8
-    """LION: 0.8."""
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 2048
-    """LION: up to 2048 new tokens."""
-    rounds: int = 1
-    sample_batch_size: int = 64
-    """Prompts per sampling batch (each row is one sample of one prompt)."""
 
 
 # What only the training of a round reads, not its sampling and judging: while no round has finished,

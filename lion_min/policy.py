@@ -14,7 +14,8 @@ from lion_min.config import DTYPES, ConfigError
 from lion_min.parallel import Dist, build_model, choose_checkpointing, min_free_memory
 from lion_min.tokenizer import Tokenizer
 
-EXPORT_DTYPES = DTYPES | {"float16": torch.float16}  # a checkpoint may be stored in fp16; training never is
+# A checkpoint may be stored in fp16; training never is.
+EXPORT_DTYPES = {name: getattr(torch, name) for name in (*DTYPES, "float16")}
 
 
 def build_from_folder(folder: Path, args, d: Dist, param_dtype: torch.dtype, **wrap):

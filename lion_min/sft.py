@@ -8,7 +8,6 @@ the global batch (losses.sft_loss), whatever the micro-batching or world size.
 """
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,7 +16,7 @@ import torch
 
 from lion_min.batches import Batches, eval_size, opening_summary, row_batches
 from lion_min.chat import ChatEncoding, encode_chat, encode_chats, get_template, with_system
-from lion_min.config import ConfigError, DataConfig, check_values, format_config, resolve_dtype
+from lion_min.config import ConfigError, SFTConfig, check_values, format_config, resolve_dtype
 from lion_min.data import load_conversations, train_eval_split
 from lion_min.losses import sft_loss
 from lion_min.packing import FIELDS, Packed, best_fit_decreasing, pack
@@ -29,32 +28,6 @@ from lion_min.prepare import (CODE, ENCODE_BATCH, Prepared, Sequences, ShardWrit
 from lion_min.run_dir import claim
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import TrainResult, train
-
-
-@dataclass
-class SFTConfig(DataConfig):
-    """`data` holds conversations (schema messages | sharegpt | prompt_response)."""
-
-    STAGE = "sft"
-    GROUP = "sft"
-
-    out_dir: str = "out/sft"
-    # -- sft
-    columns: Optional[str] = None
-    """Column mapping for the schema's fields, e.g. 'prompt=query,response=response' (MetaMathQA)."""
-    seq_len: int = 2048
-    """Tokens per packed row (LION: 8192; 2048 fits a 2B-8B model on one GPU without tuning)."""
-    packing: bool = True
-    """True: bin-pack conversations into rows; False: one conversation per row, padded."""
-    isolate_documents: bool = True
-    """False: the paper's ablation of naive packing: packed conversations attend to each other and
-    positions run on across the row (packing.pack isolate=False)."""
-    loss_mask: bool = True
-    """True: train on assistant replies only; False: on every token (the paper's ablation)."""
-    train_on: str = "assistant"
-    """With loss_mask: 'assistant' (every reply) or 'last' (only the last reply)."""
-    overflow: str = "truncate"
-    """Conversations longer than seq_len: 'truncate' or 'drop' (both counted)."""
 
 
 def check_config(cfg: SFTConfig):

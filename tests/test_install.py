@@ -103,6 +103,37 @@ def test_a_bare_console_command_prints_usage_instead_of_training(tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def imported(stderr: str) -> set[str]:
+    """The modules a `python -X importtime` run imported (its stderr lists each one)."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "online"])
+def test_help_and_a_bad_flag_answer_without_loading_torch(tmp_path, stage):
+    """--help and a mistyped or out-of-range flag answer before torch is imported (a second or more,
+    far longer on a loaded machine): the same text and exit status, without the wait."""
+    script = str(ROOT / f"train_{stage}.py")
+    runs = [(["--help"], 0, None), (["--lr_rate=1"], 2, "error: unknown option --lr_rate (did you mean --min_lr_ratio?)"),
+            (["--lr=-1"], 2, "error: --lr=-1.0: must be in (0, inf)")]
+    for args, code, error in runs:
+        res = subprocess.run([sys.executable, "-X", "importtime", script, *args], capture_output=True, text=True,
+                             cwd=tmp_path)
+        modules = imported(res.stderr)
+        assert "lion_min.flags" in modules, res.stderr[-2000:]  # (the list is there to look at)
+        assert "torch" not in modules, f"{args}: torch imported"
+        said = [line for line in res.stderr.splitlines() if not line.startswith("import time:")]
+        assert res.returncode == code and said == ([error] if error else []), (args, res.returncode, said)
+        if error is None:
+            assert "--model=" in res.stdout and "lion-gemma-2b" in res.stdout
+    assert list(tmp_path.iterdir()) == []
+    # The package's public names are loaded at first use, and load torch then.
+    code = ("import sys, lion_min; assert 'torch' not in sys.modules; "
+            "from lion_min import load_model; import lion_min.checkpoint as c; "
+            "assert load_model is c.load_model and lion_min.Tokenizer and 'torch' in sys.modules")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_under_torchrun_a_flag_error_is_printed_once(tmp_path):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

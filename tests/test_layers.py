@@ -18,7 +18,7 @@ PACKAGE = Path(os.environ.get("LION_MIN_ROOT", Path(__file__).parent.parent)) / 
 # Bottom to top. Within a layer a module may import another of the same layer (without a cycle).
 LAYERS = [
     # 1. facts and kernels: nothing of the package below them
-    ["attention", "losses", "tokenizer", "schemas", "hub", "deberta"],
+    ["choices", "attention", "losses", "tokenizer", "schemas", "hub", "deberta"],
     # 2. the model and the formats it reads and writes
     ["model", "chat", "data_files", "data", "checkpoint", "packing", "flops", "parallel", "pairrm", "__init__"],
     # 3. options: the config dataclasses and value checks, then the --key=value parser over them
