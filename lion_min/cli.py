@@ -75,6 +75,9 @@ def run_cli(main) -> None:
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (loading, sampling), or a second one
         print("stopped by Ctrl-C (no checkpoint written for this part of the run)", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout left (`--help | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush must not fail too)
+        sys.exit(1)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         from lion_min.chat import ChatFormatError
         from lion_min.data_files import DataError

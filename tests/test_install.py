@@ -134,6 +134,17 @@ def test_help_and_a_bad_flag_answer_without_loading_torch(tmp_path, stage):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+def test_help_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    """`python train_sft.py --help | head -3`: the reader may leave before the help is written; then
+    the command ends without a traceback. Here the reader is gone before it starts (deterministic)."""
+    read, write = os.pipe()
+    os.close(read)
+    res = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--help"], stdout=write,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=60)
+    os.close(write)
+    assert res.returncode == 1 and res.stderr == "", res.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_under_torchrun_a_flag_error_is_printed_once(tmp_path):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
