@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from lion_min.choices import ATTN_BACKENDS, DPO_LOSS_TYPES
+from lion_min.choices import AC_MODES, ATTN_BACKENDS, DPO_LOSS_TYPES
 
 if TYPE_CHECKING:
     import torch
@@ -230,7 +230,7 @@ RANGES = {
 CHOICES = {
     "device": ("auto", "cpu", "cuda"), "dtype": ("auto", *DTYPES),
     "attn_backend": ATTN_BACKENDS, "lr_schedule": ("cosine", "linear", "constant"),
-    "activation_checkpointing": ("auto", "off", "selective", "full"),
+    "activation_checkpointing": AC_MODES,
     "export_dtype": ("source", "float32", "bfloat16", "float16"),
     "train_on": ("assistant", "last"), "overflow": ("truncate", "drop"),
 }

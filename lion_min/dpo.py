@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from lion_min.batches import Batches, eval_size, opening_summary
 from lion_min.chat import ChatEncoding, encode_chats, get_template, with_system
-from lion_min.checkpoint import hash_files, resolve_path
+from lion_min.checkpoint import hash_files, read_config, resolve_path
 from lion_min.config import ConfigError, DPOConfig, check_values, format_config, resolve_dtype
 from lion_min.data import load_preferences, train_eval_split
 from lion_min.losses import dpo_loss, global_mean, sequence_logps
@@ -362,8 +362,8 @@ def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Seq
     exported = export_dtype(cfg, folder)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else folder
-    if ref_folder != folder:
-        check_same_architecture(ref_folder, args)
+    if ref_folder != folder:  # against --model's own config: both grow alike for new chat tokens (load_policy)
+        check_same_architecture(ref_folder, read_config(folder))
     with claim(cfg, d, inputs | {"--model": folder, "--ref_model": ref_folder}) as record:
         ref_model, ref_logps, eval_ref = reference(cfg, d, args, dtype, ref_folder, pad_id, pairs, eval_pairs)
         batches = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,

@@ -309,7 +309,8 @@ class Transformer(nn.Module):
             mask = build_mask(doc_ids, self.attn_backend, h.dtype)
         ac = checkpointing_mode(self.activation_checkpointing)
         for i, layer in enumerate(self.layers):
-            # selective: torchtitan's layer-wise selective AC at frequency 2, blocks 0, 2, 4, ...
+            # selective: blocks 0, 2, 4, ... (torchtitan's layer-wise selective AC at frequency 2 takes
+            # 1, 3, 5, ...: the same number of blocks for an even number of layers)
             if torch.is_grad_enabled() and (ac == "full" or (ac == "selective" and i % 2 == 0)):
                 h = checkpoint(layer, h, cos, sin, mask, cache_slots, use_reentrant=False)
             else:

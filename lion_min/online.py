@@ -234,7 +234,7 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
     # one has finished, only the sampled rounds are kept and the training settings may change.
     out_dir = Path(cfg.out_dir)
     finished = sorted(out_dir.glob("round_*.done"))
-    if len(finished) > cfg.rounds:
+    if len(finished) > cfg.rounds and not cfg.overwrite:
         raise ConfigError(f"--rounds={cfg.rounds}: {out_dir} holds {len(finished)} finished rounds of this run; ask "
                           f"for at least as many (or --overwrite=true to start again)")
     with claim(cfg, d, inputs, resuming=True, free=frozenset() if finished else TRAINING_KEYS):

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from lion_min.choices import AC_MODES
 from lion_min.model import Transformer, checkpointing_mode
 
 
@@ -235,7 +236,6 @@ def build_model(args, d: Dist, *, load_weights=None, seed: int = 0, param_dtype=
 
 # --- how much memory a training step needs, and the activation checkpointing that fits ----------------
 
-AC_MODES = ("auto", "off", "selective", "full")
 GiB = 2**30
 
 

@@ -101,7 +101,8 @@ def differences(saved_config: dict, saved_prints: dict, cfg, prints: dict,
     changed = sorted(k for k in now.keys() | saved_config.keys()
                      if now.get(k) != saved_config.get(k) and k not in by_contents)
     refused = [k for k in changed if k not in SAFE_KEYS | NOTED_KEYS.keys() | free]
-    refused += [f"{k} (contents)" for k in sorted(prints) if k in saved_prints and prints[k] != saved_prints[k]]
+    refused += [f"{k} (contents)" for k in sorted(prints)
+                if k in saved_prints and prints[k] != saved_prints[k] and FINGERPRINTED[k] not in free]
     quiet = {"resume", "overwrite", "out_dir", "preset"}  # how a run is started, not what it computes
     return refused, [k for k in changed if k not in quiet and k not in refused]
 

@@ -17,6 +17,7 @@ Resumable checkpoints live in lion_min/train_state.py; the Hugging Face export i
 
 import json
 import math
+import os
 import resource
 import signal
 import threading
@@ -208,7 +209,8 @@ def train(
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(config_to_json(cfg))
-        metrics_path.write_text("".join(ln + "\n" for ln in metrics_until(metrics_path, start)))
+        kept = metrics_until(metrics_path, start, drop_final_eval=start == total)
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
         if start == total:  # killed (or out of disk) during the export: only the export is left to do
             print(f"{resume_from} is the run's last step: exporting")
         else:
@@ -295,12 +297,14 @@ def export(cfg: TrainConfig, model, sd: dict, total: int, eval_loss: Optional[fl
             raise FloatingPointError(f"final weights contain NaN/inf in {k}; not exported")
     try:
         save_model(model, out_dir, tokenizer=tokenizer, dtype=export_dtype, state_dict=sd, chat_template=chat_template)
+        if summary is not None:  # written aside and moved in too: a summary.json is whole or absent
+            summary |= {"steps": total, "eval_loss": eval_loss}
+            (out_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
+            os.replace(out_dir / "summary.json.tmp", out_dir / "summary.json")
     except WRITE_ERRORS as e:  # disk full, say: the export is written aside and moved in, so nothing half-made stays
+        (out_dir / "summary.json.tmp").unlink(missing_ok=True)
         raise CheckpointWriteError(f"{out_dir}: cannot write the Hugging Face export ({one_line(e)}); "
                                    f"the last checkpoint, if any, can be resumed") from e
-    if summary is not None:
-        summary |= {"steps": total, "eval_loss": eval_loss}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote the Hugging Face folder {out_dir}")
 
 
@@ -335,10 +339,11 @@ class StopSignals:
         self._old = {}
 
 
-def metrics_until(path: Path, step: int) -> list[str]:
+def metrics_until(path: Path, step: int, drop_final_eval: bool = False) -> list[str]:
     """The lines of metrics.jsonl that a resume from `step` keeps (0: none); a torn last line (a
-    crash mid-write) is dropped with a warning, and so is the final eval's line (eval keys only) of
-    an export that never finished, since finish() evaluates again."""
+    crash mid-write) is dropped with a warning. With drop_final_eval (`step` is the run's last: its
+    export never finished) so is the eval's line (eval keys only) at `step`, since finish() evaluates
+    again; a run continued past its end keeps it."""
     if step == 0 or not path.is_file():
         return []
     kept = []
@@ -348,7 +353,7 @@ def metrics_until(path: Path, step: int) -> list[str]:
         except json.JSONDecodeError:
             print(f"warning: {path}: line {n} is not complete JSON (a crash mid-write?); dropped")
             continue
-        final_eval = record is not None and record.get("step") == step and all(
+        final_eval = drop_final_eval and record is not None and record.get("step") == step and all(
             k == "step" or k.startswith("eval/") for k in record)
         if record is not None and record.get("step", 0) <= step and not final_eval:
             kept.append(line)

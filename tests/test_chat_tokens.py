@@ -166,3 +166,11 @@ def test_dpo_from_a_base_model_grows_policy_and_reference_alike(tiny_chat_model,
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert Path(out / "tokenizer.json").is_file()
+    # A --ref_model of its own (a copy of the same base) grows alike: the same architecture, loss ln 2.
+    import shutil
+
+    ref, out2 = shutil.copytree(src, tmp_path / "ref"), tmp_path / "dpo_ref"
+    train_dpo.main([f"--model={src}", f"--ref_model={ref}", f"--data={tiny_chat_model['prefs']}", f"--out_dir={out2}",
+                    "--max_len=96", "--max_prompt_len=48", "--batch_size=2", "--max_steps=1", "--device=cpu"])
+    first = json.loads((out2 / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)

@@ -254,6 +254,35 @@ def test_disk_full_during_the_export_then_resume_exports(tiny_chat_model, tmp_pa
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
 
 
+def test_disk_full_writing_summary_json_one_line_and_no_half_file(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    """summary.json marks a run finished: a full disk while it is written is the export's error (one line,
+    exit 2, on every rank), and no summary.json or .tmp is left."""
+    import lion_min.train
+
+    out = tmp_path / "run"
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device", str(dst))
+
+    monkeypatch.setattr(lion_min.train.os, "replace", full)
+    code, err = run_cli_exit(sft_args(tiny_chat_model, out, max_steps=2), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0], err
+    assert lines[0].startswith(f"error: {out}: cannot write the Hugging Face export")
+    assert not (out / "summary.json").exists() and not list(out.rglob("*.tmp*"))
+
+
+def test_a_finished_run_continued_keeps_its_final_eval_line(tiny_chat_model, tmp_path, capsys):
+    """More steps for a finished run: the old final eval (at step 4) stays in metrics.jsonl; only the
+    eval of an export that never finished is dropped (it runs again)."""
+    out = tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=4, eval_fraction=0.25))
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=6, eval_fraction=0.25, resume="auto"))
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval/loss" in r) for r in records] == [
+        (1, False), (2, False), (3, False), (4, False), (4, True), (5, False), (6, False), (6, True)]
+
+
 @pytest.mark.parametrize("cut", ["__0_0.distcp", "rng_rank0.pt", ".metadata"])
 def test_a_truncated_file_in_the_newest_checkpoint_is_passed_over(tiny_chat_model, tmp_path, capsys, cut):
     # A constant lr: the 4-step run's checkpoints are those of the 6-step run, so a resume from step 2

@@ -221,6 +221,29 @@ def test_one_rerun_rule_online(tiny_online_argv, tmp_path, capsys, monkeypatch):
     assert (out / "round_0.jsonl").read_bytes() == before["round_0.jsonl"]
     with pytest.raises(ConfigError, match="--rounds=1: .* holds 2 finished rounds"):
         train_online.main(tiny_online_argv(out, rounds=1))
+    # ... which --overwrite=true, as the message says, runs again from the start.
+    history = train_online.main(tiny_online_argv(out, rounds=1) + ["--overwrite=true"])
+    assert [h["round"] for h in history] == [0] and not (out / "round_1.done").exists()
+
+
+def test_a_free_input_may_change_its_contents():
+    """run_dir.differences: an input compared by contents is refused when it changed, unless the
+    caller frees its key (online: --ref_model and --eval_data while no round has finished)."""
+    import dataclasses
+
+    from lion_min.run_dir import differences
+
+    @dataclasses.dataclass
+    class Cfg:
+        model: str = "m"
+        ref_model: str = "r"
+
+    cfg = Cfg()
+    saved, now = {"--model": "a", "--ref_model": "b"}, {"--model": "a", "--ref_model": "c"}
+    assert differences(dataclasses.asdict(cfg), saved, cfg, now)[0] == ["--ref_model (contents)"]
+    assert differences(dataclasses.asdict(cfg), saved, cfg, now, free=frozenset({"ref_model"}))[0] == []
+    assert differences(dataclasses.asdict(cfg), saved, cfg, {"--model": "z", "--ref_model": "c"},
+                       free=frozenset({"ref_model"}))[0] == ["--model (contents)"]
 
 
 def test_the_demo_never_replaces_a_run_that_is_not_the_demos(tiny_chat_model, tmp_path):
