@@ -25,13 +25,14 @@ def build_from_folder(folder: Path, args, d: Dist, param_dtype: torch.dtype, **w
                        param_dtype=param_dtype, **wrap)
 
 
-def chat_tokenizer(cfg, folder: Path) -> Tokenizer:
-    """The tokenizer of `folder`, able to encode the run's chat template.
+def chat_tokenizer(cfg, folder: Path, tokenizer: Optional[Tokenizer] = None) -> Tokenizer:
+    """The tokenizer of `folder` (`tokenizer`, when the caller has read it already), able to encode
+    the run's chat template.
 
     --chat_template=auto becomes the folder's own template (cfg.chat_template is set to its name),
     or chatml, LION's, when the folder carries none. ChatML's two tokens are given ids when the
     tokenizer lacks them (chat.with_template_tokens), as LION did on the base Gemma and Llama-3."""
-    tokenizer = Tokenizer.from_dir(folder)
+    tokenizer = tokenizer or Tokenizer.from_dir(folder)
     if cfg.chat_template == "auto":
         own = template_of(tokenizer.chat_template)
         if tokenizer.chat_template is not None and own is None:
@@ -46,8 +47,9 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
     chat template's tokens; new ids grow the embedding: build_from_folder)."""
     folder = folder or resolve_path(cfg.model, cfg.revision)
     args = read_config(folder)
-    check_vocab(Tokenizer.from_dir(folder), args, folder)
-    tokenizer = chat_tokenizer(cfg, folder)
+    tokenizer = Tokenizer.from_dir(folder)
+    check_vocab(tokenizer, args, folder)
+    tokenizer = chat_tokenizer(cfg, folder, tokenizer)
     if d.main and "replacing" in (line := template_line(cfg.chat_template, tokenizer)):
         print(f"note: chat template {line}")  # said again in the opening summary
     if tokenizer.vocab_size > args.vocab_size:
