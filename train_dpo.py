@@ -1,4 +1,4 @@
-"""Stage 2: offline DPO on preference pairs (lion_min/dpo.py).
+"""Stage 2: offline DPO on preference pairs (lion_min/stages/dpo.py).
 
     python train_dpo.py                                   # the demo: continues from out/demo/sft
     python train_dpo.py --model=out/my-sft --data=pairs.jsonl --out_dir=out/my-dpo --beta=0.05
@@ -8,7 +8,7 @@
 
 import lion_min  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts)
 from lion_min.cli import run_cli, stage_main
-from lion_min.config import DPOConfig
+from lion_min.run.config import DPOConfig
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Stage 3: online DPO: sample, judge, train on best vs worst, repeat (lion_min/online.py).
+"""Stage 3: online DPO: sample, judge, train on best vs worst, repeat (lion_min/stages/online.py).
 
     python train_online.py                                # the demo: continues from out/demo/dpo
     python train_online.py --model=out/my-dpo --prompts=prompts.jsonl --judge=RM_DIR --out_dir=out/my-online
@@ -8,7 +8,7 @@
 
 import lion_min  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts)
 from lion_min.cli import run_cli, stage_main
-from lion_min.config import OnlineConfig
+from lion_min.run.config import OnlineConfig
 
 
 def main(argv=None):

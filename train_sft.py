@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning with packing and loss masking (lion_min/sft.py).
+"""Stage 1: supervised fine-tuning with packing and loss masking (lion_min/stages/sft.py).
 
     python train_sft.py                                   # the built-in demo (CPU, a few minutes)
     python train_sft.py --model=google/gemma-2b --data=chats.jsonl --out_dir=out/my-sft
@@ -8,7 +8,7 @@
 
 import lion_min  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch starts)
 from lion_min.cli import run_cli, stage_main
-from lion_min.config import SFTConfig
+from lion_min.run.config import SFTConfig
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Data at scale: the old in-memory path against the prepared cache (lion_min/prepare.py).
+"""Data at scale: the old in-memory path against the prepared cache (lion_min/run/data_cache.py).
 
     python bench/bench_data.py                          # 20k conversations, about 4 minutes here
     python bench/bench_data.py --conversations=5000     # a quick look
@@ -10,7 +10,7 @@ vocabulary's common whole words, sentences and paragraphs. The tokenizer is the 
 plus the ChatML tokens (tests/tokenizers_for_tests.py: build_chatml_tokenizer), the template ChatML
 with LION's empty system prompt, seq_len 2048.
 
-Each run is a fresh process of train_sft.py (or lion_min.prepare) on a tiny random Llama (dim 64,
+Each run is a fresh process of train_sft.py (or lion_min.run.data_cache) on a tiny random Llama (dim 64,
 2 layers, the full 128258-token vocabulary), one optimizer step of one 2048-token row. Timed from
 the start of the process: until the packing summary line (the data is ready: time to batches),
 and until the first step's progress line (time to the first step; the tiny model's step adds the
@@ -21,7 +21,7 @@ same second or so to every variant). Peak resident memory is the process's ru_ma
   cold      an empty cache folder: encode_chats in batches, shards on disk, rows laid out, mmap
   warm      the same folder again: fingerprint, then mmap
 
-Then lion_min.prepare alone on empty folders with 1 process, 1 process with one tokenizer thread
+Then lion_min.run.data_cache alone on empty folders with 1 process, 1 process with one tokenizer thread
 (RAYON_NUM_THREADS=1: the per-core rate), and 2 processes (torchrun), reporting the phases rank 0
 records in meta.json, and an extrapolation to 2.1M conversations on an 8-rank node.
 """
@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from lion_min.flags import parse_cli  # noqa: E402
+from lion_min.run.flags import parse_cli  # noqa: E402
 
 LION_CONVERSATIONS = 2_100_000
 """Conversations in the LION SFT mix."""
@@ -53,7 +53,7 @@ class DataBench:
     """Data, tokenizer and model are written here once and reused."""
     seed: int = 0
     prepare_runs: bool = True
-    """Also time lion_min.prepare with 1 and 2 processes."""
+    """Also time lion_min.run.data_cache with 1 and 2 processes."""
 
 
 # --- the synthetic mix ------------------------------------------------------------------------------
@@ -185,13 +185,13 @@ def main(argv=None):
     prep = [f"--config={recipe}", f"--model={model}", f"--data={data}", f"--seq_len={b.seq_len}",
             "--chat_template=chatml", f"--seed={b.seed}"]
     variants = {
-        "1 process": ([sys.executable, "-m", "lion_min.prepare", "sft"], {}),
-        "1 process, 1 tokenizer thread": ([sys.executable, "-m", "lion_min.prepare", "sft"],
+        "1 process": ([sys.executable, "-m", "lion_min", "prepare", "sft"], {}),
+        "1 process, 1 tokenizer thread": ([sys.executable, "-m", "lion_min", "prepare", "sft"],
                                           {"RAYON_NUM_THREADS": "1"}),
         "2 processes (torchrun)": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    "--nproc_per_node=2", "-m", "lion_min.prepare", "sft"], {}),
+                                    "--nproc_per_node=2", "-m", "lion_min", "prepare", "sft"], {}),
     }
-    print("\n| lion_min.prepare | load s | encode s | merge s | prepare s | prepared tokens/s | peak RSS GiB |")
+    print("\n| lion_min.run.data_cache | load s | encode s | merge s | prepare s | prepared tokens/s | peak RSS GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     phases = {}
     for name, (cmd, extra) in variants.items():
@@ -209,11 +209,11 @@ def main(argv=None):
     # tokenizer thread); rank 0 lays out the rows (merge, linear in the data; best-fit-decreasing
     # is slightly worse than linear). The old path: every rank encodes and packs everything.
     # The floor for one thread: the Rust tokenizer alone on the rendered texts, one call per text.
-    from lion_min.chat import render
-    from lion_min.data import load_conversations
-    from lion_min.prepare import file_identity
-    from lion_min.chat import with_system
-    from lion_min.tokenizer import Tokenizer
+    from lion_min.core.chat import render
+    from lion_min.formats.data import load_conversations
+    from lion_min.run.data_cache import file_identity
+    from lion_min.core.chat import with_system
+    from lion_min.formats.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model)
     texts = [render(with_system(c, ""), "chatml", bos_token=tok.bos_token) for c in load_conversations(str(data))[0]]

@@ -4,12 +4,12 @@
     python bench/bench_dpo.py --rows=4 --repeats=7
 
 Random preference pairs (shared prompt, chosen and rejected replies of log-normal lengths) are packed
-by lion_min.dpo.pair_micro (chosen = example 2i, rejected = 2i + 1). The SFT rows are pack() of the
+by lion_min.core.dpo.pair_micro (chosen = example 2i, rejected = 2i + 1). The SFT rows are pack() of the
 very same examples list, so both objectives see identical tokens, positions, doc_ids and targets
 (only the replies are targets); the script checks that. Each timed step is objective, backward,
 AdamW step, zero_grad on the same random lion_min model (fp32, CPU):
 
-  sft              lion_min.sft.sft_objective
+  sft              lion_min.core.sft.sft_objective
   dpo, live ref    make_dpo_objective(ref_model=...): policy forward + backward, plus a reference
                    forward under no_grad
   dpo, precomputed make_dpo_objective() with the micro-batch's ref_logps from compute_ref_logps:
@@ -36,14 +36,15 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench_sft import CPUBench, header, interleaved, lognormal_lengths  # noqa: E402
-from lion_min.config import TrainConfig  # noqa: E402
-from lion_min.flags import parse_cli  # noqa: E402
-from lion_min.dpo import EncodedPair, compute_ref_logps, make_dpo_objective, pair_logps, pair_micro  # noqa: E402
-from lion_min.model import ModelArgs, Transformer  # noqa: E402
-from lion_min.packing import pack  # noqa: E402
-from lion_min.parallel import Dist  # noqa: E402
-from lion_min.train import make_optimizer  # noqa: E402
-from lion_min.sft import sft_objective  # noqa: E402
+from lion_min.run.config import TrainConfig  # noqa: E402
+from lion_min.run.flags import parse_cli  # noqa: E402
+from lion_min.core.dpo import EncodedPair, compute_ref_logps, make_dpo_objective, pair_micro  # noqa: E402
+from lion_min.core.dpo import pair_logps
+from lion_min.core.model import ModelArgs, Transformer  # noqa: E402
+from lion_min.core.packing import pack  # noqa: E402
+from lion_min.core.parallel import Dist  # noqa: E402
+from lion_min.core.train import make_optimizer  # noqa: E402
+from lion_min.core.sft import sft_objective  # noqa: E402
 
 
 @dataclass

@@ -27,9 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lion_min.flags import parse_cli  # noqa: E402
-from lion_min.deberta import args_from_config, hf_name  # noqa: E402
-from lion_min.pairrm import DEBERTA_V3_LARGE, PairRM  # noqa: E402
+from lion_min.run.flags import parse_cli  # noqa: E402
+from lion_min.pairrm.deberta import args_from_config, hf_name  # noqa: E402
+from lion_min.pairrm.model import DEBERTA_V3_LARGE, PairRM  # noqa: E402
 
 
 @dataclass
@@ -111,7 +111,7 @@ def cpu_comparison(cfg: BenchConfig):
 
 def gpu_estimate(cfg: BenchConfig):
     args = args_from_config(DEBERTA_V3_LARGE)
-    from lion_min.deberta import DebertaEncoder
+    from lion_min.pairrm.deberta import DebertaEncoder
 
     with torch.device("meta"):
         enc = DebertaEncoder(args)

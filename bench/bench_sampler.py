@@ -1,4 +1,4 @@
-"""Sampler throughput: lion_min.sample.generate against transformers' generate, and (on CUDA) decode
+"""Sampler throughput: lion_min.core.sample.generate against transformers' generate, and (on CUDA) decode
 against the HBM-bandwidth ceiling.
 
     python bench/bench_sampler.py                        # CPU comparison (+ the CUDA part if a GPU is there)
@@ -29,10 +29,10 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lion_min.checkpoint import load_model  # noqa: E402
-from lion_min.flags import parse_cli  # noqa: E402
-from lion_min.model import ModelArgs, Transformer  # noqa: E402
-from lion_min.sample import generate  # noqa: E402
+from lion_min.formats.hf import load_model  # noqa: E402
+from lion_min.run.flags import parse_cli  # noqa: E402
+from lion_min.core.model import ModelArgs, Transformer  # noqa: E402
+from lion_min.core.sample import generate  # noqa: E402
 
 
 @dataclass

@@ -8,7 +8,7 @@ Part 1 (CPU, fp32): one random Llama-shaped checkpoint written by tests/conftest
 make_hf_checkpoint and loaded by both sides, so the weights are identical. Each step is forward,
 loss, backward, AdamW step, zero_grad (no clipping on either side) on the same token rows:
   lion_min      packed rows, several documents per row: model(tokens, positions, doc_ids, targets)
-                + losses.sft_loss, i.e. lion_min.sft.sft_objective (dense block-diagonal SDPA mask);
+                + losses.sft_loss, i.e. lion_min.core.sft.sft_objective (dense block-diagonal SDPA mask);
   transformers  LlamaForCausalLM on the same rows as plain causal rows (it has no document masking
                 by default, so lion_min does strictly more work), logits + F.cross_entropy on the
                 same targets, summed and divided by the same target count.
@@ -20,8 +20,8 @@ Part 2: packing efficiency of best-fit-decreasing pack() against one conversatio
 (mode="pad") on log-normal conversation lengths (median ~400 tokens, tail past 4k), and pack()'s time.
 
 Part 3 (CUDA): a random Gemma-2b-shaped model (tests/data/configs/gemma-2b.json) built as
-lion_min.sft builds it (bf16 compute under FSDP's mixed precision, fp32 master weights), one packed
-row of 8192 tokens per step: step time, MFU from lion_min.flops.flops_per_token against the 989e12
+lion_min.stages.sft builds it (bf16 compute under FSDP's mixed precision, fp32 master weights), one packed
+row of 8192 tokens per step: step time, MFU from lion_min.run.flops.flops_per_token against the 989e12
 H100/H200 bf16 peak, peak memory. Then FlexAttention and varlen attention against the dense SDPA
 mask on random q/k/v with packed doc_ids, forward and backward.
 """
@@ -47,13 +47,13 @@ import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from lion_min.checkpoint import load_model  # noqa: E402
-from lion_min.config import TrainConfig  # noqa: E402
-from lion_min.flags import parse_cli  # noqa: E402
-from lion_min.losses import IGNORE_INDEX, sft_loss  # noqa: E402
-from lion_min.packing import best_fit_decreasing, collate, pack  # noqa: E402
-from lion_min.train import make_optimizer  # noqa: E402
-from lion_min.sft import sft_objective  # noqa: E402
+from lion_min.formats.hf import load_model  # noqa: E402
+from lion_min.run.config import TrainConfig  # noqa: E402
+from lion_min.run.flags import parse_cli  # noqa: E402
+from lion_min.core.losses import IGNORE_INDEX, sft_loss  # noqa: E402
+from lion_min.core.packing import best_fit_decreasing, collate, pack  # noqa: E402
+from lion_min.core.train import make_optimizer  # noqa: E402
+from lion_min.core.sft import sft_objective  # noqa: E402
 
 
 @dataclass
@@ -262,8 +262,8 @@ def part2(cfg: BenchConfig):
 def gpu_model_args(shape: str):
     import json
 
-    from lion_min.checkpoint import args_from_config
-    from lion_min.model import ModelArgs
+    from lion_min.formats.hf import args_from_config
+    from lion_min.core.model import ModelArgs
 
     if shape == "gemma-2b":
         return args_from_config(json.loads((ROOT / "tests/data/configs/gemma-2b.json").read_text()))
@@ -272,8 +272,8 @@ def gpu_model_args(shape: str):
 
 
 def part3_mfu(cfg: BenchConfig, device: torch.device):
-    from lion_min.parallel import Dist, build_model
-    from lion_min.flops import flops_per_token, peak_flops
+    from lion_min.core.parallel import Dist, build_model
+    from lion_min.run.flops import flops_per_token, peak_flops
 
     args = gpu_model_args(cfg.gpu_shape)
     d = Dist(0, 1, 0, device)
@@ -327,7 +327,7 @@ def part3_mfu(cfg: BenchConfig, device: torch.device):
 
 
 def part3_attention(cfg: BenchConfig, device: torch.device):
-    from lion_min.attention import attend, build_mask
+    from lion_min.core.attention import attend, build_mask
 
     torch.manual_seed(0)
     full = cfg.gpu_shape == "gemma-2b"

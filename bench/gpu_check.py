@@ -15,7 +15,7 @@ Sections (each prints its own header; a failure is printed and the next section 
   sft        the SFT step (bf16 FSDP2 + compile, activation checkpointing as auto picks it here, one
              packed 8192-token row with document masks, AdamW) for a Gemma-2b-shaped random model:
              tokens/s, MFU in torchtitan's convention (against the datasheet peak and the measured
-             matmul ceiling) and useful MFU (lion_min/flops.py), peak memory beside the estimate,
+             matmul ceiling) and useful MFU (lion_min/run/flops.py), peak memory beside the estimate,
              and the head's share of the step (the head and log-probs alone, forward + backward).
   dpo        the DPO step (policy forward + backward, live reference forward, AdamW), and with the
              reference log-probs precomputed, against the SFT step on the same packed row of
@@ -35,7 +35,7 @@ The last lines are a summary table: every figure beside its target from issue 23
 keeps to --budget seconds (default 470): a section that no longer fits is skipped and says so, and
 the subprocess sections get what is left as their timeout.
 
-Models are random (no download) and built from the package (lion_min.model, losses, packing,
+Models are random (no download) and built from the package (lion_min.core.model, losses, packing,
 parallel) the way the training scripts build them. --smoke runs each section at tiny shapes on
 the CPU, where varlen (CUDA only) and FlexAttention's backward (no CPU kernel) are skipped with a
 note, and the cli and pipeline sections run without compile. --out=FILE also writes everything
@@ -62,15 +62,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lion_min.attention import attend, build_mask, resolve_backend  # noqa: E402
-from lion_min.checkpoint import args_from_config  # noqa: E402
-from lion_min.flops import (attention_flops_per_pair, device_peaks, document_lengths, matmul_params, mfu,  # noqa: E402
+from lion_min.core.attention import attend, build_mask, resolve_backend  # noqa: E402
+from lion_min.formats.hf import args_from_config  # noqa: E402
+from lion_min.run.flops import (attention_flops_per_pair, device_peaks, document_lengths, matmul_params, mfu,  # noqa: E402
                             mfu_useful)
-from lion_min.losses import IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss, token_logprobs  # noqa: E402
-from lion_min.model import ModelArgs, RMSNorm, Transformer  # noqa: E402
-from lion_min.packing import collate, pack  # noqa: E402
-from lion_min.parallel import GiB, Dist, build_model, choose_checkpointing, step_memory  # noqa: E402
-from lion_min.sample import generate  # noqa: E402
+from lion_min.core.losses import IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss, token_logprobs  # noqa: E402
+from lion_min.core.model import ModelArgs, RMSNorm, Transformer  # noqa: E402
+from lion_min.core.packing import collate, pack  # noqa: E402
+from lion_min.core.parallel import GiB, Dist, build_model, choose_checkpointing, step_memory  # noqa: E402
+from lion_min.core.sample import generate  # noqa: E402
 
 # pipeline before cli: its online stage has never run on a GPU, while cli's MFU repeats sft's
 # through the real script; if the budget runs short, cli is the one skipped.
@@ -578,9 +578,9 @@ def write_model_folder(c: Check, args: ModelArgs, folder: Path) -> Path:
     (built with `tokenizers`: ChatML markers, BOS, pad and unk as special tokens)."""
     from dataclasses import replace
 
-    from lion_min.checkpoint import save_model
-    from lion_min.demo import build_demo_tokenizer
-    from lion_min.tokenizer import Tokenizer
+    from lion_min.formats.hf import save_model
+    from lion_min.demo.task import build_demo_tokenizer
+    from lion_min.formats.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(build_demo_tokenizer(folder.parent / "tokenizer"))
     args = replace(args, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)

@@ -1,14 +1,12 @@
 """The command lines: flags to a stage, the presets, the no-flag demo, and how a command ends.
 
-    python train_sft.py [flags]          # or: python -m lion_min.sft, lion-sft once installed
-    python train_dpo.py [flags]          # python -m lion_min.dpo, lion-dpo
-    python train_online.py [flags]       # python -m lion_min.online, lion-online
-    python -m lion_min.sample [flags]    # sample_main
-    python -m lion_min.prepare [sft|dpo] [flags]   # prepare_main
-    python -m lion_min.golden [compare] [flags]    # golden_main
+    python train_sft.py [flags]          # or: python -m lion_min sft, lion-sft once installed
+    python train_dpo.py [flags]          # python -m lion_min dpo, lion-dpo
+    python train_online.py [flags]       # python -m lion_min online, lion-online
+    python -m lion_min sample|prepare|golden|plot|experiments|pairrm [flags]   # lion_min/__main__.py
 
-This is the top of the package (README "Architecture"): it imports the stages and the demo; no
-module below imports it (a module's `if __name__ == "__main__":` block may, being a script).
+This is the top of the package with __main__.py (tests/test_layers.py): it imports the stages and
+the demo; no module below imports it.
 
 The flags are parsed and checked, and --help printed, before torch is imported (that takes a second
 or more): what is imported at the top here does not import it, and each command imports the modules
@@ -23,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from lion_min import demo
-from lion_min.config import ConfigError, DPOConfig, OnlineConfig, SFTConfig, format_config
-from lion_min.flags import parse_cli, recipe_presets
+from lion_min.demo import task as demo
+from lion_min.run.config import ConfigError, DPOConfig, OnlineConfig, SFTConfig, format_config
+from lion_min.run.flags import parse_cli, recipe_presets
 
 
 def presets(stage: str) -> dict[str, dict]:
@@ -41,17 +39,17 @@ def default_preset(stage: str):
 
 def stage_doc(stage: str) -> str:
     """A stage module's docstring (its --help text), read from its source without importing it."""
-    return ast.get_docstring(ast.parse((Path(__file__).parent / f"{stage}.py").read_text()), clean=False)
+    return ast.get_docstring(ast.parse((Path(__file__).parent / "stages" / f"{stage}.py").read_text()), clean=False)
 
 
 def stage_main(config_cls, argv: Optional[list[str]], doc: str):
     """What each train_*.py script runs: the presets (the demo's and the recipes'), the command
     line, then the stage (lion_min/<stage>.py:run), on the demo's files when the demo (or debug)
-    preset is chosen, which is what a command line without a model and data means (lion_min/demo.py).
+    preset is chosen, which is what a command line without a model and data means (lion_min/demo/task.py).
     The stage's module, and torch with it, is imported once the flags are parsed and checked."""
     stage = config_cls.STAGE
     cfg = parse_cli(config_cls, presets(stage), argv, default_preset=default_preset(stage), doc=doc)
-    run = importlib.import_module(f"lion_min.{stage}").run
+    run = importlib.import_module(f"lion_min.stages.{stage}").run
     if cfg.preset in ("demo", "debug"):
         return demo.run_stage(stage, cfg, run)
     return run(cfg)
@@ -69,7 +67,7 @@ def run_cli(main) -> None:
     or a non-finite loss ends the process with that one line on stderr and exit status 2."""
     try:
         main()
-    except loaded("train", "StopRequested") as e:
+    except loaded("run.loop", "StopRequested") as e:
         print(str(e), file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (loading, sampling), or a second one
@@ -79,26 +77,26 @@ def run_cli(main) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush must not fail too)
         sys.exit(1)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        from lion_min.chat import ChatFormatError
-        from lion_min.data_files import DataError
-        from lion_min.tokenizer import TokenizerError
+        from lion_min.core.chat import ChatFormatError
+        from lion_min.formats.data_files import DataError
+        from lion_min.formats.tokenizer import TokenizerError
 
         # Under torchrun every rank checks the same flags and inputs and fails alike: rank 0 says so
         # once. An error of one rank's own (its share of the work) is said by that rank.
         rank = int(os.environ.get("RANK", "0"))
         same_everywhere = isinstance(e, (ConfigError, FileNotFoundError, DataError, ChatFormatError, TokenizerError))
-        peer_failed = isinstance(e, loaded("parallel", "PeerFailed"))  # (said by that peer)
+        peer_failed = isinstance(e, loaded("core.parallel", "PeerFailed"))  # (said by that peer)
         if not peer_failed and (rank == 0 or not same_everywhere):
             # One line, even when a library's message (huggingface_hub's, say) spans several.
             message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
             print(f"error: {message}", file=sys.stderr)
-        if "lion_min.parallel" not in sys.modules:  # no process group: a plain exit
+        if "lion_min.core.parallel" not in sys.modules:  # no process group: a plain exit
             sys.exit(2)
-        from lion_min.parallel import exit_now
+        from lion_min.core.parallel import exit_now
 
         exit_now(2)
     except RuntimeError as e:  # a collective cut short by a rank that failed: one line, not a traceback
-        from lion_min.parallel import exit_now, peer_gone
+        from lion_min.core.parallel import exit_now, peer_gone
 
         if peer_gone(e) is None:
             raise
@@ -106,13 +104,13 @@ def run_cli(main) -> None:
         exit_now(2)
     # After success only (a failed rank must not wait for the others): leave the process group
     # and exit without the interpreter's teardown (parallel.shutdown says why).
-    if "lion_min.parallel" in sys.modules:
-        from lion_min.parallel import shutdown
+    if "lion_min.core.parallel" in sys.modules:
+        from lion_min.core.parallel import shutdown
 
         shutdown()
 
 
-# --- the stages' command lines (python -m lion_min.sft, lion-sft, ...) -----------------------------
+# --- the stages' command lines (python -m lion_min sft, lion-sft, ...) -----------------------------
 
 
 def sft_main(argv=None):
@@ -136,13 +134,14 @@ USAGE = """usage: {name} --model=DIR_OR_HUB_ID --{data}=FILE [--out_dir=DIR] [fl
        {name} --help                                 (every flag with its default, and the presets)"""
 
 
-def console(main, name: str, data: str = "data", judge: str = ""):
-    """A stage's command line as an installed command (or python -m lion_min.<stage>): the usage
-    and exit status 2 when given no arguments, else run_cli(main)."""
-    if len(sys.argv) == 1:
+def console(main, name: str, argv: Optional[list[str]] = None, data: str = "data", judge: str = ""):
+    """A stage's command line as an installed command or `python -m lion_min STAGE`: the usage and
+    exit status 2 when given no arguments, else run_cli(main)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
         print(USAGE.format(name=name, data=data, judge=judge), file=sys.stderr)
         sys.exit(2)
-    run_cli(main)
+    run_cli(lambda: main(argv))
 
 
 def sft():
@@ -157,24 +156,35 @@ def dpo():
 
 def online():
     """The console script lion-online."""
-    console(online_main, "lion-online", "prompts", " --judge=RULE_OR_DIR")
+    console(online_main, "lion-online", data="prompts", judge=" --judge=RULE_OR_DIR")
 
 
-# --- python -m lion_min.sample ---------------------------------------------------------------------
+SAMPLE_DOC = """Completions from a checkpoint (lion_min/core/sample.py: batched, with a KV cache).
+
+    python -m lion_min sample --model=DIR --prompt="Why is the sky blue?"
+    python -m lion_min sample --model=DIR --prompts_file=prompts.jsonl --temperature=0.7 --top_p=0.9
+
+The chat template comes from the model folder unless --chat_template names one (none = raw text);
+one line says which is used."""
+
+
+# --- python -m lion_min sample ---------------------------------------------------------------------
 
 
 def sample_main(argv: Optional[list[str]] = None) -> list[str]:
-    """python -m lion_min.sample (its module docstring is the --help text): the completions, printed."""
+    """python -m lion_min sample (the sampler module's docstring is the --help text): the completions, printed."""
     import torch
 
-    from lion_min import sample
-    from lion_min.chat import get_template, stop_token_ids
-    from lion_min.checkpoint import load_model, resolve_path
-    from lion_min.config import resolve_dtype
-    from lion_min.sample import SampleConfig, encode_prompt, folder_template, generate, read_prompts
-    from lion_min.tokenizer import Tokenizer
+    from lion_min.core.chat import get_template, stop_token_ids
+    from lion_min.formats.hf import load_model, resolve_path
+    from lion_min.run.config import resolve_dtype
+    from lion_min.core.chat import encode_prompt
+    from lion_min.core.sample import generate
+    from lion_min.run.config import SampleConfig
+    from lion_min.run.prompts import folder_template, read_prompts
+    from lion_min.formats.tokenizer import Tokenizer
 
-    cfg = parse_cli(SampleConfig, {}, argv, doc=sample.__doc__.split("\n\nHow a batch runs")[0])
+    cfg = parse_cli(SampleConfig, {}, argv, doc=SAMPLE_DOC)
     if not cfg.model:
         raise ConfigError("--model=DIR is required")
     if not cfg.prompt and not cfg.prompts_file:
@@ -207,23 +217,25 @@ def sample_main(argv: Optional[list[str]] = None) -> list[str]:
     return texts
 
 
-# --- python -m lion_min.prepare --------------------------------------------------------------------
+# --- python -m lion_min prepare --------------------------------------------------------------------
 
 
 def prepare_main(argv: Optional[list[str]] = None) -> None:
-    """python -m lion_min.prepare [sft|dpo] --model=... --data=... [the stage's flags] (its module
+    """python -m lion_min prepare [sft|dpo] --model=... --data=... [the stage's flags] (its module
     docstring is the --help text)"""
-    from lion_min import dpo, prepare, sft
-    from lion_min.checkpoint import resolve_path
-    from lion_min.parallel import init_distributed
-    from lion_min.policy import chat_tokenizer
+    from lion_min.stages import dpo
+    from lion_min.run import data_cache as prepare
+    from lion_min.stages import sft
+    from lion_min.formats.hf import resolve_path
+    from lion_min.core.parallel import init_distributed
+    from lion_min.run.policy import chat_tokenizer
 
     argv = sys.argv[1:] if argv is None else list(argv)
     stage = argv.pop(0) if argv and not argv[0].startswith("-") else "sft"
     stages = {"sft": (sft.SFTConfig, sft.prepare_sft, sft.load_sft_data),
               "dpo": (dpo.DPOConfig, dpo.prepare_dpo, dpo.load_dpo_data)}
     if stage not in stages:
-        raise ConfigError(f"python -m lion_min.prepare {stage}: expected sft or dpo")
+        raise ConfigError(f"python -m lion_min prepare {stage}: expected sft or dpo")
     cls, prepare_data, load = stages[stage]
     cfg = parse_cli(cls, presets(stage), argv, doc=prepare.__doc__)
     if not cfg.model or not cfg.data:
@@ -248,14 +260,14 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
         print(f"{d.world} process(es), {time.perf_counter() - t0:.1f}s in all; {prep.how()}")
 
 
-# --- python -m lion_min.golden ---------------------------------------------------------------------
+# --- python -m lion_min golden ---------------------------------------------------------------------
 
 
 def golden_main(argv: Optional[list[str]] = None) -> int:
-    """python -m lion_min.golden [compare EXPECTED ACTUAL] [flags] (golden.py's docstring): the exit status."""
-    from lion_min import golden
-    from lion_min.golden import COMPARE_USAGE, CompareConfig, compare, write
-    from lion_min.golden_compute import GoldenConfig, compute
+    """python -m lion_min golden [compare EXPECTED ACTUAL] [flags] (golden/compute.py's docstring): the exit status."""
+    from lion_min.golden import compare as golden
+    from lion_min.golden.compare import COMPARE_USAGE, CompareConfig, compare, write
+    from lion_min.golden.compute import GoldenConfig, compute
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
@@ -278,3 +290,28 @@ def golden_main(argv: Optional[list[str]] = None) -> int:
     print(f"{golden.meta['kind']}: loss {loss:.6f}, grad norm {golden.meta['grad_norm']['total']:.6f}; "
           f"wrote {Path(cfg.out) / 'golden.json'} and golden.safetensors")
     return 0
+
+
+# --- python -m lion_min plot | experiments | pairrm ---------------------------------------------------
+
+
+def plot_main(argv: Optional[list[str]] = None) -> None:
+    from lion_min.run.plot import main
+
+    main(argv)
+
+
+def experiments_main(argv: Optional[list[str]] = None) -> None:
+    from lion_min.demo.experiments import main
+
+    main(argv)
+
+
+def pairrm_main(argv: Optional[list[str]] = None) -> None:
+    """python -m lion_min pairrm convert SRC OUT (argparse's own usage; a bad folder: one error line)."""
+    from lion_min.pairrm.model import main
+
+    try:
+        main(argv)
+    except ValueError as e:
+        sys.exit(f"error: {e}")

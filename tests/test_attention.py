@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import lion_min
-from lion_min import attention
-from lion_min.attention import AttnMask, attend, build_mask, dense_mask, resolve_backend, varlen_api, varlen_seqlens
+from lion_min.core import attention
+from lion_min.core.attention import AttnMask, attend, build_mask, dense_mask, resolve_backend, varlen_api, varlen_seqlens
 
 
 def ragged_doc_ids(B: int, T: int, seed: int) -> torch.Tensor:
@@ -209,8 +209,8 @@ def test_torch_without_varlen(monkeypatch):
             assert resolve_backend("auto", torch.device(device), dtype) != "varlen"
     with pytest.raises(ValueError, match=rf"torch {re.escape(torch.__version__)} has no usable .*varlen_attn.*flex' or 'sdpa'"):
         resolve_backend("varlen", torch.device("cuda"), torch.bfloat16)
-    from lion_min.config import ConfigError, check_values
-    from lion_min.sft import SFTConfig
+    from lion_min.run.config import ConfigError, check_values
+    from lion_min.run.config import SFTConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine with such a torch
     with pytest.raises(ConfigError, match=rf"^--attn_backend=varlen: torch {re.escape(torch.__version__)} has no usable "

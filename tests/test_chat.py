@@ -12,7 +12,7 @@ import jinja2
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from lion_min.chat import (
+from lion_min.core.chat import (
     TEMPLATES,
     ChatFormatError,
     encode_chat,
@@ -21,7 +21,7 @@ from lion_min.chat import (
     stop_token_ids,
     template_of,
 )
-from lion_min.tokenizer import Tokenizer, TokenizerError, UnknownTokenError
+from lion_min.formats.tokenizer import Tokenizer, TokenizerError, UnknownTokenError
 from tokenizers_for_tests import (
     build_chatml_tokenizer,
     build_gemma_chatml_tokenizer,

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import train_sft
 from conftest import make_hf_checkpoint
-from lion_min.chat import encode_chat, get_template, render
-from lion_min.checkpoint import grow_vocab, load_model
-from lion_min.tokenizer import Tokenizer
+from lion_min.core.chat import encode_chat, get_template, render
+from lion_min.formats.hf import grow_vocab, load_model
+from lion_min.formats.tokenizer import Tokenizer
 from test_checkpoint import hub_checkpoint
 from test_interop import make_bigram
 from tokenizers_for_tests import build_llama3_tokenizer
@@ -61,7 +61,7 @@ def base_without_reserved(folder: Path) -> Path:
 def test_real_llama3_tokenizer_maps_chatml_onto_reserved_tokens(tmp_path):
     """Meta's vocabulary (quicktok): <|im_start|>, <|im_end|> take <|reserved_special_token_0|> and
     _1| (128002, 128003); transformers loads the saved tokenizer and renders ChatML with those ids."""
-    from lion_min.chat import with_template_tokens
+    from lion_min.core.chat import with_template_tokens
 
     tok = with_template_tokens(Tokenizer.from_dir(build_llama3_tokenizer(tmp_path / "base")), "chatml")
     assert tok.token_id("<|im_start|>") == 128002 and tok.token_id("<|im_end|>") == 128003

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file, load_file
 
 import lion_min
-from lion_min.checkpoint import CheckpointError, args_from_config, load_model, save_model
+from lion_min.formats.hf import CheckpointError, args_from_config, load_model, save_model
 from conftest import CONFIG_NAMES, small_config
 
 
@@ -185,7 +185,7 @@ def test_failed_save_leaves_previous_folder(hf_checkpoints, tmp_path, monkeypatc
     model = load_model(hf_checkpoints["llama-3-8b"])
     save_model(model, tmp_path / "out")
     before = read_tensors(tmp_path / "out")
-    import lion_min.checkpoint as ck
+    import lion_min.formats.hf as ck
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -210,7 +210,7 @@ def test_nothing_is_unpickled_outside_weights_only():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    files = sorted((root / "lion_min").glob("*.py")) + sorted(root.glob("train_*.py"))
+    files = sorted((root / "lion_min").rglob("*.py")) + sorted(root.glob("train_*.py"))
     loads = 0
     for f in files:
         for node in ast.walk(ast.parse(f.read_text())):
@@ -251,7 +251,7 @@ def hub_checkpoint(case: str, out_dir, template_in_source: bool = False):
     import tokenizers
     from tokenizers_for_tests import build_gemma_chatml_tokenizer, build_gemma_tokenizer
     from conftest import make_hf_checkpoint
-    from lion_min.chat import get_template
+    from lion_min.core.chat import get_template
 
     name, tok_kind, bos, eos, pad, template = HUB_CASES[case]
     (build_gemma_chatml_tokenizer if tok_kind == "gemma_chatml" else build_gemma_tokenizer)(out_dir)
@@ -327,8 +327,8 @@ def folder_differences(src, out) -> dict:
 
 @pytest.mark.parametrize("case", list(HUB_CASES))
 def test_export_differs_from_the_source_only_where_training_changed_it(case, tmp_path):
-    from lion_min.chat import get_template
-    from lion_min.tokenizer import Tokenizer
+    from lion_min.core.chat import get_template
+    from lion_min.formats.tokenizer import Tokenizer
 
     src = hub_checkpoint(case, tmp_path / "src")
     tok = Tokenizer.from_dir(src)
@@ -352,7 +352,7 @@ def test_export_differs_from_the_source_only_where_training_changed_it(case, tmp
 def test_export_of_an_instruct_checkpoint_in_its_own_dtype_is_the_source(tmp_path):
     """A source that already has its template, exported in its dtype with no template given: the
     same files, except the end-of-turn token joining the eos ids of generation_config.json."""
-    from lion_min.tokenizer import Tokenizer
+    from lion_min.formats.tokenizer import Tokenizer
 
     src = hub_checkpoint("gemma", tmp_path / "src", template_in_source=True)
     save_model(load_model(src), tmp_path / "out", tokenizer=Tokenizer.from_dir(src), dtype=torch.bfloat16)
@@ -364,7 +364,7 @@ def test_export_of_an_instruct_checkpoint_in_its_own_dtype_is_the_source(tmp_pat
 def test_template_file_of_a_transformers5_folder_is_where_the_template_goes(tmp_path):
     """transformers >= 4.5x saves the template as chat_template.jinja and reads that file before the
     config's key: an export of such a folder must update the file, or the old template would win."""
-    from lion_min.tokenizer import Tokenizer
+    from lion_min.formats.tokenizer import Tokenizer
 
     src = hub_checkpoint("chatml", tmp_path / "src")
     (src / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
@@ -375,7 +375,7 @@ def test_template_file_of_a_transformers5_folder_is_where_the_template_goes(tmp_
     assert diffs.pop("chat_template.jinja") == "bytes" and diffs.pop("generation_config.json")
     assert diffs == {}  # tokenizer_config.json untouched
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-    from lion_min.chat import get_template
+    from lion_min.core.chat import get_template
     assert hf.chat_template == get_template("chatml").jinja
 
 
@@ -383,7 +383,7 @@ def test_stale_export_files_are_removed_and_permissions_are_ordinary(tmp_path):
     """Exports get 0644 files in a 0755 folder under umask 022 (mkdtemp would give 0700, and
     safetensors writes 0600); a second export into the same folder removes the tokenizer files and
     shards of the first that it does not write itself, and keeps everything else."""
-    from lion_min.tokenizer import Tokenizer
+    from lion_min.formats.tokenizer import Tokenizer
 
     src = hub_checkpoint("gemma", tmp_path / "src")
     model, tok = load_model(src), Tokenizer.from_dir(src)
@@ -404,7 +404,7 @@ def test_stale_export_files_are_removed_and_permissions_are_ordinary(tmp_path):
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o640
 
 
-# --- local path or hub id (lion_min/hub.py) ----------------------------------------------------------
+# --- local path or hub id (lion_min/formats/hub.py) ----------------------------------------------------------
 
 
 def hub_exception(name: str, message: str = "first line\nsecond line"):

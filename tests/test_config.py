@@ -7,9 +7,9 @@ from typing import Optional
 
 import pytest
 
-from lion_min.config import ConfigError, TrainConfig
-from lion_min.flags import parse_cli
-from lion_min.train import lr_at
+from lion_min.run.config import ConfigError, TrainConfig
+from lion_min.run.flags import parse_cli
+from lion_min.core.train import lr_at
 
 
 @dataclass
@@ -98,8 +98,8 @@ def test_help_lists_every_flag_with_its_doc_and_the_presets(capsys):
 
 
 def test_demo_is_the_default_only_without_model_and_data():
-    from lion_min import demo
-    from lion_min.sft import SFTConfig
+    from lion_min.demo import task as demo
+    from lion_min.run.config import SFTConfig
 
     presets = demo.presets("sft")
     pick = demo.wanted("sft")
@@ -109,14 +109,14 @@ def test_demo_is_the_default_only_without_model_and_data():
     assert parse_cli(SFTConfig, presets, ["--data=d.jsonl"], default_preset=pick).preset == ""
 
 
-@pytest.mark.parametrize("stage, cls", [("sft", "lion_min.sft.SFTConfig"), ("dpo", "lion_min.dpo.DPOConfig"),
-                                        ("online", "lion_min.online.OnlineConfig")])
+@pytest.mark.parametrize("stage, cls", [("sft", "lion_min.stages.sft.SFTConfig"), ("dpo", "lion_min.stages.dpo.DPOConfig"),
+                                        ("online", "lion_min.stages.online.OnlineConfig")])
 def test_recipes_load_for_every_stage_and_flags_override(stage, cls):
     """Every recipe value is a field of the stage (parse_cli refuses unknown keys), has a comment
     naming its source, and a flag after --preset wins."""
     import importlib
 
-    from lion_min.flags import RECIPES, recipe_presets
+    from lion_min.run.flags import RECIPES, recipe_presets
 
     module, name = cls.rsplit(".", 1)
     klass = getattr(importlib.import_module(module), name)
@@ -139,7 +139,7 @@ def test_recipes_load_for_every_stage_and_flags_override(stage, cls):
 def test_config_file_of_your_own(tmp_path):
     recipe = tmp_path / "mine.toml"
     recipe.write_text('[shared]\nlr = 0.5\nseed = 3\n[sft]\nbatch_size = 8\n')
-    from lion_min.sft import SFTConfig
+    from lion_min.run.config import SFTConfig
 
     cfg = parse_cli(SFTConfig, {}, [f"--config={recipe}", "--seed=4"])
     assert (cfg.lr, cfg.batch_size, cfg.seed, cfg.preset) == (0.5, 8, 4, str(recipe))
@@ -151,8 +151,10 @@ def test_config_file_of_your_own(tmp_path):
         parse_cli(SFTConfig, {}, [f"--config={recipe}"])
 
 
-@pytest.mark.parametrize("entry", ["train_sft.py", "train_dpo.py", "train_online.py", "-m lion_min.sample",
-                                   "-m lion_min.plot"])
+@pytest.mark.parametrize("entry", ["train_sft.py", "train_dpo.py", "train_online.py", "-m lion_min sft",
+                                   "-m lion_min dpo", "-m lion_min online", "-m lion_min sample",
+                                   "-m lion_min plot", "-m lion_min prepare sft", "-m lion_min experiments",
+                                   "-m lion_min golden"])
 def test_every_entry_point_answers_help(entry):
     import subprocess
     import sys
@@ -161,13 +163,13 @@ def test_every_entry_point_answers_help(entry):
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, *entry.split()] + ["--help"], capture_output=True, text=True, cwd=root)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "--model=" in res.stdout or "--sft=" in res.stdout
-    if entry.startswith("train_"):
+    assert "--model=" in res.stdout or "--sft=" in res.stdout or "--size=" in res.stdout
+    if entry.startswith("train_") or entry.split()[-1] in ("sft", "dpo", "online"):
         assert "lion-gemma-2b" in res.stdout and "demo" in res.stdout
 
 
 def test_empty_string_is_kept_for_optional_text_and_none_means_none():
-    from lion_min.sft import SFTConfig
+    from lion_min.run.config import SFTConfig
 
     assert parse_cli(SFTConfig, {}, ["--model=m", "--data=d", "--system_prompt="]).system_prompt == ""
     assert parse_cli(SFTConfig, {}, ["--model=m", "--data=d", "--system_prompt=none"]).system_prompt is None
@@ -178,7 +180,7 @@ def test_help_after_a_preset_shows_its_values_and_file(capsys):
     """`--preset=lion-gemma-2b --help`: each flag the recipe sets shows the recipe's value, marked,
     and the help says which file they come from; plain --help shows the defaults."""
     from lion_min.cli import sft_main
-    from lion_min.flags import RECIPES
+    from lion_min.run.flags import RECIPES
 
     with pytest.raises(SystemExit) as e:
         sft_main(["--preset=lion-gemma-2b", "--help"])

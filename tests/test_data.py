@@ -1,4 +1,4 @@
-"""lion_min.data: schemas, validation messages, mixtures, Parquet and hub resolution (no network)."""
+"""lion_min.formats.data: schemas, validation messages, mixtures, Parquet and hub resolution (no network)."""
 
 import fnmatch
 import json
@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lion_min.data import (DataError, Preference, Source, load_conversations, load_preferences, parse_mixture,
-                           train_eval_split)
-from lion_min.data_files import resolve_files
+from lion_min.formats.data import Source, load_conversations, load_preferences, parse_mixture, train_eval_split
+from lion_min.formats.data_files import DataError
+from lion_min.formats.schemas import Preference
+from lion_min.formats.data_files import resolve_files
 
 
 def write_jsonl(path: Path, records: list) -> Path:

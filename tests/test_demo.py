@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
-from lion_min import demo
-from lion_min.chat import encode_chat
-from lion_min.model import Transformer
-from lion_min.tokenizer import Tokenizer
+from lion_min.demo import task as demo
+from lion_min.core.chat import encode_chat
+from lion_min.core.model import Transformer
+from lion_min.formats.tokenizer import Tokenizer
 
 CHATML = ("<bos><|im_start|>user\nWhat is 47+38?<|im_end|>\n<|im_start|>assistant\n"
           "7+8=15, 4+3+1=8, so 85<|im_end|>\n")
@@ -191,8 +191,7 @@ def test_judge_rule_reads_the_last_user_turn():
 def test_evaluate_accuracy_scores_the_decoded_replies(tokenizer, monkeypatch):
     """Scripted generations, decoded without their end-of-turn token and checked against each
     prompt's own sum: right, wrong sum, right without an end-of-turn (cut off), wrong final number."""
-    from lion_min import sample
-
+    from lion_min.core import sample
     stop = tokenizer.token_id("<|im_end|>")
     replies = [("7+8=15, 4+3+1=8, so 85", True), ("2+4=6, 1+3=4, so 45", True), ("so 1", False), ("so 3", True)]
     scripted = [tokenizer.encode(text) + ([stop] if ended else []) for text, ended in replies]

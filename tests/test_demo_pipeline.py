@@ -57,8 +57,7 @@ def test_demo_pipeline_short(tmp_path):
     assert dpo_summary["demo_accuracy_start"] == sft_acc and s["demo_accuracy_start"] == dpo_summary["demo_accuracy"]
 
     # The closing plot finds the earlier stages through the real train_config.json files.
-    from lion_min import plot
-
+    from lion_min.run import plot
     assert plot.earlier_runs(dpo) == {"dpo": dpo, "sft": sft}
     curves = plot.collect_curves(sft, dpo, online)
     assert curves["sft"]["step"] == list(range(1, 41)) and curves["dpo"]["step"] == list(range(1, 7))

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "docs/walkthrough.md", "docs/golden.md", "docs/experiments.md", "docs/multinode.md",
-        "bench/README.md"]
+        "docs/operations.md", "docs/results.md", "bench/README.md"]
 POINTER = re.compile(r"((?:lion_min|tests|bench)/[\w/]+\.py|(?<![\w/])train_(?:sft|dpo|online)\.py)(?:::?([\w.]+))?")
 
 
@@ -58,9 +58,9 @@ def test_every_pointer_resolves(doc):
 
 
 def test_the_check_sees_a_stale_pointer():
-    assert unresolved("`lion_min/chat.py:encode_chat`, `lion_min/chat.py:encode_chatt`") == [
-        "lion_min/chat.py:encode_chatt: not defined there"]
-    assert unresolved("`lion_min/packing.py:Packed.efficiencyy`") == [
-        "lion_min/packing.py:Packed.efficiencyy: not defined there"]
+    assert unresolved("`lion_min/core/chat.py:encode_chat`, `lion_min/core/chat.py:encode_chatt`") == [
+        "lion_min/core/chat.py:encode_chatt: not defined there"]
+    assert unresolved("`lion_min/core/packing.py:Packed.efficiencyy`") == [
+        "lion_min/core/packing.py:Packed.efficiencyy: not defined there"]
     assert unresolved("`lion_min/no_such_module.py:with_system`") == ["lion_min/no_such_module.py: no such file"]
-    assert unresolved("`lion_min/packing.py:Packed.efficiency`, `tests/test_layers.py::test_no_import_cycle`") == []
+    assert unresolved("`lion_min/core/packing.py:Packed.efficiency`, `tests/test_layers.py::test_no_import_cycle`") == []

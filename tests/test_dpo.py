@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 import lion_min
-from lion_min.dpo import encode_pairs, pair_logps, pair_micro, truncate
-from lion_min.data import Preference
-from lion_min.tokenizer import Tokenizer
+from lion_min.core.dpo import encode_pairs, pair_micro
+from lion_min.core.dpo import pair_logps, truncate
+from lion_min.formats.schemas import Preference
+from lion_min.formats.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,8 +64,8 @@ def test_stale_reference_file_is_refused(tiny_chat_model, tmp_path):
     import torch
     from safetensors import safe_open
 
-    from lion_min.dpo import load_or_compute_ref_logps
-    from lion_min.parallel import Dist
+    from lion_min.stages.dpo import load_or_compute_ref_logps
+    from lion_min.core.parallel import Dist
 
     out = tmp_path / "pre"
     train_dpo.main(args(tiny_chat_model, out, precompute_ref=True, max_steps=1))

@@ -1,4 +1,4 @@
-"""python -m lion_min.experiments, end to end at the tiny size (a few steps per run: the code paths,
+"""python -m lion_min experiments, end to end at the tiny size (a few steps per run: the code paths,
 not the figures; docs/experiments.md holds those)."""
 
 import json
@@ -6,9 +6,7 @@ import json
 import pytest
 import torch
 
-from lion_min import experiments
-
-
+from lion_min.demo import experiments
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiments")
@@ -54,9 +52,9 @@ def test_carry_logodds_is_the_scored_log_prob_difference(ran):
     """The batched read of the carry decision equals the log-prob path's own scores of "+" and "="
     after each prompt alone (one problem per units sum, so the means are the values); 19+11 has a
     "+1=" in its units step too ("9+1=10")."""
-    from lion_min.chat import encode_chat
-    from lion_min.checkpoint import load_model
-    from lion_min.tokenizer import Tokenizer
+    from lion_min.core.chat import encode_chat
+    from lion_min.formats.hf import load_model
+    from lion_min.formats.tokenizer import Tokenizer
 
     folder = ran / "sft" / "seed_0"
     prompts = ["What is 19+11?", "What is 47+38?", "What is 99+99?", "What is 12+34?"]  # units 10, 15, 18; none
@@ -182,11 +180,11 @@ def test_scaling_arms_read_accuracy_along_the_same_steps(ran):
 def test_a_checkpoint_is_read_with_its_own_weights(ran, tmp_path):
     """step_accuracy reads the model part of a resumable checkpoint: a checkpoint of the SFT
     model's weights, read into a DPO run's folder, scores what the SFT model scores."""
-    from lion_min.checkpoint import load_model
-    from lion_min.config import TrainConfig
-    from lion_min.parallel import init_distributed
-    from lion_min.train import make_optimizer
-    from lion_min.train_state import save_checkpoint
+    from lion_min.formats.hf import load_model
+    from lion_min.run.config import TrainConfig
+    from lion_min.core.parallel import init_distributed
+    from lion_min.core.train import make_optimizer
+    from lion_min.run.resume import save_checkpoint
 
     ctx = experiments.Context(experiments.ExperimentConfig(out=str(ran), size="tiny", seeds=1))
     sft = load_model(str(ran / "sft" / "seed_0"))

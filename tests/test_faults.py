@@ -165,8 +165,8 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_chat_m
     damaged.mkdir()
     (damaged / "trainer_state.json").write_text('{"step": 4')  # torn
 
-    from lion_min.config import TrainConfig
-    from lion_min.train_state import resolve_resume
+    from lion_min.run.config import TrainConfig
+    from lion_min.run.resume import resolve_resume
 
     assert resolve_resume(TrainConfig(resume="auto"), crashed).name == "step_2"
     train_sft.main(sft_args(tiny_chat_model, crashed, max_steps=6, save_every=2, resume="auto"))
@@ -231,11 +231,11 @@ def test_disk_full_during_a_checkpoint_one_line_and_nothing_lost(tiny_chat_model
 @pytest.mark.parametrize("error, says", [(SAFETENSORS_FULL, "SafetensorError: Error while serializing: IoError"),
                                          (ENOSPC, "No space left on device")])
 def test_disk_full_during_the_export_then_resume_exports(tiny_chat_model, tmp_path, monkeypatch, capsys, error, says):
-    import lion_min.checkpoint
+    import lion_min.formats.hf
 
     full, out = tmp_path / "full", tmp_path / "run"
     train_sft.main(sft_args(tiny_chat_model, full, max_steps=4, eval_fraction=0.25))
-    monkeypatch.setattr(lion_min.checkpoint, "save_file", fill_disk_after_a_few_bytes(error))
+    monkeypatch.setattr(lion_min.formats.hf, "save_file", fill_disk_after_a_few_bytes(error))
     code, err = run_cli_exit(sft_args(tiny_chat_model, out, max_steps=4, eval_fraction=0.25), capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
@@ -257,14 +257,14 @@ def test_disk_full_during_the_export_then_resume_exports(tiny_chat_model, tmp_pa
 def test_disk_full_writing_summary_json_one_line_and_no_half_file(tiny_chat_model, tmp_path, monkeypatch, capsys):
     """summary.json marks a run finished: a full disk while it is written is the export's error (one line,
     exit 2, on every rank), and no summary.json or .tmp is left."""
-    import lion_min.train
+    import lion_min.run.loop
 
     out = tmp_path / "run"
 
     def full(src, dst):
         raise OSError(28, "No space left on device", str(dst))
 
-    monkeypatch.setattr(lion_min.train.os, "replace", full)
+    monkeypatch.setattr(lion_min.run.loop.os, "replace", full)
     code, err = run_cli_exit(sft_args(tiny_chat_model, out, max_steps=2), capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0], err
@@ -358,7 +358,7 @@ def test_a_failure_on_one_rank_ends_every_rank_at_once(tiny_chat_model, tmp_path
 
 def inject(fault: str, rank: int, fault_time: Path):
     """Worker side of the test above: make `fault` happen on `rank` only."""
-    import lion_min.train as train
+    import lion_min.run.loop as train
 
     def mark():
         fault_time.write_text(repr(time.time()))
@@ -386,7 +386,9 @@ def inject(fault: str, rank: int, fault_time: Path):
 
         torch.save = torch_save
     elif fault == "rank0_raises" and int(os.environ["RANK"]) == rank:
-        real_step = train.train_step
+        import lion_min.core.train as core_train  # the loop (core_train.steps) calls train_step by this name
+
+        real_step = core_train.train_step
 
         def failing_step(*args, **kwargs):
             if args[-1] == 2:  # the third step
@@ -394,7 +396,7 @@ def inject(fault: str, rank: int, fault_time: Path):
                 raise ValueError(f"injected failure on rank {rank}")
             return real_step(*args, **kwargs)
 
-        train.train_step = failing_step
+        core_train.train_step = failing_step
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""lion_min.golden: the golden numbers against independent computations (transformers' forward and
+"""lion_min.golden.compare: the golden numbers against independent computations (transformers' forward and
 autograd on the same tokens, DPO losses written out by hand), the compare command on real mistakes,
 the documented file layout, and the shipped vectors against their regeneration."""
 
@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lion_min import golden, golden_compute
+from lion_min.golden import compare as golden
+from lion_min.golden import compute as golden_compute
 from lion_min.cli import golden_main
-from lion_min.config import ConfigError
-from lion_min.data import DataError
+from lion_min.run.config import ConfigError
+from lion_min.formats.data_files import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -136,7 +137,7 @@ def test_sft_vectors_equal_transformers(name):
 
 
 def hand_dpo_losses(h: torch.Tensor, beta: float, loss_type: str, eps: float) -> torch.Tensor:
-    """The three objectives written out from their papers (not via lion_min.losses)."""
+    """The three objectives written out from their papers (not via lion_min.core.losses)."""
     sig = lambda x: 1 / (1 + torch.exp(-x))  # noqa: E731
     if loss_type == "sigmoid":  # DPO Eq. 7, with the label flipped with probability eps (cDPO)
         return -(1 - eps) * torch.log(sig(beta * h)) - eps * torch.log(sig(-beta * h))
@@ -462,7 +463,7 @@ def test_bad_input(tmp_path):
         golden_compute.compute(golden_compute.GoldenConfig(**cfg | {"data": str(GOLDEN / "data" / "chats.jsonl")}))
     with pytest.raises(ConfigError, match="--loss_type=kto"):
         golden_compute.compute(golden_compute.GoldenConfig(**cfg | {"loss_type": "kto"}))
-    proc = subprocess.run([sys.executable, "-m", "lion_min.golden", "compare", str(tmp_path / "nothing"),
+    proc = subprocess.run([sys.executable, "-m", "lion_min", "golden", "compare", str(tmp_path / "nothing"),
                            str(VECTORS / "dpo-ipo")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "golden.json: not found" in proc.stderr
 
@@ -470,12 +471,12 @@ def test_bad_input(tmp_path):
 def test_help_names_compare_and_compare_help_exits_0():
     """A user reads `--help` first: the main help names the compare subcommand, and
     `golden compare --help` prints its usage and flags with exit status 0."""
-    main = subprocess.run([sys.executable, "-m", "lion_min.golden", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert main.returncode == 0 and "python -m lion_min.golden compare EXPECTED ACTUAL" in main.stdout
+    main = subprocess.run([sys.executable, "-m", "lion_min", "golden", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert main.returncode == 0 and "python -m lion_min golden compare EXPECTED ACTUAL" in main.stdout
     assert "--overwrite=" in main.stdout
-    cmp = subprocess.run([sys.executable, "-m", "lion_min.golden", "compare", "--help"], cwd=ROOT,
+    cmp = subprocess.run([sys.executable, "-m", "lion_min", "golden", "compare", "--help"], cwd=ROOT,
                          capture_output=True, text=True)
-    assert cmp.returncode == 0 and cmp.stdout.startswith("python -m lion_min.golden compare EXPECTED ACTUAL")
+    assert cmp.returncode == 0 and cmp.stdout.startswith("python -m lion_min golden compare EXPECTED ACTUAL")
     assert "--rtol=" in cmp.stdout and "--partial=" in cmp.stdout and not cmp.stderr
 
 

@@ -4,7 +4,7 @@ products with fp32 sums and fp32 log-softmax, the CUDA default), forced here on 
 import pytest
 import torch
 
-from lion_min.losses import IGNORE_INDEX, _HalfHeadLogprobs, token_logprobs
+from lion_min.core.losses import IGNORE_INDEX, _HalfHeadLogprobs, token_logprobs
 
 
 def _inputs(N=40, D=24, V=300, dtype=torch.float32, seed=0):

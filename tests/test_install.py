@@ -19,7 +19,7 @@ def test_installed_package_imports_from_another_folder(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                           "--target", str(target), str(src)], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    code = ("import lion_min, lion_min.flags as c; print(lion_min.__file__); "
+    code = ("import lion_min, lion_min.run.flags as c; print(lion_min.__file__); "
             "print(sorted(c.recipe_presets('dpo')))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
@@ -29,9 +29,9 @@ def test_installed_package_imports_from_another_folder(tmp_path):
     assert presets == "['lion-gemma-2b', 'lion-llama3-8b']"
 
 
-def test_the_stages_run_as_modules():
+def test_the_stages_run_from_the_entry_point():
     for stage in ("sft", "dpo", "online"):
-        res = subprocess.run([sys.executable, "-m", f"lion_min.{stage}", "--help"], capture_output=True, text=True,
+        res = subprocess.run([sys.executable, "-m", "lion_min", stage, "--help"], capture_output=True, text=True,
                              cwd=ROOT)
         assert res.returncode == 0 and "--model=" in res.stdout and "lion-gemma-2b" in res.stdout, res.stderr
 
@@ -50,7 +50,7 @@ def test_readme_python_api_runs_as_written(tmp_path, monkeypatch):
     from test_checkpoint import hub_checkpoint
 
     src = hub_checkpoint("llama3", tmp_path / "Meta-Llama-3-8B")
-    code = readme_python_block("## Public API")
+    code = readme_python_block("## From code")
     assert code.count('"meta-llama/Meta-Llama-3-8B"') == 2 and 'device="cuda"' in code
     code = code.replace('"meta-llama/Meta-Llama-3-8B"', repr(str(src))).replace('"cuda"', '"cpu"')
     monkeypatch.chdir(tmp_path)
@@ -84,10 +84,9 @@ def test_save_model_takes_any_kind_of_tokenizer(tmp_path):
 
 
 def test_a_bare_console_command_prints_usage_instead_of_training(tmp_path, monkeypatch, capsys):
-    """`lion-sft` (or python -m lion_min.sft) with no arguments, in a project folder: the usage on
+    """`lion-sft` (or python -m lion_min sft) with no arguments, in a project folder: the usage on
     stderr, exit status 2, nothing written; train_sft.py with no arguments stays the demo."""
     from lion_min import cli
-
     monkeypatch.chdir(tmp_path)
     for command, name in ((cli.sft, "lion-sft"), (cli.dpo, "lion-dpo"), (cli.online, "lion-online")):
         monkeypatch.setattr(sys, "argv", [name])
@@ -97,10 +96,16 @@ def test_a_bare_console_command_prints_usage_instead_of_training(tmp_path, monke
         assert e.value.code == 2 and err.startswith(f"usage: {name} --model=DIR_OR_HUB_ID")
         assert f"{name} --preset=demo" in err and f"{name} --help" in err
     assert "--prompts=FILE" in err and "--judge=" in err
-    res = subprocess.run([sys.executable, "-m", "lion_min.sft"], capture_output=True, text=True, cwd=tmp_path,
+    res = subprocess.run([sys.executable, "-m", "lion_min", "sft"], capture_output=True, text=True, cwd=tmp_path,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert res.returncode == 2 and res.stderr.startswith("usage: lion-sft") and not res.stdout
+    assert res.returncode == 2 and res.stderr.startswith("usage: python -m lion_min sft --model=") and not res.stdout
     assert list(tmp_path.iterdir()) == []
+    res = subprocess.run([sys.executable, "-m", "lion_min"], capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode == 2 and "python -m lion_min sft" in res.stderr and "python -m lion_min golden" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "lion_min", "sfft"], capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode == 2 and res.stderr.splitlines()[-1].startswith("error: unknown command 'sfft'")
 
 
 def imported(stderr: str) -> set[str]:
@@ -112,14 +117,14 @@ def imported(stderr: str) -> set[str]:
 def test_help_and_a_bad_flag_answer_without_loading_torch(tmp_path, stage):
     """--help and a mistyped or out-of-range flag answer before torch is imported (a second or more,
     far longer on a loaded machine): the same text and exit status, without the wait."""
-    script = str(ROOT / f"train_{stage}.py")
+    commands = [[str(ROOT / f"train_{stage}.py")], ["-m", "lion_min", stage]]  # the script, the entry point
     runs = [(["--help"], 0, None), (["--lr_rate=1"], 2, "error: unknown option --lr_rate (did you mean --min_lr_ratio?)"),
             (["--lr=-1"], 2, "error: --lr=-1.0: must be in (0, inf)")]
-    for args, code, error in runs:
-        res = subprocess.run([sys.executable, "-X", "importtime", script, *args], capture_output=True, text=True,
-                             cwd=tmp_path)
+    for command, (args, code, error) in [(c, r) for c in commands for r in runs]:
+        res = subprocess.run([sys.executable, "-X", "importtime", *command, *args], capture_output=True, text=True,
+                             cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         modules = imported(res.stderr)
-        assert "lion_min.flags" in modules, res.stderr[-2000:]  # (the list is there to look at)
+        assert "lion_min.run.flags" in modules, res.stderr[-2000:]  # (the list is there to look at)
         assert "torch" not in modules, f"{args}: torch imported"
         said = [line for line in res.stderr.splitlines() if not line.startswith("import time:")]
         assert res.returncode == code and said == ([error] if error else []), (args, res.returncode, said)
@@ -128,7 +133,7 @@ def test_help_and_a_bad_flag_answer_without_loading_torch(tmp_path, stage):
     assert list(tmp_path.iterdir()) == []
     # The package's public names are loaded at first use, and load torch then.
     code = ("import sys, lion_min; assert 'torch' not in sys.modules; "
-            "from lion_min import load_model; import lion_min.checkpoint as c; "
+            "from lion_min import load_model; import lion_min.formats.hf as c; "
             "assert load_model is c.load_model and lion_min.Tokenizer and 'torch' in sys.modules")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -14,9 +14,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from lion_min.chat import encode_chat, get_template, render
-from lion_min.checkpoint import load_model, save_model
-from lion_min.tokenizer import Tokenizer
+from lion_min.core.chat import encode_chat, get_template, render
+from lion_min.formats.hf import load_model, save_model
+from lion_min.formats.tokenizer import Tokenizer
 from test_checkpoint import HUB_CASES, hub_checkpoint
 
 CONVERSATION = [

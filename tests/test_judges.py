@@ -9,11 +9,12 @@ import torch
 import transformers
 
 from conftest import make_hf_checkpoint
-from lion_min import judges
-from lion_min.chat import get_template
-from lion_min.checkpoint import CheckpointError
-from lion_min.judges import Judge, RewardModelJudge, RuleJudge, last_token_index, make_judge, register_rule
-from lion_min.tokenizer import Tokenizer
+from lion_min.run import judges
+from lion_min.core.chat import get_template
+from lion_min.formats.hf import CheckpointError
+from lion_min.run.judges import RewardModelJudge, RuleJudge, last_token_index, make_judge, register_rule
+from lion_min.core.judge import Judge
+from lion_min.formats.tokenizer import Tokenizer
 from tokenizers_for_tests import build_gemma_tokenizer
 
 VOCAB = 649  # the small Gemma test tokenizer's vocabulary

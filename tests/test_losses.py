@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lion_min.losses import IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss, token_logprobs
+from lion_min.core.losses import IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss, token_logprobs
 
 
 def reference_logprobs(hidden, weight, targets):

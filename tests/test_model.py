@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import transformers
 
 import lion_min
-from lion_min.attention import AttnMask, attend, build_mask
+from lion_min.core.attention import AttnMask, attend, build_mask
 from conftest import CONFIG_NAMES
 
 FP32_TOL = 1e-4  # max |logit difference| allowed in fp32 (the README quotes it)

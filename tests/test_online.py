@@ -9,8 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_online  # noqa: E402
-from lion_min.config import ConfigError  # noqa: E402
-from lion_min.online import choose_pair, to_pair  # noqa: E402
+from lion_min.run.config import ConfigError  # noqa: E402
+from lion_min.core.online import choose_pair, to_pair  # noqa: E402
 
 
 @pytest.mark.parametrize("samples, scores, expect", [
@@ -99,9 +99,8 @@ def test_temperature_zero_is_refused_before_sampling(tiny_online_argv, tmp_path,
 
 
 def test_too_few_prompts_for_a_batch_are_refused_before_sampling(tiny_online_argv, tmp_path, monkeypatch):
-    from lion_min import online
-
-    monkeypatch.setattr(online, "sample_and_judge", lambda *a, **k: pytest.fail("refused before sampling"))
+    from lion_min.stages import online
+    monkeypatch.setattr(online, "sample_and_judge_folder", lambda *a, **k: pytest.fail("refused before sampling"))
     out = tmp_path / "online"
     with pytest.raises(ConfigError, match=r"prompts.jsonl: 8 prompts give at most 8 pairs a round \(one per prompt, "
                                           r"from its 3 samples\), fewer than --batch_size=16"):
@@ -112,9 +111,8 @@ def test_too_few_prompts_for_a_batch_are_refused_before_sampling(tiny_online_arg
 def test_a_round_short_of_pairs_is_kept_and_reused_with_a_smaller_batch(tiny_online_argv, tmp_path, monkeypatch):
     """Round 0 yields 4 pairs (every other prompt dropped) for --batch_size=8: the error names the
     kept round file; the same command with --batch_size=4 trains on those samples without sampling."""
-    from lion_min import online
-
-    real_choose = online.choose_pair
+    from lion_min.stages import online
+    real_choose = online.choose_pair  # (stages.online calls core.online.choose_pair by this name)
     monkeypatch.setattr(online, "choose_pair", lambda r: real_choose(r) or ("" if r["index"] % 2 else "test: dropped"))
     out = tmp_path / "online"
     argv = tiny_online_argv(out)
@@ -123,13 +121,13 @@ def test_a_round_short_of_pairs_is_kept_and_reused_with_a_smaller_batch(tiny_onl
         train_online.main(argv + ["--batch_size=8"])
     sampled = [json.loads(line) for line in (out / "round_0.jsonl").read_text().splitlines()]
     assert len(sampled) == 8 and all(len(r["sample_ids"]) == 3 for r in sampled)
-    real_sample, sampled_from = online.sample_and_judge, []
+    real_sample, sampled_from = online.sample_and_judge_folder, []
 
     def sample(cfg, d, policy, *args):
         sampled_from.append(Path(policy).name)
         return real_sample(cfg, d, policy, *args)
 
-    monkeypatch.setattr(online, "sample_and_judge", sample)
+    monkeypatch.setattr(online, "sample_and_judge_folder", sample)
     history = train_online.main(argv + ["--batch_size=4", "--lr=5e-4"])
     assert sampled_from == ["round_0"]  # only the final policy's judged reward: round 0 itself is reused
     assert history[0]["pairs"] == 4 and (out / "round_0.done").is_file()

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from lion_min.losses import IGNORE_INDEX
-from lion_min.model import ModelArgs, Transformer
-from lion_min.packing import FIELDS, best_fit_decreasing, collate, pack
+from lion_min.core.losses import IGNORE_INDEX
+from lion_min.core.model import ModelArgs, Transformer
+from lion_min.core.packing import FIELDS, best_fit_decreasing, collate, pack
 
 PAD = 0
 

@@ -6,9 +6,7 @@ import sys
 
 import pytest
 
-from lion_min import plot
-
-
+from lion_min.run import plot
 def write_run(folder, rows, config=None, evals=()):
     folder.mkdir(parents=True)
     lines = [json.dumps(r) for r in rows] + [json.dumps(e) for e in evals]

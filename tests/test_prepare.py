@@ -1,4 +1,4 @@
-"""Prepared data (lion_min/prepare.py): the batched encoder against encode_chat, the rows on disk
+"""Prepared data (lion_min/run/data_cache.py): the batched encoder against encode_chat, the rows on disk
 against packing.pack, the fingerprint, interrupted preparations, and 1 rank == 2 ranks."""
 
 import dataclasses
@@ -13,11 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lion_min import dpo, prepare, sft
-from lion_min.chat import encode_chat, encode_chats
-from lion_min.parallel import Dist
-from lion_min.sft import SFTConfig, load_sft_data, sft_rows
-from lion_min.tokenizer import Tokenizer
+from lion_min.core import dpo as core_dpo
+from lion_min.stages import dpo
+from lion_min.run import data_cache as prepare
+from lion_min.stages import sft
+from lion_min.core.chat import encode_chat, encode_chats
+from lion_min.core.parallel import Dist
+from lion_min.stages.sft import load_sft_data, sft_rows
+from lion_min.run.config import SFTConfig
+from lion_min.formats.tokenizer import Tokenizer
 from tokenizers_for_tests import build_chatml_tokenizer, build_gemma_chatml_tokenizer, build_gemma_tokenizer, \
     build_llama3_tokenizer
 
@@ -212,7 +216,7 @@ def test_an_interrupted_preparation_is_redone(chat_setup, tmp_path, monkeypatch,
 
 def test_cli_prepares_then_finds_the_folder(chat_setup, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "lion_min.prepare", "sft", f"--model={chat_setup['tok_dir']}",
+    cmd = [sys.executable, "-m", "lion_min", "prepare", "sft", f"--model={chat_setup['tok_dir']}",
            f"--data={chat_setup['data']}", "--seq_len=320", f"--data_cache={tmp_path}"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -226,13 +230,13 @@ def test_cli_prepares_then_finds_the_folder(chat_setup, tmp_path):
 
 def test_cli_prepares_dpo_pairs(tiny_chat_model, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "lion_min.prepare", "dpo", f"--model={tiny_chat_model['model']}",
+    cmd = [sys.executable, "-m", "lion_min", "prepare", "dpo", f"--model={tiny_chat_model['model']}",
            f"--data={tiny_chat_model['prefs']}", "--max_len=40", "--max_prompt_len=20", "--eval_fraction=0.1",
            f"--data_cache={tmp_path}"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "36 pairs: 36 kept" in res.stdout and "eval: 4 pairs: 4 kept" in res.stdout, res.stdout
-    bad = subprocess.run(cmd[:3] + ["ppo"] + cmd[4:], capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run(cmd[:4] + ["ppo"] + cmd[5:], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "expected sft or dpo" in bad.stderr
 
 
@@ -317,19 +321,19 @@ def test_two_ranks_prepare_and_train_on_the_same_global_batches(tiny_chat_model,
 def test_encode_pairs_equals_encode_chat_per_side(tmp_path, monkeypatch):
     """The batched DPO encoder (both sides of many pairs per tokenizer call) == encode_chat on each
     side then truncate(), counts included; batches of 7 pairs so several batches are crossed."""
-    from lion_min.schemas import Preference
+    from lion_min.formats.schemas import Preference
 
-    monkeypatch.setattr(dpo, "ENCODE_BATCH", 7)
+    monkeypatch.setattr(core_dpo, "PAIRS_PER_CALL", 7)
     tok = Tokenizer.from_dir(build_chatml_tokenizer(tmp_path / "tok"))
     rng = random.Random(3)
     convs = random_conversations(40, seed=3, reply_end=" ok")
     prefs = [Preference(prompt=c[:-1], chosen=[c[-1]], rejected=[{"role": "assistant", "content": random_text(rng)}])
              for c in convs if c[-1]["role"] == "assistant"]
     for max_len, max_prompt_len in ((96, 48), (512, 256)):
-        pairs, st = dpo.encode_pairs(prefs, tok, "chatml", max_len, max_prompt_len, system_prompt="")
+        pairs, st = core_dpo.encode_pairs(prefs, tok, "chatml", max_len, max_prompt_len, system_prompt="")
         want = []
         for p in prefs:
-            sides = [dpo.truncate(*encode_chat(tok, [{"role": "system", "content": ""}] * (p.prompt[0]["role"] != "system")
+            sides = [core_dpo.truncate(*encode_chat(tok, [{"role": "system", "content": ""}] * (p.prompt[0]["role"] != "system")
                                                + p.prompt + r, "chatml", "last"), max_len, max_prompt_len)
                      for r in (p.chosen, p.rejected)]
             if all(any(s[1]) for s in sides):
@@ -341,7 +345,9 @@ def test_encode_pairs_equals_encode_chat_per_side(tmp_path, monkeypatch):
 
 
 def test_prepared_pairs_equal_encode_pairs(tiny_chat_model, tmp_path):
-    from lion_min.dpo import DPOConfig, encode_pairs, load_dpo_data
+    from lion_min.stages.dpo import load_dpo_data
+    from lion_min.run.config import DPOConfig
+    from lion_min.core.dpo import encode_pairs
 
     tok = Tokenizer.from_dir(tiny_chat_model["model"])
     cfg = DPOConfig(model=str(tiny_chat_model["model"]), data=str(tiny_chat_model["prefs"]), max_len=40,

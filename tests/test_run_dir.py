@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_online  # noqa: E402
 import train_sft  # noqa: E402
-from lion_min.config import ConfigError  # noqa: E402
-from lion_min.run_dir import LOCK  # noqa: E402
+from lion_min.run.config import ConfigError  # noqa: E402
+from lion_min.run.run_folder import LOCK  # noqa: E402
 
 
 def sft_args(tiny, out, **over):
@@ -159,7 +159,7 @@ def test_online_refuses_finished_rounds_of_another_judge(tiny_online_argv, tmp_p
 def test_disk_full_at_export_is_one_line_and_leaves_no_half_export(tiny_chat_model, tmp_path, monkeypatch, capsys):
     import errno
 
-    from lion_min import checkpoint
+    from lion_min.formats import hf as checkpoint
     from lion_min.cli import run_cli
 
     def full(*args, **kwargs):
@@ -203,18 +203,17 @@ def test_one_rerun_rule_sft(tiny_chat_model, tmp_path, capsys):
 def test_one_rerun_rule_online(tiny_online_argv, tmp_path, capsys, monkeypatch):
     """The rerun rule, online: the finished run asked again has nothing to do (nothing is sampled);
     asked for one more round it continues after the last; asked for fewer it refuses."""
-    from lion_min import online
-
+    from lion_min.stages import online
     out = tmp_path / "online"
     train_online.main(tiny_online_argv(out, rounds=1))
     before = snapshot(out)
-    real = online.sample_and_judge
-    monkeypatch.setattr(online, "sample_and_judge", lambda *a, **k: pytest.fail("a finished run must not sample"))
+    real = online.sample_and_judge_folder
+    monkeypatch.setattr(online, "sample_and_judge_folder", lambda *a, **k: pytest.fail("a finished run must not sample"))
     capsys.readouterr()
     assert [h["round"] for h in train_online.main(tiny_online_argv(out, rounds=1))] == [0]
     assert "holds this run, finished (1 round(s)) and exported: nothing to do" in capsys.readouterr().out
     assert snapshot(out) == before
-    monkeypatch.setattr(online, "sample_and_judge", real)
+    monkeypatch.setattr(online, "sample_and_judge_folder", real)
     history = train_online.main(tiny_online_argv(out, rounds=2))
     assert [h["round"] for h in history] == [0, 1] and (out / "round_1.done").is_file()
     assert "round 0: already done" in capsys.readouterr().out
@@ -231,7 +230,7 @@ def test_a_free_input_may_change_its_contents():
     caller frees its key (online: --ref_model and --eval_data while no round has finished)."""
     import dataclasses
 
-    from lion_min.run_dir import differences
+    from lion_min.run.run_folder import differences
 
     @dataclasses.dataclass
     class Cfg:
@@ -275,8 +274,8 @@ def test_the_same_inputs_under_another_path_are_the_same_run(tiny_chat_model, tm
 
 def test_an_online_run_stopped_in_round_1_keeps_round_0(tiny_online_argv, tmp_path, monkeypatch):
     """A signal during the second round's training: round 0 stays, the rerun resumes after it."""
-    from lion_min import online
-    from lion_min.train import StopRequested
+    from lion_min.stages import online
+    from lion_min.run.loop import StopRequested
 
     out = tmp_path / "online"
     argv = tiny_online_argv(out, rounds=2)
@@ -319,7 +318,7 @@ def test_resume_of_a_finished_run_without_checkpoints_refuses_instead_of_startin
 
 
 def test_a_training_checkpoint_given_as_a_model_says_what_it_is(tiny_chat_model, tmp_path):
-    from lion_min.checkpoint import CheckpointError, resolve_path
+    from lion_min.formats.hf import CheckpointError, resolve_path
 
     out = tmp_path / "run"
     train_sft.main(sft_args(tiny_chat_model, out, max_steps=2, save_every=2))

@@ -1,15 +1,15 @@
-"""The opening summary a run prints before training (lion_min/batches.py:opening_summary) and the
-progress line (lion_min/train.py:progress_line): what they say, and that they stay readable."""
+"""The opening summary a run prints before training (lion_min/run/batches.py:opening_summary) and the
+progress line (lion_min/run/loop.py:progress_line): what they say, and that they stay readable."""
 
 import dataclasses
 
 import numpy as np
 import torch
 
-from lion_min.parallel import Dist
-from lion_min.sft import SFTConfig
-from lion_min.batches import Batches, opening_summary
-from lion_min.train import progress_line
+from lion_min.core.parallel import Dist
+from lion_min.run.config import SFTConfig
+from lion_min.run.batches import Batches, opening_summary
+from lion_min.run.loop import progress_line
 
 
 def batches(num_items: int, batch_size: int, micro: int, epochs: int, world: int = 1) -> Batches:

@@ -14,10 +14,11 @@ import transformers
 
 import lion_min
 from conftest import CONFIG_NAMES, make_hf_checkpoint
-from lion_min.config import ConfigError
-from lion_min.model import ModelArgs, Transformer
+from lion_min.run.config import ConfigError
+from lion_min.core.model import ModelArgs, Transformer
 from lion_min.cli import sample_main as main
-from lion_min.sample import filter_logits, generate, read_prompts, sample_next
+from lion_min.core.sample import filter_logits, generate, sample_next
+from lion_min.run.prompts import read_prompts
 from tokenizers_for_tests import build_gemma_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ LENS = (5, 11, 1, 8)  # prompt lengths: the batch is left-padded to 11
 
 def run_module(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "lion_min.sample", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "lion_min", "sample", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True)
 
 
@@ -246,8 +247,8 @@ def chat_model(tmp_path_factory):
 
 
 def test_cli_end_to_end(chat_model, tmp_path, capsys):
-    from lion_min.chat import encode_chat, stop_token_ids
-    from lion_min.tokenizer import Tokenizer
+    from lion_min.core.chat import encode_chat, stop_token_ids
+    from lion_min.formats.tokenizer import Tokenizer
 
     file = tmp_path / "prompts.jsonl"
     file.write_text(json.dumps({"prompt": "What is the capital of France?"}) + "\n"
@@ -276,7 +277,7 @@ def test_cli_end_to_end(chat_model, tmp_path, capsys):
 def test_cli_takes_the_chat_template_from_the_model_folder(chat_model, tmp_path, capsys):
     import shutil
 
-    from lion_min.chat import TEMPLATES
+    from lion_min.core.chat import TEMPLATES
 
     folder = tmp_path / "model"
     shutil.copytree(chat_model, folder)

@@ -5,8 +5,8 @@ reuse are checked here; bench/gpu_check.py times the CUDA-graph version."""
 import torch
 from torch._dynamo.utils import counters
 
-from lion_min.model import ModelArgs, Transformer
-from lion_min.sample import generate
+from lion_min.core.model import ModelArgs, Transformer
+from lion_min.core.sample import generate
 
 
 def test_compiled_decode_equals_eager_and_compiles_once():

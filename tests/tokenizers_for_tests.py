@@ -1,7 +1,7 @@
 """Tokenizer folders for tests, built offline (no hub access in CI).
 
 Each builder writes tokenizer.json + tokenizer_config.json into out_dir and returns out_dir, so
-`lion_min.tokenizer.Tokenizer.from_dir` and transformers' `AutoTokenizer` can both load it.
+`lion_min.formats.tokenizer.Tokenizer.from_dir` and transformers' `AutoTokenizer` can both load it.
 
 - build_llama3_tokenizer: the real Llama-3 tokenizer, rebuilt from the BPE ranks shipped in the
   `quicktok-v1` package (Meta's vocabulary). Token ids match Meta's tokenizer.

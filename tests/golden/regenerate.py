@@ -5,7 +5,7 @@
 
 Inputs (tests/golden/models, tests/golden/data) are built here from the real config.json files
 (tests/data/configs) scaled down as in tests/conftest.py, one small tokenizer, and the conversations
-and preference pairs below. Each vector in VECTORS is `python -m lion_min.golden` with its settings,
+and preference pairs below. Each vector in VECTORS is `python -m lion_min golden` with its settings,
 written to tests/golden/vectors/NAME. tests/test_golden.py checks that running this again gives the
 checked-in numbers.
 """
@@ -155,8 +155,8 @@ VECTORS = {
 
 def generate(name: str, out_dir: Path) -> Path:
     """Vector `name` into out_dir; the settings record the paths relative to the repository."""
-    from lion_min import golden, golden_compute
-
+    from lion_min.golden import compare as golden
+    from lion_min.golden import compute as golden_compute
     settings = VECTORS[name]
     absolute = {k: str(ROOT / v) if k in ("model", "ref_model", "data") else v for k, v in settings.items()}
     g = golden_compute.compute(golden_compute.GoldenConfig(**absolute, out=str(out_dir)))

@@ -1,0 +1,1 @@
+"""The demo task (two-digit addition), the experiments on it, and their runs."""

@@ -1,0 +1,1 @@
+"""Files in and out: Hugging Face model folders, tokenizer files, data files and record schemas."""

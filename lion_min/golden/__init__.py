@@ -1,0 +1,1 @@
+"""Golden numbers: computing them from a model and data, and comparing two sets."""

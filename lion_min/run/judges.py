@@ -1,0 +1,210 @@
+"""Judges: a prompt and several responses in, one score per response out (higher is better).
+
+The online DPO loop only calls `judge.score(messages, responses)` and keeps the best and worst
+response, so any scorer fits behind it:
+
+- RewardModelJudge: a Hugging Face LlamaForSequenceClassification / GemmaForSequenceClassification
+  checkpoint run on our own backbone plus its linear score head.
+- RuleJudge: a plain Python function (prompt messages, response text) -> float, e.g. a verifier.
+- PairRMJudge (lion_min/pairrm/model.py, spec "pairrm:DIR"): the paper's pairwise ranker compares every
+  ordered pair of responses and scores each by llm-blender's mean logit margin.
+
+make_judge turns a command-line spec (a rule name, "pairrm:DIR", or a reward-model folder) into one of these.
+"""
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from lion_min.core.chat import encode_chat
+from lion_min.core.judge import Judge, Messages  # noqa: F401  (Judge: the interface these implement)
+from lion_min.formats.hf import CheckpointError, load_weights, read_config, resolve_path, weight_files
+from lion_min.core.model import Transformer
+from lion_min.pairrm.model import PairRMJudge
+from lion_min.formats.tokenizer import Tokenizer
+
+
+
+# --- rules -----------------------------------------------------------------------------------------
+
+RuleFn = Callable[[Messages, str], float]
+
+RULES: dict[str, RuleFn] = {
+    # Debug judges with an obvious optimum: online DPO should make replies longer / shorter.
+    "length": lambda prompt, response: float(len(response)),
+    "brevity": lambda prompt, response: -float(len(response)),
+}
+
+
+def register_rule(name: str):
+    """Decorator adding a rule to RULES under `name`, so make_judge(name) finds it."""
+
+    def add(fn: RuleFn) -> RuleFn:
+        if name in RULES and RULES[name] is not fn:
+            raise ValueError(f"a rule named {name!r} is already registered")
+        RULES[name] = fn
+        return fn
+
+    return add
+
+
+class RuleJudge:
+    def __init__(self, fn: RuleFn, name: Optional[str] = None):
+        self.fn, self.name = fn, name or getattr(fn, "__name__", "rule")
+
+    def score(self, prompt: Messages, responses: list[str]) -> list[float]:
+        scores = []
+        for response in responses:
+            value = self.fn(prompt, response)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"rule {self.name!r} returned {value!r}, not a number") from None
+            # A NaN would silently break the best/worst choice of the online loop.
+            if not math.isfinite(value):
+                raise ValueError(f"rule {self.name!r} returned {value} for response {response[:80]!r}")
+            scores.append(value)
+        return scores
+
+
+# --- reward model ----------------------------------------------------------------------------------
+
+
+def load_reward_model(path: str | Path, dtype=torch.float32, device="cpu") -> tuple[Transformer, nn.Parameter]:
+    """The backbone of a *ForSequenceClassification checkpoint and its score head (num_labels, dim).
+
+    Its tensors are model.* (our usual names) and score.weight; there is no lm_head, so the backbone
+    is built with a tied head and has no output parameter to miss."""
+    folder = resolve_path(str(path))
+    args = dataclasses.replace(read_config(folder), tie_embeddings=True)
+    files = weight_files(folder)
+    shape = None
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            if "score.weight" in f.keys():
+                shape = f.get_slice("score.weight").get_shape()
+    if shape is None:
+        raise CheckpointError(f"{folder}: no score.weight; not a sequence-classification (reward model) checkpoint")
+    if len(shape) != 2 or shape[1] != args.dim:
+        raise CheckpointError(f"{folder}: score.weight has shape {tuple(shape)}, expected (num_labels, {args.dim})")
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    model.to(dtype)
+    score = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+    load_weights(model, files, extra={"score.weight": score})
+    model.init_buffers()
+    return model.eval().requires_grad_(False), score
+
+
+def last_token_index(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B, T) padded ids -> (B,) index of the position whose score is read.
+
+    transformers 5 (modeling_layers.GenericForSequenceClassification.forward) takes "the rightmost
+    token that is not equal to pad_token_id": argmax(arange(T) * (ids != pad_token_id)), int32.
+    So if a sequence itself ends with the pad id (some reward models use EOS or <|eot_id|> as pad),
+    the score is read BEFORE those tokens; we do the same rather than "fix" it, to give the scores
+    the checkpoint's authors got. (With no pad_token_id, transformers reads the last token and only
+    accepts batch size 1; score_ids then reads each row's last real token, the same thing.)
+    """
+    T = ids.shape[1]
+    non_pad = (ids != pad_id).to(torch.int32)
+    return (torch.arange(T, device=ids.device, dtype=torch.int32) * non_pad).argmax(-1)
+
+
+class RewardModelJudge:
+    """Scores prompt + response rendered through a chat template with a reward model."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        chat_template: str,
+        tokenizer: Optional[Tokenizer] = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+        label: int = 0,
+    ):
+        """tokenizer: defaults to the one in the checkpoint folder. label: which output of the score
+        head is the reward (reward models have one)."""
+        folder = resolve_path(str(path))
+        self.model, self.score_weight = load_reward_model(folder, dtype, device)
+        self.tokenizer = tokenizer or Tokenizer.from_dir(folder)
+        self.chat_template, self.batch_size, self.label = chat_template, batch_size, label
+        if not 0 <= label < self.score_weight.shape[0]:
+            raise ValueError(f"label={label}, but the score head has {self.score_weight.shape[0]} output(s)")
+        # transformers reads pad_token_id from the model's config.json (not the tokenizer).
+        self.pad_id: Optional[int] = self.model.args.pad_token_id
+
+    def encode(self, prompt: Messages, response: str) -> list[int]:
+        messages = list(prompt) + [{"role": "assistant", "content": response}]
+        return encode_chat(self.tokenizer, messages, self.chat_template).input_ids
+
+    @torch.inference_mode()
+    def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Token id sequences -> (N, num_labels) fp32 scores, batch_size at a time.
+
+        Rows are right-padded, so with a plain causal mask no real token sees padding and positions
+        are 0..len-1 as when run alone; the score is read where transformers reads it."""
+        if any(len(s) == 0 for s in sequences):
+            raise ValueError("cannot score an empty sequence")
+        longest = max((len(s) for s in sequences), default=0)
+        if longest > self.model.args.max_seq_len:
+            raise ValueError(f"a sequence of {longest} tokens is longer than the reward model's max_seq_len "
+                             f"({self.model.args.max_seq_len})")
+        device = self.score_weight.device
+        out = []
+        for i in range(0, len(sequences), self.batch_size):
+            chunk = sequences[i:i + self.batch_size]
+            T = max(len(s) for s in chunk)
+            pad = self.pad_id if self.pad_id is not None else 0
+            ids = torch.tensor([s + [pad] * (T - len(s)) for s in chunk], device=device)  # (B, T)
+            if self.pad_id is not None:
+                idx = last_token_index(ids, self.pad_id)
+            else:
+                idx = torch.tensor([len(s) - 1 for s in chunk], device=device)
+            h = self.model.hidden(ids)  # (B, T, dim)
+            h_last = h[torch.arange(len(chunk), device=device), idx]  # (B, dim)
+            out.append(F.linear(h_last, self.score_weight).float())  # head in the model dtype, as HF
+        return torch.cat(out).cpu()
+
+    def score(self, prompt: Messages, responses: list[str]) -> list[float]:
+        scores = self.score_ids([self.encode(prompt, r) for r in responses])
+        return scores[:, self.label].tolist()
+
+
+# --- from a spec -----------------------------------------------------------------------------------
+
+
+def make_judge(
+    spec: str,
+    *,
+    rules: Optional[dict[str, RuleFn]] = None,
+    chat_template: Optional[str] = None,
+    tokenizer: Optional[Tokenizer] = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+) -> Judge:
+    """spec: a rule name (from `rules`, which default to RULES), "pairrm:DIR" (a PairRM folder, see
+    docs/pairrm.md), or a reward-model checkpoint folder or hub id "org/name" (then chat_template is
+    required; tokenizer defaults to the checkpoint's)."""
+    rules = RULES if rules is None else rules
+    if spec in rules:
+        return RuleJudge(rules[spec], name=spec)
+    if spec.startswith("pairrm:"):
+        if not spec.removeprefix("pairrm:"):
+            raise ValueError("judge 'pairrm:' needs a folder: --judge=pairrm:DIR")
+        return PairRMJudge(spec.removeprefix("pairrm:"), dtype=dtype, device=device, batch_size=batch_size)
+    if Path(spec).expanduser().is_dir() or "/" in spec:  # a folder, or a hub id (resolve_path says if neither)
+        if chat_template is None:
+            raise ValueError(f"judge {spec!r} is a reward model: it needs the chat_template its inputs are rendered with")
+        return RewardModelJudge(spec, chat_template, tokenizer, dtype=dtype, device=device, batch_size=batch_size)
+    raise ValueError(f"unknown judge {spec!r}: not a registered rule (known: {', '.join(sorted(rules)) or 'none'}) "
+                     f"and not a reward-model folder or hub id")

@@ -1,0 +1,1 @@
+"""Each stage's run: checks, data, the run folder, then the method's loop."""
