@@ -153,7 +153,7 @@ def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         rope_scaling=scaling,
         max_seq_len=cfg.get("max_position_embeddings", 8192),
         # Gemma checkpoints tie their head (the default when the key is absent); Llama says so (3.2 ties).
-        tie_embeddings=cfg.get("tie_word_embeddings", family == "gemma"),
+        tie_embeddings=cfg.get("tie_word_embeddings", family != "llama"),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
