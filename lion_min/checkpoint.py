@@ -7,7 +7,9 @@ Writing goes to a temporary folder that is renamed into place, so a crash leaves
 An export is the folder it was loaded from with only what training changed: config.json and
 generation_config.json are written back as read (args.hf_config, args.hf_generation_config), the
 tokenizer writes back its own files, and the differences are the weights, their dtype, the chat
-template and its end-of-turn token among the stop ids (tests/test_checkpoint.py names each).
+template and its end-of-turn token among the stop ids (tests/test_checkpoint.py names each). One
+exception: a multimodal Gemma-3 folder is read for its language model only, and its export is that
+language model as a text-only Gemma-3 (gemma3_text_config).
 """
 
 import json
@@ -97,10 +99,8 @@ def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
             raise CheckpointError(f"{source}: {key} must be a number, got {value!r}")
 
     family = need("model_type")
-    if family == "gemma3":
-        raise CheckpointError(f"{source}: a multimodal Gemma-3 checkpoint (model_type 'gemma3', language model under "
-                              f"text_config); lion_min reads text-only Gemma-3 (model_type 'gemma3_text', "
-                              f"Gemma3ForCausalLM, e.g. gemma-3-1b)")
+    if family == "gemma3":  # multimodal Gemma-3 (4b, 12b, 27b): its language model, as a text-only Gemma-3
+        return args_from_config(gemma3_text_config(cfg, source), source)
     if family not in _ACTIVATIONS:
         raise CheckpointError(f"{source}: model_type {family!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
@@ -160,6 +160,30 @@ def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         hf_config=dict(cfg),
         **gemma23,
     )
+
+
+# transformers' Gemma3TextConfig defaults: the hub's multimodal Gemma-3 files list in text_config only
+# the keys that differ from them (gemma-3-4b: hidden_size, intermediate_size, num_hidden_layers,
+# rope_scaling, sliding_window).
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+    rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, query_pre_attn_scalar=256,
+    sliding_window=4096, sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None,
+    tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+)
+
+
+def gemma3_text_config(cfg: dict, source: str) -> dict:
+    """The config.json of the language model inside a multimodal Gemma-3 config (model_type "gemma3"):
+    its text_config over transformers' defaults, the special ids from the outer file where the inner
+    one lacks them. lion_min reads and trains that language model alone, and exports it as a text-only
+    Gemma3ForCausalLM folder (the vision tower is not read, so not written)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{source}: model_type 'gemma3' (multimodal Gemma-3) without a text_config object")
+    ids = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
+    return _GEMMA3_TEXT_DEFAULTS | ids | text | {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
 
 
 def _gemma23_args(cfg: dict, family: str, local_rope: Optional[dict], source: str) -> dict:
@@ -349,7 +373,9 @@ def weight_files(folder: Path) -> list[Path]:
 def load_weights(model: Transformer, files: list[Path], extra: Optional[dict] = None) -> None:
     """Copy every tensor from `files` into `model` (already allocated), checking names and shapes.
 
-    `extra` maps additional HF names to parameters (e.g. a reward model's score head)."""
+    `extra` maps additional HF names to parameters (e.g. a reward model's score head). A multimodal
+    Gemma-3 folder's language model is read from under `language_model.`; its vision tower and
+    projector are left out (gemma3_text_config)."""
     params = dict(model.named_parameters())
     wanted = {hf_name(n, model.args.sandwich_norms): p for n, p in params.items()} | (extra or {})
     seen = set()
@@ -361,20 +387,25 @@ def load_weights(model: Transformer, files: list[Path], extra: Optional[dict] = 
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
         with handle as f:
             for key in f.keys():
-                if key not in wanted:
-                    if tied_head and key == "lm_head.weight":
+                name = key
+                if model.args.family == "gemma3_text":  # Gemma-3: the language model of a multimodal folder
+                    if key.startswith(("vision_tower.", "multi_modal_projector.")):
+                        continue
+                    name = key.removeprefix("language_model.")
+                if name not in wanted:
+                    if tied_head and name == "lm_head.weight":
                         continue  # some tied checkpoints store the head copy too; it is the embedding
                     if key.endswith("rotary_emb.inv_freq"):
                         continue  # older exports saved the RoPE buffer; we recompute it
                     raise CheckpointError(f"{file}: unexpected tensor {key!r}")
                 tensor = f.get_tensor(key)
-                p = wanted[key]
+                p = wanted[name]
                 if tuple(tensor.shape) != tuple(p.shape):
                     raise CheckpointError(
                         f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies {tuple(p.shape)}")
                 with torch.no_grad():
                     p.copy_(tensor)
-                seen.add(key)
+                seen.add(name)
     missing = sorted(set(wanted) - seen)
     if missing:
         where = files[0].parent

@@ -132,7 +132,8 @@ def test_recipes_load_for_every_stage_and_flags_override(stage, cls):
     assert {k: getattr(gemma, k) for k in expect} == expect
     # The Gemma-2/3 recipes are the paper's Gemma-2b values on newer checkpoints.
     for preset, model in (("lion-gemma2-2b", "google/gemma-2-2b"), ("lion-gemma2-9b", "google/gemma-2-9b"),
-                          ("lion-gemma3-1b", "google/gemma-3-1b-pt")):
+                          ("lion-gemma3-1b", "google/gemma-3-1b-pt"),
+                          ("lion-gemma3-4b", "google/gemma-3-4b-pt")):
         newer = parse_cli(klass, presets, [f"--preset={preset}"])
         assert {k: getattr(newer, k) for k in expect} == expect, preset
         assert stage != "sft" or newer.model == model

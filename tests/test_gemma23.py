@@ -213,12 +213,49 @@ def test_export_written_from_args_loads_in_transformers(hf_checkpoints, gemma3_l
         torch.testing.assert_close(hf(x, position_ids=pos).logits, model(x, positions=pos), atol=FP32_TOL, rtol=0)
 
 
-def test_multimodal_gemma3_refused_in_one_line():
-    cfg = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
-           "text_config": {"model_type": "gemma3_text", "hidden_size": 2560}}
+@pytest.fixture(scope="module")
+def gemma3_multimodal(tmp_path_factory):
+    """A tiny Gemma3ForConditionalGeneration (SigLIP tower of one layer), the 4b's RoPE scaling."""
+    text = small_config("gemma-3-1b-it") | dict(rope_scaling={"rope_type": "linear", "factor": 8.0})
+    text = {k: v for k, v in text.items() if k not in ("architectures", "transformers_version", "model_type")}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=500, boi_token_index=501, eoi_token_index=502)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.5) if "norm" in n else p.normal_(0.0, 0.2)
+    out = tmp_path_factory.mktemp("g3mm") / "m"
+    model.save_pretrained(out)
+    return out
+
+
+def test_multimodal_gemma3_language_model_read_and_exported_text_only(gemma3_multimodal, tmp_path):
+    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(gemma3_multimodal, dtype=torch.float32,
+                                                                     attn_implementation="eager").eval()
+    ours = load_model(gemma3_multimodal)
+    x = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(18))  # text tokens only
+    with torch.no_grad():
+        ref = hf(input_ids=x).logits
+        assert (ref - ours(x)).abs().max().item() <= FP32_TOL
+    save_model(ours, tmp_path / "text")
+    cfg = json.loads((tmp_path / "text" / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3_text" and cfg["architectures"] == ["Gemma3ForCausalLM"]
+    with torch.no_grad():
+        torch.testing.assert_close(eager(tmp_path / "text")(x).logits, ref, atol=FP32_TOL, rtol=0)
+    # The hub's gemma-3-4b text_config lists only what differs from transformers' defaults.
+    sparse = {"model_type": "gemma3", "eos_token_id": [1, 106], "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}}
+    a = args_from_config(sparse)
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.vocab_size) == (2560, 34, 8, 4, 256, 262208)
+    assert (a.rope_scaling, a.rope_theta, a.rope_local_theta) == ({"factor": 8.0, "rope_type": "linear"}, 1e6, 1e4)
+    assert a.layer_types.count("full_attention") == 5 and a.eos_token_id == [1, 106] and a.sliding_window == 1024
     with pytest.raises(CheckpointError) as e:
-        args_from_config(cfg, "x/config.json")
-    assert "\n" not in str(e.value) and str(e.value).startswith("x/config.json: a multimodal Gemma-3")
+        args_from_config({"model_type": "gemma3"}, "x/config.json")
+    assert str(e.value) == "x/config.json: model_type 'gemma3' (multimodal Gemma-3) without a text_config object"
 
 
 @pytest.mark.parametrize("cap, window, says", [(50.0, None, "soft-capping"), (None, 4, "sliding window")])
