@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from lion_min.attention import varlen_model_problem
 from lion_min.chat import TEMPLATES, template_line, template_of, with_template_tokens
 from lion_min.checkpoint import grow_vocab, load_model, read_config, resolve_path
 from lion_min.config import DTYPES, ConfigError
@@ -47,6 +48,9 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
     chat template's tokens; new ids grow the embedding: build_from_folder)."""
     folder = folder or resolve_path(cfg.model, cfg.revision)
     args = read_config(folder)
+    problem = varlen_model_problem(args.attn_softcap, args.sliding_window) if cfg.attn_backend == "varlen" else None
+    if problem:  # Gemma-2/3 (config.py has refused varlen where the device cannot run it at all)
+        raise ConfigError(f"--attn_backend=varlen: {problem} in {folder}; use --attn_backend=flex or sdpa")
     tokenizer = Tokenizer.from_dir(folder)
     check_vocab(tokenizer, args, folder)
     tokenizer = chat_tokenizer(cfg, folder, tokenizer)

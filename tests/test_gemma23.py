@@ -24,6 +24,7 @@ from conftest import DATA, make_hf_checkpoint, small_config
 
 FP32_TOL = 1e-4  # as test_model.py
 GEMMA23 = ["gemma-2-2b-it", "gemma-3-1b-it"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_sft.py
 
 
 def eager(path):
@@ -270,6 +271,21 @@ def test_varlen_refused_for_softcap_or_window(cap, window, says, monkeypatch):
     assert attention.resolve_backend("auto", torch.device("cuda"), torch.bfloat16, cap, window) == "flex"
 
 
+def test_varlen_refused_before_training_a_gemma2(tiny_gemma2_chat, tmp_path, monkeypatch):
+    # As on a GPU where varlen runs: the model's soft-cap is what refuses it, in one line, no run folder.
+    import train_sft
+    from lion_min.config import ConfigError
+
+    monkeypatch.setattr("lion_min.attention.varlen_problem", lambda device, dtype: None)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        train_sft.main([f"--model={tiny_gemma2_chat['model']}", f"--data={tiny_gemma2_chat['data']}",
+                        f"--out_dir={out}", "--attn_backend=varlen", "--device=cpu", "--max_steps=1"])
+    assert "\n" not in str(e.value) and not out.exists()
+    assert str(e.value).startswith("--attn_backend=varlen: FlashAttention's varlen kernel has no attention-logit "
+                                   "soft-capping (Gemma-2's 2)"), str(e.value)
+
+
 @pytest.fixture(scope="module")
 def tiny_gemma2_chat(tmp_path_factory, tiny_chat_model):
     from tokenizers_for_tests import build_gemma_chatml_tokenizer
@@ -282,7 +298,6 @@ def tiny_gemma2_chat(tmp_path_factory, tiny_chat_model):
 
 @pytest.mark.slow
 def test_sft_resume_equals_uninterrupted_gemma2(tiny_gemma2_chat, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import train_sft
     from test_sft import base_args, metrics, weights
 
