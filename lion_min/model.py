@@ -372,12 +372,12 @@ class Transformer(nn.Module):
         if self.args.gemma:
             # Gemma: scale by sqrt(dim), the factor first rounded to the activation dtype (as trained).
             h = h * torch.tensor(self.args.dim**0.5, dtype=h.dtype)
-        # One RoPE table and one mask per kind of layer: Gemma-2/3 sliding layers see only the last
-        # `sliding_window` tokens of their own document; Gemma-3's use their own RoPE base.
+        # Gemma-2/3: local (sliding-window) layers see only the last `sliding_window` tokens of their
+        # own document, so they get a mask of their own (keyed by window, None = global); Gemma-3's
+        # also their own RoPE base.
+        global_rope = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        local_rope = global_rope if self.inv_freq_local is None else rope_cos_sin(self.inv_freq_local, positions, h.dtype)
         windows = {self.args.window(i) for i in range(len(self.layers))}
-        rope = {None: rope_cos_sin(self.inv_freq, positions, h.dtype)}
-        if self.inv_freq_local is not None:
-            rope[self.args.sliding_window] = rope_cos_sin(self.inv_freq_local, positions, h.dtype)
         if cache_slots is not None:
             masks = {w: self._cache_mask(doc_ids, cache_slots, B, w) for w in windows}
         else:
@@ -385,8 +385,8 @@ class Transformer(nn.Module):
                                    rows=(B, T, tokens.device)) for w in windows}
         ac = checkpointing_mode(self.activation_checkpointing)
         for i, layer in enumerate(self.layers):
-            w = self.args.window(i)
-            (cos, sin), mask = rope.get(w, rope[None]), masks[w]
+            window = self.args.window(i)
+            (cos, sin), mask = global_rope if window is None else local_rope, masks[window]
             # selective: blocks 0, 2, 4, ... (torchtitan's layer-wise selective AC at frequency 2 takes
             # 1, 3, 5, ...: the same number of blocks for an even number of layers)
             if torch.is_grad_enabled() and (ac == "full" or (ac == "selective" and i % 2 == 0)):
