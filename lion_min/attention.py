@@ -34,7 +34,8 @@ document, itself included (slot distance < window, the rule of transformers' sli
 documents are contiguous in a row, so this is the window over each document's positions, never one
 across the row. Gemma-2's attention-logit soft-cap (`softcap`), cap * tanh(scaled logits / cap)
 before the mask and softmax, acts inside the kernel: a FlexAttention score_mod, and for "sdpa" (SDPA
-has no score modification) the dense reference written out in fp32 (`_dense_softcapped`). The varlen
+has no score modification) the dense reference written out (`_dense_softcapped`, which holds the
+(B, H, T, T) scores: fine for tests and the CPU, a reason to keep flex, auto's choice, on a GPU). The varlen
 kernel has neither a soft-cap nor, here, a window: it is refused for such models, and "auto" never
 picks it.
 """

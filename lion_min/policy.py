@@ -85,7 +85,8 @@ def check_same_architecture(ref_folder: Path, args, flag: str = "--ref_model"):
     ref = read_config(ref_folder)
     # The reference is built with the policy's ModelArgs, so everything they hold must agree.
     keys = ("family", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
-            "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling")
+            "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling", "rope_local_theta", "layer_types",
+            "sliding_window", "query_pre_attn_scalar", "attn_softcap", "final_softcap")  # the last six: Gemma-2/3
     diff = [f"{k} {getattr(ref, k)} vs {getattr(args, k)}" for k in keys if getattr(ref, k) != getattr(args, k)]
     if diff:
         raise ConfigError(f"{flag}={ref_folder}: another architecture than --model ({', '.join(diff)})")

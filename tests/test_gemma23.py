@@ -286,6 +286,26 @@ def test_varlen_refused_before_training_a_gemma2(tiny_gemma2_chat, tmp_path, mon
                                    "soft-capping (Gemma-2's 2)"), str(e.value)
 
 
+def test_reference_with_another_window_or_cap_refused(hf_checkpoints, tmp_path):
+    # The DPO reference is built with the policy's ModelArgs: a Gemma-2 differing only in its window
+    # or soft-cap would silently run as the policy; it is refused instead.
+    import shutil
+
+    from lion_min.config import ConfigError
+    from lion_min.policy import check_same_architecture
+
+    src = hf_checkpoints["gemma-2-2b-it"]
+    args = lion_min.checkpoint.read_config(src)
+    check_same_architecture(src, args)  # the same folder passes
+    for key, value, field in (("sliding_window", 8, "sliding_window"), ("final_logit_softcapping", 20.0, "final_softcap")):
+        ref = tmp_path / key
+        shutil.copytree(src, ref)
+        cfg = json.loads((ref / "config.json").read_text()) | {key: value}
+        (ref / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ConfigError, match=f"another architecture than --model \\({field} "):
+            check_same_architecture(ref, args)
+
+
 @pytest.fixture(scope="module")
 def tiny_gemma2_chat(tmp_path_factory, tiny_chat_model):
     from tokenizers_for_tests import build_gemma_chatml_tokenizer
