@@ -239,13 +239,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask, sc
     if mask.backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, scale=scale, enable_gqa=gqa)
     if mask.backend == "varlen":
-        if softcap is not None:
-            raise ValueError(f"attn_backend='varlen': {varlen_model_problem(softcap, None)}; use flex or sdpa")
-        return _varlen(q, k, v, mask, scale)
+        if softcap is not None or scale is not None:  # Gemma-2/3, refused earlier (resolve_backend): never dropped
+            raise ValueError("attn_backend='varlen': no attention soft-cap or query_pre_attn_scalar scale in this "
+                             "call; use flex or sdpa")
+        return _varlen(q, k, v, mask)
     raise ValueError(f"unknown attention mask kind {mask.backend!r}")
 
 
-def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask, scale: Optional[float] = None) -> torch.Tensor:
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) -> torch.Tensor:
     """attend() through varlen_attn, called the way the installed torch's signature asks."""
     api = VARLEN
     if api is None:
@@ -258,8 +259,6 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask, s
         else:  # query head h reads K/V head h // (H / Hkv), as SDPA's enable_gqa does
             k, v = (x.repeat_interleave(H // k.shape[1], dim=1) for x in (k, v))
     flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], hd)  # (B*T, heads, hd)
-    if scale is not None:  # Gemma-2/3's query_pre_attn_scalar: fold the scale into q (varlen_attn's default is 1/sqrt(hd))
-        q = q * (scale * hd**0.5)
     out = api.fn(flat(q), flat(k), flat(v), mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
                  **api.causal, **gqa)
     return out.reshape(B, T, H, hd).transpose(1, 2)
