@@ -6,14 +6,18 @@
 
 Sections (each prints its own header; a failure is printed and the next section runs):
   attention  sdpa (dense mask), flex and varlen in bf16 against SDPA with the dense mask in fp32,
-             packed documents, T = 4096, Gemma-2b heads (8 / 1 kv, head_dim 256) and Llama-3-8B
-             heads (32 / 8 kv, 128): max error of the output and of dq, dk, dv; mask build, forward
-             and forward + backward times; TFLOP/s of the useful (document-causal) work.
+             packed documents, T = 4096, Gemma-2b heads (8 / 1 kv, head_dim 256), Llama-3-8B
+             heads (32 / 8 kv, 128) and Gemma-2-2b heads (8 / 4 kv, 256) with the attention soft-cap
+             (50) and a sliding window (256 here, so that it acts on these documents): max error of
+             the output and of dq, dk, dv; mask build, forward and forward + backward times; TFLOP/s
+             of the useful (document-causal, windowed) work.
   compile    the bf16 FSDP2 (1 rank) + activation checkpointing + compiled-blocks SFT step against
              the eager bf16 FSDP2 step, same init and row: loss, grad norm, cosine of the AdamW
              updates; the eager fp32 step beside them gives the scale of bf16 rounding.
   sft        the SFT step (bf16 FSDP2 + compile, activation checkpointing as auto picks it here, one
-             packed 8192-token row with document masks, AdamW) for a Gemma-2b-shaped random model:
+             packed 8192-token row with document masks, AdamW) for a Gemma-2b-shaped random model,
+             then a Gemma-2-2b-shaped one (flex with the soft-cap score_mod and the 4096 window, the
+             final-logit soft-cap in the head):
              tokens/s, MFU in torchtitan's convention (against the datasheet peak and the measured
              matmul ceiling) and useful MFU (lion_min/run/flops.py), peak memory beside the estimate,
              and the head's share of the step (the head and log-probs alone, forward + backward).
@@ -43,6 +47,7 @@ printed to FILE (atomically, at the end).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -75,9 +80,10 @@ from lion_min.core.sample import generate  # noqa: E402
 # pipeline before cli: its online stage has never run on a GPU, while cli's MFU repeats sft's
 # through the real script; if the budget runs short, cli is the one skipped.
 SECTIONS = ("attention", "compile", "sft", "dpo", "sample", "pipeline", "cli")
-# Seconds a section needs at least on one H100/H200 (from the 2026-12-04 run, rounded up); one
-# that no longer fits in what is left of --budget is skipped. --smoke ignores these.
-MIN_SECONDS = {"attention": 45, "compile": 40, "sft": 70, "dpo": 30, "sample": 45, "cli": 120, "pipeline": 120}
+# Seconds a section needs at least on one H100/H200 (from the 2026-12-04 run, rounded up; sft's
+# Gemma-2-2b shape, added since, counted as much again as Gemma-2b's); one that no longer fits in
+# what is left of --budget is skipped. --smoke ignores these.
+MIN_SECONDS = {"attention": 45, "compile": 40, "sft": 130, "dpo": 30, "sample": 45, "cli": 120, "pipeline": 120}
 
 # issue 23's targets, as (what, target text, check of the measured value)
 PEAK_MFU, HEAD_SHARE, FIRST_STEP_S, DECODE_ROOFLINE, DPO_LIVE, DPO_PRE = 0.50, 0.10, 30.0, 0.50, 1.3, 1.0
@@ -137,9 +143,14 @@ class Check:
         args = args_from_config(json.loads((ROOT / "tests/data/configs" / f"{name}.json").read_text()))
         if self.smoke:
             gemma = args.family == "gemma"
-            args = ModelArgs(family=args.family, vocab_size=512, dim=64, n_layers=2, n_heads=4,
+            tiny = ModelArgs(family=args.family, vocab_size=512, dim=64, n_layers=2, n_heads=4,
                              n_kv_heads=1 if gemma else 2, head_dim=32 if gemma else 16, hidden_dim=128,
                              tie_embeddings=args.tie_embeddings, rope_scaling=args.rope_scaling, max_seq_len=1024)
+            if args.sandwich_norms:  # Gemma-2/3: the same soft-caps, first two layer types, a window that acts at T 256
+                tiny = dataclasses.replace(tiny, layer_types=args.layer_types[:2], sliding_window=64,
+                                           query_pre_attn_scalar=args.query_pre_attn_scalar, attn_softcap=args.attn_softcap,
+                                           final_softcap=args.final_softcap, rope_local_theta=args.rope_local_theta)
+            args = tiny
         return args
 
     def top_kernels(self, label: str, fn, n: int = 8):
@@ -203,9 +214,12 @@ def full(p: torch.Tensor) -> torch.Tensor:
 
 def section_attention(c: Check):
     T, B = (200, 2) if c.smoke else (4096, 2)
-    shapes = {"gemma-2b heads": (8, 1, 256), "llama-3-8b heads": (32, 8, 128)}
+    # (query heads, kv heads, head_dim, attention soft-cap, sliding window)
+    shapes = {"gemma-2b heads": (8, 1, 256, None, None), "llama-3-8b heads": (32, 8, 128, None, None),
+              "gemma-2-2b heads, soft-cap 50, window 256": (8, 4, 256, 50.0, 256)}
     if c.smoke:
-        shapes = {"gemma-2b heads (tiny)": (4, 1, 32), "llama-3-8b heads (tiny)": (8, 2, 16)}
+        shapes = {"gemma-2b heads (tiny)": (4, 1, 32, None, None), "llama-3-8b heads (tiny)": (8, 2, 16, None, None),
+                  "gemma-2-2b heads (tiny), soft-cap 50, window 16": (4, 2, 32, 50.0, 16)}
     rng = np.random.default_rng(0)
     doc_ids = torch.full((B, T), -1, dtype=torch.long)
     for b in range(B):
@@ -217,7 +231,7 @@ def section_attention(c: Check):
     pairs = sum(n * (n + 1) // 2 for n in document_lengths(doc_ids))
     c.print(f"B {B} x T {T}, {len(document_lengths(doc_ids))} documents, {(doc_ids < 0).float().mean():.1%} padding; "
             f"errors: max |bf16 - fp32| of the output, and max |error| / max |reference| of dq, dk, dv")
-    for name, (Hq, Hkv, hd) in shapes.items():
+    for name, (Hq, Hkv, hd, softcap, window) in shapes.items():
         torch.manual_seed(0)
         q = torch.randn(B, Hq, T, hd, device=c.device)
         k, v = torch.randn(B, Hkv, T, hd, device=c.device), torch.randn(B, Hkv, T, hd, device=c.device)
@@ -226,13 +240,17 @@ def section_attention(c: Check):
 
         def forward(backend, dtype, grad: bool):
             leaves = [x.to(dtype, copy=True).requires_grad_(grad) for x in (q, k, v)]
-            return leaves, attend(*leaves, build_mask(doc_ids, backend, dtype))
+            mask = build_mask(doc_ids, backend, dtype, window=window, softcap=softcap)
+            return leaves, attend(*leaves, mask, softcap=softcap)
 
         ref_leaves, ref = forward("sdpa", torch.float32, True)
         ref.backward(grad_out)
         ref_grads = [x.grad for x in ref_leaves]
-        # model FLOPs of the useful work: forward 4 hd Hq per pair, forward + backward 3 times that
-        fwd_flops = attention_flops_per_pair(ModelArgs(n_layers=1, n_heads=Hq, n_kv_heads=Hkv, head_dim=hd)) * pairs / 3
+        # model FLOPs of the useful work: forward 4 hd Hq per pair, forward + backward 3 times that;
+        # with a window, a query pairs with at most `window` keys of its document
+        useful = pairs if window is None else sum(sum(min(i + 1, window) for i in range(n))
+                                                  for n in document_lengths(doc_ids))
+        fwd_flops = attention_flops_per_pair(ModelArgs(n_layers=1, n_heads=Hq, n_kv_heads=Hkv, head_dim=hd)) * useful / 3
         c.print(f"{name}: heads {Hq} / kv {Hkv}, head_dim {hd}; {fwd_flops / 1e9:.1f} GFLOP useful forward work")
         c.print(f"  {'backend':8s} {'out err':>8s} {'dq err':>8s} {'dk err':>8s} {'dv err':>8s} {'mask ms':>8s} "
                 f"{'fwd ms':>8s} {'fwd TF/s':>8s} {'f+b ms':>8s} {'f+b TF/s':>8s}")
@@ -240,10 +258,10 @@ def section_attention(c: Check):
         for backend in ("sdpa", "flex", "varlen"):
             try:
                 try:
-                    resolve_backend(backend, c.device, torch.bfloat16)
+                    resolve_backend(backend, c.device, torch.bfloat16, softcap, window)
                 except ValueError as e:
                     raise Skip(str(e)) from None
-                mask_s = c.timed(lambda: build_mask(doc_ids, backend, torch.bfloat16))
+                mask_s = c.timed(lambda: build_mask(doc_ids, backend, torch.bfloat16, window=window, softcap=softcap))
                 with torch.no_grad():
                     _, out = forward(backend, torch.bfloat16, False)
                     fwd_s = c.timed(lambda: forward(backend, torch.bfloat16, False))
@@ -271,7 +289,7 @@ def section_attention(c: Check):
             except Exception as e:  # report it and go on with the other kernels
                 c.failures.append(f"attention {backend} ({name})")
                 c.print(f"  {backend:8s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        auto = resolve_backend("auto", c.device, torch.bfloat16)
+        auto = resolve_backend("auto", c.device, torch.bfloat16, softcap, window)
         fastest = min(best, key=best.get) if best else "none"
         c.print(f"  auto picks {auto} for bf16 here; fastest forward + backward measured: {fastest}"
                 + ("" if auto == fastest or c.device.type == "cpu" else "  <-- auto is not the fastest"))
@@ -354,9 +372,9 @@ def section_compile(c: Check):
 
 def section_sft(c: Check):
     T = 256 if c.smoke else 8192
-    # Gemma-2b only (the issue's target; the Llama-3.2-1B shape's step is timed in the dpo section),
-    # to keep the whole check within its 8 minutes.
-    for name in ("gemma-2b",):
+    # Gemma-2b (the paper's model) and Gemma-2-2b (soft-caps and windows through flex); the
+    # Llama-3.2-1B shape's step is timed in the dpo section, to keep the whole check within its 8 minutes.
+    for name in ("gemma-2b", "gemma-2-2b-it"):
         try:
             sft_shape(c, name, T)
         except Exception as e:  # report it and go on with the other shape
@@ -385,7 +403,9 @@ def sft_shape(c: Check, name: str, T: int):
     mem = c.peak_memory()
     real = sum(lengths)
     line = (f"{name}-shaped ({args.num_params() / 1e9:.2f}B params), 1 row x {T} tokens, {len(lengths)} documents "
-            f"({real} real tokens); attention {resolve_backend(model.attn_backend, c.device, torch.bfloat16)}; "
+            f"({real} real tokens); attention {resolve_backend(model.attn_backend, c.device, torch.bfloat16, args.attn_softcap, args.sliding_window)}"
+            + (f" (soft-caps {args.attn_softcap:g} / {args.final_softcap:g}, window {args.sliding_window})"
+               if args.attn_softcap else "") + "; "
             f"first step {warm:.1f} s (compiles unless cached)")
     c.print(line)
     c.print(f"  activation checkpointing {why}")
@@ -425,7 +445,7 @@ def head_share(c: Check, args: ModelArgs, T: int, step_s: float, targets: torch.
     times = {}
     for path, half in (("bf16 products, fp32 sums", True), ("fp32", False)):
         def head():
-            token_logprobs(h, w, targets, half_matmul=half).backward(grad)
+            token_logprobs(h, w, targets, half_matmul=half, softcap=args.final_softcap).backward(grad)
 
         times[path] = c.timed(head, reps=1 if path == "fp32" else None)  # fp32 is slow on a GPU: time it once
     default = "bf16 products, fp32 sums" if c.device.type == "cuda" else "fp32"  # token_logprobs' choice

@@ -129,7 +129,7 @@ def online_main(argv=None):
 # while these, which run from any folder, print how to use them: a demo training into ./out is not
 # what a bare `lion-sft` typed in a project folder should start.
 USAGE = """usage: {name} --model=DIR_OR_HUB_ID --{data}=FILE [--out_dir=DIR] [flags]{judge}
-       {name} --preset=lion-gemma-2b --{data}=FILE    (a recipe: lion-gemma-2b, lion-llama3-8b)
+       {name} --preset=lion-gemma-2b --{data}=FILE    (a recipe; --help lists them all)
        {name} --preset=demo                          (the built-in demo, into ./out/demo)
        {name} --help                                 (every flag with its default, and the presets)"""
 

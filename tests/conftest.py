@@ -13,7 +13,7 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
-CONFIG_NAMES = ["gemma-2b", "gemma-7b", "llama-3-8b", "llama-3.1-8b", "llama-3.2-1b"]
+CONFIG_NAMES = ["gemma-2b", "gemma-7b", "llama-3-8b", "llama-3.1-8b", "llama-3.2-1b", "gemma-2-2b-it", "gemma-3-1b-it"]
 
 # Scaled-down sizes per config. gemma-7b keeps head_dim != hidden / heads (48 / 4 = 12 vs 16);
 # llama-3.1 keeps head_dim 16 so some RoPE frequencies fall in the llama3 interpolation band.
@@ -23,6 +23,14 @@ _SMALL = {
     "llama-3-8b": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2),
     "llama-3.1-8b": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2),
     "llama-3.2-1b": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    # Gemma-2/3: a window of 4 tokens, so that every test's documents run past it. Gemma-2's attention
+    # cap 50 barely bends std-0.2 scores (dropping it moved logits by 0.017): 2 here makes it act.
+    # query_pre_attn_scalar 256 stays (scale 1/16, not head_dim's 1/4). Gemma-3: every second layer
+    # global (the real pattern is 6, which would leave 2 layers both local).
+    "gemma-2-2b-it": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                          attn_logit_softcapping=2.0),
+    "gemma-3-1b-it": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                          sliding_window_pattern=2),
 }
 
 
@@ -41,14 +49,15 @@ def make_hf_checkpoint(name: str, out_dir: Path, std: float = 0.2, seed: int = 0
     import transformers
 
     cfg = small_config(name, vocab_size) | overrides
-    config_cls = transformers.GemmaConfig if cfg["model_type"] == "gemma" else transformers.LlamaConfig
-    config = config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
+    model_type = cfg.pop("model_type")
+    config = transformers.AutoConfig.for_model(
+        model_type, **{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
     torch.manual_seed(seed)
     model = getattr(transformers, auto_class).from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:
-                p.copy_(torch.randn_like(p) * 0.5 + (0.0 if cfg["model_type"] == "gemma" else 1.0))
+                p.copy_(torch.randn_like(p) * 0.5 + (0.0 if model_type.startswith("gemma") else 1.0))
             else:
                 p.normal_(0.0, std)
     model.save_pretrained(out_dir)

@@ -130,6 +130,13 @@ def test_recipes_load_for_every_stage_and_flags_override(stage, cls):
               "dpo": dict(lr=5e-7, beta=0.05, epochs=2, batch_size=128, max_prompt_len=512),
               "online": dict(lr=5e-7, beta=0.05, batch_size=32, n_samples=5, temperature=0.8)}[stage]
     assert {k: getattr(gemma, k) for k in expect} == expect
+    # The Gemma-2/3 recipes are the paper's Gemma-2b values on newer checkpoints.
+    for preset, model in (("lion-gemma2-2b", "google/gemma-2-2b"), ("lion-gemma2-9b", "google/gemma-2-9b"),
+                          ("lion-gemma3-1b", "google/gemma-3-1b-pt"),
+                          ("lion-gemma3-4b", "google/gemma-3-4b-pt")):
+        newer = parse_cli(klass, presets, [f"--preset={preset}"])
+        assert {k: getattr(newer, k) for k in expect} == expect, preset
+        assert stage != "sft" or newer.model == model
     for path in RECIPES.glob("*.toml"):
         for line in path.read_text().splitlines():
             if "=" in line and not line.lstrip().startswith("#"):

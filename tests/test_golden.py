@@ -380,7 +380,7 @@ def test_layout_is_as_documented(name):
 
 def test_shipped_files_are_small():
     sizes = {p: p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file()}
-    assert sum(sizes.values()) < 4_000_000
+    assert sum(sizes.values()) < 4_500_000  # 4.2 MB with the Gemma-2/3 models and vectors (3.3 MB before)
     for model in (GOLDEN / "models").iterdir():
         assert sum(s for p, s in sizes.items() if model in p.parents) < 700_000, model.name
 

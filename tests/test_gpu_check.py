@@ -26,8 +26,8 @@ def test_gpu_check_smoke(tmp_path):
     for line in ("  sdpa ", "compiled vs eager bf16: |loss diff|", "row tok/s", "head + log-probs alone",
                  "dpo step, live reference", "  compiled ", "  eager "):
         assert line in text, line
-    assert text.count("varlen   skipped: attn_backend='varlen'") == 2
-    assert text.count("backward skipped: FlexAttention has no CPU backward") == 2
+    assert text.count("varlen   skipped: attn_backend='varlen'") == 3
+    assert text.count("backward skipped: FlexAttention has no CPU backward") == 3
     # The real train_sft.py ran under torchrun and its steps were read back; the debug pipeline's stages ran.
     assert "memory: activation checkpointing off (auto: cpu" in text and "  step 3: " in text
     for stage in ("sft", "dpo", "online"):
@@ -35,6 +35,7 @@ def test_gpu_check_smoke(tmp_path):
     # The summary is last: every figure beside its target; speed targets are not judged on the CPU.
     summary = text[text.index("== summary"):].splitlines()
     for row in ("sft gemma-2b: MFU", "sft gemma-2b: head + log-probs", "sft gemma-2b: first step (compile)",
+                "sft gemma-2-2b-it: MFU", "attention gemma-2-2b heads (tiny), soft-cap 50, window 16: fastest f+b",
                 "dpo step, live reference", "dpo step, precomputed reference", "decode, batch 4 (compiled)",
                 "compiled vs eager bf16 step", "attention gemma-2b heads (tiny): fastest f+b",
                 "train_sft.py under torchrun, gemma-2b", "train_sft.py: activation checkpointing"):

@@ -74,3 +74,19 @@ def test_fused_slices_equal_the_fp32_path():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-2)
     # and the check can fail: a wrong target column moves the log-probs far
     assert (_HalfHeadLogprobs.apply(h32.bfloat16(), w32.bfloat16(), (targets + 1) % 1000, 250, True) - ref).abs().max() > 1
+
+
+def test_softcapped_head_both_paths_exact_in_float64():
+    # Gemma-2's final-logit soft-cap inside the chunked head: both paths give log_softmax of the capped
+    # logits, and the half_matmul path's hand-written backward (through dy/dx = 1 - (y/c)^2) is exact.
+    hidden, weight, targets = _inputs(dtype=torch.float64)
+    hidden = hidden * 3  # logits up to ~+-60: the cap at 5 bends most of them
+    capped = (torch.tanh(hidden @ weight.t() / 5.0) * 5.0).log_softmax(-1)
+    want = torch.where(targets != IGNORE_INDEX, capped.gather(1, targets.clamp(min=0)[:, None])[:, 0], 0.0)
+    for half in (False, True):
+        got = token_logprobs(hidden, weight, targets, chunk_size=8, half_matmul=half, softcap=5.0)
+        torch.testing.assert_close(got, want.float() if not half else want, atol=1e-5, rtol=0)
+    assert (token_logprobs(hidden, weight, targets) - want).abs().max() > 1  # the cap matters here
+    hidden.requires_grad_(True), weight.requires_grad_(True)
+    fn = lambda h, w: token_logprobs(h, w, targets, chunk_size=8, half_matmul=True, softcap=5.0)
+    assert torch.autograd.gradcheck(fn, (hidden, weight))

@@ -26,7 +26,7 @@ def test_installed_package_imports_from_another_folder(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     where, presets = out.stdout.splitlines()
     assert Path(where).is_relative_to(target)  # the installed copy, not the repository
-    assert presets == "['lion-gemma-2b', 'lion-llama3-8b']"
+    assert presets == "['lion-gemma-2b', 'lion-gemma2-2b', 'lion-gemma2-9b', 'lion-gemma3-1b', 'lion-gemma3-4b', 'lion-llama3-8b']"
 
 
 def test_the_stages_run_from_the_entry_point():

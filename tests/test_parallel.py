@@ -21,6 +21,10 @@ from lion_min.core.parallel import GiB, build_model, choose_checkpointing, init_
 
 
 def tiny_args(family: str) -> ModelArgs:
+    if family == "gemma2":  # soft-caps that act at this size, a window shorter than the documents
+        return ModelArgs(family=family, vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                         hidden_dim=64, tie_embeddings=True, max_seq_len=64, layer_types=("sliding_attention",
+                         "full_attention"), sliding_window=3, query_pre_attn_scalar=16, attn_softcap=2.0, final_softcap=3.0)
     return ModelArgs(family=family, vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=1 if family == "gemma" else 2,
                      head_dim=8, hidden_dim=64, tie_embeddings=family == "gemma", max_seq_len=64)
 
@@ -77,13 +81,15 @@ def plain_bf16_step(family: str, micros: list[dict], world: int) -> tuple[float,
     return total, grads
 
 
-@pytest.mark.parametrize("family", ["gemma", "llama"])
+@pytest.mark.parametrize("family", ["gemma", "llama", "gemma2"])
 def test_activation_checkpointing_changes_nothing(family):
     micros = [micro_batch(1), micro_batch(2)]
     results = []
     modes = ("off", "selective", "full", True)  # True: the old boolean, = full
     args = tiny_args(family)
     args.n_layers = 3  # selective checkpoints blocks 0 and 2, not 1
+    if args.layer_types:  # Gemma-2: alternating, from a local layer
+        args.layer_types = ("sliding_attention", "full_attention", "sliding_attention")
     for ac in modes:
         model = plain_bf16(args)
         model.activation_checkpointing = ac
@@ -185,7 +191,7 @@ def test_choose_checkpointing_from_free_memory():
     assert f"off {est['off']:.1f}, selective {est['selective']:.1f}, full {est['full']:.1f}" in choose("auto", 131)[1]
 
 
-@pytest.mark.parametrize("family", ["gemma", "llama"])
+@pytest.mark.parametrize("family", ["gemma", "llama", "gemma2"])
 def test_fsdp_bf16_one_rank_equals_plain_bf16(family):
     from torch.distributed.fsdp import FSDPModule
 
@@ -195,7 +201,7 @@ def test_fsdp_bf16_one_rank_equals_plain_bf16(family):
                         activation_checkpointing=True)
     # torchtitan's units: the ends apart from the root (tied: embedding, norm and head together).
     assert isinstance(model.tok_embeddings, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.layers)
-    assert (model.output is None) == (family == "gemma")
+    assert (model.output is None) == (family != "llama")
     assert model.output is None or isinstance(model.output, FSDPModule)
     loss, grads = step_grads(model, micros)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
@@ -204,7 +210,7 @@ def test_fsdp_bf16_one_rank_equals_plain_bf16(family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gemma", "llama"])
+@pytest.mark.parametrize("family", ["gemma", "llama", "gemma2"])
 def test_fsdp_bf16_two_ranks_equal_plain_bf16(family, tmp_path):
     # Each rank takes one micro-batch; FSDP's fp32 reduce-scatter must give the summed gradients.
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

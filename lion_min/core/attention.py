@@ -28,6 +28,16 @@ head shape and whether auto agrees).
 Without doc_ids the mask is plain causal and SDPA's `is_causal` fast path is used. With a KV cache
 the key side is the cache: its slots carry the doc id of the token written there, so left-padded
 prompts in a sampling batch are just documents with id -1 (see sample.py).
+
+Gemma-2/3 sliding-window layers (`window`): a token attends to the last `window` tokens of its own
+document, itself included (slot distance < window, the rule of transformers' sliding-window mask);
+documents are contiguous in a row, so this is the window over each document's positions, never one
+across the row. Gemma-2's attention-logit soft-cap (`softcap`), cap * tanh(scaled logits / cap)
+before the mask and softmax, acts inside the kernel: a FlexAttention score_mod, and for "sdpa" (SDPA
+has no score modification) the dense reference written out (`_dense_softcapped`, which holds the
+(B, H, T, T) scores: fine for tests and the CPU, a reason to keep flex, auto's choice, on a GPU). The varlen
+kernel has neither a soft-cap nor, here, a window: it is refused for such models, and "auto" never
+picks it.
 """
 
 import inspect
@@ -105,11 +115,22 @@ class AttnMask:
     max_seqlen: int = 0
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The backend to use for activations of `dtype` on `device`; ValueError if it cannot run there."""
+def varlen_model_problem(softcap: Optional[float], window: Optional[int]) -> Optional[str]:
+    """Why the varlen kernel cannot compute this model's attention (Gemma-2/3), or None."""
+    if softcap is not None:
+        return f"FlashAttention's varlen kernel has no attention-logit soft-capping (Gemma-2's {softcap:g})"
+    if window is not None:
+        return "lion_min's varlen call has no sliding window (Gemma-2/3 local layers)"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                    softcap: Optional[float] = None, window: Optional[int] = None) -> str:
+    """The backend to use for activations of `dtype` on `device` (and, for Gemma-2/3, an attention
+    soft-cap and a sliding window); ValueError if it cannot run there."""
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTN_BACKENDS}")
-    problem = varlen_problem(device.type, dtype) if backend == "varlen" else None
+    problem = (varlen_problem(device.type, dtype) or varlen_model_problem(softcap, window)) if backend == "varlen" else None
     if problem:
         raise ValueError(f"attn_backend='varlen': {problem}; use attn_backend='flex' or 'sdpa'")
     if backend != "auto":
@@ -118,14 +139,18 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     return "flex" if device.type == "cuda" else "sdpa"
 
 
-def dense_mask(q_doc: torch.Tensor, q_slot: torch.Tensor, k_doc: torch.Tensor, k_slot: torch.Tensor) -> torch.Tensor:
-    """(B, 1, Tq, Tk) bool: same document and key slot <= query slot.
+def dense_mask(q_doc: torch.Tensor, q_slot: torch.Tensor, k_doc: torch.Tensor, k_slot: torch.Tensor,
+               window: Optional[int] = None) -> torch.Tensor:
+    """(B, 1, Tq, Tk) bool: same document and key slot <= query slot (and, with a sliding window,
+    query slot - key slot < window).
 
     q_doc (B, Tq), k_doc (B, Tk): document ids; q_slot (Tq,), k_slot (Tk,): positions in the row (or
     in the KV cache). Every query sees at least itself, so no row of the mask is empty (no NaNs).
     """
     same_doc = q_doc[:, :, None] == k_doc[:, None, :]  # (B, Tq, Tk)
     causal = k_slot[None, :] <= q_slot[:, None]  # (Tq, Tk)
+    if window is not None:  # Gemma-2/3 local layers
+        causal = causal & (q_slot[:, None] - k_slot[None, :] < window)
     return (same_doc & causal)[:, None]
 
 
@@ -140,20 +165,27 @@ def varlen_seqlens(doc_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
 
 
-def build_mask(doc_ids: Optional[torch.Tensor], backend: str = "auto", dtype: torch.dtype = torch.float32) -> AttnMask:
+def build_mask(doc_ids: Optional[torch.Tensor], backend: str = "auto", dtype: torch.dtype = torch.float32,
+               window: Optional[int] = None, softcap: Optional[float] = None, rows: Optional[tuple] = None) -> AttnMask:
     """Mask for a training/scoring forward over (B, T) rows without a KV cache; `dtype` is the
-    activation dtype (it decides "auto" and whether varlen can run)."""
+    activation dtype (it decides "auto" and whether varlen can run). `window`: a sliding-window layer
+    (Gemma-2/3); `softcap`: the attention soft-cap the kernel must apply (Gemma-2), which rules out
+    varlen. Without doc_ids every row is one document (`rows`: (B, T, device) then)."""
     if doc_ids is None:
-        return AttnMask("causal")
-    backend = resolve_backend(backend, doc_ids.device, dtype)
+        if window is None and softcap is None:
+            return AttnMask("causal")
+        B, T, device = rows  # one document per row, through the kernels that apply a window or cap
+        doc_ids = torch.zeros((B, T), dtype=torch.long, device=device)
+    backend = resolve_backend(backend, doc_ids.device, dtype, softcap, window)
     B, T = doc_ids.shape
     if backend == "sdpa":
         slots = torch.arange(T, device=doc_ids.device)
-        return AttnMask("sdpa", dense=dense_mask(doc_ids, slots, doc_ids, slots))
+        return AttnMask("sdpa", dense=dense_mask(doc_ids, slots, doc_ids, slots, window))
     if backend == "flex":
 
         def document_causal(b, h, q_idx, kv_idx):
-            return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
+            same = (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
+            return same if window is None else same & (q_idx - kv_idx < window)  # Gemma-2/3 local layers
 
         block_mask = _compiled(create_block_mask)(document_causal, B, None, T, T, device=doc_ids.device)
         return AttnMask("flex", block_mask=block_mask)
@@ -162,20 +194,54 @@ def build_mask(doc_ids: Optional[torch.Tensor], backend: str = "auto", dtype: to
     return AttnMask("varlen", cu_seqlens=varlen_seqlens(doc_ids), max_seqlen=T)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) -> torch.Tensor:
-    """q (B, Hq, Tq, hd), k/v (B, Hkv, Tk, hd) -> (B, Hq, Tq, hd); scale is 1/sqrt(hd).
+@functools.cache
+def _softcap_mod(softcap: float):
+    """Gemma-2's attention soft-cap as a FlexAttention score_mod, on the already scaled logits. One
+    function per cap value, so that a compiled graph sees the same object every call."""
+
+    def softcap_score(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return softcap_score
+
+
+def _dense_softcapped(q, k, v, allowed: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """The soft-capped attention written out (SDPA has no score modification), rounded where
+    transformers' eager Gemma-2 attention rounds: scores and cap in the activation dtype, softmax in
+    fp32, cast back. allowed (B|1, 1, Tq, Tk)."""
+    k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))  # SDPA's enable_gqa order
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
+    scores = torch.tanh(scores / softcap) * softcap  # Gemma-2: cap before the mask
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask, scale: Optional[float] = None,
+           softcap: Optional[float] = None) -> torch.Tensor:
+    """q (B, Hq, Tq, hd), k/v (B, Hkv, Tk, hd) -> (B, Hq, Tq, hd); scale defaults to 1/sqrt(hd).
+    softcap (Gemma-2): scaled logits become softcap * tanh(logits / softcap) before mask and softmax.
 
     Grouped/multi-query K/V are passed with their own head count (enable_gqa), not repeated per head,
     except to a varlen_attn without enable_gqa.
     """
     gqa = q.shape[1] != k.shape[1]
-    if mask.backend == "causal":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if mask.backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
     if mask.backend == "flex":
-        return _compiled(flex_attention)(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+        score_mod = None if softcap is None else _softcap_mod(softcap)
+        return _compiled(flex_attention)(q, k, v, score_mod=score_mod, block_mask=mask.block_mask, scale=scale,
+                                         enable_gqa=gqa)
+    if softcap is not None and mask.backend in ("causal", "sdpa"):
+        Tq, Tk = q.shape[2], k.shape[2]
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)[None, None]
+        allowed = mask.dense if mask.backend == "sdpa" else causal
+        return _dense_softcapped(q, k, v, allowed, scale or q.shape[-1] ** -0.5, softcap)
+    if mask.backend == "causal":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if mask.backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, scale=scale, enable_gqa=gqa)
     if mask.backend == "varlen":
+        if softcap is not None or scale is not None:  # Gemma-2/3, refused earlier (resolve_backend): never dropped
+            raise ValueError("attn_backend='varlen': no attention soft-cap or query_pre_attn_scalar scale in this "
+                             "call; use flex or sdpa")
         return _varlen(q, k, v, mask)
     raise ValueError(f"unknown attention mask kind {mask.backend!r}")
 

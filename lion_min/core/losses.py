@@ -16,9 +16,15 @@ from lion_min.core.choices import DPO_LOSS_TYPES
 IGNORE_INDEX = -100
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def softcap_logits(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """Gemma-2's output soft-cap: softcap * tanh(logits / softcap) (None: logits unchanged)."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    softcap: Optional[float] = None) -> torch.Tensor:
     """hidden (n, D), weight (V, D) fp32, targets (n,) -> (n,) fp32 log p(target), 0.0 where ignored."""
-    logits = F.linear(hidden.float(), weight)  # (n, V) fp32
+    logits = softcap_logits(F.linear(hidden.float(), weight), softcap)  # (n, V) fp32
     picked = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (n,); ignored ones read id 0
     logp = picked - torch.logsumexp(logits, dim=-1)  # log_softmax at the target only
     return torch.where(targets != IGNORE_INDEX, logp, 0.0)
@@ -46,11 +52,16 @@ def _slice_stats(logits: torch.Tensor, lse: torch.Tensor, local: torch.Tensor):
     return torch.logaddexp(lse, logits.logsumexp(-1)), torch.where(inside, picked, 0.0)
 
 
-def _slice_grad(logits: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, local: torch.Tensor, dtype: torch.dtype):
-    """d (g . logp) / d logits for one slice: g * (onehot(target) - softmax), rounded to `dtype`."""
+def _slice_grad(logits: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, local: torch.Tensor, dtype: torch.dtype,
+                softcap: Optional[float] = None):
+    """d (g . logp) / d logits for one slice: g * (onehot(target) - softmax), rounded to `dtype`.
+    With a soft-cap, `logits` are the capped ones, y = c tanh(x / c), and the gradient is taken back
+    through the cap to the matmul's x: dy / dx = 1 - (y / c)^2."""
     d_logits = logits.sub(lse[:, None]).exp_().mul_(-g[:, None])  # (N, Vc) fp32
     inside = (local >= 0) & (local < logits.shape[1])
     d_logits.scatter_add_(1, local.clamp(0, logits.shape[1] - 1)[:, None], torch.where(inside, g, 0.0)[:, None])
+    if softcap is not None:
+        d_logits.mul_(1 - (logits / softcap).square())
     return d_logits.to(dtype)
 
 
@@ -73,7 +84,7 @@ class _HalfHeadLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_chunk: int, fused: bool = False):
+    def forward(ctx, hidden, weight, targets, vocab_chunk: int, fused: bool = False, softcap: Optional[float] = None):
         # hidden (N, D) in the activation dtype, weight (V, D) any float dtype, targets (N,) int64
         stats = _fused(_slice_stats) if fused else _slice_stats
         wide = torch.promote_types(hidden.dtype, torch.float32)
@@ -81,10 +92,11 @@ class _HalfHeadLogprobs(torch.autograd.Function):
         picked = torch.zeros(targets.shape, dtype=wide, device=hidden.device)  # (N,)
         for v0 in range(0, weight.shape[0], vocab_chunk):
             w = weight[v0 : v0 + vocab_chunk].to(hidden.dtype)  # (Vc, D)
-            lse, p = stats(_mm_wide(hidden, w.t()), lse, targets - v0)  # logits (N, Vc) fp32
+            logits = softcap_logits(_mm_wide(hidden, w.t()), softcap)  # (N, Vc) fp32
+            lse, p = stats(logits, lse, targets - v0)
             picked += p
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.vocab_chunk, ctx.fused = vocab_chunk, fused
+        ctx.vocab_chunk, ctx.fused, ctx.softcap = vocab_chunk, fused, softcap
         return torch.where(targets != IGNORE_INDEX, picked - lse, 0.0)
 
     @staticmethod
@@ -97,20 +109,22 @@ class _HalfHeadLogprobs(torch.autograd.Function):
         for v0 in range(0, weight.shape[0], ctx.vocab_chunk):
             w = weight[v0 : v0 + ctx.vocab_chunk].to(hidden.dtype)  # (Vc, D)
             # the gradient matmuls run in the activation dtype too
-            d_logits = grad_of(_mm_wide(hidden, w.t()), lse, g, targets - v0, hidden.dtype)  # (N, Vc)
+            logits = softcap_logits(_mm_wide(hidden, w.t()), ctx.softcap)  # (N, Vc) fp32
+            d_logits = grad_of(logits, lse, g, targets - v0, hidden.dtype, ctx.softcap)  # (N, Vc)
             if grad_h is not None:
                 grad_h += _mm_wide(d_logits, w)  # (N, D)
             if grad_w is not None:
                 grad_w[v0 : v0 + ctx.vocab_chunk] = _mm_wide(d_logits.t(), hidden)  # (Vc, D)
         return (grad_h.to(hidden.dtype) if grad_h is not None else None,
-                grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None)
+                grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None, None)
 
 
 def token_logprobs(
     hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
-    half_matmul: Optional[bool] = None,
+    half_matmul: Optional[bool] = None, softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """log p(target_t | x_<=t) for every position, in fp32; 0.0 where targets == IGNORE_INDEX.
+    softcap (Gemma-2: 30): the logits are soft-capped, softcap * tanh(logits / softcap), first.
 
     hidden (..., D) in the activation dtype, head_weight (V, D), targets (...) int64 -> (...) fp32.
 
@@ -133,14 +147,14 @@ def token_logprobs(
         half_matmul = hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
     if half_matmul:
         vocab_chunk = max(1, chunk_size * head_weight.shape[0] // max(flat_h.shape[0], 1))
-        out = _HalfHeadLogprobs.apply(flat_h, head_weight, flat_t, vocab_chunk, flat_h.is_cuda)
+        out = _HalfHeadLogprobs.apply(flat_h, head_weight, flat_t, vocab_chunk, flat_h.is_cuda, softcap)
     else:
         # The fp32 copy of the head is made once, outside the chunks: its gradient then sums over
         # chunks in fp32 and is rounded to the parameter dtype once. It costs V * D * 4 bytes, far
         # less than the logits whenever there are more tokens than hidden units. No-op for fp32.
         weight = head_weight.float()
         out = torch.cat([
-            checkpoint(_chunk_logprobs, h, weight, t, use_reentrant=False)
+            checkpoint(_chunk_logprobs, h, weight, t, softcap, use_reentrant=False)
             for h, t in zip(flat_h.split(chunk_size), flat_t.split(chunk_size))
         ])
     # A fresh tensor, not a view: FSDP2 warns that in-place ops on a view returned by a wrapped

@@ -1,11 +1,19 @@
-"""One decoder for Llama-3 (3.0, 3.1, 3.2) and Gemma (2b, 7b).
+"""One decoder for Llama-3 (3.0, 3.1, 3.2), Gemma (2b, 7b), Gemma-2 and Gemma-3 (text).
 
-The two families differ in a handful of places, each marked `# Gemma:` where it acts:
+The families differ in a handful of places, each marked `# Gemma:` where it acts:
 RMSNorm scales by (1 + w), the embeddings are multiplied by sqrt(dim), and the MLP gate is
 tanh-GELU instead of SiLU (`family`); the output head is tied to the embedding when the config
 says so (`tie_embeddings`: Gemma's default, and Llama-3.2's). Llama-3.1/3.2 add the "llama3"
 RoPE frequency rescaling; Llama-3.2 ties the head too. head_dim is always explicit (Gemma-7b has
 head_dim 256 while dim / n_heads is 192).
+
+Gemma-2 and Gemma-3 add, each marked `# Gemma-2:` / `# Gemma-3:` where it acts: a norm after the
+attention and after the MLP (sandwich norms), the attention scale query_pre_attn_scalar**-0.5,
+local layers that attend within a sliding window (`layer_types`), and
+- Gemma-2: attention logits soft-capped, cap * tanh(s / cap) with cap 50, inside the kernel
+  (attention.py), and the output logits soft-capped at 30 (here and in losses.token_logprobs);
+- Gemma-3: RMS-normalised queries and keys (per head, before RoPE), and a RoPE base per layer type
+  (10k local, 1M global), the global layers' with the config's scaling ("linear" for 4b and up).
 
 Nothing here reads files or data: checkpoint.py builds ModelArgs from a config.json and fills the
 weights. For training, forward(..., targets=) returns log p(target) per token through
@@ -23,16 +31,18 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lion_min.core.attention import AttnMask, attend, build_mask, dense_mask
-from lion_min.core.losses import token_logprobs
+from lion_min.core.losses import softcap_logits, token_logprobs
 
-FAMILIES = ("llama", "gemma")
+FAMILIES = ("llama", "gemma", "gemma2", "gemma3_text")  # the config.json model_type
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
 class ModelArgs:
     family: str = "llama"
-    """'llama' or 'gemma'; switches the three documented differences (norm, embedding scale, GELU);
-    the tied head is `tie_embeddings`."""
+    """'llama', 'gemma', 'gemma2' or 'gemma3_text' (config.json's model_type); every Gemma switches
+    the three documented differences (norm, embedding scale, GELU), Gemma-2/3 add sandwich norms and
+    Gemma-3 QK-norm; the tied head is `tie_embeddings`."""
     vocab_size: int = 256
     dim: int = 64
     """hidden_size"""
@@ -47,7 +57,21 @@ class ModelArgs:
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None
     """Llama-3.1/3.2 'llama3' rescaling: factor, low_freq_factor, high_freq_factor,
-    original_max_position_embeddings."""
+    original_max_position_embeddings; or Gemma-3's 'linear' (factor), on its global layers only."""
+    rope_local_theta: Optional[float] = None
+    """Gemma-3: the RoPE base of the sliding-window layers (rope_local_base_freq, 10k), unscaled;
+    None: every layer uses rope_theta."""
+    layer_types: Optional[tuple] = None
+    """Per layer 'full_attention' or 'sliding_attention' (Gemma-2: alternating, starting local;
+    Gemma-3: five local then one global). None: all full."""
+    sliding_window: Optional[int] = None
+    """Tokens a query of a sliding layer sees, itself included (Gemma-2 4096, Gemma-3 512/1024)."""
+    query_pre_attn_scalar: Optional[float] = None
+    """Gemma-2/3: attention scale is this ** -0.5 (None: head_dim ** -0.5)."""
+    attn_softcap: Optional[float] = None
+    """Gemma-2: attention logits become cap * tanh(logits / cap) (50)."""
+    final_softcap: Optional[float] = None
+    """Gemma-2: output logits become cap * tanh(logits / cap) (30)."""
     max_seq_len: int = 8192
     tie_embeddings: bool = False
     bos_token_id: Optional[int] = None
@@ -63,11 +87,31 @@ class ModelArgs:
             raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(f"layer_types must name {self.n_layers} layers, each one of {LAYER_TYPES}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("sliding_attention layers need a sliding_window")
+
+    @property
+    def gemma(self) -> bool:
+        return self.family != "llama"
+
+    @property
+    def sandwich_norms(self) -> bool:
+        return self.family in ("gemma2", "gemma3_text")
+
+    def window(self, layer: int) -> Optional[int]:
+        """The sliding window of layer `layer`, None for a global (full attention) layer."""
+        local = self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if local else None
 
     def num_params(self, embedding: bool = True) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.dim * self.hidden_dim
-        per_layer = attn + mlp + 2 * self.dim
+        per_layer = attn + mlp + (4 if self.sandwich_norms else 2) * self.dim
+        per_layer += 2 * self.head_dim if self.family == "gemma3_text" else 0  # QK-norm weights
         emb = self.vocab_size * self.dim
         head = 0 if self.tie_embeddings else emb
         return self.n_layers * per_layer + self.dim + head + (emb if embedding else 0)
@@ -79,13 +123,16 @@ def checkpointing_mode(value) -> str:
     return ("full" if value else "off") if isinstance(value, bool) else value
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """(head_dim / 2,) fp32 inverse frequencies, with the Llama-3.1 rescaling when configured."""
+def rope_inv_freq(args: ModelArgs, local: bool = False) -> torch.Tensor:
+    """(head_dim / 2,) fp32 inverse frequencies, with the Llama-3.1 rescaling when configured;
+    local=True: Gemma-3's sliding layers (rope_local_theta, never scaled)."""
     exponents = torch.arange(0, args.head_dim, 2, dtype=torch.int64).float() / args.head_dim
-    inv_freq = 1.0 / (args.rope_theta**exponents)
+    inv_freq = 1.0 / ((args.rope_local_theta if local else args.rope_theta)**exponents)
     s = args.rope_scaling
-    if not s:
+    if not s or local:
         return inv_freq
+    if s["rope_type"] == "linear":  # Gemma-3 (4b and up), global layers: positions divided by factor
+        return inv_freq / s["factor"]
     # llama3: long wavelengths (beyond the original context / low_freq_factor) are slowed down by
     # `factor`, short ones (below context / high_freq_factor) are kept, and the band in between
     # is interpolated linearly in 1 / wavelength.
@@ -165,6 +212,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # Gemma-3: queries and keys RMS-normalised per head (Gemma's 1 + w) before RoPE.
+        qk_norm = args.family == "gemma3_text"
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps, gemma=True) if qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps, gemma=True) if qk_norm else None
+        # Gemma-2/3: scale by query_pre_attn_scalar ** -0.5 (Gemma-2-27b: not head_dim); others 1/sqrt(hd).
+        qpas = args.query_pre_attn_scalar
+        self.scale = None if qpas is None else qpas**-0.5
+        self.softcap = args.attn_softcap  # Gemma-2: 50, applied inside attend() to the scaled logits
         self.cache: Optional[KVCache] = None
 
     def forward(self, x, cos, sin, mask: AttnMask, cache_slots: Optional[torch.Tensor] = None):
@@ -172,10 +227,12 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # Gemma-3: QK-norm
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_slots is not None:  # a forward without slots ignores the cache (scoring, training)
             k, v = self.cache.update(cache_slots, k, v)  # (B, Hkv, max_len, hd)
-        y = attend(q, k, v, mask)  # (B, Hq, T, hd)
+        y = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)  # (B, Hq, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -186,41 +243,48 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down_proj
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up_proj
         # Gemma: config says "gelu", which in the original code means the tanh approximation.
-        self.act = (lambda g: F.gelu(g, approximate="tanh")) if args.family == "gemma" else F.silu
+        self.act = (lambda g: F.gelu(g, approximate="tanh")) if args.gemma else F.silu
 
     def forward(self, x):
         return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
 def project(h: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor] = None,
-            chunk: int = 1024) -> torch.Tensor:
+            chunk: int = 1024, softcap: Optional[float] = None) -> torch.Tensor:
     """The output head: h (B, T, dim) -> logits (B, T, vocab) in h's dtype, or, given targets, the
-    per-token log p(target) (B, T) fp32 without ever holding the full fp32 logits (losses.py)."""
+    per-token log p(target) (B, T) fp32 without ever holding the full fp32 logits (losses.py).
+    softcap (Gemma-2: 30): logits become softcap * tanh(logits / softcap), on both paths."""
     if targets is None:
-        return F.linear(h, weight)
-    return token_logprobs(h, weight, targets, chunk_size=chunk)
+        return softcap_logits(F.linear(h, weight), softcap)
+    return token_logprobs(h, weight, targets, chunk_size=chunk, softcap=softcap)
 
 
 class Head(nn.Linear):
     """The untied output projection. A module rather than a bare weight so that FSDP can make it a
     unit of its own with the final norm (parallel.py): FSDP gathers a unit's weights in its forward."""
 
-    def forward(self, h: torch.Tensor, targets: Optional[torch.Tensor] = None, chunk: int = 1024) -> torch.Tensor:
-        return project(h, self.weight, targets, chunk)
+    def forward(self, h: torch.Tensor, targets: Optional[torch.Tensor] = None, chunk: int = 1024,
+                softcap: Optional[float] = None) -> torch.Tensor:
+        return project(h, self.weight, targets, chunk, softcap)
 
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        gemma = args.family == "gemma"
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps, gemma)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, args.gemma)
         self.attention = Attention(args)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, gemma)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.gemma)
         self.feed_forward = FeedForward(args)
+        # Gemma-2/3: sandwich norms, on the attention's and the MLP's outputs before each residual add.
+        sandwich = args.sandwich_norms
+        self.post_attention_norm = RMSNorm(args.dim, args.norm_eps, True) if sandwich else None
+        self.post_ffn_norm = RMSNorm(args.dim, args.norm_eps, True) if sandwich else None
 
     def forward(self, x, cos, sin, mask: AttnMask, cache_slots=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_slots)
-        return x + self.feed_forward(self.ffn_norm(x))
+        h = self.attention(self.attention_norm(x), cos, sin, mask, cache_slots)
+        x = x + (h if self.post_attention_norm is None else self.post_attention_norm(h))
+        h = self.feed_forward(self.ffn_norm(x))
+        return x + (h if self.post_ffn_norm is None else self.post_ffn_norm(h))
 
 
 class Transformer(nn.Module):
@@ -229,10 +293,13 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps, args.family == "gemma")
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.gemma)
         # Gemma and Llama-3.2: the head reuses the embedding matrix (no separate parameter).
         self.output = None if args.tie_embeddings else Head(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        # Gemma-3: the sliding layers' RoPE base (10k, unscaled) beside the global layers' (1M).
+        local = rope_inv_freq(args, local=True) if args.rope_local_theta is not None else None
+        self.register_buffer("inv_freq_local", local, persistent=False)
         # The doc id written in each KV-cache slot while caches are set up (setup_caches); a buffer,
         # like the caches, so that torch.compile sees it as module state rather than a loose input.
         self.register_buffer("cache_doc", None, persistent=False)
@@ -261,6 +328,8 @@ class Transformer(nn.Module):
 
     def init_buffers(self):
         self.inv_freq = rope_inv_freq(self.args).to(self.tok_embeddings.weight.device)
+        if self.inv_freq_local is not None:
+            self.inv_freq_local = rope_inv_freq(self.args, local=True).to(self.inv_freq.device)
 
     def forward(
         self,
@@ -277,9 +346,10 @@ class Transformer(nn.Module):
         and it never materialises the full fp32 logits (see losses.token_logprobs).
         """
         h = self.hidden(tokens, positions, doc_ids, cache_slots)
+        cap = self.args.final_softcap  # Gemma-2: output logits soft-capped at 30
         if self.output is not None:
-            return self.output(h, targets, logits_chunk)
-        return project(h, self.tok_embeddings.weight, targets, logits_chunk)  # tied: the embedding matrix
+            return self.output(h, targets, logits_chunk, cap)
+        return project(h, self.tok_embeddings.weight, targets, logits_chunk, cap)  # tied: the embedding matrix
 
     def hidden(
         self,
@@ -299,16 +369,24 @@ class Transformer(nn.Module):
             start = 0 if cache_slots is None else cache_slots[0]
             positions = (torch.arange(T, device=tokens.device) + start).expand(B, T)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        if self.args.family == "gemma":
+        if self.args.gemma:
             # Gemma: scale by sqrt(dim), the factor first rounded to the activation dtype (as trained).
             h = h * torch.tensor(self.args.dim**0.5, dtype=h.dtype)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        # Gemma-2/3: local (sliding-window) layers see only the last `sliding_window` tokens of their
+        # own document, so they get a mask of their own (keyed by window, None = global); Gemma-3's
+        # also their own RoPE base.
+        global_rope = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        local_rope = global_rope if self.inv_freq_local is None else rope_cos_sin(self.inv_freq_local, positions, h.dtype)
+        windows = {self.args.window(i) for i in range(len(self.layers))}
         if cache_slots is not None:
-            mask = self._cache_mask(doc_ids, cache_slots, B)
+            masks = {w: self._cache_mask(doc_ids, cache_slots, B, w) for w in windows}
         else:
-            mask = build_mask(doc_ids, self.attn_backend, h.dtype)
+            masks = {w: build_mask(doc_ids, self.attn_backend, h.dtype, window=w, softcap=self.args.attn_softcap,
+                                   rows=(B, T, tokens.device)) for w in windows}
         ac = checkpointing_mode(self.activation_checkpointing)
         for i, layer in enumerate(self.layers):
+            window = self.args.window(i)
+            (cos, sin), mask = global_rope if window is None else local_rope, masks[window]
             # selective: blocks 0, 2, 4, ... (torchtitan's layer-wise selective AC at frequency 2 takes
             # 1, 3, 5, ...: the same number of blocks for an even number of layers)
             if torch.is_grad_enabled() and (ac == "full" or (ac == "selective" and i % 2 == 0)):
@@ -341,8 +419,11 @@ class Transformer(nn.Module):
             layer.attention.cache = None
         self.cache_doc = None
 
-    def _cache_mask(self, doc_ids, cache_slots, batch) -> AttnMask:
+    def _cache_mask(self, doc_ids, cache_slots, batch, window: Optional[int] = None) -> AttnMask:
+        """The dense mask of queries at `cache_slots` over the whole cache. A row's real tokens fill
+        consecutive slots, so a sliding window over slots is the window over positions, in prefill
+        and in every decode step past the window."""
         q_doc = doc_ids if doc_ids is not None else cache_slots.new_zeros(batch, len(cache_slots))
         self.cache_doc[:, cache_slots] = q_doc
         k_slots = torch.arange(self.cache_doc.shape[1], device=cache_slots.device)
-        return AttnMask("sdpa", dense=dense_mask(q_doc, cache_slots, self.cache_doc, k_slots))
+        return AttnMask("sdpa", dense=dense_mask(q_doc, cache_slots, self.cache_doc, k_slots, window))

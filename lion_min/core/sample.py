@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from lion_min.core.losses import softcap_logits
 from lion_min.core.model import Transformer
 
 
@@ -113,7 +114,8 @@ def _last_logits(model: Transformer, tokens, positions, doc_ids, slots) -> torch
     # Only the last position is projected onto the vocabulary: a full (B, T, V) prefill logits tensor
     # would be 64 x 512 x 256k floats for Gemma.
     h = model.hidden(tokens, positions=positions, doc_ids=doc_ids, cache_slots=slots)[:, -1]  # (B, dim)
-    return F.linear(h, model.head_weight)  # (B, V), model dtype
+    # Gemma-2: the output soft-cap (30) is part of the distribution sampled from, not only the argmax.
+    return softcap_logits(F.linear(h, model.head_weight), model.args.final_softcap)  # (B, V), model dtype
 
 
 # Compiled lazily, at the first call (torch.compile imports torch._dynamo, seconds, only then);

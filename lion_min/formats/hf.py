@@ -7,7 +7,9 @@ Writing goes to a temporary folder that is renamed into place, so a crash leaves
 An export is the folder it was loaded from with only what training changed: config.json and
 generation_config.json are written back as read (args.hf_config, args.hf_generation_config), the
 tokenizer writes back its own files, and the differences are the weights, their dtype, the chat
-template and its end-of-turn token among the stop ids (tests/test_checkpoint.py names each).
+template and its end-of-turn token among the stop ids (tests/test_checkpoint.py names each). One
+exception: a multimodal Gemma-3 folder is read for its language model only, and its export is that
+language model as a text-only Gemma-3 (gemma3_text_config).
 """
 
 import json
@@ -24,7 +26,7 @@ from safetensors.torch import save_file
 
 from lion_min.core.chat import TEMPLATES, template_of
 from lion_min.formats.hub import did_you_mean, hub_error, looks_local
-from lion_min.core.model import ModelArgs, Transformer
+from lion_min.core.model import LAYER_TYPES, ModelArgs, Transformer
 from lion_min.formats.tokenizer import Tokenizer
 
 
@@ -44,6 +46,15 @@ _LAYER_KEYS = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+# Gemma-2/3 (sandwich norms): HF's post_attention_layernorm is the norm on the attention's OUTPUT,
+# and the MLP's input norm is pre_feedforward_layernorm; Gemma-3 adds the QK-norm weights.
+_SANDWICH_KEYS = _LAYER_KEYS | {
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffn_norm.weight": "post_feedforward_layernorm.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
+}
 _TOP_KEYS = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -51,17 +62,20 @@ _TOP_KEYS = {
 }
 
 
-def hf_name(name: str) -> str:
-    """Our parameter name -> the Hugging Face tensor name."""
+def hf_name(name: str, sandwich: bool = False) -> str:
+    """Our parameter name -> the Hugging Face tensor name (sandwich: Gemma-2/3, args.sandwich_norms)."""
     if name in _TOP_KEYS:
         return _TOP_KEYS[name]
     _, i, rest = name.split(".", 2)  # layers.{i}.{rest}
-    return f"model.layers.{i}.{_LAYER_KEYS[rest]}"
+    return f"model.layers.{i}.{(_SANDWICH_KEYS if sandwich else _LAYER_KEYS)[rest]}"
 
 
 # --- config.json ---------------------------------------------------------------------------------
 
-_ACTIVATIONS = {"llama": {"silu"}, "gemma": {"gelu", "gelu_pytorch_tanh"}}
+_GELU_TANH = {"gelu", "gelu_pytorch_tanh"}
+_ACTIVATIONS = {"llama": {"silu"}, "gemma": _GELU_TANH, "gemma2": _GELU_TANH, "gemma3_text": _GELU_TANH}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
@@ -85,28 +99,39 @@ def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
             raise CheckpointError(f"{source}: {key} must be a number, got {value!r}")
 
     family = need("model_type")
+    if family == "gemma3":  # multimodal Gemma-3 (4b, 12b, 27b): its language model, as a text-only Gemma-3
+        return args_from_config(gemma3_text_config(cfg, source), source)
     if family not in _ACTIVATIONS:
-        raise CheckpointError(f"{source}: model_type {family!r} is not supported (supported: llama, gemma)")
+        raise CheckpointError(f"{source}: model_type {family!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
     if act not in _ACTIVATIONS[family]:
         raise CheckpointError(f"{source}: hidden_act {act!r} is not supported for {family}")
-    for key in ("attention_bias", "mlp_bias"):
+    for key in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
         if cfg.get(key):
             raise CheckpointError(f"{source}: {key}=true is not supported")
 
-    # transformers 5 folds rope_theta and rope_scaling into one rope_parameters dict.
+    # transformers 5 folds rope_theta and rope_scaling into one rope_parameters dict; for Gemma-3, one
+    # per layer type, the global layers' under "full_attention" and the local ones' under "sliding_attention".
     rope = cfg.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    local_rope = rope.get("sliding_attention") if family == "gemma3_text" else None
+    rope = rope.get("full_attention", rope) if family == "gemma3_text" else rope
+    default_theta = 1_000_000.0 if family == "gemma3_text" else 10000.0  # transformers' defaults
+    theta = rope.get("rope_theta", cfg.get("rope_theta", default_theta))
     scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "llama3":
-            raise CheckpointError(f"{source}: rope type {kind!r} is not supported (supported: default, llama3)")
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        # Gemma-3 (4b and up) scales its global layers linearly; Llama-3.1/3.2 use "llama3".
+        supported = ("linear",) if family == "gemma3_text" else ("llama3",)
+        if kind not in supported:
+            raise CheckpointError(f"{source}: rope type {kind!r} is not supported for {family} (supported: default, "
+                                  f"{', '.join(supported)})")
+        keys = ("factor",) if kind == "linear" else ("factor", "low_freq_factor", "high_freq_factor",
+                                                     "original_max_position_embeddings")
         for k in keys:
             if k not in scaling:
                 raise CheckpointError(f"{source}: rope scaling is missing key {k!r}")
-        scaling = {k: scaling[k] for k in keys} | {"rope_type": "llama3"}
+        scaling = {k: scaling[k] for k in keys} | {"rope_type": kind}
+    gemma23 = _gemma23_args(cfg, family, local_rope, source) if family in ("gemma2", "gemma3_text") else {}
 
     heads = need("num_attention_heads")
     kv_heads = cfg.get("num_key_value_heads") or heads
@@ -128,12 +153,69 @@ def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         rope_scaling=scaling,
         max_seq_len=cfg.get("max_position_embeddings", 8192),
         # Gemma checkpoints tie their head (the default when the key is absent); Llama says so (3.2 ties).
-        tie_embeddings=cfg.get("tie_word_embeddings", family == "gemma"),
+        tie_embeddings=cfg.get("tie_word_embeddings", family != "llama"),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
         hf_config=dict(cfg),
+        **gemma23,
     )
+
+
+# transformers' Gemma3TextConfig defaults: the hub's multimodal Gemma-3 files list in text_config only
+# the keys that differ from them (gemma-3-4b: hidden_size, intermediate_size, num_hidden_layers,
+# rope_scaling, sliding_window).
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+    rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, query_pre_attn_scalar=256,
+    sliding_window=4096, sliding_window_pattern=6, final_logit_softcapping=None, attn_logit_softcapping=None,
+    tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+)
+
+
+def gemma3_text_config(cfg: dict, source: str) -> dict:
+    """The config.json of the language model inside a multimodal Gemma-3 config (model_type "gemma3"):
+    its text_config over transformers' defaults, the special ids from the outer file where the inner
+    one lacks them. lion_min reads and trains that language model alone, and exports it as a text-only
+    Gemma3ForCausalLM folder (the vision tower is not read, so not written)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{source}: model_type 'gemma3' (multimodal Gemma-3) without a text_config object")
+    ids = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
+    return _GEMMA3_TEXT_DEFAULTS | ids | text | {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+
+
+def _gemma23_args(cfg: dict, family: str, local_rope: Optional[dict], source: str) -> dict:
+    """The ModelArgs fields only Gemma-2 and Gemma-3 have, with transformers' defaults for absent keys
+    (older Gemma-2 files have no layer_types; Gemma-3 files give sliding_window_pattern instead)."""
+    n = cfg.get("num_hidden_layers")
+    layer_types = cfg.get("layer_types")
+    if layer_types is None and family == "gemma2":  # alternating, layer 0 local
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    elif layer_types is None:  # Gemma-3: every `pattern`-th layer global
+        pattern = cfg.get("sliding_window_pattern", 6)
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if not isinstance(layer_types, list) or len(layer_types) != n or not set(layer_types) <= set(LAYER_TYPES):
+        raise CheckpointError(f"{source}: layer_types must list {n} entries, each one of {', '.join(LAYER_TYPES)}")
+    window = cfg.get("sliding_window", 4096)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        raise CheckpointError(f"{source}: sliding_window must be a positive integer, got {window!r}")
+    gemma2 = family == "gemma2"
+    out = dict(
+        layer_types=tuple(layer_types),
+        sliding_window=window,
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),
+        # Gemma-2 soft-caps (50 / 30 when the key is absent); Gemma-3 has none unless its config says so.
+        attn_softcap=cfg.get("attn_logit_softcapping", 50.0 if gemma2 else None),
+        final_softcap=cfg.get("final_logit_softcapping", 30.0 if gemma2 else None),
+    )
+    if not gemma2:  # Gemma-3: the local layers' own RoPE base
+        if local_rope and local_rope.get("rope_type", "default") != "default":
+            raise CheckpointError(f"{source}: rope type {local_rope['rope_type']!r} on the sliding layers is not "
+                                  f"supported (supported: default)")
+        out["rope_local_theta"] = float((local_rope or {}).get("rope_theta", cfg.get("rope_local_base_freq", 10000.0)))
+    return out
 
 
 def _architecture(args: ModelArgs) -> dict:
@@ -146,12 +228,11 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
     `architectures` where it is not the causal LM). Otherwise (args built in code, or changed since)
     every architectural key is written from args, in the old key style that transformers 4.4x and 5
     both read."""
-    gemma = args.family == "gemma"
     cfg = dict(args.hf_config)
     if not cfg or _architecture(args_from_config(cfg)) != _architecture(args):
         cfg = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "dtype", "torch_dtype", "hidden_activation")}
         cfg.update(_architecture_keys(args))
-    cfg["architectures"] = ["GemmaForCausalLM" if gemma else "LlamaForCausalLM"]
+    cfg["architectures"] = [_ARCHITECTURES[args.family]]
     # transformers 5 writes "dtype", 4.x (and the hub's files) "torch_dtype"; 5 reads both.
     for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
         cfg[key] = str(dtype).removeprefix("torch.")
@@ -159,8 +240,8 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
 
 
 def _architecture_keys(args: ModelArgs) -> dict:
-    gemma = args.family == "gemma"
-    return dict(
+    gemma = args.gemma
+    keys = dict(
         model_type=args.family,
         vocab_size=args.vocab_size,
         hidden_size=args.dim,
@@ -180,6 +261,13 @@ def _architecture_keys(args: ModelArgs) -> dict:
         eos_token_id=args.eos_token_id,
         pad_token_id=args.pad_token_id,
     )
+    if args.sandwich_norms:  # Gemma-2/3
+        keys.update(layer_types=list(args.layer_types), sliding_window=args.sliding_window,
+                    query_pre_attn_scalar=args.query_pre_attn_scalar, attn_logit_softcapping=args.attn_softcap,
+                    final_logit_softcapping=args.final_softcap)
+    if args.rope_local_theta is not None:  # Gemma-3
+        keys["rope_local_base_freq"] = args.rope_local_theta
+    return keys
 
 
 def generation_config(args: ModelArgs, stop_id: Optional[int] = None) -> dict:
@@ -285,9 +373,11 @@ def weight_files(folder: Path) -> list[Path]:
 def load_weights(model: Transformer, files: list[Path], extra: Optional[dict] = None) -> None:
     """Copy every tensor from `files` into `model` (already allocated), checking names and shapes.
 
-    `extra` maps additional HF names to parameters (e.g. a reward model's score head)."""
+    `extra` maps additional HF names to parameters (e.g. a reward model's score head). A multimodal
+    Gemma-3 folder's language model is read from under `language_model.`; its vision tower and
+    projector are left out (gemma3_text_config)."""
     params = dict(model.named_parameters())
-    wanted = {hf_name(n): p for n, p in params.items()} | (extra or {})
+    wanted = {hf_name(n, model.args.sandwich_norms): p for n, p in params.items()} | (extra or {})
     seen = set()
     tied_head = model.output is None
     for file in files:
@@ -297,20 +387,25 @@ def load_weights(model: Transformer, files: list[Path], extra: Optional[dict] = 
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
         with handle as f:
             for key in f.keys():
-                if key not in wanted:
-                    if tied_head and key == "lm_head.weight":
+                name = key
+                if model.args.family == "gemma3_text":  # Gemma-3: the language model of a multimodal folder
+                    if key.startswith(("vision_tower.", "multi_modal_projector.")):
+                        continue
+                    name = key.removeprefix("language_model.")
+                if name not in wanted:
+                    if tied_head and name == "lm_head.weight":
                         continue  # some tied checkpoints store the head copy too; it is the embedding
                     if key.endswith("rotary_emb.inv_freq"):
                         continue  # older exports saved the RoPE buffer; we recompute it
                     raise CheckpointError(f"{file}: unexpected tensor {key!r}")
                 tensor = f.get_tensor(key)
-                p = wanted[key]
+                p = wanted[name]
                 if tuple(tensor.shape) != tuple(p.shape):
                     raise CheckpointError(
                         f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies {tuple(p.shape)}")
                 with torch.no_grad():
                     p.copy_(tensor)
-                seen.add(key)
+                seen.add(name)
     missing = sorted(set(wanted) - seen)
     if missing:
         where = files[0].parent
@@ -411,14 +506,15 @@ def atomic_dir(out_dir: Path):
     return _Atomic()
 
 
-def hf_state_dict(state_dict: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+def hf_state_dict(state_dict: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
+                  sandwich: bool = False) -> dict[str, torch.Tensor]:
     """Our names -> Hugging Face names, as contiguous CPU tensors (the tied head is not written)."""
     out = {}
     for name, p in state_dict.items():
         if name == "inv_freq":
             continue
         t = p.detach()
-        out[hf_name(name)] = t.to("cpu", dtype or t.dtype).contiguous()
+        out[hf_name(name, sandwich)] = t.to("cpu", dtype or t.dtype).contiguous()
     return out
 
 
@@ -469,7 +565,8 @@ def save_model(
         stop_id = tokenizer.token_id(known.end_of_turn) if known else None
     elif chat_template is not None:
         raise ValueError("save_model: a chat_template is stored with the tokenizer; pass tokenizer= too")
-    tensors = hf_state_dict(state_dict if state_dict is not None else model.state_dict(), dtype)
+    tensors = hf_state_dict(state_dict if state_dict is not None else model.state_dict(), dtype,
+                            model.args.sandwich_norms)
     saved_dtype = next(iter(tensors.values())).dtype
     args = model.args
     with atomic_dir(out_dir) as tmp:

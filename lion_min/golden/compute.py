@@ -277,7 +277,8 @@ def compute(cfg: GoldenConfig) -> Golden:
     except ChatFormatError as e:  # say which file the template refused
         raise ChatFormatError(f"{cfg.data}: {e}") from None
 
-    grads = {hf_name(n): p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {hf_name(n, model.args.sandwich_norms): p.grad.float() for n, p in model.named_parameters()
+             if p.grad is not None}
     per_tensor = {n: g.norm().item() for n, g in grads.items()}
     meta = {
         "format": FORMAT,
@@ -305,4 +306,5 @@ def _one_step(cfg: GoldenConfig, folder: Path, model) -> dict[str, float]:
             p32.grad = None if p.grad is None else p.grad.float()
     before = {n: p.detach().clone() for n, p in master.named_parameters()}
     make_optimizer(master, cfg).step()
-    return {hf_name(n): (p.detach() - before[n]).norm().item() for n, p in master.named_parameters()}
+    sandwich = master.args.sandwich_norms
+    return {hf_name(n, sandwich): (p.detach() - before[n]).norm().item() for n, p in master.named_parameters()}

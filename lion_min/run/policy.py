@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from lion_min.core.attention import varlen_model_problem
 from lion_min.core.chat import TEMPLATES, template_line, template_of, with_template_tokens
 from lion_min.formats.hf import grow_vocab, load_model, read_config, resolve_path
 from lion_min.run.config import DTYPES, ConfigError
@@ -47,6 +48,9 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
     chat template's tokens; new ids grow the embedding: build_from_folder)."""
     folder = folder or resolve_path(cfg.model, cfg.revision)
     args = read_config(folder)
+    problem = varlen_model_problem(args.attn_softcap, args.sliding_window) if cfg.attn_backend == "varlen" else None
+    if problem:  # Gemma-2/3 (config.py has refused varlen where the device cannot run it at all)
+        raise ConfigError(f"--attn_backend=varlen: {problem} in {folder}; use --attn_backend=flex or sdpa")
     tokenizer = Tokenizer.from_dir(folder)
     check_vocab(tokenizer, args, folder)
     tokenizer = chat_tokenizer(cfg, folder, tokenizer)
@@ -81,7 +85,8 @@ def check_same_architecture(ref_folder: Path, args, flag: str = "--ref_model"):
     ref = read_config(ref_folder)
     # The reference is built with the policy's ModelArgs, so everything they hold must agree.
     keys = ("family", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
-            "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling")
+            "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling", "rope_local_theta", "layer_types",
+            "sliding_window", "query_pre_attn_scalar", "attn_softcap", "final_softcap")  # the last six: Gemma-2/3
     diff = [f"{k} {getattr(ref, k)} vs {getattr(args, k)}" for k in keys if getattr(ref, k) != getattr(args, k)]
     if diff:
         raise ConfigError(f"{flag}={ref_folder}: another architecture than --model ({', '.join(diff)})")

@@ -145,6 +145,11 @@ VECTORS = {
                                             train_on="last", system_prompt=""),
     "sft-llama-3.2-1b-bf16": _SFT | dict(model="tests/golden/models/llama-3.2-1b", chat_template="llama3",
                                          dtype="bfloat16", lr=1e-3),
+    # Gemma-2 / Gemma-3: sliding window of 4 tokens (conftest), so every packed document runs past it.
+    "sft-gemma-2-2b-chatml": _SFT | dict(model="tests/golden/models/gemma-2-2b-it", chat_template="chatml",
+                                         system_prompt="", lr=1e-3),
+    "sft-gemma-3-1b-gemma": _SFT | dict(model="tests/golden/models/gemma-3-1b-it",
+                                        data="tests/golden/data/chats_gemma.jsonl", chat_template="gemma", lr=1e-3),
     # DPO: llama-3.2-1b (tied head) against its nudged copy; sides of 96 tokens, prompts cut to 48.
     "dpo-sigmoid": _DPO | dict(beta=0.1, lr=1e-3),
     "dpo-cdpo": _DPO | dict(beta=0.1, label_smoothing=0.2),
