@@ -88,7 +88,7 @@ def run_cli(main) -> None:
         rank = int(os.environ.get("RANK", "0"))
         same_everywhere = isinstance(e, (ConfigError, FileNotFoundError, DataError, ChatFormatError, TokenizerError))
         peer_failed = isinstance(e, loaded("parallel", "PeerFailed"))  # (said by that peer)
-        if not peer_failed and (rank == 0 or not same_everywhere):
+        if not peer_failed and (rank == 0 or not same_everywhere or getattr(e, "said_by_this_rank", False)):
             # One line, even when a library's message (huggingface_hub's, say) spans several.
             message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
             print(f"error: {message}", file=sys.stderr)

@@ -39,7 +39,7 @@ from lion_min.policy import (build_from_folder, chat_tokenizer, check_same_archi
 from lion_min.prepare import (CODE, ENCODE_BATCH as SHARD_BATCH, Prepared, Sequences, ShardWriter, cache_root,
                               cache_fingerprint, concat_shards, data_identity, input_names, open_prepared, prepare_folder,
                               token_dtype, tokenizer_identity, uses_seed)
-from lion_min.run_dir import claim
+from lion_min.run_dir import agree_on_inputs, claim
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import TrainResult, train
 from lion_min.train_state import WRITE_ERRORS, CheckpointWriteError, one_line
@@ -396,6 +396,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     if not cfg.data:
         raise ConfigError("--data is required (run with no flags at all for the built-in demo)")
     d = init_distributed(cfg.device)
+    agree_on_inputs(cfg, d)  # every rank sees the same files, before any is read
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, d.device)
     if d.main:

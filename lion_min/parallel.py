@@ -116,6 +116,7 @@ def raise_if_any(error: Optional[BaseException], d: Dist) -> None:
     if not failed:
         return
     if d.rank == failed[0]:
+        error.said_by_this_rank = True  # cli.run_cli prints it here, even an error every rank usually shares
         raise error
     raise PeerFailed(f"rank {failed[0]} failed: {messages[failed[0]]}")
 
