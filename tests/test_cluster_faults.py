@@ -323,6 +323,151 @@ def test_an_unwritable_or_full_cache_names_the_folder_and_data_cache_off(tiny_ch
     assert not (tmp_path / "run").exists() and not (cache.exists() and list(cache.iterdir()))
 
 
+# --- 5. inputs that real data sets contain --------------------------------------------------------
+
+RECORD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def jsonl(path: Path, n: int = 10, record: dict = RECORD) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for _ in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("spec", ["data", "data/*.jsonl", "data/b.jsonl"])
+def test_a_dangling_link_in_the_data_is_named(tmp_path, monkeypatch, spec):
+    from lion_min.data import load_conversations
+    from lion_min.data_files import DataError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    jsonl(tmp_path / "data" / "a.jsonl")
+    os.symlink(tmp_path / "moved" / "b.jsonl", tmp_path / "data" / "b.jsonl")
+    with pytest.raises(DataError, match=rf"^data/b.jsonl: a link to {tmp_path}/moved/b.jsonl, which does not exist$"):
+        load_conversations(spec)
+
+
+def test_an_existing_path_with_a_comma_is_one_file_and_a_mixture_says_how_to_name_it(tmp_path, monkeypatch):
+    from lion_min.data import load_conversations
+    from lion_min.data_files import DataError
+
+    monkeypatch.chdir(tmp_path)
+    jsonl(tmp_path / "chat,v2.jsonl", 10)
+    jsonl(tmp_path / "other.jsonl", 3)
+    assert len(load_conversations("chat,v2.jsonl")[0]) == 10
+    assert len(load_conversations("chat,v2.jsonl:0.5")[0]) == 5
+    with pytest.raises(DataError, match=r"chat,v2.jsonl has a comma in its name.*give the mixture as JSON"):
+        load_conversations("other.jsonl,chat,v2.jsonl")
+    assert len(load_conversations('[{"path": "other.jsonl"}, {"path": "chat,v2.jsonl"}]')[0]) == 13
+
+
+def test_a_mixture_fraction_that_keeps_no_record_is_named(tmp_path):
+    from lion_min.data import load_conversations
+    from lion_min.data_files import DataError
+
+    a, b = jsonl(tmp_path / "a.jsonl", 10), jsonl(tmp_path / "b.jsonl", 10)
+    with pytest.raises(DataError, match=rf"^{b}: its fraction 0.04 keeps 0 of its 10 records; raise it"):
+        load_conversations(f"{a},{b}:0.04")
+    assert len(load_conversations(f"{a},{b}:0.05")[0]) == 11  # round half up: 1 of 10
+
+
+def test_a_line_longer_than_the_limit_is_one_line_without_reading_it_whole(tmp_path, monkeypatch):
+    from lion_min import data
+    from lion_min.data_files import DataError
+
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 1 << 20)
+    path = jsonl(tmp_path / "a.jsonl", 3)
+    with open(path, "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]}) + "\n")
+    read = []
+    # The reader asks for at most the limit (+1) at a time: a huge line is never held whole.
+    monkeypatch.setattr(data, "open", lambda *a, **k: Spy(open(*a, **k), read), raising=False)
+    with pytest.raises(DataError, match=rf"^{path}: line 4 is longer than 1 MiB, the most a record may hold"):
+        data.load_conversations(str(path))
+    assert max(read) <= (1 << 20) + 1
+
+
+class Spy:
+    """A file whose readline sizes are recorded."""
+
+    def __init__(self, f, sizes):
+        self.f, self.sizes = f, sizes
+
+    def readline(self, size=-1):
+        line = self.f.readline(size)
+        self.sizes.append(len(line) if size < 0 else size)
+        return line
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("layout", ["json lines", "json array", "jsonl"])
+def test_a_prompts_file_is_read_as_data_is_read(tmp_path, layout):
+    """A .json holding JSON lines (as datasets' to_json writes it) is records, not literal text."""
+    from lion_min.sample import read_prompts
+
+    records = [{"prompt": "What is 2 + 2?"}, {"messages": [{"role": "user", "content": "Hi"},
+                                                           {"role": "assistant", "content": "Hello"}]}]
+    path = tmp_path / ("prompts.jsonl" if layout == "jsonl" else "prompts.json")
+    path.write_text(json.dumps(records) if layout == "json array" else "".join(json.dumps(r) + "\n" for r in records))
+    assert read_prompts(str(path)) == ["What is 2 + 2?", [{"role": "user", "content": "Hi"}]]
+    (tmp_path / "prompts.txt").write_text("What is 2 + 2?\n{not json\n")
+    assert read_prompts(str(tmp_path / "prompts.txt")) == ["What is 2 + 2?", "{not json"]  # text: a prompt a line
+
+
+def test_a_recipe_with_a_quoted_number_names_the_file_and_key(tiny_chat_model, tmp_path, capsys):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[shared]\nseed = 1\n\n[sft]\nlr = "2e-5"\n')
+    status, err = run_cli_exit([f"--config={recipe}", f"--model={tiny_chat_model['model']}",
+                                f"--data={tiny_chat_model['data']}", f"--out_dir={tmp_path / 'run'}"], capsys)
+    assert status == 2
+    assert err == f"error: {recipe}: lr: expected float, got '2e-5' (a string: write it without quotes)\n"
+    recipe.write_text('[sft]\nlr = 2e-5\nmax_steps = 1.5\n')
+    status, err = run_cli_exit([f"--config={recipe}", f"--model={tiny_chat_model['model']}"], capsys)
+    assert status == 2 and err == f"error: {recipe}: max_steps: expected int, got 1.5\n"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("seed, ok", [(2**32 - 1, True), (2**32, False), (2**64, False)])
+def test_a_seed_that_does_not_fit_is_refused_before_anything_loads(seed, ok):
+    from lion_min.config import OnlineConfig, SFTConfig
+    from lion_min.flags import parse_cli
+
+    for cls in (SFTConfig, OnlineConfig):
+        if ok:
+            assert parse_cli(cls, {}, [f"--seed={seed}"]).seed == seed
+        else:
+            with pytest.raises(ConfigError, match=rf"^--seed={seed}: must be in \[0, 4294967295\]$"):
+                parse_cli(cls, {}, [f"--seed={seed}"])
+    if ok:  # the online stage's largest sampling seed fits torch's generator
+        import torch
+
+        torch.Generator().manual_seed((seed + 100) * 100003 + 1023 * 1009 + 10**9)
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 1234\n",
+     "a Git LFS pointer, not the file (git lfs pull fetches it)"),
+    (b"<html>404</html>", "not a safetensors file (")])
+def test_golden_compare_of_a_file_that_is_not_safetensors_exits_2(tmp_path, content, says):
+    vectors = ROOT / "tests" / "golden" / "vectors" / "dpo-ipo"
+    shutil.copytree(vectors, tmp_path / "actual")
+    (tmp_path / "actual" / "golden.safetensors").write_bytes(content)
+    res = subprocess.run([sys.executable, "-m", "lion_min.golden", "compare", str(vectors), str(tmp_path / "actual")],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"error: {tmp_path / 'actual' / 'golden.safetensors'}: {says}")
+    same = subprocess.run([sys.executable, "-m", "lion_min.golden", "compare", str(vectors), str(vectors)],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert same.returncode == 0  # (and 1 when numbers differ: tests/test_golden.py)
+
+
 # --- the worker of the subprocess tests --------------------------------------------------------------
 
 
