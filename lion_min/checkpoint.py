@@ -409,12 +409,14 @@ def atomic_dir(out_dir: Path):
             if not out_dir.exists():
                 self.tmp.rename(out_dir)
                 return False
-            for stale in [f for pattern in EXPORT_FILES for f in out_dir.glob(pattern)]:
-                if stale.is_file() and not (self.tmp / stale.name).exists():
-                    stale.unlink()
-            for f in new:
-                os.replace(f, out_dir / f.name)
-            self.tmp.rmdir()
+            try:
+                for stale in [f for pattern in EXPORT_FILES for f in out_dir.glob(pattern)]:
+                    if stale.is_file() and not (self.tmp / stale.name).exists():
+                        stale.unlink()
+                for f in new:
+                    os.replace(f, out_dir / f.name)
+            finally:  # (a move that failed leaves no temporary folder either; config.json moves last)
+                shutil.rmtree(self.tmp, ignore_errors=True)
             return False
 
     return _Atomic()
