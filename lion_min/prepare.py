@@ -398,7 +398,7 @@ def damage(folder: Path) -> Optional[str]:
             return "meta.json is not this folder's"
         for split in [folder / "train"] + ([folder / "eval"] if (folder / "eval").is_dir() else []):
             info = json.loads((split / "split.json").read_text())
-            arrays = {f.name: np.load(f) for f in sorted(split.glob("*.npy"))}  # a short .npy does not load
+            arrays = {f.name: np.load(f, mmap_mode="r") for f in sorted(split.glob("*.npy"))}  # (a short one fails)
             docs = arrays["docs.npy"]
             if len(docs) == 0 or docs[0] != 0 or (np.diff(docs) < 0).any():
                 return f"{split.name}/docs.npy holds no offsets"
