@@ -293,6 +293,9 @@ def _temporary_folder(final: Path, d: Dist) -> tuple[Path, Optional[int]]:
                                                                            "pid": os.getpid()}))
         except OSError as e:
             error = cache_write_error(final.parent, e)
+            shutil.rmtree(final.parent / name[0], ignore_errors=True)
+            if fd is not None:
+                os.close(fd)
     raise_if_any(error, d)
     if d.world > 1:
         import torch.distributed as dist

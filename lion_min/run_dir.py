@@ -25,10 +25,11 @@ and the first and last MiB of each file, plus the whole of small files: under a 
 """
 
 import dataclasses
-import hashlib
-import json
 import errno
 import fcntl
+import glob
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -239,7 +240,6 @@ def broadcast(value, d: Dist):
     return box[0]
 
 
-
 def agree(views: dict[str, str], d: Dist, why: str) -> None:
     """Every rank's view of the same things (name -> what it sees) must be the same: else every rank
     stops with one line naming the first thing they differ on, the ranks and what each sees, then
@@ -264,11 +264,18 @@ def _ranks(ranks: list[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
 
 
-def _view(path: Path) -> str:
+def _view(source: str) -> str:
+    """What this rank sees at a local path, glob or folder (sizes and a fingerprint of the contents)."""
+    path = Path(source).expanduser()
     if path.is_file():
         return f"{path.stat().st_size} bytes, contents {fingerprint(path)[:16]}"
     if path.is_dir():
-        return f"a folder of {sum(_is_input_file(p, path) for p in path.rglob('*'))} files, contents {fingerprint(path)[:16]}"
+        files = sum(_is_input_file(p, path) for p in path.rglob("*"))
+        return f"a folder of {files} files, contents {fingerprint(path)[:16]}"
+    matches = sorted(glob.glob(str(path), recursive=True)) if glob.has_magic(source) else []
+    if matches:
+        h = hashlib.sha256("".join(m + fingerprint(Path(m)) for m in matches).encode()).hexdigest()
+        return f"{len(matches)} matches, contents {h[:16]}"
     return "nothing at that path"
 
 
@@ -286,7 +293,7 @@ def agree_on_inputs(cfg, d: Dist) -> None:
             value = str(getattr(cfg, key, None) or "").removeprefix("pairrm:")
             sources = [s.path for s in parse_mixture(value)] if value and key in ("data", "eval_data") else [value]
             for source in filter(None, sources):
-                views[f"{flag}={source}"] = _view(Path(source).expanduser())
+                views[f"{flag}={source}"] = _view(source)
     except (OSError, ValueError) as e:
         error = e if isinstance(e, ValueError) else ConfigError(f"{e.filename}: cannot read it ({e.strerror})")
     raise_if_any(error, d)
