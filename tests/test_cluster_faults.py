@@ -102,6 +102,52 @@ def test_a_kill_during_the_export_leaves_nothing_beside_out_dir_and_the_next_run
     assert (out / "model.safetensors").is_file() and [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
+def mounts_allowed() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+def in_namespace(mounts: str, args: list[str], root: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python train_sft.py ARGS` in a mount namespace of its own, after the shell commands `mounts`."""
+    return subprocess.run(["unshare", "-rm", "sh", "-c", f'{mounts} && exec "$0" "$@"', sys.executable,
+                           str(root / "train_sft.py"), *args], capture_output=True, text=True, timeout=300,
+                          env=ENV | {"PYTHONPATH": str(root)})
+
+
+@pytest.mark.slow
+def test_a_real_mount_point_as_out_dir(tiny_chat_model, tmp_path):
+    """out_dir is a mount point (a bind mount: the kernel refuses a rename across it, EXDEV, as for a
+    container's volume): the run exports, resumes and exports again, and writes nothing beside it."""
+    if not mounts_allowed():
+        pytest.skip("unshare -rm is not allowed here")
+    volume, out = tmp_path / "volume", tmp_path / "parent" / "run"
+    volume.mkdir()
+    out.mkdir(parents=True)
+    for over in ({}, {"max_steps": 4, "resume": "auto"}):
+        res = in_namespace(f"mount --bind {volume} {out}", sft_args(tiny_chat_model, out, **over))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (volume / "model.safetensors").is_file() and not list(out.iterdir())  # all of it in the volume
+        assert [p.name for p in out.parent.iterdir()] == ["run"]  # nothing beside out_dir
+    assert json.loads((volume / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    assert not [p for p in volume.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fs, says", [("read-only", "Read-only file system"), ("full", "No space left on device")])
+def test_a_real_read_only_or_full_cache_is_one_line(tiny_chat_model, tmp_path, fs, says):
+    if not mounts_allowed():
+        pytest.skip("unshare -rm is not allowed here")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    mounts = {"read-only": f"mount --bind {cache} {cache} && mount -o remount,ro,bind {cache}",
+              "full": f"mount -t tmpfs -o size=12k tmpfs {cache}"}[fs]
+    res = in_namespace(mounts, sft_args(tiny_chat_model, tmp_path / "run", data_cache=cache, save_every=0))
+    errors = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
+    assert errors[0].startswith(f"error: --data_cache: cannot write to {cache} ({says})") and "--data_cache=off" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
 # --- 2. the run lock -------------------------------------------------------------------------------
 
 
