@@ -211,6 +211,40 @@ def test_a_live_run_is_refused_wherever_it_runs_and_its_lock_is_taken_over_once_
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
 
 
+@pytest.mark.slow
+def test_a_second_run_beside_a_training_run_in_another_pid_namespace_is_refused(tiny_chat_model, tmp_path, capsys):
+    """The issue's case: the first run trains as PID 1 of a container's PID namespace; a second
+    run with the same out_dir is refused while it trains (the pid it wrote means nothing here), and
+    once it is killed the same command resumes from its checkpoint."""
+    if not can_unshare():
+        pytest.skip("unshare -rpf is not allowed here")
+    out = tmp_path / "run"
+    first = subprocess.Popen(["unshare", "-rpf", "--mount-proc", "--kill-child", sys.executable,
+                              str(ROOT / "train_sft.py"), *sft_args(tiny_chat_model, out, max_steps=2000, epochs=1000,
+                                                                    save_every=2)],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "step_2").is_dir() and time.time() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None and json.loads((out / LOCK).read_text())["pid"] == 1
+        code, err = run_cli_exit(sft_args(tiny_chat_model, out, max_steps=2000, epochs=1000, resume="auto"), capsys)
+        assert code == 2 and err.startswith(f"error: --out_dir={out}: another run (pid 1) is writing there")
+    finally:
+        first.kill()
+        first.wait()
+    for _ in range(100):
+        if not lock_held(out / LOCK):
+            break
+        time.sleep(0.1)
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=steps + 2, epochs=1000, resume="auto"))
+    said = capsys.readouterr().out
+    assert "taking over the lock of a run that is no longer alive (pid 1)" in said
+    metrics = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == list(range(1, len(metrics) + 1)) and metrics[-1] == steps + 2  # one run's lines, in order
+
+
 def test_the_lock_is_held_for_the_run_and_released_at_its_end(tiny_chat_model, tmp_path, monkeypatch):
     """While a run trains, its lock is held (another open of the file cannot take it); after it, free."""
     import lion_min.train as train
