@@ -27,7 +27,11 @@ from lion_min import prepare  # noqa: E402
 from lion_min.config import ConfigError  # noqa: E402
 from lion_min.run_dir import LOCK, lock_file, lock_held  # noqa: E402
 
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+def env() -> dict:
+    """The subprocesses' environment, read when they start (conftest points XDG_CACHE_HOME at a
+    temporary folder for the session, after this module is imported)."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
 def sft_args(tiny, out, **over):
@@ -87,7 +91,7 @@ def test_a_kill_during_the_export_leaves_nothing_beside_out_dir_and_the_next_run
                                                                                          capsys):
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, __file__, "kill_in_export", *sft_args(tiny_chat_model, out)],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+                         capture_output=True, text=True, env=env(), timeout=300)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the half-made export is inside out_dir
     left = [p for p in out.iterdir() if ".tmp-" in p.name]
@@ -111,7 +115,7 @@ def in_namespace(mounts: str, args: list[str], root: Path = ROOT) -> subprocess.
     """`python train_sft.py ARGS` in a mount namespace of its own, after the shell commands `mounts`."""
     return subprocess.run(["unshare", "-rm", "sh", "-c", f'{mounts} && exec "$0" "$@"', sys.executable,
                            str(root / "train_sft.py"), *args], capture_output=True, text=True, timeout=300,
-                          env=ENV | {"PYTHONPATH": str(root)})
+                          env=env() | {"PYTHONPATH": str(root)})
 
 
 @pytest.mark.slow
@@ -222,7 +226,7 @@ def test_a_second_run_beside_a_training_run_in_another_pid_namespace_is_refused(
     first = subprocess.Popen(["unshare", "-rpf", "--mount-proc", "--kill-child", sys.executable,
                               str(ROOT / "train_sft.py"), *sft_args(tiny_chat_model, out, max_steps=2000, epochs=1000,
                                                                     save_every=2)],
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not (out / "checkpoints" / "step_2").is_dir() and time.time() < deadline:
@@ -310,7 +314,7 @@ def test_a_rank_that_fails_first_says_its_own_error(monkeypatch, capsys):
 def torchrun_with_rank1_seeing(tiny, out: Path, cache: Path, what: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, what,
            *sft_args(tiny, out, data_cache=cache, save_every=0)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
 
 
 @pytest.mark.slow
@@ -540,11 +544,11 @@ def test_golden_compare_of_a_file_that_is_not_safetensors_exits_2(tmp_path, cont
     shutil.copytree(vectors, tmp_path / "actual")
     (tmp_path / "actual" / "golden.safetensors").write_bytes(content)
     res = subprocess.run([sys.executable, "-m", "lion_min.golden", "compare", str(vectors), str(tmp_path / "actual")],
-                         capture_output=True, text=True, env=ENV, timeout=120)
+                         capture_output=True, text=True, env=env(), timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith(f"error: {tmp_path / 'actual' / 'golden.safetensors'}: {says}")
     same = subprocess.run([sys.executable, "-m", "lion_min.golden", "compare", str(vectors), str(vectors)],
-                          capture_output=True, text=True, env=ENV, timeout=120)
+                          capture_output=True, text=True, env=env(), timeout=120)
     assert same.returncode == 0  # (and 1 when numbers differ: tests/test_golden.py)
 
 
