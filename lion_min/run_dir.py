@@ -327,6 +327,7 @@ def take_lock(out_dir: Path, flag: str) -> Optional[int]:
     except OSError as e:
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise
+        path.unlink(missing_ok=True)  # (lock_file made it: a lock file nothing holds means nothing here)
         print(f"note: --out_dir={flag}: this file system has no file locks ({e.strerror}): nothing stops "
               f"another run from writing there at the same time; make sure none does")
         return None

@@ -268,6 +268,22 @@ def test_the_lock_is_held_for_the_run_and_released_at_its_end(tiny_chat_model, t
     os.close(fd)
 
 
+def test_a_file_system_without_locks_gets_a_note_and_the_run_goes_on(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    """Where flock is not supported (ENOLCK: some network file systems), the run says that nothing
+    stops another run from writing there, and trains."""
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, out))
+    assert (f"note: --out_dir={out}: this file system has no file locks (No locks available): nothing stops another "
+            f"run from writing there at the same time; make sure none does") in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and not (out / LOCK).exists()
+
+
 # --- 3. ranks that disagree on their inputs ------------------------------------------------------
 
 
