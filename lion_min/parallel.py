@@ -8,6 +8,7 @@ which init_process_group reads.
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -136,6 +137,40 @@ def peer_gone(e: BaseException) -> Optional[str]:
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
     first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\] ", "", first).split(". This is typically")[0]  # gloo's source path
     return f"rank {dist.get_rank()}: another rank stopped (its own error says why), so a collective failed: {first}"
+
+
+FIRST_ERROR, READ = "lion_min/error_of_rank_0", "lion_min/error_of_rank_0_read"
+
+
+def say_once(message: str, rank: int, shared: bool, wait_s: float = 5.0) -> bool:
+    """Whether this rank prints its error `message`. An error of a kind every rank usually meets
+    alike (`shared`: a bad flag, a missing file) is said once, by rank 0; but a rank that failed
+    alone (its own copy of a file) must say why, or the only line is rank 0's "connection closed".
+    So rank 0 posts its error in the process group's store, and another rank prints a shared error
+    unless rank 0 posted the same one within wait_s. The store, not a collective: a rank still at
+    work would never join one. Before the group starts, every rank checks the same flags."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return rank == 0 or not shared
+    store = dist.distributed_c10d._get_default_store()  # (torch has no public getter)
+    try:
+        if rank == 0:
+            store.set(FIRST_ERROR, message)
+            # Rank 0 may host the store (env:// without torchrun's): it stays until the others read it.
+            deadline = time.monotonic() + 2.0
+            while store.add(READ, 0) < dist.get_world_size() - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        elif shared:
+            deadline = time.monotonic() + wait_s
+            while not store.check([FIRST_ERROR]):  # (polled: a store.wait that times out logs a warning)
+                if time.monotonic() > deadline:
+                    return True
+                time.sleep(0.05)
+            same = store.get(FIRST_ERROR).decode() == message
+            store.add(READ, 1)
+            return not same
+    except RuntimeError:  # no word from rank 0 in time, or the store is gone: say it here
+        pass
+    return True
 
 
 def exit_now(code: int) -> None:

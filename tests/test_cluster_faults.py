@@ -356,6 +356,25 @@ def test_a_rank_that_sees_another_copy_of_the_data_stops_every_rank(tiny_chat_mo
     assert not out.exists() and not (cache.exists() and list(cache.iterdir()))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("who", ["rank 1", "every rank"])
+def test_the_rank_that_fails_first_says_why(tiny_chat_model, tmp_path, who):
+    """Reading the data fails (a missing file: an error every rank usually meets alike) on rank 1
+    alone, while rank 0 goes on: rank 1's own line is printed (then rank 0's "another rank
+    stopped"), not only the connection closed. On every rank: one line."""
+    fault = {"rank 1": "rank1_cannot_read", "every rank": "all_cannot_read"}[who]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, fault,
+           *sft_args(tiny_chat_model, tmp_path / "run", data_cache="off", save_every=0)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode != 0 and "[rank" not in res.stderr, res.stderr[-3000:]
+    assert errors[0] == f"error: {tiny_chat_model['data']}: cannot read it (injected)", res.stderr[-3000:]
+    if who == "rank 1":
+        assert len(errors) <= 2 and all("another rank stopped" in ln for ln in errors[1:]), errors
+    else:
+        assert len(errors) == 1, errors
+
+
 # --- 4. a data cache that breaks ------------------------------------------------------------------
 
 
@@ -583,6 +602,15 @@ def worker(what: str, argv: list[str]):
             os.kill(os.getpid(), signal.SIGKILL)
 
         checkpoint.save_file = save_then_die
+    elif what in ("rank1_cannot_read", "all_cannot_read") and (what == "all_cannot_read" or os.environ["RANK"] == "1"):
+        from lion_min import sft
+
+        data = next(a for a in argv if a.startswith("--data=")).split("=", 1)[1]
+
+        def cannot_read(cfg):
+            raise FileNotFoundError(f"{data}: cannot read it (injected)")
+
+        sft.load_sft_data = cannot_read
     elif what in ("stale_copy", "no_copy") and os.environ.get("RANK") == "1" and "LION_MIN_UNSHARED" not in os.environ:
         # Rank 1 sees its own copy of the data at the same path: mounted over it in a mount namespace.
         data = Path(next(a for a in argv if a.startswith("--data=")).split("=", 1)[1])
