@@ -92,13 +92,13 @@ def run_cli(main) -> None:
         peer_failed = isinstance(e, loaded("parallel", "PeerFailed"))  # (said by that peer)
         # One line, even when a library's message (huggingface_hub's, say) spans several.
         message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        if "lion_min.parallel" in sys.modules:
+        if peer_failed:
+            pass
+        elif "lion_min.parallel" in sys.modules:
             from lion_min.parallel import say_once
 
-            say = not peer_failed and say_once(message, rank, same_everywhere)
-        else:
-            say = rank == 0 or not same_everywhere
-        if say:
+            say_once(f"error: {message}", rank, same_everywhere)
+        elif rank == 0 or not same_everywhere:
             print(f"error: {message}", file=sys.stderr)
         if "lion_min.parallel" not in sys.modules:  # no process group: a plain exit
             sys.exit(2)
