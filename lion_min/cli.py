@@ -82,13 +82,21 @@ def run_cli(main) -> None:
         from lion_min.formats.tokenizer import TokenizerError
 
         # Under torchrun every rank checks the same flags and inputs and fails alike: rank 0 says so
-        # once. An error of one rank's own (its share of the work) is said by that rank.
+        # once. An error of one rank's own (its share of the work, or one rank 0 did not meet: a file
+        # only this rank cannot read) is said by that rank (parallel.say_once).
         rank = int(os.environ.get("RANK", "0"))
         same_everywhere = isinstance(e, (ConfigError, FileNotFoundError, DataError, ChatFormatError, TokenizerError))
+        same_everywhere &= not getattr(e, "said_by_this_rank", False)  # (raise_if_any found it here alone)
         peer_failed = isinstance(e, loaded("core.parallel", "PeerFailed"))  # (said by that peer)
-        if not peer_failed and (rank == 0 or not same_everywhere):
-            # One line, even when a library's message (huggingface_hub's, say) spans several.
-            message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        # One line, even when a library's message (huggingface_hub's, say) spans several.
+        message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        if peer_failed:
+            pass
+        elif "lion_min.core.parallel" in sys.modules:
+            from lion_min.core.parallel import say_once
+
+            say_once(f"error: {message}", rank, same_everywhere)
+        elif rank == 0 or not same_everywhere:
             print(f"error: {message}", file=sys.stderr)
         if "lion_min.core.parallel" not in sys.modules:  # no process group: a plain exit
             sys.exit(2)

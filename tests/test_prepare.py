@@ -408,6 +408,7 @@ def test_a_cache_folder_other_ranks_cannot_see_fails_at_once(chat_setup, tmp_pat
     import torch.distributed as dist
 
     monkeypatch.setattr(dist, "broadcast_object_list", lambda objects, src=0: None)  # rank 0 is elsewhere
+    monkeypatch.setattr(dist, "all_gather_object", lambda seen, mine: seen.__setitem__(slice(None), [mine] * 2))  # agreeing
     monkeypatch.setattr(prepare, "VISIBLE_WITHIN_S", 0.5)
     monkeypatch.setenv("RAYON_NUM_THREADS", "1")
     rank1 = Dist(rank=1, world=2, local_rank=1, device="cpu")

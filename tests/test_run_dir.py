@@ -67,8 +67,12 @@ def test_out_dir_never_overlaps_an_input(tiny_chat_model, tmp_path, where):
 def test_a_live_lock_refuses_and_a_dead_one_is_taken_over(tiny_chat_model, tmp_path, capsys):
     out = tmp_path / "locked"
     out.mkdir()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # A live run holds an OS lock on the file (a pid in it proves nothing: run_dir's docstring).
+    live = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                             "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(60)", str(out / LOCK)],
+                            stdout=subprocess.PIPE)
     try:
+        live.stdout.readline()
         (out / LOCK).write_text(json.dumps({"pid": live.pid, "host": os.uname().nodename}))
         with pytest.raises(ConfigError, match=f"another run \\(pid {live.pid}\\) is writing there"):
             train_sft.main(sft_args(tiny_chat_model, out))

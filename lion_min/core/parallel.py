@@ -8,6 +8,7 @@ which init_process_group reads.
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -116,6 +117,7 @@ def raise_if_any(error: Optional[BaseException], d: Dist) -> None:
     if not failed:
         return
     if d.rank == failed[0]:
+        error.said_by_this_rank = True  # cli.run_cli prints it here, even an error every rank usually shares
         raise error
     raise PeerFailed(f"rank {failed[0]} failed: {messages[failed[0]]}")
 
@@ -135,6 +137,48 @@ def peer_gone(e: BaseException) -> Optional[str]:
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
     first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\] ", "", first).split(". This is typically")[0]  # gloo's source path
     return f"rank {dist.get_rank()}: another rank stopped (its own error says why), so a collective failed: {first}"
+
+
+FIRST_ERROR, READ = "lion_min/error_of_rank_0", "lion_min/error_of_rank_0_read"
+
+
+def say_once(message: str, rank: int, shared: bool, wait_s: float = 5.0) -> None:
+    """Print this rank's error line `message` (on stderr) where it should be. An error of a kind
+    every rank usually meets alike (`shared`: a bad flag, a missing file) is said once, by rank 0;
+    but a rank that failed alone (its own copy of a file) must say why, or the only line is rank
+    0's "connection closed". So rank 0 posts its error in the process group's store, and another
+    rank prints a shared error unless rank 0 posted the same one within wait_s. The store, not a
+    collective: a rank still at work would never join one. Before the group starts, every rank
+    checks the same flags."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if rank == 0 or not shared:
+            print(message, file=sys.stderr, flush=True)
+        return
+    store = dist.distributed_c10d._get_default_store()  # (torch has no public getter)
+    try:
+        if rank == 0:
+            print(message, file=sys.stderr, flush=True)  # first: torchrun may end this rank any moment now
+            store.set(FIRST_ERROR, message)
+            # Rank 0 may host the store (env:// without torchrun's): it stays until the others read it.
+            deadline = time.monotonic() + 2.0
+            while store.add(READ, 0) < dist.get_world_size() - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return
+        if shared:
+            deadline = time.monotonic() + wait_s
+            while not store.check([FIRST_ERROR]):  # (polled: a store.wait that times out logs a warning)
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                same = store.get(FIRST_ERROR).decode() == message
+                store.add(READ, 1)
+                if same:
+                    return
+    except RuntimeError:  # the store is gone (its host ended): say it here
+        if rank == 0:
+            return
+    print(message, file=sys.stderr, flush=True)
 
 
 def exit_now(code: int) -> None:

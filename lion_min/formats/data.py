@@ -156,8 +156,14 @@ def parse_mixture(spec: Any) -> list[Source]:
             except json.JSONDecodeError as e:
                 raise DataError(f"mixture spec: malformed JSON: {e}") from None
             spec = [spec] if isinstance(spec, dict) else spec
+        elif Path(_parse_compact_entry(text).path).expanduser().exists():
+            spec = [text]  # an existing path with a comma in its name is that file, not a mixture
         else:
             spec = [e.strip() for e in text.split(",")]
+            for a, b in zip(spec, spec[1:]):
+                if Path(_parse_compact_entry(f"{a},{b}").path).expanduser().exists():
+                    raise DataError(f"mixture spec {text!r}: {a},{b} has a comma in its name, which separates the "
+                                    f"sources; give the mixture as JSON: '[{{\"path\": \"{a},{b}\"}}, ...]'")
     if not isinstance(spec, (list, tuple)) or not spec:
         raise DataError(f"mixture spec: expected a source or a non-empty list of sources, got {spec!r}")
     sources = []
@@ -207,6 +213,11 @@ def _load(spec, schemas, schema, columns, skip_bad, seed, revision):
         per_source.append(_read_source(src, schemas, schema, columns, revision, skip_bad, st))
 
     counts = _mixture_counts(sources, [len(x) for x in per_source])
+    for src, items, k in zip(sources, per_source, counts):
+        if k == 0:  # (a mistake: a source that is read but adds nothing)
+            share = f"fraction {src.fraction}" if src.fraction is not None else f"weight {src.weight}"
+            raise DataError(f"{src.path}: its {share} keeps 0 of its {len(items)} records; raise it or leave the "
+                            f"source out of the mixture", path=src.path)
     out = []
     for i, (src, items, k, st) in enumerate(zip(sources, per_source, counts, stats.sources)):
         taken = _take(items, k, random.Random(f"{seed}:{i}:{src.path}"))
@@ -327,6 +338,11 @@ def _read_source(src: Source, schemas, schema, columns, revision, skip_bad, st: 
     return out
 
 
+MAX_LINE_BYTES = 16 << 20
+"""The longest JSON line read: 16 MiB is some 4M tokens, 30 times the longest context of the recipes;
+a longer line is a broken file (a whole data set on one line), and encoding it could exhaust memory."""
+
+
 def _records(files: list[Path]) -> Iterator[tuple[Path, str, Any]]:
     """(file, "line 3" | "item 3" | "row 3", record or BadRecord) for each record, all positions 1-based."""
     for path in files:
@@ -345,7 +361,10 @@ def _records(files: list[Path]) -> Iterator[tuple[Path, str, Any]]:
                 for i, item in enumerate(items, 1):
                     yield path, f"item {i}", item
                 continue
-            for n, raw in enumerate(f, 1):
+            for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+                if len(raw) > MAX_LINE_BYTES:  # read no further: under a memory limit it would abort the run
+                    raise DataError(f"{path}: line {n} is longer than {MAX_LINE_BYTES >> 20} MiB, the most a record "
+                                    f"may hold (data.MAX_LINE_BYTES)", path=str(path), location=f"line {n}")
                 if not raw.strip():
                     continue
                 try:

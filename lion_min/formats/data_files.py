@@ -73,18 +73,29 @@ def _local_files(path: str) -> Optional[list[Path]]:
     """The data files a local path, glob or folder names; None when it names nothing local."""
     p = Path(path).expanduser()
     if p.is_dir():
+        _no_dangling_links(p.rglob("*"))
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in EXTENSIONS)
         if not files:
             raise DataError(f"{path}: folder holds no {', '.join(EXTENSIONS)} files", path=path)
         return files
     if p.is_file():
         return [_check_extension(p)]
+    _no_dangling_links([p])
     if glob.has_magic(path):
         matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(path), recursive=True))
+        _no_dangling_links(matches)
         files = [m for m in matches if m.is_file()]
         if files:
             return [_check_extension(f) for f in files]
     return None
+
+
+def _no_dangling_links(paths) -> None:
+    """A link to nothing where data was expected (a file moved or not yet copied) is named, never
+    passed over: the data would silently lack that file."""
+    for f in paths:
+        if f.is_symlink() and not f.exists():
+            raise DataError(f"{f}: a link to {os.readlink(f)}, which does not exist", path=str(f))
 
 
 def _check_extension(p: Path) -> Path:

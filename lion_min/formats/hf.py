@@ -467,20 +467,29 @@ EXPORT_FILES = ("model*.safetensors*", "config.json", "generation_config.json", 
                 "chat_template.jinja")
 
 
-def atomic_dir(out_dir: Path):
-    """Context: yields a temporary sibling folder whose files land in out_dir only if the block succeeds.
+def atomic_temp(out_dir: Path) -> Path:
+    """atomic_dir's temporary folder for out_dir: inside it when it exists, else beside it."""
+    return (out_dir if out_dir.is_dir() else out_dir.parent) / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
 
-    A new out_dir is one rename. An existing one (a training run's folder also holds metrics and
-    checkpoints) gets each file moved in by its own atomic rename, weights before config.json, and
-    the EXPORT_FILES of an earlier export that this one lacks removed. Files and folder get the
-    usual permissions for the umask (0644 / 0755), not the private ones of temporary files.
+
+def atomic_dir(out_dir: Path):
+    """Context: yields a temporary folder whose files land in out_dir only if the block succeeds.
+
+    A new out_dir is one rename of a sibling folder (a rename within one folder). An existing one (a
+    training run's folder also holds metrics and checkpoints) is written inside itself, in a hidden
+    folder, and gets each file moved in by its own atomic rename, weights before config.json, and
+    the EXPORT_FILES of an earlier export that this one lacks removed: never beside it, where a
+    rename would cross a mount when out_dir is a mount point (a container's output volume), and
+    what a killed export leaves stays inside out_dir (run_dir.claim removes it on the next run).
+    Files and folder get the usual permissions for the umask (0644 / 0755), not the private ones
+    of temporary files.
     """
 
     class _Atomic:
         def __enter__(self):
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             # mkdir, not tempfile.mkdtemp: that one makes the folder 0700, and a new out_dir is this folder.
-            self.tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+            self.tmp = atomic_temp(out_dir)
             self.tmp.mkdir()
             return self.tmp
 
@@ -495,12 +504,14 @@ def atomic_dir(out_dir: Path):
             if not out_dir.exists():
                 self.tmp.rename(out_dir)
                 return False
-            for stale in [f for pattern in EXPORT_FILES for f in out_dir.glob(pattern)]:
-                if stale.is_file() and not (self.tmp / stale.name).exists():
-                    stale.unlink()
-            for f in new:
-                os.replace(f, out_dir / f.name)
-            self.tmp.rmdir()
+            try:
+                for stale in [f for pattern in EXPORT_FILES for f in out_dir.glob(pattern)]:
+                    if stale.is_file() and not (self.tmp / stale.name).exists():
+                        stale.unlink()
+                for f in new:
+                    os.replace(f, out_dir / f.name)
+            finally:  # (a move that failed leaves no temporary folder either; config.json moves last)
+                shutil.rmtree(self.tmp, ignore_errors=True)
             return False
 
     return _Atomic()

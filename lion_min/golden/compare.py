@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lion_min.formats.hf import atomic_dir
@@ -69,6 +70,10 @@ def write(golden: Golden, out_dir: str | Path) -> Path:
     return out_dir
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+"""How a Git LFS pointer file begins (a clone without git-lfs holds these in place of the files)."""
+
+
 def load(path: str | Path) -> Golden:
     """A golden folder (or its golden.json) -> Golden."""
     path = Path(path)
@@ -82,7 +87,14 @@ def load(path: str | Path) -> Golden:
         raise ValueError(f"{folder / 'golden.json'}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{folder / 'golden.json'}: 'format' is not {FORMAT!r}")
-    return Golden(meta=meta, tensors=load_file(str(folder / "golden.safetensors")))
+    tensors = folder / "golden.safetensors"
+    try:
+        return Golden(meta=meta, tensors=load_file(str(tensors)))
+    except SafetensorError as e:  # (exit status 2 in the command line, not the 1 of numbers that differ)
+        with open(tensors, "rb") as f:
+            lfs = f.read(len(LFS_POINTER)) == LFS_POINTER
+        raise ValueError(f"{tensors}: " + ("a Git LFS pointer, not the file (git lfs pull fetches it)" if lfs else
+                                           f"not a safetensors file ({e})")) from None
 
 
 # --- comparing -----------------------------------------------------------------------------------

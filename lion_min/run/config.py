@@ -253,11 +253,13 @@ RANGES = {
     "lr": "(0, inf)", "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)",
     "beta1": "[0, 1)", "beta2": "[0, 1)", "grad_clip": "[0, inf)", "epochs": "[1, inf)", "max_steps": "[0, inf)",
     "batch_size": "[1, inf)", "micro_batch_size": "[1, inf)", "log_every": "[1, inf)", "eval_every": "[0, inf)",
-    "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)", "seed": "[0, inf)", "eval_fraction": "[0, 1)",
+    "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)", "seed": "[0, 4294967295]", "eval_fraction": "[0, 1)",
     "seq_len": "[16, inf)", "beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "max_len": "[16, inf)",
     "max_prompt_len": "[1, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]", "top_k": "[0, inf)",
     "max_new_tokens": "[1, inf)", "sample_batch_size": "[1, inf)",
 }
+# seed: at most 2**32 - 1, refused up front: the online stage seeds each sampling batch with
+# seed * 100003 + rank * 1009 + offset, which must fit torch's 64-bit generator.
 CHOICES = {
     "device": ("auto", "cpu", "cuda"), "dtype": ("auto", *DTYPES),
     "attn_backend": ATTN_BACKENDS, "lr_schedule": ("cosine", "linear", "constant"),
@@ -341,6 +343,19 @@ def was_bool(key: str, value, hint):
         on = value if isinstance(value, bool) else str(value).lower() in BOOL_WORDS[:4]
         return WERE_BOOLS[key][0 if on else 1]
     return value
+
+
+def type_error(key: str, value, hint) -> Optional[str]:
+    """What is wrong with a typed value (a recipe's TOML) for a field annotated `hint`, or None: a
+    number in quotes (lr = "2e-5") is a string, and would fail only later, inside the run."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+    simple = [a for a in args if a in (bool, int, float, str)]
+    if not simple or (value is None and type(None) in args):  # (a dict is checked where it is used)
+        return None
+    if any(type(value) is a or (a is float and type(value) is int) for a in simple):
+        return None
+    quoted = " (a string: write it without quotes)" if isinstance(value, str) else ""
+    return f"expected {' or '.join(a.__name__ for a in simple)}, got {value!r}{quoted}"
 
 
 def parse_value(value: str, annotation, key: str):

@@ -32,7 +32,11 @@ removed by the next preparation of the same data. With N ranks, rank r encodes t
 and writes them as a shard; rank 0 waits for every shard, lays out the rows and renames; the others
 wait for the folder. The waits poll the file system (no collective: a long preparation cannot hit
 a process-group timeout); a rank that does not see rank 0's temporary folder within a minute stops
-with an error asking for a shared --data_cache.
+with an error asking for a shared --data_cache. Before any of this, every rank's view of the data
+files (size and sha256) and the fingerprint are compared (run_dir.agree): a rank that reads a stale
+copy stops every rank before the cache is written. A folder found damaged (`damage`: cut short, a
+meta file edited) is prepared again with a note; a cache that cannot be written (read-only, full)
+stops with one line naming it and `--data_cache=off`.
 
 The format of one split (train/, eval/), all flat arrays:
 
@@ -54,6 +58,8 @@ then rejected sequence as dpo.encode_pairs made them (truncated, final reply sco
 its PairStats; `dpo.PreparedPairs[i]` is pair i, read from disk when a micro-batch needs it.
 """
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -74,7 +80,7 @@ from lion_min.formats.hf import hash_files
 from lion_min.run.config import read_json
 from lion_min.formats.data import parse_mixture
 from lion_min.formats.data_files import resolve_files
-from lion_min.core.parallel import Dist
+from lion_min.core.parallel import Dist, raise_if_any
 from lion_min.formats.tokenizer import Tokenizer
 
 FORMAT = 1
@@ -270,33 +276,43 @@ def _wait_for(paths: list[Path], within: Optional[float] = None) -> None:
         time.sleep(0.2 if time.perf_counter() - t0 < 60 else 2.0)
 
 
-def _temporary_folder(final: Path, d: Dist) -> Path:
-    """The temporary folder of this preparation, made by rank 0 (owner.json: its host and pid) and
-    named for all ranks; every rank checks that it sees it (so a cache folder that is not shared
-    fails now, not after the work)."""
-    name = [f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"]
+def _temporary_folder(final: Path, d: Dist) -> tuple[Path, Optional[int]]:
+    """The temporary folder of this preparation and, on rank 0, the descriptor of its flock: made
+    by rank 0 (owner.json: its host and pid), which holds the lock until the preparation ends (the
+    kernel releases it if the process dies), and named for all ranks; every rank checks that it
+    sees it (so a cache folder that is not shared fails now, not after the work)."""
+    name, fd, error = [f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"], None, None
     if d.main:
-        (final.parent / name[0]).mkdir(parents=True)
-        (final.parent / name[0] / "owner.json").write_text(json.dumps({"host": socket.gethostname(),
-                                                                       "pid": os.getpid()}))
+        try:
+            (final.parent / name[0]).mkdir(parents=True)
+            fd = os.open(final.parent / name[0], os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # no file locks here (some network file systems): never taken for the dead's
+                pass
+            (final.parent / name[0] / "owner.json").write_text(json.dumps({"host": socket.gethostname(),
+                                                                           "pid": os.getpid()}))
+        except OSError as e:
+            error = cache_write_error(final.parent, e)
+            shutil.rmtree(final.parent / name[0], ignore_errors=True)
+            if fd is not None:
+                os.close(fd)
+    raise_if_any(error, d)
     if d.world > 1:
         import torch.distributed as dist
 
         dist.broadcast_object_list(name, src=0)
         _wait_for([final.parent / name[0]], within=VISIBLE_WITHIN_S)
-    return final.parent / name[0]
+    return final.parent / name[0], fd
 
 
 def _left_by_the_dead(stale: list[Path]) -> list[Path]:
-    """The temporary folders whose preparing process, on this machine, is gone."""
-    from lion_min.run.run_folder import pid_alive
+    """The temporary folders whose preparing process, on this machine, is gone (its flock is free)."""
+    from lion_min.run.run_folder import lock_held
 
-    dead = []
-    for folder in stale:
-        owner = read_json(folder / "owner.json") or {}
-        if owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", -1))):
-            dead.append(folder)
-    return dead
+    return [folder for folder in stale
+            if (read_json(folder / "owner.json") or {}).get("host") == socket.gethostname()
+            and lock_held(folder) is False]
 
 
 def prepare_folder(final: Path, d: Dist, load: Callable[[], tuple[list, list, str]],
@@ -304,8 +320,21 @@ def prepare_folder(final: Path, d: Dist, load: Callable[[], tuple[list, list, st
              names: Sequence[str] = ()) -> float:
     """Make the folder `final` unless it exists: every rank encodes its share of each split into a
     shard, rank 0 merges them and renames the temporary folder last. Returns the seconds spent
-    (0 when the folder existed). The stored data summary names the inputs as `{input i}` (names[i])."""
+    (0 when the folder existed). The stored data summary names the inputs as `{input i}` (names[i]).
+    First every rank's view of the inputs must agree (agree): a rank that reads another copy of the
+    data must not fill the cache under the fingerprint of the others'. A damaged folder is prepared again."""
+    from lion_min.run.run_folder import agree
+
+    agree(_views(final, parts, names), d, "Every rank must read the same data (a stale copy on one node?); nothing "
+                                          "was written")
     found = [final.is_dir()]
+    if d.main and found[0] and (why := damage(final)) is not None:
+        print(f"note: {final} is damaged ({why}); preparing it again")
+        try:
+            shutil.rmtree(final)
+        except OSError as e:
+            raise cache_write_error(final.parent, e) from None
+        found = [False]
     if d.world > 1:  # one decision for all ranks, even if another job finishes this folder meanwhile
         import torch.distributed as dist
 
@@ -328,13 +357,65 @@ def prepare_folder(final: Path, d: Dist, load: Callable[[], tuple[list, list, st
             print(f"note: {len(stale)} unfinished preparation(s) of this data in {final.parent} "
                   f"({stale[0].name}...): running now elsewhere, or interrupted on another machine; delete them "
                   f"when not")
-    tmp = _temporary_folder(final, d)
+    tmp, fd = _temporary_folder(final, d)
     try:
         return _prepare_into(tmp, final, d, load, encode, merge, parts, names, t0)
-    except BaseException:
+    except OSError as e:  # a full or read-only disk, on this rank (the others stop with it under torchrun)
+        if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT) or str(final.parent) in str(e.filename):
+            raise cache_write_error(final.parent, e) from None
+        raise
+    finally:
         if d.main:  # a failed preparation leaves nothing behind (the other ranks' shards are inside)
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if fd is not None:
+            os.close(fd)
+
+
+def cache_write_error(root: Path, e: OSError) -> DataCacheError:
+    return DataCacheError(f"--data_cache: cannot write to {root} ({e.strerror or e}); give a writable folder with "
+                          f"room as --data_cache=DIR, or --data_cache=off (every rank encodes the data in memory)")
+
+
+def _views(final: Path, parts: dict, names: Sequence[str]) -> dict[str, str]:
+    """What this rank sees of each data file (its size and sha256), then of everything else that
+    makes the fingerprint (tokenizer, settings, code), as agree compares them."""
+    views, i = {}, 0
+    for key in ("data", "eval_data"):
+        for src in parts.get(key) or []:
+            i += 1  # names: each source as given, then its files
+            for identity in src["files"]:
+                path = Path(names[i]) if i < len(names) else None
+                size = f"{path.stat().st_size} bytes, " if path is not None and path.is_file() else ""
+                views[f"--{key} file {path}"] = f"{size}contents {identity.removeprefix('hub:')[:16]}"
+                i += 1
+    views["the prepared data's fingerprint (tokenizer, settings, code)"] = final.name
+    return views
+
+
+def damage(folder: Path) -> Optional[str]:
+    """What makes a prepared folder unusable, or None: its meta.json or a split.json unreadable or
+    not its own, an array that does not load, tokens.bin or mask.bin not as long as docs.npy says
+    (a copy cut short, a meta file edited by hand)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("fingerprint") != folder.name or not isinstance(meta.get("data_summary"), str):
+            return "meta.json is not this folder's"
+        for split in [folder / "train"] + ([folder / "eval"] if (folder / "eval").is_dir() else []):
+            info = json.loads((split / "split.json").read_text())
+            arrays = {f.name: np.load(f, mmap_mode="r") for f in sorted(split.glob("*.npy"))}  # (a short one fails)
+            docs = arrays["docs.npy"]
+            if len(docs) == 0 or docs[0] != 0 or (np.diff(docs) < 0).any():
+                return f"{split.name}/docs.npy holds no offsets"
+            for name, itemsize in (("tokens.bin", np.dtype(info["token_dtype"]).itemsize), ("mask.bin", 1)):
+                have, want = (split / name).stat().st_size, int(docs[-1]) * itemsize
+                if have != want:
+                    return f"{split.name}/{name} is {have} bytes, not the {want} its docs.npy and split.json say"
+            if "rows.npy" in arrays and not (arrays["rows.npy"][-1] == len(arrays["row_docs.npy"]) and
+                                             len(arrays["row_targets.npy"]) == len(arrays["rows.npy"]) - 1):
+                return f"{split.name}: rows.npy, row_docs.npy and row_targets.npy do not match"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 def _prepare_into(tmp: Path, final: Path, d: Dist, load, encode, merge, parts: dict, names: Sequence[str],

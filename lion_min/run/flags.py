@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Callable, Optional
 
-from lion_min.run.config import BOOL_WORDS, WERE_BOOLS, ConfigError, check_values, parse_value, was_bool
+from lion_min.run.config import BOOL_WORDS, WERE_BOOLS, ConfigError, check_values, parse_value, type_error, was_bool
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -136,10 +136,14 @@ def parse_cli(cls, presets: dict[str, dict], argv: Optional[list[str]] = None,
         sys.exit(0)
     cfg = cls()
     for key, value in overrides.items():  # recipe values are already typed (TOML)
+        where = "--config" if "config" in given else "--preset"
         if key not in fields:
-            where = "--config" if "config" in given else "--preset"
             raise ConfigError(f"{where}={overrides.get('preset')}: {str(_unknown(key, fields)).replace('--', '', 1)}")
-        setattr(cfg, key, was_bool(key, value, hints.get(key)))
+        value = was_bool(key, value, hints.get(key))
+        if key != "preset" and (wrong := type_error(key, value, hints[key])):
+            source = overrides["preset"] if where == "--config" else RECIPES / f"{overrides['preset']}.toml"
+            raise ConfigError(f"{source}: {key}: {wrong}")
+        setattr(cfg, key, value)
     for key, value in pairs:
         if key in ("preset", "config"):
             continue

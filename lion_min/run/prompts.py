@@ -9,12 +9,13 @@ from lion_min.run.config import ConfigError
 
 
 def read_prompts(path: str) -> list:
-    """Prompts from a file: str per prompt, or a list of messages. A .jsonl line holds "prompt" (text
-    or messages), or "messages", a conversation as SFT files hold it: its turns before the final
-    assistant reply(ies) are the prompt, so an SFT file can be sampled from as it is."""
+    """Prompts from a file: str per prompt, or a list of messages. A .jsonl line (or .json line, or
+    item of a .json array, told apart as --data does) holds "prompt" (text or messages), or
+    "messages", a conversation as SFT files hold it: its turns before the final assistant reply(ies)
+    are the prompt, so an SFT file can be sampled from as it is. Any other file: a prompt a line."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{path}: no such file (expected prompts: .jsonl or one per line)")
+        raise ConfigError(f"{path}: no such file (expected prompts: .jsonl, .json or one per line)")
     lines = []
     for n, raw in enumerate(p.read_bytes().splitlines(), 1):  # n is the line an editor shows
         try:
@@ -25,29 +26,40 @@ def read_prompts(path: str) -> list:
             lines.append((n, line))
     if not lines:
         raise ConfigError(f"{path}: no prompts in the file")
-    if p.suffix != ".jsonl":
+    if p.suffix not in (".jsonl", ".json"):
         return [line for _, line in lines]
-    prompts = []
-    for n, line in lines:  # n counts blank lines too, so it is the line an editor shows
+    # As --data reads them: a .json file holding an array is a list of records, else (.jsonl, or
+    # .json as datasets' to_json writes it) one record a line.
+    if p.suffix == ".json" and lines[0][1].lstrip().removeprefix("\ufeff").startswith("["):
         try:
-            record = json.loads(line)
+            records = list(enumerate(json.loads(p.read_text(encoding="utf-8-sig")), 1))
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {n}: not valid JSON ({e})") from None
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        where = "item"
+    else:
+        records, where = [], "line"
+        for n, line in lines:  # n counts blank lines too, so it is the line an editor shows
+            try:
+                records.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: line {n}: not valid JSON ({e})") from None
+    prompts = []
+    for n, record in records:
         key = "messages" if isinstance(record, dict) and "prompt" not in record and "messages" in record else "prompt"
         if not isinstance(record, dict) or not isinstance(record.get(key), (str, list)):
-            raise ConfigError(f"{path}: line {n}: expected an object with a \"prompt\" field (text or messages) "
+            raise ConfigError(f"{path}: {where} {n}: expected an object with a \"prompt\" field (text or messages) "
                               f"or a \"messages\" conversation")
         prompt = record[key]
         if isinstance(prompt, list):
             try:
                 prompt = prompt_turns(prompt, key)
             except BadRecord as bad:
-                raise ConfigError(f"{path}: line {n}: '{bad.key}': {bad.detail}") from None
+                raise ConfigError(f"{path}: {where} {n}: '{bad.key}': {bad.detail}") from None
             while key == "messages" and prompt and prompt[-1]["role"] == "assistant":
                 prompt.pop()  # a conversation's reply: what the policy is to write
             if not prompt or prompt[-1]["role"] != "user":
                 got = f"got {prompt[-1]['role']}" if prompt else "no turns"
-                raise ConfigError(f"{path}: line {n}: '{key}': the last turn must be the user's ({got})")
+                raise ConfigError(f"{path}: {where} {n}: '{key}': the last turn must be the user's ({got})")
         prompts.append(prompt)
     return prompts
 

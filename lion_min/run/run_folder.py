@@ -8,9 +8,16 @@ another run, or beside a live run; a resume continues the same run or refuses, n
 `claim` refuses (ConfigError, one line) an out_dir that equals, contains or lies inside an input;
 one that holds a run (run.json, metrics, an export or checkpoints) unless this run resumes it
 (--resume, or the online stage's finished rounds) and is the same run, or --overwrite=true, which
-first removes the files a run writes (and nothing else); and one that a live process has locked.
-A lock left by a dead process is taken over with a message. If the run fails before its first
-step, the folder it created is removed again.
+first removes the files a run writes (and nothing else); and one that a live run has locked.
+
+The lock is an OS file lock (flock) on out_dir/.lion_min.lock, held open for the run's life: the
+kernel knows its holder in any PID namespace of the machine and releases it when the holder dies,
+however it dies (a pid written in a file does neither: in a container the trainer is often PID 1,
+and another container's PID 1 is another process). A lock file left by a dead run is taken over
+with a message, and the temporaries a killed run left inside out_dir (LEFTOVERS) are removed. If
+the run fails before its first step, the folder it created is removed again. On a network file
+system that does not share flock locks between machines, two runs on two machines cannot see
+each other's lock: give each its own --out_dir (docs/multinode.md).
 
 "Same run" = the same settings except SAFE_KEYS and the same fingerprints of the inputs (file sizes
 and the first and last MiB of each file, plus the whole of small files: under a second even for a
@@ -18,6 +25,9 @@ and the first and last MiB of each file, plus the whole of small files: under a 
 """
 
 import dataclasses
+import errno
+import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -29,7 +39,7 @@ from typing import Optional
 
 from lion_min.formats.hf import EXPORT_FILES
 from lion_min.run.config import ConfigError, read_json
-from lion_min.core.parallel import Dist, PeerFailed
+from lion_min.core.parallel import Dist, PeerFailed, raise_if_any
 
 # Keys that do not change what a step computes: cadence of logging, eval and saving; how the global
 # batch is split (the loss is invariant to micro_batch_size and world size); hardware and speed;
@@ -49,6 +59,10 @@ RUN_RECORDS = ["run.json", "train_config.json", "metrics.jsonl", "summary.json",
 RUN_FILES = RUN_RECORDS + list(EXPORT_FILES)
 """Everything a run writes into out_dir (what --overwrite removes, and nothing else)."""
 LOCK = ".lion_min.lock"
+LEFTOVERS = [".*.tmp-*", "checkpoints/step_*.tmp", "summary.json.tmp", "round_*.jsonl.tmp", "round_*.done.tmp",
+             "reference_logps*.tmp", "curves.png.tmp.png"]
+"""The temporaries a run writes into out_dir and renames when complete (checkpoint.atomic_temp's
+export folder, the step folders, ...): what a killed run leaves, removed by the next one."""
 DEMO_PRESETS = ("demo", "debug")
 
 
@@ -123,14 +137,51 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
-def pid_alive(pid: int) -> bool:
+def lock_file(path: Path) -> Optional[int]:
+    """An exclusive flock on `path` (created if missing): the descriptor that holds it until closed,
+    or None when a live process holds it. Raises OSError where the file system has no such locks."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder removed the file as it finished, after we opened it: lock the new one
+
+
+def _lock_owner(lock: Path) -> tuple:
+    owner = read_json(lock) or {}  # as the holder wrote it: the pid is the one in its own PID namespace
+    return owner.get("pid"), owner.get("host")
+
+
+def _locked(flag: str, lock: Path) -> ConfigError:
+    pid, host = _lock_owner(lock)
+    return ConfigError(f"--out_dir={flag}: another run (pid {pid}) is writing there (on host {host}; lock {lock}); "
+                       f"wait for it or pick another --out_dir")
+
+
+def lock_held(path: Path) -> Optional[bool]:
+    """Whether a live process holds the flock on `path` (tried and released, nothing written); None
+    where the file system has no such locks."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
         return True
-    return True
+    except OSError:  # no such locks here (claim says so when it takes its own)
+        return None
+    finally:
+        os.close(fd)
 
 
 def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool,
@@ -149,14 +200,10 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool,
     notes = []
     lock = out_dir / LOCK
     if lock.is_file():
-        owner = read_json(lock) or {}
-        if owner.get("host") != socket.gethostname():  # no way to tell from here whether it is alive
-            raise ConfigError(f"--out_dir={cfg.out_dir}: a run on host {owner.get('host')} (pid {owner.get('pid')}) "
-                              f"holds the lock {lock}; if it is no longer running, delete that file")
-        if pid_alive(int(owner.get("pid", -1))):
-            raise ConfigError(f"--out_dir={cfg.out_dir}: another run (pid {owner['pid']}) is writing there "
-                              f"(lock {lock}); wait for it or pick another --out_dir")
-        notes.append(f"note: taking over the lock of a run that is no longer alive (pid {owner.get('pid')})")
+        if lock_held(lock):
+            raise _locked(cfg.out_dir, lock)
+        notes.append("note: taking over the lock of a run that is no longer alive (pid {}) on host {}".format(
+            *_lock_owner(lock)))
     found = _holds_run(out_dir) if out_dir.is_dir() else []
     ours = (out_dir / "run.json").is_file() or (out_dir / "train_config.json").is_file()
     if found and not ours:  # a model or files of yours: never written into, even with --overwrite
@@ -193,6 +240,66 @@ def broadcast(value, d: Dist):
     return box[0]
 
 
+def agree(views: dict[str, str], d: Dist, why: str) -> None:
+    """Every rank's view of the same things (name -> what it sees) must be the same: else every rank
+    stops with one line naming the first thing they differ on, the ranks and what each sees, then
+    `why`. A collective: call it on every rank, before anything shared is written."""
+    if d.world == 1:
+        return
+    import torch.distributed as dist
+
+    seen = [None] * d.world
+    dist.all_gather_object(seen, views)
+    for name in dict.fromkeys(k for v in seen for k in v):  # in order of first appearance
+        groups: dict = {}
+        for r, v in enumerate(seen):
+            groups.setdefault(v.get(name, "nothing (it does not see it)"), []).append(r)
+        if len(groups) > 1:
+            how = "; ".join(f"{_ranks(ranks)} {'see' if len(ranks) > 1 else 'sees'} {value}"
+                            for value, ranks in groups.items())
+            raise ConfigError(f"ranks disagree on {name}: {how}. {why}")
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+
+
+def _view(source: str) -> str:
+    """What this rank sees at a local path, glob or folder (sizes and a fingerprint of the contents)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return f"{path.stat().st_size} bytes, contents {fingerprint(path)[:16]}"
+    if path.is_dir():
+        files = sum(_is_input_file(p, path) for p in path.rglob("*"))
+        return f"a folder of {files} files, contents {fingerprint(path)[:16]}"
+    matches = sorted(glob.glob(str(path), recursive=True)) if glob.has_magic(source) else []
+    if matches:
+        h = hashlib.sha256("".join(m + fingerprint(Path(m)) for m in matches).encode()).hexdigest()
+        return f"{len(matches)} matches, contents {h[:16]}"
+    return "nothing at that path"
+
+
+def agree_on_inputs(cfg, d: Dist) -> None:
+    """Every rank must see the same inputs (FINGERPRINTED, each source of a mixture): compared
+    before anything is loaded or written, so that a rank reading a stale copy stops the run. A rank
+    that cannot read one says so itself, and the others stop with it."""
+    from lion_min.formats.data import parse_mixture
+
+    if d.world == 1:
+        return
+    views, error = {}, None
+    try:
+        for flag, key in FINGERPRINTED.items():
+            value = str(getattr(cfg, key, None) or "").removeprefix("pairrm:")
+            sources = [s.path for s in parse_mixture(value)] if value and key in ("data", "eval_data") else [value]
+            for source in filter(None, sources):
+                views[f"{flag}={source}"] = _view(source)
+    except (OSError, ValueError) as e:
+        error = e if isinstance(e, ValueError) else ConfigError(f"{e.filename}: cannot read it ({e.strerror})")
+    raise_if_any(error, d)
+    agree(views, d, "Every rank must see the same files at the same paths (a stale copy on one node?)")
+
+
 def check_shared(out_dir: Path, d: Dist):
     """Every rank must see the lock rank 0 just wrote: each writes its checkpoint shards into
     out_dir, so on several nodes it must be a shared file system (else a checkpoint would be
@@ -209,6 +316,38 @@ def check_shared(out_dir: Path, d: Dist):
         error = (f"--out_dir={out_dir}: {', '.join(blind)} cannot see the folder rank 0 created there: with several "
                  f"nodes, --out_dir must be on a file system every node shares (docs/multinode.md)")
         raise ConfigError(error) if d.main else PeerFailed(error)
+
+
+def take_lock(out_dir: Path, flag: str) -> Optional[int]:
+    """Lock out_dir for this run (lock_file) and write who holds it; ConfigError if a live run
+    holds it. Where the file system has no flock (some network file systems), a note, and None."""
+    path = out_dir / LOCK
+    try:
+        fd = lock_file(path)
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        path.unlink(missing_ok=True)  # (lock_file made it: a lock file nothing holds means nothing here)
+        print(f"note: --out_dir={flag}: this file system has no file locks ({e.strerror}): nothing stops "
+              f"another run from writing there at the same time; make sure none does")
+        return None
+    if fd is None:
+        raise _locked(flag, path)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+    return fd
+
+
+def release_lock(out_dir: Path, fd: Optional[int]) -> None:
+    """Remove the lock file while holding it, then let go (lock_file handles the moment between)."""
+    if fd is not None:
+        (out_dir / LOCK).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def leftovers(out_dir: Path) -> list[Path]:
+    """The temporaries (LEFTOVERS) in out_dir: only a killed run leaves them, and the caller holds the lock."""
+    return sorted(p for pattern in LEFTOVERS for p in out_dir.glob(pattern))
 
 
 @contextmanager
@@ -231,21 +370,30 @@ def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optio
     prints, notes = result
     record = {"config": dataclasses.asdict(cfg), "inputs": prints}
     created, new_record = not out_dir.exists(), not (out_dir / "run.json").exists()
-    error = None
+    error, lock = None, None
     if d.main:
         for note in notes:
             print(note)
         try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = take_lock(out_dir, cfg.out_dir)
+            for p in leftovers(out_dir):
+                print(f"note: removing {p}, left by a run that was killed while writing it")
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
             if cfg.overwrite:
                 for pattern in RUN_FILES:
                     for p in out_dir.glob(pattern):
                         shutil.rmtree(p) if p.is_dir() else p.unlink()
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
             if not (out_dir / "run.json").is_file() or cfg.overwrite or not resuming or free:
                 (out_dir / "run.json").write_text(json.dumps(record, indent=2))
         except OSError as e:  # a read-only or full disk, a path through a file...
             error = ConfigError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror or e})")
+        except ConfigError as e:  # another run took the lock since check()
+            error = e
+        if error is not None:
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            release_lock(out_dir, lock)
     error = broadcast(error, d)
     if error is not None:
         raise error
@@ -263,7 +411,7 @@ def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optio
         raise
     finally:
         if d.main:
-            (out_dir / LOCK).unlink(missing_ok=True)
+            release_lock(out_dir, lock)
 
 
 def append_summary(out_dir: Path, **fields):

@@ -38,7 +38,7 @@ from lion_min.run.policy import (build_from_folder, chat_tokenizer, check_same_a
 from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root,
                               cache_fingerprint, concat_shards, data_identity, input_names, open_prepared, prepare_folder,
                               token_dtype, tokenizer_identity, uses_seed)
-from lion_min.run.run_folder import claim
+from lion_min.run.run_folder import agree_on_inputs, claim
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.loop import TrainResult, train
 from lion_min.run.resume import WRITE_ERRORS, CheckpointWriteError, one_line
@@ -255,6 +255,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     if not cfg.data:
         raise ConfigError("--data is required (run with no flags at all for the built-in demo)")
     d = init_distributed(cfg.device)
+    agree_on_inputs(cfg, d)  # every rank sees the same files, before any is read
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, d.device)
     if d.main:

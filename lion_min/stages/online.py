@@ -35,7 +35,7 @@ from lion_min.run.judges import make_judge
 from lion_min.core.parallel import Dist, barrier, init_distributed
 from lion_min.run.plot import earlier_runs, plot_pipeline
 from lion_min.run.policy import chat_tokenizer, checkpoint_dtype
-from lion_min.run.run_folder import append_summary, broadcast, claim
+from lion_min.run.run_folder import agree_on_inputs, append_summary, broadcast, claim
 from lion_min.run.prompts import read_prompts
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.loop import StopRequested
@@ -153,6 +153,7 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
     `judge` replaces --judge (the demo passes its rule this way)."""
     check_config(cfg)
     d = init_distributed(cfg.device)
+    agree_on_inputs(cfg, d)  # every rank sees the same files, before any is read
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, d.device)
     start_folder = resolve_path(cfg.model, cfg.revision)

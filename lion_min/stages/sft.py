@@ -25,7 +25,7 @@ from lion_min.run.policy import check_seq_len, export_dtype, load_policy
 from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root, concat_shards,
                               cache_fingerprint, data_identity, input_names, open_prepared, prepare_folder, token_dtype,
                               tokenizer_identity, uses_seed)
-from lion_min.run.run_folder import claim
+from lion_min.run.run_folder import agree_on_inputs, claim
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.loop import TrainResult, train
 
@@ -211,6 +211,7 @@ def prepare_sft(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[lis
 def run(cfg: SFTConfig) -> TrainResult:
     check_config(cfg)
     d = init_distributed(cfg.device)
+    agree_on_inputs(cfg, d)  # every rank sees the same files, before any is read
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, d.device)
     if d.main:
