@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from lion_min.chat import TEMPLATES, template_of
 from lion_min.hub import did_you_mean, hub_error, looks_local
 from lion_min.model import ModelArgs, Transformer
+from lion_min.run_dir import EXPORT_FILES
 from lion_min.tokenizer import Tokenizer
 
 
@@ -363,13 +364,6 @@ def shard_state_dict(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[d
     if current:
         shards.append(current)
     return shards
-
-
-# Files an export writes. In an existing folder, those the new export lacks are removed, so that no
-# stale shard or tokenizer file outlives it (a chat_template.jinja would even win over the config's).
-EXPORT_FILES = ("model*.safetensors*", "config.json", "generation_config.json", "tokenizer.json",
-                "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-                "chat_template.jinja")
 
 
 def atomic_dir(out_dir: Path):

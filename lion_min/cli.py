@@ -26,6 +26,7 @@ from typing import Optional
 from lion_min import demo
 from lion_min.config import ConfigError, DPOConfig, OnlineConfig, SFTConfig, format_config
 from lion_min.flags import parse_cli, recipe_presets
+from lion_min.preflight import preflight
 
 
 def presets(stage: str) -> dict[str, dict]:
@@ -51,6 +52,8 @@ def stage_main(config_cls, argv: Optional[list[str]], doc: str):
     The stage's module, and torch with it, is imported once the flags are parsed and checked."""
     stage = config_cls.STAGE
     cfg = parse_cli(config_cls, presets(stage), argv, default_preset=default_preset(stage), doc=doc)
+    if cfg.preset not in ("demo", "debug"):
+        preflight(cfg)  # what needs no weights, checked before the stage (and torch) loads
     run = importlib.import_module(f"lion_min.{stage}").run
     if cfg.preset in ("demo", "debug"):
         return demo.run_stage(stage, cfg, run)

@@ -92,15 +92,7 @@ def load_reward_model(path: str | Path, dtype=torch.float32, device="cpu") -> tu
     folder = resolve_path(str(path))
     args = dataclasses.replace(read_config(folder), tie_embeddings=True)
     files = weight_files(folder)
-    shape = None
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            if "score.weight" in f.keys():
-                shape = f.get_slice("score.weight").get_shape()
-    if shape is None:
-        raise CheckpointError(f"{folder}: no score.weight; not a sequence-classification (reward model) checkpoint")
-    if len(shape) != 2 or shape[1] != args.dim:
-        raise CheckpointError(f"{folder}: score.weight has shape {tuple(shape)}, expected (num_labels, {args.dim})")
+    shape = reward_head_shape(folder, args)
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device=device)
@@ -109,6 +101,20 @@ def load_reward_model(path: str | Path, dtype=torch.float32, device="cpu") -> tu
     load_weights(model, files, extra={"score.weight": score})
     model.init_buffers()
     return model.eval().requires_grad_(False), score
+
+
+def reward_head_shape(folder: Path, args) -> tuple[int, int]:
+    """The (num_labels, dim) shape of a reward model's score.weight, read from the safetensors headers."""
+    shape = None
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            if "score.weight" in f.keys():
+                shape = f.get_slice("score.weight").get_shape()
+    if shape is None:
+        raise CheckpointError(f"{folder}: no score.weight; not a sequence-classification (reward model) checkpoint")
+    if len(shape) != 2 or shape[1] != args.dim:
+        raise CheckpointError(f"{folder}: score.weight has shape {tuple(shape)}, expected (num_labels, {args.dim})")
+    return tuple(shape)
 
 
 def last_token_index(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -188,6 +194,26 @@ class RewardModelJudge:
 
 
 # --- from a spec -----------------------------------------------------------------------------------
+
+
+def check_judge(spec: str, rules: Optional[dict[str, RuleFn]] = None) -> None:
+    """--judge's files, read without weights (lion_min/preflight.py): a rule name, a PairRM folder, or
+    a reward model's config.json, score head and tokenizer. A hub id is checked once fetched."""
+    from lion_min.preflight import goes_to_hub
+
+    rules = RULES if rules is None else rules
+    path = spec.removeprefix("pairrm:")
+    if spec in rules or goes_to_hub(path):
+        return
+    if not spec.startswith("pairrm:") and not Path(spec).expanduser().is_dir() and "/" not in spec:
+        make_judge(spec, rules=rules)  # its one-line error: an unknown rule name
+    folder = resolve_path(path)
+    if spec.startswith("pairrm:"):
+        return
+    reward_head_shape(folder, read_config(folder))
+    Tokenizer.from_dir(folder)
+
+
 
 
 def make_judge(

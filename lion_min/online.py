@@ -205,8 +205,9 @@ def run_round(cfg: OnlineConfig, d: Dist, k: int, policy: Path, ref_folder: Path
     try:
         train_pairs(round_cfg, d, pairs, [], dtype, {"round": k, "pairs": len(pairs), "dropped": dropped}, inputs={})
     except StopRequested as e:
+        again = "without --overwrite=true" if cfg.overwrite else "again"  # (that would replace the rounds kept)
         raise StopRequested(f"stopped in round {k}: rounds before it are kept and round {k} is redone from its "
-                            f"sampling when the same command runs again", e.code) from None
+                            f"sampling when the same command runs {again}", e.code) from None
     return {"round": k, "mean_reward": mean_score(records), "pairs": len(pairs), "dropped": dropped}
 
 

@@ -25,11 +25,12 @@ import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from lion_min.checkpoint import EXPORT_FILES
 from lion_min.config import ConfigError, read_json
-from lion_min.parallel import Dist, PeerFailed
+
+if TYPE_CHECKING:
+    from lion_min.parallel import Dist
 
 # Keys that do not change what a step computes: cadence of logging, eval and saving; how the global
 # batch is split (the loss is invariant to micro_batch_size and world size); hardware and speed;
@@ -44,6 +45,12 @@ FINGERPRINTED = {"--model": "model", "--ref_model": "ref_model", "--data": "data
 """Inputs compared by contents: the same files under another path (./out/sft, a moved folder) are the same run."""
 NOTED_KEYS = {"max_steps": " (the schedule now spans a different number of steps)", "epochs":
               " (the schedule now spans a different number of steps)", "rounds": ""}
+# Files an export writes (checkpoint.save_model). In an existing folder, those the new export lacks are
+# removed, so that no stale shard or tokenizer file outlives it (a chat_template.jinja would even win
+# over the config's). Kept here, in a module without torch, so that out_dir is checked before torch loads.
+EXPORT_FILES = ("model*.safetensors*", "config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+                "chat_template.jinja")
 RUN_RECORDS = ["run.json", "train_config.json", "metrics.jsonl", "summary.json", "checkpoints", "reference_logps*",
                "round_*", "last_round_metrics.jsonl", "curves.png"]
 RUN_FILES = RUN_RECORDS + list(EXPORT_FILES)
@@ -169,10 +176,10 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool,
         raise ConfigError(f"--out_dir={cfg.out_dir} holds a run that is not the demo's ({_some(found)}); "
                           f"the demo runs only when neither --model nor --data is given: pick another --out_dir")
     if found and not cfg.overwrite:
-        if not resuming:
+        refused, noted = differences(saved["config"], saved.get("inputs", {}), cfg, prints, free)
+        if not resuming and not refused:  # (--resume=auto is suggested only where it would be accepted)
             raise ConfigError(f"--out_dir={cfg.out_dir} holds a run ({_some(found)}); continue it with "
                               f"--resume=auto, pick another --out_dir, or replace it with --overwrite=true")
-        refused, noted = differences(saved["config"], saved.get("inputs", {}), cfg, prints, free)
         if refused:
             raise ConfigError(f"--out_dir={cfg.out_dir} holds another run: {', '.join(refused)} differ; pick "
                               f"another --out_dir, or replace it with --overwrite=true")
@@ -182,7 +189,19 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool,
     return prints, notes
 
 
-def broadcast(value, d: Dist):
+def continue_command(cfg) -> str:
+    """How a stopped run goes on from its newest checkpoint, said so that following it works: a typed
+    --overwrite=true would replace the run again, and with --resume=auto beside it is refused."""
+    if cfg.overwrite:
+        return "the same command with --resume=auto in place of --overwrite=true"
+    if cfg.resume == "auto":  # (a recipe's resume=auto, or typed)
+        return "the same command"
+    if cfg.resume:
+        return f"the same command with --resume=auto in place of --resume={cfg.resume}"
+    return "the same command and --resume=auto"
+
+
+def broadcast(value, d: "Dist"):
     """Rank 0's value (any picklable object) on every rank."""
     if d.world == 1:
         return value
@@ -193,13 +212,15 @@ def broadcast(value, d: Dist):
     return box[0]
 
 
-def check_shared(out_dir: Path, d: Dist):
+def check_shared(out_dir: Path, d: "Dist"):
     """Every rank must see the lock rank 0 just wrote: each writes its checkpoint shards into
     out_dir, so on several nodes it must be a shared file system (else a checkpoint would be
     missing the other nodes' shards)."""
     if d.world == 1:
         return
     import torch.distributed as dist
+
+    from lion_min.parallel import PeerFailed
 
     lock = broadcast(read_json(out_dir / LOCK) if d.main else None, d)
     seen = [None] * d.world
@@ -212,7 +233,7 @@ def check_shared(out_dir: Path, d: Dist):
 
 
 @contextmanager
-def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optional[bool] = None,
+def claim(cfg, d: "Dist", inputs: dict[str, Optional[str | Path]], resuming: Optional[bool] = None,
           free: frozenset = frozenset()):
     """Check out_dir (rank 0 decides, every rank raises the same error), lock it, write run.json;
     yields the run record {"config", "inputs"} for the checkpoints; unlocks at the end. Settings in

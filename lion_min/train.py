@@ -34,6 +34,7 @@ from lion_min.config import ConfigError, TrainConfig, config_to_json, read_json
 from lion_min.losses import global_mean
 from lion_min.flops import document_lengths, mfu, mfu_useful, peak_flops
 from lion_min.parallel import Dist, all_reduce_sum, all_reduce_tensor, raise_if_any
+from lion_min.run_dir import continue_command
 from lion_min.train_state import (WRITE_ERRORS, CheckpointWriteError, load_checkpoint, resolve_resume,
                                   save_checkpoint, one_line)
 
@@ -249,8 +250,8 @@ def train(
             if stop_now and step + 1 < total:
                 path = save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
                 raise StopRequested(f"stopped by {stop.received or 'a signal on another rank'} after step "
-                                    f"{step + 1}: checkpoint {path}; continue with the same command and "
-                                    f"--resume=auto", code=130 if stop.received == "SIGINT" else 143)
+                                    f"{step + 1}: checkpoint {path}; continue with {continue_command(cfg)}",
+                                    code=130 if stop.received == "SIGINT" else 143)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
                 save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
     finally:

@@ -1,0 +1,181 @@
+"""The recipe as users run it (issue 31): what the user typed wins over the recipe, every suggestion a
+message makes works when followed, and mistakes are caught before any weights load."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_dpo  # noqa: E402
+import train_sft  # noqa: E402
+from lion_min.cli import presets, run_cli  # noqa: E402
+from lion_min.config import ConfigError, DPOConfig, OnlineConfig, SFTConfig  # noqa: E402
+from lion_min.flags import parse_cli, recipe_presets  # noqa: E402
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+# A recipe's values that a CPU test of a tiny model must override (8192-token rows, compiled blocks).
+SMALL = ["--seq_len=96", "--batch_size=4", "--micro_batch_size=1", "--compile=false", "--activation_checkpointing=off",
+         "--device=cpu", "--lr=1e-3"]
+
+
+def sft_argv(tiny, out, *extra) -> list[str]:
+    return [f"--model={tiny['model']}", f"--data={tiny['data']}", f"--out_dir={out}", *SMALL, *extra]
+
+
+# --- 1. what the user typed wins; every suggestion works -----------------------------------------
+
+
+@pytest.mark.parametrize("cls", [SFTConfig, DPOConfig, OnlineConfig])
+def test_a_typed_overwrite_wins_over_the_recipes_resume(cls):
+    for name in recipe_presets(cls.STAGE):
+        assert parse_cli(cls, presets(cls.STAGE), [f"--preset={name}"]).resume == "auto"
+        cfg = parse_cli(cls, presets(cls.STAGE), [f"--preset={name}", "--overwrite=true"])
+        assert cfg.overwrite and cfg.resume == ""
+    with pytest.raises(ConfigError, match="--overwrite=true with --resume=auto: .* contradict"):
+        parse_cli(cls, presets(cls.STAGE), ["--preset=lion-gemma-2b", "--overwrite=true", "--resume=auto"])
+
+
+def follow(argv: list[str], how: str) -> list[str]:
+    """The command that `how` (after "continue with " in a stop message) says to run."""
+    if how == "the same command":
+        return list(argv)
+    if " in place of " in how:
+        old = how.split(" in place of ")[1]
+        assert old in argv, (how, argv)
+        return ["--resume=auto" if a == old else a for a in argv]
+    assert how == "the same command and --resume=auto", how
+    return [*argv, "--resume=auto"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--overwrite=true"], ["--preset=lion-llama3-8b"],
+                                   ["--preset=lion-llama3-8b", "--overwrite=true"]])
+def test_following_the_ctrl_c_message_continues_the_run(tiny_chat_model, tmp_path, extra):
+    out = tmp_path / "run"
+    argv = sft_argv(tiny_chat_model, out, "--max_steps=40", "--epochs=8", "--save_every=1", *extra)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_sft.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.count("\n") == 1, err
+    step = int(err.split("after step ")[1].split(":")[0])
+    again = follow(argv, err.strip().split("; continue with ")[1])
+    res = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), *again], capture_output=True, text=True, env=ENV)
+    assert res.returncode == 0, res.stderr
+    assert f"training 40 steps from step {step} (resumed from" in res.stdout
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 41))
+
+
+def test_holds_a_run_suggests_resume_only_where_it_is_accepted(tiny_chat_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = sft_argv(tiny_chat_model, out, "--max_steps=2")
+    train_sft.main(argv)
+    with pytest.raises(ConfigError, match=r"holds a run \(.*\); continue it with --resume=auto") as same:
+        train_sft.main(argv)
+    assert "--resume=auto" in str(same.value)
+    capsys.readouterr()
+    train_sft.main([*argv, "--resume=auto"])  # followed: the same run, finished
+    assert "holds this run, finished (2 steps) and exported: nothing to do" in capsys.readouterr().out
+    # Another run (another lr): --resume=auto would be refused, so only the choices that work are named.
+    with pytest.raises(ConfigError, match=r"holds another run: lr differ; pick another --out_dir, or replace it "
+                                          r"with --overwrite=true") as other:
+        train_sft.main([*argv, "--lr=5e-4"])
+    assert "--resume" not in str(other.value)
+    with pytest.raises(ConfigError, match="lr differ"):  # what it did not suggest would indeed fail
+        train_sft.main([*argv, "--lr=5e-4", "--resume=auto"])
+    # Followed under a recipe (which sets resume=auto): the typed --overwrite=true replaces the run.
+    train_sft.main([*argv, "--lr=5e-4", "--preset=lion-llama3-8b", "--overwrite=true"])
+    assert json.loads((out / "train_config.json").read_text())["preset"] == "lion-llama3-8b"
+
+
+# --- 2. mistakes before any weights load ---------------------------------------------------------
+
+
+def imported(stderr: str) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_chat_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train_sft.main(sft_argv(tiny_chat_model, out, "--max_steps=1"))
+    return out
+
+
+@pytest.mark.parametrize("script,over,says", [
+    ("sft", {"data": "{data}.jsnol"}, "chats.jsonl.jsnol: no such file or folder"),
+    ("sft", {"out_dir": "{finished}", "lr": "5e-4"}, "holds another run: batch_size, lr, seq_len differ"),
+    ("dpo", {}, "which look like SFT conversations, for train_sft.py (schema messages); pass --schema="),
+])
+def test_mistakes_without_weights_end_before_torch_and_before_the_config_dump(tiny_chat_model, finished_run,
+                                                                                tmp_path, script, over, says):
+    values = {"model": tiny_chat_model["model"], "data": tiny_chat_model["data"], "out_dir": tmp_path / "out"} | over
+    argv = [f"--{k}={str(v).format(data=tiny_chat_model['data'], finished=finished_run)}" for k, v in values.items()]
+    res = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / f"train_{script}.py"), *argv, "--device=cpu"],
+                         capture_output=True, text=True, env=ENV)
+    said = [line for line in res.stderr.splitlines() if not line.startswith("import time:")]
+    assert res.returncode == 2 and len(said) == 1 and said[0].startswith("error: ") and says in said[0], said
+    assert "torch" not in imported(res.stderr) and res.stdout == ""  # no config dump before the error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def broken_models(tiny_chat_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken")
+    model = tiny_chat_model["model"]
+    for name in ("no_tokenizer", "bad_config", "no_weights"):
+        shutil.copytree(model, root / name)
+    (root / "no_tokenizer" / "tokenizer.json").unlink()
+    (root / "bad_config" / "config.json").write_text("{not json")
+    (root / "no_weights" / "model.safetensors").unlink()
+    return root
+
+
+@pytest.mark.parametrize("script,over,says", [
+    ("sft", {"model": "{root}/no_tokenizer"}, "no tokenizer.json in"),
+    ("sft", {"model": "{root}/bad_config"}, "config.json: not valid JSON"),
+    ("sft", {"model": "{root}/no_weights"}, "no model.safetensors or model.safetensors.index.json"),
+    ("sft", {"chat_template": "llama3"}, "lacks the special token '<|start_header_id|>'"),
+    ("dpo", {"data": "{prefs}", "ref_model": "{root}/no_weights"}, "no model.safetensors"),
+])
+def test_model_folder_mistakes_end_before_any_weights_load(tiny_chat_model, broken_models, tmp_path, monkeypatch,
+                                                           capsys, script, over, says):
+    import lion_min.checkpoint
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the checks that need none")
+
+    monkeypatch.setattr(lion_min.checkpoint, "load_weights", no_weights)
+    values = {"model": tiny_chat_model["model"], "data": tiny_chat_model["data"], "out_dir": tmp_path / "out"} | over
+    fill = dict(root=broken_models, prefs=tiny_chat_model["prefs"])
+    argv = [f"--{k}={str(v).format(**fill)}" for k, v in values.items()] + ["--device=cpu"]
+    module = {"sft": train_sft, "dpo": train_dpo}[script]
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: module.main(argv))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and err.startswith("error: ") and says in err and err.count("\n") == 1, err
+    assert "config:" not in out and not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_is_not_fetched_before_the_local_checks(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: fetched.append(a) or 1 / 0)
+    argv = ["--model=some-org/some-model", f"--data={tiny_chat_model['data']}.jsnol", f"--out_dir={tmp_path / 'o'}"]
+    with pytest.raises(SystemExit):
+        run_cli(lambda: train_sft.main(argv))
+    assert "no such file or folder" in capsys.readouterr().err and fetched == []
