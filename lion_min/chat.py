@@ -18,6 +18,8 @@ whitespace ("\n\n") straddles the boundary and trains, since the model must emit
 reply.
 """
 
+import json
+import re
 from dataclasses import dataclass
 from itertools import chain
 from typing import Literal, NamedTuple, Optional
@@ -136,8 +138,33 @@ def get_template(name: str) -> ChatTemplate:
 
 
 def template_of(jinja: Optional[str]) -> Optional[ChatTemplate]:
-    """The known template whose official Jinja text is exactly `jinja`, else None."""
-    return next((t for t in TEMPLATES.values() if t.jinja == jinja), None)
+    """The known template whose official Jinja text is exactly `jinja` (or is, after export_jinja's
+    system-turn line), else None."""
+    return next((t for t in TEMPLATES.values() if jinja in (t.jinja, export_jinja(t, template_system(jinja)))), None)
+
+
+# The line an export puts before the official template when training inserted a system turn
+# (--system_prompt, LION's empty one): the exported template renders what training saw, and a
+# conversation with its own system turn keeps it, as with_system does. (TRL recognises only the
+# official text; this one it renders through Jinja like any other.)
+_SYSTEM_LINE = ("{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = "
+                "[{'role': 'system', 'content': SYSTEM}] + messages %}{%- endif %}")
+_SYSTEM_RE = re.compile(re.escape(_SYSTEM_LINE).replace("SYSTEM", "(\"(?:[^\"\\\\]|\\\\.)*\")"))
+
+
+def export_jinja(template: ChatTemplate | str, system_prompt: Optional[str]) -> str:
+    """The Jinja template an export carries: the official one, led by _SYSTEM_LINE when training
+    inserted a system turn (with_system), so that it renders exactly the token layout training used."""
+    t = _as_template(template)
+    if system_prompt is None:
+        return t.jinja
+    return _SYSTEM_LINE.replace("SYSTEM", json.dumps(system_prompt, ensure_ascii=False)) + t.jinja
+
+
+def template_system(jinja: Optional[str]) -> Optional[str]:
+    """The system prompt an exported template (export_jinja) inserts, else None."""
+    m = _SYSTEM_RE.match(jinja or "")
+    return json.loads(m.group(1)) if m else None
 
 
 def with_template_tokens(tokenizer: Tokenizer, template: ChatTemplate | str) -> Tokenizer:

@@ -171,7 +171,7 @@ def sample_main(argv: Optional[list[str]] = None) -> list[str]:
     import torch
 
     from lion_min import sample
-    from lion_min.chat import get_template, stop_token_ids
+    from lion_min.chat import get_template, stop_token_ids, template_system
     from lion_min.checkpoint import load_model, resolve_path
     from lion_min.config import resolve_dtype
     from lion_min.sample import SampleConfig, encode_prompt, folder_template, generate, read_prompts
@@ -192,7 +192,9 @@ def sample_main(argv: Optional[list[str]] = None) -> list[str]:
     tokenizer = Tokenizer.from_dir(folder)
     template, why = (folder_template(folder, tokenizer) if cfg.chat_template == "auto"
                      else (cfg.chat_template, "--chat_template"))
-    ids = [encode_prompt(tokenizer, p, template) for p in prompts]  # bad prompts fail before the weights load
+    # An export whose training inserted a system turn carries it in its template (chat.export_jinja).
+    system = template_system(tokenizer.chat_template) if cfg.chat_template == "auto" else None
+    ids = [encode_prompt(tokenizer, p, template, system) for p in prompts]  # bad prompts fail before the weights load
     model = load_model(folder, dtype=dtype, device=device)
     if template == "none":
         stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lion_min.batches import Batches, eval_size, opening_summary
-from lion_min.chat import ChatEncoding, encode_chats, get_template, with_system
+from lion_min.chat import ChatEncoding, encode_chats, export_jinja, with_system
 from lion_min.checkpoint import hash_files, read_config, resolve_path
 from lion_min.config import ConfigError, DPOConfig, check_values, format_config, resolve_dtype
 from lion_min.data import load_preferences, train_eval_split
@@ -268,10 +268,12 @@ def fingerprint(pairs: Sequence[EncodedPair], ref_folder: Path, template: str) -
     return h.hexdigest()
 
 
-def compute_ref_logps(ref_model, pairs, d: Dist, micro_batch_size: int, max_len: int, pad_id: int) -> torch.Tensor:
-    """(num_pairs, 2) reference log-probs, each rank scoring its share, then summed over ranks."""
+def compute_ref_logps(ref_model, pairs, d: Dist, micro_batch_size: int, max_len: int, pad_id: int,
+                      mine: Optional[np.ndarray] = None) -> torch.Tensor:
+    """(num_pairs, 2) reference log-probs, each rank scoring its share (`mine`, in micro-batches of
+    micro_batch_size; default every world-th pair), then summed over ranks."""
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    mine = np.arange(len(pairs))[d.rank :: d.world]
+    mine = np.arange(len(pairs))[d.rank :: d.world] if mine is None else mine
     # Every rank runs the same number of forwards (FSDP all-gathers in each one).
     n_micro = -(-len(pairs) // (d.world * micro_batch_size))
     ref_model.eval()
@@ -326,16 +328,22 @@ def load_or_compute_ref_logps(path: Path, fp: str, compute, d: Dist) -> torch.Te
 
 
 def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pairs: Sequence[EncodedPair],
-              eval_pairs: Sequence[EncodedPair]):
+              eval_pairs: Sequence[EncodedPair], policy=None):
     """(frozen reference model, None, None), or with --precompute_ref (None, its log-probs of the
-    training pairs, of the eval pairs), computed once and stored in out_dir under a fingerprint."""
+    training pairs, of the eval pairs), computed once and stored in out_dir under a fingerprint.
+
+    Step 1 compares policy and reference on the same rows through the same code: the reference is
+    built as the policy is (compiled when it is), the precomputed one scores the training pairs in
+    the micro-batches of the first epoch (Batches.first_pass), and when the reference is the starting
+    model, `policy` (not yet trained) scores them itself. On the CPU in fp32 step 1's rewards are then
+    exactly 0 (README "Offline DPO" says where they cannot be)."""
 
     built = []  # the reference model, built at most once (and only when a log-prob file is missing)
 
     def make_ref():
         if not built:
-            built.append(build_from_folder(ref_folder, args, d, dtype, attn_backend=cfg.attn_backend)
-                         .requires_grad_(False).eval())
+            built.append(build_from_folder(ref_folder, args, d, dtype, attn_backend=cfg.attn_backend,
+                                           compile=cfg.compile).requires_grad_(False).eval())
         return built[0]
 
     if not cfg.precompute_ref:
@@ -343,7 +351,16 @@ def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pai
 
     def precomputed(which: Sequence[EncodedPair], name: str) -> torch.Tensor:
         def compute():
-            return compute_ref_logps(make_ref(), which, d, cfg.micro_batch_size, cfg.max_len, pad_id)
+            if which is not pairs:
+                return compute_ref_logps(make_ref(), which, d, cfg.micro_batch_size, cfg.max_len, pad_id)
+            plan = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,
+                                pad_id)
+            scorer = policy if policy is not None else make_ref()
+            try:
+                return compute_ref_logps(scorer, pairs, d, cfg.micro_batch_size, cfg.max_len, pad_id,
+                                         plan.first_pass())
+            finally:
+                scorer.train(policy is not None)  # (the policy trains next)
 
         fp = fingerprint(which, ref_folder, cfg.chat_template)
         return load_or_compute_ref_logps(Path(cfg.out_dir) / name, fp, compute, d)
@@ -365,7 +382,8 @@ def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Seq
     if ref_folder != folder:  # against --model's own config: both grow alike for new chat tokens (load_policy)
         check_same_architecture(ref_folder, read_config(folder))
     with claim(cfg, d, inputs | {"--model": folder, "--ref_model": ref_folder}) as record:
-        ref_model, ref_logps, eval_ref = reference(cfg, d, args, dtype, ref_folder, pad_id, pairs, eval_pairs)
+        ref_model, ref_logps, eval_ref = reference(cfg, d, args, dtype, ref_folder, pad_id, pairs, eval_pairs,
+                                                   policy=model if ref_folder == folder else None)
         batches = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,
                                pad_id, ref_logps)
         eval_batches = None
@@ -387,7 +405,7 @@ def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Seq
                 "pairs": pairs_line, "target tokens": f"{scored:,} scored response tokens (chosen + rejected)",
             }, eval_items=n_eval, export_dtype=exported, tokenizer=tokenizer))
         return train(cfg, model, objective, batches, d, eval_batches=eval_batches, tokenizer=tokenizer,
-                     chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.max_len,
+                     chat_template=export_jinja(cfg.chat_template, cfg.system_prompt), seq_len=cfg.max_len,
                      export_dtype=exported, summary=summary, run_record=record)
 
 

@@ -325,15 +325,17 @@ def read_prompts(path: str) -> list:
     return prompts
 
 
-def encode_prompt(tokenizer, prompt, chat_template: str) -> list[int]:
-    from lion_min.chat import encode_chat
+def encode_prompt(tokenizer, prompt, chat_template: str, system_prompt: Optional[str] = None) -> list[int]:
+    """A prompt's ids with the generation prompt; `system_prompt` is inserted as training did (with_system)."""
+    from lion_min.chat import encode_chat, with_system
 
     if chat_template == "none":
         if not isinstance(prompt, str):
             raise ValueError("a list of messages needs a chat template (--chat_template)")
         return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return encode_chat(tokenizer, messages, chat_template, add_generation_prompt=True).input_ids
+    return encode_chat(tokenizer, with_system(messages, system_prompt), chat_template,
+                       add_generation_prompt=True).input_ids
 
 
 def folder_template(folder: Path, tokenizer) -> tuple[str, str]:

@@ -179,3 +179,57 @@ def test_a_hub_id_is_not_fetched_before_the_local_checks(tiny_chat_model, tmp_pa
     with pytest.raises(SystemExit):
         run_cli(lambda: train_sft.main(argv))
     assert "no such file or folder" in capsys.readouterr().err and fetched == []
+
+
+# --- 4. the export renders what training saw --------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", sorted(recipe_presets("sft")))
+def test_the_exports_template_renders_the_token_layout_training_used(tiny_chat_model, tmp_path, preset):
+    """Under each recipe (system_prompt="": an empty system turn), transformers' apply_chat_template on
+    the SFT and DPO exports gives the ids of the training encoder, and the sampler's prompt is its prefix."""
+    from transformers import AutoTokenizer
+
+    from lion_min.chat import encode_chat, template_system, with_system
+    from lion_min.sample import encode_prompt
+    from lion_min.tokenizer import Tokenizer
+
+    sft_out, dpo_out = tmp_path / "sft", tmp_path / "dpo"
+    train_sft.main(sft_argv(tiny_chat_model, sft_out, f"--preset={preset}", "--max_steps=1"))
+    train_dpo.main([f"--preset={preset}", f"--model={sft_out}", f"--data={tiny_chat_model['prefs']}",
+                    f"--out_dir={dpo_out}", "--batch_size=4", "--micro_batch_size=2", "--max_len=64",
+                    "--max_prompt_len=32", "--max_steps=1", "--compile=false", "--activation_checkpointing=off",
+                    "--device=cpu"])
+    cfg = parse_cli(SFTConfig, presets("sft"), [f"--preset={preset}"])
+    assert cfg.system_prompt == ""  # the recipes' empty system turn
+    conversations = [json.loads(line)["messages"] for line in tiny_chat_model["data"].read_text().splitlines()[:4]]
+    conversations.append([{"role": "system", "content": "Be brief."}] + conversations[0])  # its own: kept
+    for folder in (sft_out, dpo_out):
+        hf, ours = AutoTokenizer.from_pretrained(folder), Tokenizer.from_dir(folder)
+        assert template_system(ours.chat_template) == ""
+        for messages in conversations:
+            text = hf.apply_chat_template(messages, tokenize=False)
+            trained = encode_chat(ours, with_system(messages, cfg.system_prompt), cfg.chat_template).input_ids
+            assert hf(text, add_special_tokens=False)["input_ids"] == trained
+            prompt = messages[:-1]
+            text = hf.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            sampled = encode_prompt(ours, prompt, cfg.chat_template, template_system(ours.chat_template))
+            assert hf(text, add_special_tokens=False)["input_ids"] == sampled == trained[:len(sampled)]
+        assert "<|im_start|>system\n<|im_end|>" in hf.apply_chat_template(conversations[0], tokenize=False)
+
+
+# --- 5. DPO step 1: policy == reference, exactly ------------------------------------------------------
+
+
+@pytest.mark.parametrize("precompute", ["true", "false"])
+@pytest.mark.parametrize("max_len", [40, 256], ids=["short_rows", "packed_rows"])
+def test_dpo_step_1_rewards_are_exactly_zero_on_the_cpu_in_fp32(tiny_chat_model, tmp_path, precompute, max_len):
+    out = tmp_path / "dpo"
+    train_dpo.main([f"--model={tiny_chat_model['model']}", f"--data={tiny_chat_model['prefs']}", f"--out_dir={out}",
+                    "--batch_size=8", "--micro_batch_size=2", f"--max_len={max_len}", "--max_prompt_len=24",
+                    "--max_steps=2", "--seed=3", f"--precompute_ref={precompute}", "--device=cpu", "--lr=1e-3"])
+    first, second = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()[:2]]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logratios/chosen", "logratios/rejected"):
+        assert first[key] == 0.0, (key, first[key])
+    assert first["rewards/accuracies"] == 0.0  # a tie is not a correct preference (as TRL counts it)
+    assert second["rewards/margins"] != 0.0  # (the policy moved: the check can fail)
