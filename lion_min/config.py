@@ -199,6 +199,10 @@ class OnlineConfig(DPOConfig):
     judge: str = ""
     """A rule (length, brevity; the demo adds demo), a reward-model folder or hub id, or pairrm:DIR
     (the paper's PairRM ranker, docs/pairrm.md)."""
+    judge_template: str = "auto"
+    """A reward-model judge renders prompt and response from text with its own tokenizer and this
+    chat template: auto (its folder's own), chatml | llama3 | gemma, or a .jinja file for a folder
+    that carries none."""
     n_samples: int = 5
     """Samples per prompt (LION: 5)."""
     temperature: float = 0.8

@@ -108,7 +108,7 @@ def sample_and_judge(cfg: OnlineConfig, d: Dist, policy_folder: Path, prompts: l
             samples = out[j * cfg.n_samples : (j + 1) * cfg.n_samples]
             texts = [tokenizer.decode([t for t in s if t not in stop]) for s in samples]
             records.append({"index": i, "messages": messages[j], "prompt_ids": ids[j], "samples": samples,
-                            "texts": texts, "scores": judge.score(messages[j], texts),
+                            "texts": texts, "scores": judge.score(turns[j], texts),  # (the prompt as given)
                             "prompt_truncated": len(full[j]) > cfg.max_prompt_len})
     del model
     return sorted(gather(records, d), key=lambda r: r["index"])
@@ -225,7 +225,7 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
     if chat_tokenizer(cfg, start_folder).added:  # also settles --chat_template=auto
         raise ConfigError(f"--model={cfg.model}: its tokenizer lacks the {cfg.chat_template} template's tokens; online "
                           f"DPO samples with them, so start from an SFT or DPO run's export (which carries them)")
-    judge = judge or make_judge(cfg.judge, chat_template=cfg.chat_template, dtype=dtype, device=d.device)
+    judge = judge or make_judge(cfg.judge, chat_template=cfg.judge_template, dtype=dtype, device=d.device)
     if d.main:
         print(f"config:\n{format_config(cfg)}")
         print(f"{len(prompts)} prompts, judge {cfg.judge!r}, {cfg.rounds} round(s) of {cfg.n_samples} samples each")

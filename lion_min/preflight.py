@@ -69,7 +69,7 @@ def preflight(cfg) -> None:
     if stage == "online":
         from lion_min.judges import check_judge
 
-        check_judge(cfg.judge)
+        check_judge(cfg.judge, cfg.judge_template)
 
 
 def check_model_folder(cfg, name: str, flag: str):

@@ -233,3 +233,68 @@ def test_dpo_step_1_rewards_are_exactly_zero_on_the_cpu_in_fp32(tiny_chat_model,
         assert first[key] == 0.0, (key, first[key])
     assert first["rewards/accuracies"] == 0.0  # a tie is not a correct preference (as TRL counts it)
     assert second["rewards/margins"] != 0.0  # (the policy moved: the check can fail)
+
+
+# --- 3. a reward-model judge with its own tokenizer and chat template -------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_reward_models(tmp_path_factory):
+    """Reward models whose small Gemma tokenizer lacks ChatML's tokens: one carrying the Gemma
+    template (chat_template.jinja, as transformers saves it), one carrying no template."""
+    from conftest import make_hf_checkpoint
+    from tokenizers_for_tests import build_gemma_tokenizer
+
+    from lion_min.chat import get_template
+
+    root = tmp_path_factory.mktemp("own_rm")
+    for name in ("with_template", "without_template"):
+        make_hf_checkpoint("gemma-2b", root / name, vocab_size=649, auto_class="AutoModelForSequenceClassification",
+                           num_labels=1, pad_token_id=0)
+        build_gemma_tokenizer(root / name)
+    (root / "with_template" / "chat_template.jinja").write_text(get_template("gemma").jinja)
+    return root
+
+
+def test_a_reward_model_judge_renders_with_its_own_tokenizer_and_template(own_reward_models, tiny_online_argv,
+                                                                          tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from lion_min.judges import RewardModelJudge
+
+    import train_online
+
+    rm = own_reward_models / "with_template"
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    judge = RewardModelJudge(rm)
+    hf = AutoTokenizer.from_pretrained(rm)
+    for response in ("Paris.", "The capital of France is Paris, on the Seine."):
+        want = hf.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=True,
+                                      return_dict=False)
+        assert judge.encode(prompt, response) == want
+    argv = tiny_online_argv(tmp_path / "online")
+    argv[2] = f"--judge={rm}"
+    train_online.main(argv)  # the policy speaks ChatML; the judge's tokenizer has no <|im_start|>
+    records = [json.loads(x) for x in (tmp_path / "online" / "round_0.jsonl").read_text().splitlines()]
+    assert all(len(set(r["scores"])) > 1 for r in records)  # real, differing reward-model scores
+
+
+def test_a_judge_folder_without_a_template_is_named_before_weights_load(own_reward_models, tiny_online_argv, tmp_path,
+                                                                       monkeypatch, capsys):
+    import lion_min.checkpoint
+    import train_online
+    from lion_min.chat import get_template
+
+    rm = own_reward_models / "without_template"
+    argv = tiny_online_argv(tmp_path / "online")
+    argv[2] = f"--judge={rm}"
+    monkeypatch.setattr(lion_min.checkpoint, "load_weights", lambda *a, **k: 1 / 0)
+    with pytest.raises(SystemExit):
+        run_cli(lambda: train_online.main(argv))
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --judge={rm}: its tokenizer carries no chat_template; name the one it was trained "
+                          f"with: --judge_template=FILE.jinja or") and err.count("\n") == 1, err
+    monkeypatch.undo()
+    (tmp_path / "gemma.jinja").write_text(get_template("gemma").jinja)
+    train_online.main([*argv, f"--judge_template={tmp_path / 'gemma.jinja'}"])  # followed: it runs
+    assert (tmp_path / "online" / "summary.json").is_file()
