@@ -298,3 +298,36 @@ def test_a_judge_folder_without_a_template_is_named_before_weights_load(own_rewa
     (tmp_path / "gemma.jinja").write_text(get_template("gemma").jinja)
     train_online.main([*argv, f"--judge_template={tmp_path / 'gemma.jinja'}"])  # followed: it runs
     assert (tmp_path / "online" / "summary.json").is_file()
+
+
+# --- 7. a tiny random checkpoint of a named family, with a real tokenizer ---------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama3", "llama3.2"])
+def test_tiny_writes_a_real_shaped_checkpoint_that_transformers_and_the_recipe_take(tmp_path, family, capsys):
+    import torch
+    import transformers
+    from tokenizers_for_tests import build_llama3_tokenizer
+
+    from lion_min.checkpoint import load_model
+    from lion_min.tiny import main
+
+    tok = build_llama3_tokenizer(tmp_path / "tok")
+    out = main([f"--family={family}", f"--tokenizer={tok}", f"--out={tmp_path / 'tiny'}", "--layers=1"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["vocab_size"] == 128256 and config["rope_theta"] == 500000.0
+    assert config["bos_token_id"] == 128000 and config["tie_word_embeddings"] == (family == "llama3.2")
+    assert (config.get("rope_scaling") or {}).get("rope_type") == ("llama3" if family == "llama3.2" else None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[128000, 9906, 1917, 0, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="exists and is not an empty folder"):
+        main([f"--family={family}", f"--tokenizer={tok}", f"--out={out}"])
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]})
+                    + "\n")
+    train_sft.main(["--preset=lion-llama3-8b", f"--model={out}", f"--data={data}", f"--out_dir={tmp_path / 'sft'}",
+                    *SMALL, "--batch_size=1", "--max_steps=1"])
+    assert (tmp_path / "sft" / "model.safetensors").is_file()
