@@ -83,6 +83,9 @@ class TrainConfig:
 
     # -- logging and checkpoints
     log_every: int = 1
+    report_to: str = "none"
+    """Also send metrics.jsonl's scalars, live, to 'tensorboard' (out_dir/tensorboard) or 'wandb'
+    (optional packages: requirements-report.txt); 'none' = metrics.jsonl only."""
     eval_every: int = 0
     """Evaluate held-out loss every N steps and at the end (0 = only at the end, if eval data)."""
     save_every: int = 0
@@ -236,7 +239,7 @@ CHOICES = {
     "attn_backend": ATTN_BACKENDS, "lr_schedule": ("cosine", "linear", "constant"),
     "activation_checkpointing": AC_MODES,
     "export_dtype": ("source", "float32", "bfloat16", "float16"),
-    "train_on": ("assistant", "last"), "overflow": ("truncate", "drop"),
+    "train_on": ("assistant", "last"), "overflow": ("truncate", "drop"), "report_to": ("none", "tensorboard", "wandb"),
 }
 
 

@@ -25,9 +25,11 @@ def preflight(cfg) -> None:
     """The checks of the module docstring for a stage's config (SFTConfig, DPOConfig, OnlineConfig);
     the first problem found raises its one-line error (ConfigError, DataError, CheckpointError...)."""
     from lion_min.data import check_sources
+    from lion_min.report import check_report_to
     from lion_min.run_dir import check
 
     stage = cfg.STAGE
+    check_report_to(cfg.report_to)
     required = ("model", "prompts", "judge") if stage == "online" else ("model", "data")
     if not all(getattr(cfg, flag) for flag in required):
         return  # the stage says which flag is required

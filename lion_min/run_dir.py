@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 # for more steps, epochs or (online) rounds continues from where it ended.
 SAFE_KEYS = {"log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "overwrite", "micro_batch_size",
              "device", "compile", "activation_checkpointing", "attn_backend", "preset", "out_dir", "export_dtype",
-             "revision", "data_cache"}
+             "revision", "data_cache", "report_to"}
 # (sample_batch_size is not safe: the online stage seeds each sampling batch by its position.)
 FINGERPRINTED = {"--model": "model", "--ref_model": "ref_model", "--data": "data", "--eval_data": "eval_data",
                  "--prompts": "prompts", "--judge": "judge"}
@@ -52,7 +52,7 @@ EXPORT_FILES = ("model*.safetensors*", "config.json", "generation_config.json", 
                 "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
                 "chat_template.jinja")
 RUN_RECORDS = ["run.json", "train_config.json", "metrics.jsonl", "summary.json", "checkpoints", "reference_logps*",
-               "round_*", "last_round_metrics.jsonl", "curves.png"]
+               "round_*", "last_round_metrics.jsonl", "curves.png", "tensorboard", "wandb", "wandb_id"]
 RUN_FILES = RUN_RECORDS + list(EXPORT_FILES)
 """Everything a run writes into out_dir (what --overwrite removes, and nothing else)."""
 LOCK = ".lion_min.lock"

@@ -34,6 +34,7 @@ from lion_min.config import ConfigError, TrainConfig, config_to_json, read_json
 from lion_min.losses import global_mean
 from lion_min.flops import document_lengths, mfu, mfu_useful, peak_flops
 from lion_min.parallel import Dist, all_reduce_sum, all_reduce_tensor, raise_if_any
+from lion_min.report import Reporter
 from lion_min.run_dir import continue_command
 from lion_min.train_state import (WRITE_ERRORS, CheckpointWriteError, load_checkpoint, resolve_resume,
                                   save_checkpoint, one_line)
@@ -216,6 +217,7 @@ def train(
             print(f"{resume_from} is the run's last step: exporting")
         else:
             print(f"training {total} steps from step {start}" + (f" (resumed from {resume_from})" if resume_from else ""))
+    report = Reporter(cfg, d.main, start)  # --report_to: metrics.jsonl's lines, live (lion_min/report.py)
     stop = StopSignals()
     peak = peak_flops(d.device)
     t_start = time.perf_counter()
@@ -243,6 +245,7 @@ def train(
             if d.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(line) + "\n")
+                report.sync()
                 if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == total:
                     print(progress_line(line, total, eta=(time.perf_counter() - t_start) / (step + 1 - start)
                                         * (total - step - 1)), flush=True)
@@ -260,6 +263,8 @@ def train(
         save_checkpoint(out_dir, total, model, optimizer, cfg, d,
                         {"tokens": tokens_seen, "skipped_steps": skipped, "run": run_record})
     eval_loss = finish(cfg, model, objective, eval_batches, d, total, tokenizer, chat_template, export_dtype, summary)
+    report.sync()  # (the final eval line; each sync flushes, so a run that stops early has sent its lines)
+    report.close()
     return TrainResult(total, eval_loss)
 
 

@@ -331,3 +331,43 @@ def test_tiny_writes_a_real_shaped_checkpoint_that_transformers_and_the_recipe_t
     train_sft.main(["--preset=lion-llama3-8b", f"--model={out}", f"--data={data}", f"--out_dir={tmp_path / 'sft'}",
                     *SMALL, "--batch_size=1", "--max_steps=1"])
     assert (tmp_path / "sft" / "model.safetensors").is_file()
+
+
+# --- 6. live metrics: --report_to ---------------------------------------------------------------------
+
+
+def test_report_to_tensorboard_holds_the_scalars_of_metrics_jsonl_and_a_resume_appends(tiny_chat_model, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = sft_argv(tiny_chat_model, out, "--report_to=tensorboard", "--save_every=2", "--eval_fraction=0.2")
+    train_sft.main([*argv, "--max_steps=4"])
+    train_sft.main([*argv, "--max_steps=6", "--resume=auto"])  # continues the finished run: the same TB run
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    sent = {(tag, e.step): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    want = {(k, line["step"]): v for line in lines for k, v in line.items() if k != "step"}
+    assert sorted(sent) == sorted(want)  # the same scalars, no more and no fewer
+    assert all(sent[k] == pytest.approx(v, rel=1e-6, abs=1e-12) for k, v in want.items())  # (stored as float32)
+    assert [s for _, s in sent if _ == "loss"] == [1, 2, 3, 4, 5, 6] and ("eval/loss", 6) in sent
+
+
+def test_report_to_wandb_offline(tiny_chat_model, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    train_sft.main(sft_argv(tiny_chat_model, out, "--report_to=wandb", "--max_steps=2"))
+    run_id = (out / "wandb_id").read_text()
+    assert any(p.name.endswith(run_id) for p in (out / "wandb").iterdir())
+
+
+def test_report_to_a_missing_package_is_one_line_before_anything_loads(tiny_chat_model, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"--report_to=wandb: the wandb package is not installed \(pip install wandb"):
+        train_sft.main(sft_argv(tiny_chat_model, tmp_path / "run", "--report_to=wandb"))
+    assert not (tmp_path / "run").exists()
