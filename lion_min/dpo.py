@@ -351,14 +351,13 @@ def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pai
 
     def precomputed(which: Sequence[EncodedPair], name: str) -> torch.Tensor:
         def compute():
-            if which is not pairs:
-                return compute_ref_logps(make_ref(), which, d, cfg.micro_batch_size, cfg.max_len, pad_id)
-            plan = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,
-                                pad_id)
+            mine = None  # (the eval pairs: in their own order)
+            if which is pairs:
+                mine = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,
+                                    pad_id).first_pass()
             scorer = policy if policy is not None else make_ref()
             try:
-                return compute_ref_logps(scorer, pairs, d, cfg.micro_batch_size, cfg.max_len, pad_id,
-                                         plan.first_pass())
+                return compute_ref_logps(scorer, which, d, cfg.micro_batch_size, cfg.max_len, pad_id, mine)
             finally:
                 scorer.train(policy is not None)  # (the policy trains next)
 

@@ -158,7 +158,7 @@ def parse_cli(cls, presets: dict[str, dict], argv: Optional[list[str]] = None,
 def typed_wins(cfg, given: set[str]) -> None:
     """What the user typed wins over the recipe: a typed --overwrite=true replaces the run, so a recipe's
     resume=auto gives way (and a typed --resume, a recipe's overwrite); both typed still conflict."""
-    if "overwrite" in given and "resume" not in given and getattr(cfg, "overwrite", False):
+    if "overwrite" in given and "resume" not in given and getattr(cfg, "overwrite", False) and hasattr(cfg, "resume"):
         cfg.resume = ""
     if "resume" in given and "overwrite" not in given and getattr(cfg, "resume", ""):
         cfg.overwrite = False

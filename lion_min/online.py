@@ -35,7 +35,7 @@ from lion_min.judges import Judge, make_judge
 from lion_min.parallel import Dist, barrier, init_distributed
 from lion_min.plot import earlier_runs, plot_pipeline
 from lion_min.policy import chat_tokenizer, checkpoint_dtype
-from lion_min.run_dir import append_summary, broadcast, claim
+from lion_min.run_dir import append_summary, broadcast, claim, overwrite_flag
 from lion_min.sample import encode_prompt, generate, read_prompts
 from lion_min.tokenizer import Tokenizer
 from lion_min.train import StopRequested
@@ -243,7 +243,7 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
         if len(summary.get("rounds", [])) == cfg.rounds and not cfg.overwrite:  # the rerun rule
             if d.main:
                 print(f"{out_dir} holds this run, finished ({cfg.rounds} round(s)) and exported: nothing to do (a "
-                      f"larger --rounds continues it; --overwrite=true runs it again)")
+                      f"larger --rounds continues it; {overwrite_flag(cfg)} runs it again)")
             return summary["rounds"]
         return rounds(cfg, d, start_folder, ref_folder, prompts, judge, dtype)
 

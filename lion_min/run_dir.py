@@ -189,6 +189,12 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool,
     return prints, notes
 
 
+def overwrite_flag(cfg) -> str:
+    """"--overwrite=true", said so that adding it works: a --resume beside it (a recipe's is dropped
+    by flags.typed_wins) would contradict it."""
+    return "--overwrite=true" + (f" in place of any --resume={cfg.resume}" if cfg.resume else "")
+
+
 def continue_command(cfg) -> str:
     """How a stopped run goes on from its newest checkpoint, said so that following it works: a typed
     --overwrite=true would replace the run again, and with --resume=auto beside it is refused."""

@@ -35,7 +35,7 @@ from lion_min.losses import global_mean
 from lion_min.flops import document_lengths, mfu, mfu_useful, peak_flops
 from lion_min.parallel import Dist, all_reduce_sum, all_reduce_tensor, raise_if_any
 from lion_min.report import Reporter
-from lion_min.run_dir import continue_command
+from lion_min.run_dir import continue_command, overwrite_flag
 from lion_min.train_state import (WRITE_ERRORS, CheckpointWriteError, load_checkpoint, resolve_resume,
                                   save_checkpoint, one_line)
 
@@ -124,7 +124,7 @@ def resume_point(cfg: TrainConfig, out_dir: Path, total: int, model, optimizer, 
     resume_from = resolve_resume(cfg, out_dir, d.main)
     if cfg.resume and resume_from is None and summary_file.is_file():
         raise ConfigError(f"--resume={cfg.resume}: {out_dir} holds this run, finished, but no checkpoint to continue "
-                          f"from (--save_every=0); --overwrite=true runs it again from step 0")
+                          f"from (--save_every=0); {overwrite_flag(cfg)} runs it again from step 0")
     if resume_from is None:
         return 0, 0, 0, None
     check_same_run(resume_from, cfg, run_record, verbose=d.main)
@@ -203,7 +203,7 @@ def train(
     if cfg.resume and done.get("steps") == total:  # the rerun rule: same run, finished -> nothing to do
         if d.main:
             print(f"{out_dir} holds this run, finished ({total} steps) and exported: nothing to do (a larger "
-                  f"--max_steps or --epochs continues it; --overwrite=true runs it again)")
+                  f"--max_steps or --epochs continues it; {overwrite_flag(cfg)} runs it again)")
         return TrainResult(total, done.get("eval_loss"))
     optimizer = make_optimizer(model, cfg)
     start, tokens_seen, skipped, resume_from = resume_point(cfg, out_dir, total, model, optimizer, d, run_record)

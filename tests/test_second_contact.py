@@ -99,6 +99,14 @@ def test_holds_a_run_suggests_resume_only_where_it_is_accepted(tiny_chat_model, 
     # Followed under a recipe (which sets resume=auto): the typed --overwrite=true replaces the run.
     train_sft.main([*argv, "--lr=5e-4", "--preset=lion-llama3-8b", "--overwrite=true"])
     assert json.loads((out / "train_config.json").read_text())["preset"] == "lion-llama3-8b"
+    # Finished: "nothing to do (...; --overwrite=true in place of any --resume=auto runs it again)", followed.
+    again = [*argv, "--lr=5e-4", "--preset=lion-llama3-8b", "--resume=auto"]
+    capsys.readouterr()
+    train_sft.main(again)
+    said = capsys.readouterr().out
+    assert "nothing to do" in said and "--overwrite=true in place of any --resume=auto runs it again" in said
+    train_sft.main(["--overwrite=true" if a == "--resume=auto" else a for a in again])
+    assert "training 2 steps from step 0" in capsys.readouterr().out
 
 
 # --- 2. mistakes before any weights load ---------------------------------------------------------
