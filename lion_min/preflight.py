@@ -4,9 +4,10 @@ where it can be): a mistake on a real model ends in a second or two with one lin
 
     preflight(cfg)      # cli.stage_main, once the flags are parsed; then the stage's run(cfg)
 
-In order: the data and prompts (local sources exist, their first record parses), the output folder's
-state (run_dir.check: the same refusals as the run's own claim, which checks again), then the model
-folders (config.json, weights listed, tokenizer, the chat template's tokens) and the judge's files.
+In order: --report_to's package, the data and prompts (local sources exist, their first record
+parses), the output folder's state (run_dir.check: the same refusals as the run's own claim, which
+checks again) and a --resume=PATH checkpoint, then the model folders (config.json, weights listed,
+tokenizer, the chat template's tokens) and the judge's files (--judge_template included).
 A hub id is not fetched here: the stage downloads it after these checks, and checks what it got.
 """
 
@@ -60,6 +61,10 @@ def preflight(cfg) -> None:
         resuming = True
         free = frozenset() if any(Path(cfg.out_dir).glob("round_*.done")) else TRAINING_KEYS
     check(cfg, inputs, resuming, free)
+    if cfg.resume not in ("", "auto"):  # a checkpoint named by its path
+        from lion_min.train_state import resolve_resume
+
+        resolve_resume(cfg, Path(cfg.out_dir), verbose=False)
 
     args = check_model_folder(cfg, cfg.model, "--model")
     if getattr(cfg, "ref_model", "") and args is not None:

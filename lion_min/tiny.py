@@ -52,8 +52,8 @@ class TinyConfig:
     RANGES = {"layers": "[1, inf)", "dim": "[8, inf)", "std": "(0, inf)"}
 
 
-def main(argv: Optional[list[str]] = None) -> Path:
-    """Write the checkpoint (the command line of the module docstring); returns its folder."""
+def main(argv: Optional[list[str]] = None) -> int:
+    """Write the checkpoint (the command line of the module docstring); returns the exit status (0)."""
     cfg = parse_cli(TinyConfig, {}, argv, doc=__doc__)
     if not cfg.tokenizer or not cfg.out:
         raise ConfigError("--tokenizer=DIR and --out=DIR are required")
@@ -85,5 +85,5 @@ def main(argv: Optional[list[str]] = None) -> Path:
     save_model(model, out, tokenizer=tokenizer, dtype=torch.float32)
     print(f"wrote a random {cfg.family} checkpoint ({args.num_params() / 1e6:.1f}M parameters, vocabulary "
           f"{args.vocab_size:,}) with the tokenizer of {cfg.tokenizer} to {out}")
-    return out
+    return 0
 

@@ -158,6 +158,7 @@ def broken_models(tiny_chat_model, tmp_path_factory):
     ("sft", {"model": "{root}/no_weights"}, "no model.safetensors or model.safetensors.index.json"),
     ("sft", {"chat_template": "llama3"}, "lacks the special token '<|start_header_id|>'"),
     ("dpo", {"data": "{prefs}", "ref_model": "{root}/no_weights"}, "no model.safetensors"),
+    ("sft", {"resume": "{root}/no_ckpt"}, "no_ckpt: not a complete checkpoint folder"),
 ])
 def test_model_folder_mistakes_end_before_any_weights_load(tiny_chat_model, broken_models, tmp_path, monkeypatch,
                                                            capsys, script, over, says):
@@ -322,7 +323,8 @@ def test_tiny_writes_a_real_shaped_checkpoint_that_transformers_and_the_recipe_t
     from lion_min.tiny import main
 
     tok = build_llama3_tokenizer(tmp_path / "tok")
-    out = main([f"--family={family}", f"--tokenizer={tok}", f"--out={tmp_path / 'tiny'}", "--layers=1"])
+    out = tmp_path / "tiny"
+    assert main([f"--family={family}", f"--tokenizer={tok}", f"--out={out}", "--layers=1"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["vocab_size"] == 128256 and config["rope_theta"] == 500000.0
     assert config["bos_token_id"] == 128000 and config["tie_word_embeddings"] == (family == "llama3.2")
