@@ -23,9 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lion_min.chat import TEMPLATES, template_of
+from lion_min.choices import EXPORT_FILES
 from lion_min.hub import did_you_mean, hub_error, looks_local
 from lion_min.model import ModelArgs, Transformer
-from lion_min.run_dir import EXPORT_FILES
 from lion_min.tokenizer import Tokenizer
 
 

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from lion_min.chat import TEMPLATES
 from lion_min.checkpoint import CheckpointError, load_weights, read_config, resolve_path, weight_files
 from lion_min.config import ConfigError
+from lion_min.hub import goes_to_hub
 from lion_min.model import Transformer
 from lion_min.pairrm import PairRMJudge
 from lion_min.tokenizer import Tokenizer
@@ -242,8 +243,6 @@ def check_judge(spec: str, template: Optional[str] = None, rules: Optional[dict[
     """--judge's files, read without weights (lion_min/preflight.py): a rule name, a PairRM folder, or
     a reward model's config.json, score head, tokenizer and chat template (--judge_template). A hub id
     is checked once fetched."""
-    from lion_min.preflight import goes_to_hub
-
     rules = RULES if rules is None else rules
     path = spec.removeprefix("pairrm:")
     if spec in rules or goes_to_hub(path):

@@ -14,12 +14,7 @@ A hub id is not fetched here: the stage downloads it after these checks, and che
 import dataclasses
 from pathlib import Path
 
-from lion_min.hub import looks_local
-
-
-def goes_to_hub(name: str) -> bool:
-    """Whether checkpoint.resolve_path would fetch `name` from the hub (an org/name that is not here)."""
-    return not Path(name).expanduser().exists() and not looks_local(name) and name.count("/") == 1
+from lion_min.hub import goes_to_hub
 
 
 def preflight(cfg) -> None:

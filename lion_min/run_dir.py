@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from lion_min.choices import EXPORT_FILES
 from lion_min.config import ConfigError, read_json
 
 if TYPE_CHECKING:
@@ -45,12 +46,6 @@ FINGERPRINTED = {"--model": "model", "--ref_model": "ref_model", "--data": "data
 """Inputs compared by contents: the same files under another path (./out/sft, a moved folder) are the same run."""
 NOTED_KEYS = {"max_steps": " (the schedule now spans a different number of steps)", "epochs":
               " (the schedule now spans a different number of steps)", "rounds": ""}
-# Files an export writes (checkpoint.save_model). In an existing folder, those the new export lacks are
-# removed, so that no stale shard or tokenizer file outlives it (a chat_template.jinja would even win
-# over the config's). Kept here, in a module without torch, so that out_dir is checked before torch loads.
-EXPORT_FILES = ("model*.safetensors*", "config.json", "generation_config.json", "tokenizer.json",
-                "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-                "chat_template.jinja")
 RUN_RECORDS = ["run.json", "train_config.json", "metrics.jsonl", "summary.json", "checkpoints", "reference_logps*",
                "round_*", "last_round_metrics.jsonl", "curves.png", "tensorboard", "wandb", "wandb_id"]
 RUN_FILES = RUN_RECORDS + list(EXPORT_FILES)

@@ -25,13 +25,15 @@ LAYERS = [
     ["config", "flags"],
     # 4. machinery every stage shares: the starting model, the data cache, the run folder, the batch
     #    plan, the loop, the sampler, the judges, the plots; the golden files and their comparison
-    ["policy", "prepare", "run_dir", "train_state", "batches", "train", "sample", "judges", "plot", "golden"],
+    ["policy", "prepare", "run_dir", "train_state", "batches", "report", "train", "sample", "judges", "plot",
+     "golden"],
     # 5. the stages (each owns its encoding and objective), and the golden numbers made with them
     ["sft", "dpo", "online", "golden_compute"],
     # 6. the demo and the experiments: they import stages; no stage imports them
-    ["demo", "experiment_runs", "experiments"],
+    #    The checks a command makes before any weights load (they read what the stages read).
+    ["demo", "experiment_runs", "experiments", "preflight"],
     # 7. the command lines: flags to stages, presets, the no-flag demo (then train_*.py and bench/)
-    ["cli"],
+    ["cli", "tiny"],
 ]
 LAYER = {m: i for i, names in enumerate(LAYERS) for m in names}
 
