@@ -62,6 +62,14 @@ def preflight(cfg) -> None:
         resolve_resume(cfg, Path(cfg.out_dir), verbose=False)
 
     args = check_model_folder(cfg, cfg.model, "--model")
+    if args is not None:  # the length a row or sequence may have
+        from lion_min.config import DPOConfig, SFTConfig
+        from lion_min.policy import check_seq_len
+
+        if stage == "sft":
+            check_seq_len(cfg.seq_len, args, default=SFTConfig.seq_len)
+        else:
+            check_seq_len(cfg.max_len, args, "max_len", default=DPOConfig.max_len)
     if getattr(cfg, "ref_model", "") and args is not None:
         ref_args = check_model_folder(cfg, cfg.ref_model, "--ref_model")
         if ref_args is not None:

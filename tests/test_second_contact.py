@@ -159,6 +159,8 @@ def broken_models(tiny_chat_model, tmp_path_factory):
     ("sft", {"chat_template": "llama3"}, "lacks the special token '<|start_header_id|>'"),
     ("dpo", {"data": "{prefs}", "ref_model": "{root}/no_weights"}, "no model.safetensors"),
     ("sft", {"resume": "{root}/no_ckpt"}, "no_ckpt: not a complete checkpoint folder"),
+    ("sft", {"seq_len": 100000}, "--seq_len=100000 is above the model's max_position_embeddings (8192)"),
+    ("dpo", {"data": "{prefs}", "max_len": 100000}, "--max_len=100000 is above the model's max_position_embeddings"),
 ])
 def test_model_folder_mistakes_end_before_any_weights_load(tiny_chat_model, broken_models, tmp_path, monkeypatch,
                                                            capsys, script, over, says):
