@@ -9,6 +9,7 @@
     python -m lion_min plot --sft=DIR --dpo=DIR --online=DIR --out=FILE
     python -m lion_min experiments NAME                  # docs/experiments.md
     python -m lion_min pairrm convert SRC OUT            # docs/pairrm.md
+    python -m lion_min tiny --family=llama3 --tokenizer=DIR --out=DIR   # a random checkpoint to try the recipe on
 
 `python -m lion_min COMMAND --help` lists a command's flags. Flags are parsed and checked before torch
 is imported: each command imports what runs it once its flags are known.
@@ -29,6 +30,7 @@ COMMANDS = {
     "plot": lambda argv: cli.run_cli(lambda: cli.plot_main(argv)),
     "experiments": lambda argv: cli.run_cli(lambda: cli.experiments_main(argv)),
     "pairrm": cli.pairrm_main,
+    "tiny": lambda argv: cli.run_cli(lambda: sys.exit(cli.tiny_main(argv))),
 }
 
 

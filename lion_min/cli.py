@@ -3,7 +3,7 @@
     python train_sft.py [flags]          # or: python -m lion_min sft, lion-sft once installed
     python train_dpo.py [flags]          # python -m lion_min dpo, lion-dpo
     python train_online.py [flags]       # python -m lion_min online, lion-online
-    python -m lion_min sample|prepare|golden|plot|experiments|pairrm [flags]   # lion_min/__main__.py
+    python -m lion_min sample|prepare|golden|plot|experiments|pairrm|tiny [flags]   # lion_min/__main__.py
 
 This is the top of the package with __main__.py (tests/test_layers.py): it imports the stages and
 the demo; no module below imports it.
@@ -24,6 +24,7 @@ from typing import Optional
 from lion_min.demo import task as demo
 from lion_min.run.config import ConfigError, DPOConfig, OnlineConfig, SFTConfig, format_config
 from lion_min.run.flags import parse_cli, recipe_presets
+from lion_min.stages.preflight import preflight
 
 
 def presets(stage: str) -> dict[str, dict]:
@@ -49,6 +50,13 @@ def stage_main(config_cls, argv: Optional[list[str]], doc: str):
     The stage's module, and torch with it, is imported once the flags are parsed and checked."""
     stage = config_cls.STAGE
     cfg = parse_cli(config_cls, presets(stage), argv, default_preset=default_preset(stage), doc=doc)
+    if cfg.preset not in ("demo", "debug"):
+        # What needs no weights, checked before the stage (and torch) loads, by the rank that speaks
+        # for all (rank 0, or the only process): another rank has no process group yet to learn
+        # whether rank 0 met the same mistake, and one that sees other inputs than rank 0 is stopped
+        # by the stage's comparison of every rank's inputs (run_folder.agree_on_inputs).
+        if int(os.environ.get("RANK", "0")) == 0:
+            preflight(cfg)
     run = importlib.import_module(f"lion_min.stages.{stage}").run
     if cfg.preset in ("demo", "debug"):
         return demo.run_stage(stage, cfg, run)
@@ -183,14 +191,12 @@ def sample_main(argv: Optional[list[str]] = None) -> list[str]:
     """python -m lion_min sample (the sampler module's docstring is the --help text): the completions, printed."""
     import torch
 
-    from lion_min.core.chat import get_template, stop_token_ids
-    from lion_min.formats.hf import load_model, resolve_path
-    from lion_min.run.config import resolve_dtype
-    from lion_min.core.chat import encode_prompt
+    from lion_min.core.chat import encode_prompt, get_template, stop_token_ids, template_system
     from lion_min.core.sample import generate
-    from lion_min.run.config import SampleConfig
-    from lion_min.run.prompts import folder_template, read_prompts
+    from lion_min.formats.hf import load_model, resolve_path
     from lion_min.formats.tokenizer import Tokenizer
+    from lion_min.run.config import SampleConfig, resolve_dtype
+    from lion_min.run.prompts import folder_template, read_prompts
 
     cfg = parse_cli(SampleConfig, {}, argv, doc=SAMPLE_DOC)
     if not cfg.model:
@@ -207,7 +213,9 @@ def sample_main(argv: Optional[list[str]] = None) -> list[str]:
     tokenizer = Tokenizer.from_dir(folder)
     template, why = (folder_template(folder, tokenizer) if cfg.chat_template == "auto"
                      else (cfg.chat_template, "--chat_template"))
-    ids = [encode_prompt(tokenizer, p, template) for p in prompts]  # bad prompts fail before the weights load
+    # An export whose training inserted a system turn carries it in its template (chat.export_jinja).
+    system = template_system(tokenizer.chat_template) if cfg.chat_template == "auto" else None
+    ids = [encode_prompt(tokenizer, p, template, system) for p in prompts]  # bad prompts fail before the weights load
     model = load_model(folder, dtype=dtype, device=device)
     if template == "none":
         stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
@@ -313,6 +321,12 @@ def experiments_main(argv: Optional[list[str]] = None) -> None:
     from lion_min.demo.experiments import main
 
     main(argv)
+
+
+def tiny_main(argv: Optional[list[str]] = None) -> int:
+    from lion_min.demo.tiny import main
+
+    return main(argv)
 
 
 def pairrm_main(argv: Optional[list[str]] = None) -> None:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_sft  # noqa: E402
-from lion_min import prepare  # noqa: E402
+from lion_min.run import data_cache as prepare  # noqa: E402
 from lion_min.run.config import ConfigError  # noqa: E402
 from lion_min.run.run_folder import LOCK, lock_file, lock_held  # noqa: E402
 
@@ -251,7 +251,7 @@ def test_a_second_run_beside_a_training_run_in_another_pid_namespace_is_refused(
 
 def test_the_lock_is_held_for_the_run_and_released_at_its_end(tiny_chat_model, tmp_path, monkeypatch):
     """While a run trains, its lock is held (another open of the file cannot take it); after it, free."""
-    import lion_min.run.loop as train
+    import lion_min.core.train as train  # the loop (core.train.steps) calls train_step by this name
 
     out, seen = tmp_path / "run", []
     real_step = train.train_step
@@ -579,11 +579,11 @@ def test_golden_compare_of_a_file_that_is_not_safetensors_exits_2(tmp_path, cont
     vectors = ROOT / "tests" / "golden" / "vectors" / "dpo-ipo"
     shutil.copytree(vectors, tmp_path / "actual")
     (tmp_path / "actual" / "golden.safetensors").write_bytes(content)
-    res = subprocess.run([sys.executable, "-m", "lion_min.golden.compare", "compare", str(vectors), str(tmp_path / "actual")],
+    res = subprocess.run([sys.executable, "-m", "lion_min", "golden", "compare", str(vectors), str(tmp_path / "actual")],
                          capture_output=True, text=True, env=env(), timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert res.stderr.startswith(f"error: {tmp_path / 'actual' / 'golden.safetensors'}: {says}")
-    same = subprocess.run([sys.executable, "-m", "lion_min.golden.compare", "compare", str(vectors), str(vectors)],
+    same = subprocess.run([sys.executable, "-m", "lion_min", "golden", "compare", str(vectors), str(vectors)],
                           capture_output=True, text=True, env=env(), timeout=120)
     assert same.returncode == 0  # (and 1 when numbers differ: tests/test_golden.py)
 

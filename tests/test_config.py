@@ -161,7 +161,7 @@ def test_config_file_of_your_own(tmp_path):
 @pytest.mark.parametrize("entry", ["train_sft.py", "train_dpo.py", "train_online.py", "-m lion_min sft",
                                    "-m lion_min dpo", "-m lion_min online", "-m lion_min sample",
                                    "-m lion_min plot", "-m lion_min prepare sft", "-m lion_min experiments",
-                                   "-m lion_min golden"])
+                                   "-m lion_min golden", "-m lion_min tiny"])
 def test_every_entry_point_answers_help(entry):
     import subprocess
     import sys
@@ -170,7 +170,7 @@ def test_every_entry_point_answers_help(entry):
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, *entry.split()] + ["--help"], capture_output=True, text=True, cwd=root)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "--model=" in res.stdout or "--sft=" in res.stdout or "--size=" in res.stdout
+    assert any(f in res.stdout for f in ("--model=", "--sft=", "--size=", "--tokenizer="))
     if entry.startswith("train_") or entry.split()[-1] in ("sft", "dpo", "online"):
         assert "lion-gemma-2b" in res.stdout and "demo" in res.stdout
 

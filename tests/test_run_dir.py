@@ -43,8 +43,9 @@ def test_a_finished_run_is_refused_unchanged_and_overwrite_replaces_it(tiny_chat
     out = tmp_path / "run"
     train_sft.main(sft_args(tiny_chat_model, out))
     before = snapshot(out)
-    with pytest.raises(ConfigError, match=r"holds a run \(config.json, generation_config.json, metrics.jsonl, "
-                                          r"model.safetensors and 5 more\); continue it with --resume=auto"):
+    # (another lr: --resume=auto would be refused, so it is not suggested)
+    with pytest.raises(ConfigError, match=r"holds another run: lr differ; pick another --out_dir, or replace it "
+                                          r"with --overwrite=true"):
         train_sft.main(sft_args(tiny_chat_model, out, lr=5e-4))
     assert snapshot(out) == before  # not one byte changed
     train_sft.main(sft_args(tiny_chat_model, out, lr=5e-4, overwrite="true"))

@@ -18,6 +18,8 @@ whitespace ("\n\n") straddles the boundary and trains, since the model must emit
 reply.
 """
 
+import json
+import re
 from dataclasses import dataclass
 from itertools import chain
 from typing import Literal, NamedTuple, Optional, Protocol
@@ -153,8 +155,33 @@ def get_template(name: str) -> ChatTemplate:
 
 
 def template_of(jinja: Optional[str]) -> Optional[ChatTemplate]:
-    """The known template whose official Jinja text is exactly `jinja`, else None."""
-    return next((t for t in TEMPLATES.values() if t.jinja == jinja), None)
+    """The known template whose official Jinja text is exactly `jinja` (or is, after export_jinja's
+    system-turn line), else None."""
+    return next((t for t in TEMPLATES.values() if jinja in (t.jinja, export_jinja(t, template_system(jinja)))), None)
+
+
+# The line an export puts before the official template when training inserted a system turn
+# (--system_prompt, LION's empty one): the exported template renders what training saw, and a
+# conversation with its own system turn keeps it, as with_system does. (TRL recognises only the
+# official text; this one it renders through Jinja like any other.)
+_SYSTEM_LINE = ("{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = "
+                "[{'role': 'system', 'content': SYSTEM}] + messages %}{%- endif %}")
+_SYSTEM_RE = re.compile(re.escape(_SYSTEM_LINE).replace("SYSTEM", "(\"(?:[^\"\\\\]|\\\\.)*\")"))
+
+
+def export_jinja(template: ChatTemplate | str, system_prompt: Optional[str]) -> str:
+    """The Jinja template an export carries: the official one, led by _SYSTEM_LINE when training
+    inserted a system turn (with_system), so that it renders exactly the token layout training used."""
+    t = _as_template(template)
+    if system_prompt is None:
+        return t.jinja
+    return _SYSTEM_LINE.replace("SYSTEM", json.dumps(system_prompt, ensure_ascii=False)) + t.jinja
+
+
+def template_system(jinja: Optional[str]) -> Optional[str]:
+    """The system prompt an exported template (export_jinja) inserts, else None."""
+    m = _SYSTEM_RE.match(jinja or "")
+    return json.loads(m.group(1)) if m else None
 
 
 def with_template_tokens(tokenizer: Tokenizer, template: ChatTemplate | str) -> Tokenizer:
@@ -377,12 +404,14 @@ def with_system(messages: list[dict], system_prompt: Optional[str]) -> list[dict
     return [{"role": "system", "content": system_prompt}] + messages
 
 
-def encode_prompt(tokenizer, prompt, chat_template: str) -> list[int]:
+def encode_prompt(tokenizer, prompt, chat_template: str, system_prompt: Optional[str] = None) -> list[int]:
     """A prompt (text or messages) as the model sees it before its reply: rendered up to the
-    generation prompt, or as raw text after the BOS for chat_template="none"."""
+    generation prompt, with `system_prompt` inserted as training did (with_system), or as raw text
+    after the BOS for chat_template="none"."""
     if chat_template == "none":
         if not isinstance(prompt, str):
             raise ValueError("a list of messages needs a chat template (--chat_template)")
         return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return encode_chat(tokenizer, messages, chat_template, add_generation_prompt=True).input_ids
+    return encode_chat(tokenizer, with_system(messages, system_prompt), chat_template,
+                       add_generation_prompt=True).input_ids

@@ -137,10 +137,12 @@ def make_dpo_objective(beta: float, label_smoothing: float, loss_type: str, ref_
     return objective
 
 
-def compute_ref_logps(ref_model, pairs, d: Dist, micro_batch_size: int, max_len: int, pad_id: int) -> torch.Tensor:
-    """(num_pairs, 2) reference log-probs, each rank scoring its share, then summed over ranks."""
+def compute_ref_logps(ref_model, pairs, d: Dist, micro_batch_size: int, max_len: int, pad_id: int,
+                      mine: Optional[np.ndarray] = None) -> torch.Tensor:
+    """(num_pairs, 2) reference log-probs, each rank scoring its share (`mine`, in micro-batches of
+    micro_batch_size; default every world-th pair), then summed over ranks."""
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    mine = np.arange(len(pairs))[d.rank :: d.world]
+    mine = np.arange(len(pairs))[d.rank :: d.world] if mine is None else mine
     # Every rank runs the same number of forwards (FSDP all-gathers in each one).
     n_micro = -(-len(pairs) // (d.world * micro_batch_size))
     ref_model.eval()

@@ -46,7 +46,7 @@ def sample_and_judge(model, tokenizer, prompts: list, judge: Judge, cfg, d: Dist
             samples = out[j * cfg.n_samples : (j + 1) * cfg.n_samples]
             texts = [tokenizer.decode([t for t in s if t not in stop]) for s in samples]
             records.append({"index": i, "messages": messages[j], "prompt_ids": ids[j], "samples": samples,
-                            "texts": texts, "scores": judge.score(messages[j], texts),
+                            "texts": texts, "scores": judge.score(turns[j], texts),  # (the prompt as given)
                             "prompt_truncated": len(full[j]) > cfg.max_prompt_len})
     return sorted(gather(records, d), key=lambda r: r["index"])
 

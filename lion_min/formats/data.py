@@ -58,7 +58,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from lion_min.formats.data_files import DataError, resolve_files
+from lion_min.formats.data_files import DataError, names_hub, resolve_files
 from lion_min.formats.schemas import (PARSERS, PREFERENCE_SCHEMAS, SCHEMA_FIELDS, SFT_SCHEMAS, BadRecord, Columns,
                               Conversation, Preference, detect)
 
@@ -141,6 +141,16 @@ def load_preferences(source: Any, *, schema: Optional[str] = None, columns: Opti
                      revision: Optional[str] = None) -> tuple[list[Preference], LoadStats]:
     """Preference pairs from a source or a mixture; arguments as for load_conversations."""
     return _load(source, PREFERENCE_SCHEMAS, schema, columns, skip_bad, seed, revision)
+
+
+def check_sources(source: Any, *, preferences: bool, schema: Optional[str] = None,
+                  columns: Optional[dict[str, str]] = None, skip_bad: bool = False) -> None:
+    """Before anything heavy loads (lion_min/stages/preflight.py): the mixture spec parses, each local source
+    exists and its first good record parses. A hub dataset is left to loading, which downloads it."""
+    schemas = PREFERENCE_SCHEMAS if preferences else SFT_SCHEMAS
+    for src in parse_mixture(source):
+        if not names_hub(src.path):
+            _read_source(src, schemas, schema, columns, None, skip_bad, SourceStats(source=src.path), head=1)
 
 
 def parse_mixture(spec: Any) -> list[Source]:
@@ -292,7 +302,8 @@ def _check_source(src: Source) -> None:
 # --- reading one source --------------------------------------------------------------------------
 
 
-def _read_source(src: Source, schemas, schema, columns, revision, skip_bad, st: SourceStats) -> list:
+def _read_source(src: Source, schemas, schema, columns, revision, skip_bad, st: SourceStats, head: int = 0) -> list:
+    """The source's records parsed (its first `head` good ones, when head > 0)."""
     schema = src.schema or schema
     columns = src.columns if src.columns is not None else (columns or {})
     if schema is not None and schema not in schemas:
@@ -317,11 +328,14 @@ def _read_source(src: Source, schemas, schema, columns, revision, skip_bad, st: 
             if parse is None:  # the schema is fixed by the source's first record
                 name = schema or detect(record, schemas, col)
                 if name is None:
-                    raise DataError(f"{path}: {location}: cannot tell the schema from the keys "
-                                    f"{sorted(record)}; pass schema= (one of {', '.join(schemas)}) and columns= "
-                                    f"to map field names to keys", path=str(path), location=location)
+                    raise DataError(f"{path}: {location}: cannot tell the schema from the keys {sorted(record)}"
+                                    f"{looks_like(record, schemas)}; pass --schema= (one of {', '.join(schemas)})"
+                                    + (" and --columns= to map field names to keys" if schemas == SFT_SCHEMAS else ""),
+                                    path=str(path), location=location)
                 parse = PARSERS[name]
             out.append(parse(record, col))
+            if len(out) == head:
+                break
         except BadRecord as bad:
             key = f"'{bad.key}': " if bad.key else ""
             message = f"{path}: {location}: {key}{bad.detail}"
@@ -341,6 +355,17 @@ def _read_source(src: Source, schemas, schema, columns, revision, skip_bad, st: 
 MAX_LINE_BYTES = 16 << 20
 """The longest JSON line read: 16 MiB is some 4M tokens, 30 times the longest context of the recipes;
 a longer line is a broken file (a whole data set on one line), and encoding it could exhaust memory."""
+
+
+def looks_like(record: dict, schemas) -> str:
+    """", which look like SFT conversations (...)" when a record the stage cannot read is one of the
+    other stage's (a DPO run given an SFT file, or the reverse), else ""."""
+    other = PREFERENCE_SCHEMAS if schemas == SFT_SCHEMAS else SFT_SCHEMAS
+    name = detect(record, other, Columns())
+    if name is None:
+        return ""
+    what = "SFT conversations, for train_sft.py" if other == SFT_SCHEMAS else "preference pairs, for train_dpo.py"
+    return f", which look like {what} (schema {name})"
 
 
 def _records(files: list[Path]) -> Iterator[tuple[Path, str, Any]]:

@@ -66,6 +66,11 @@ def resolve_files(path: str, revision: Optional[str] = None) -> list[Path]:
     return _hub_files(path, *hub, revision=revision)
 
 
+def names_hub(path: str) -> bool:
+    """True when `path` names a hub dataset, not local files (resolve_files would go to the hub)."""
+    return path.startswith("hf://") or (_local_files(path) is None and _parse_hub_spec(path) is not None)
+
+
 # --- files: local and hub ------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from lion_min.core.chat import TEMPLATES, template_of
 from lion_min.formats.hub import did_you_mean, hub_error, looks_local
 from lion_min.core.model import LAYER_TYPES, ModelArgs, Transformer
 from lion_min.formats.tokenizer import Tokenizer
+from lion_min.core.choices import EXPORT_FILES
 
 
 class CheckpointError(ValueError):
@@ -458,13 +459,6 @@ def shard_state_dict(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[d
     if current:
         shards.append(current)
     return shards
-
-
-# Files an export writes. In an existing folder, those the new export lacks are removed, so that no
-# stale shard or tokenizer file outlives it (a chat_template.jinja would even win over the config's).
-EXPORT_FILES = ("model*.safetensors*", "config.json", "generation_config.json", "tokenizer.json",
-                "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-                "chat_template.jinja")
 
 
 def atomic_temp(out_dir: Path) -> Path:

@@ -23,6 +23,11 @@ def looks_local(name: str) -> bool:
     return "/" in name and Path(first).is_dir()
 
 
+def goes_to_hub(name: str) -> bool:
+    """Whether checkpoint.resolve_path would fetch `name` from the hub (an org/name that is not here)."""
+    return not Path(name).expanduser().exists() and not looks_local(name) and name.count("/") == 1
+
+
 def did_you_mean(path: str) -> str:
     """" (did you mean x?)" naming the closest existing entry beside a missing path, else ""."""
     p = Path(path).expanduser()

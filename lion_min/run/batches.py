@@ -56,6 +56,15 @@ class Batches:
                   for i in range(0, len(mine), self.micro_batch_size)]
         return micros, self.norm(idx)
 
+    def first_pass(self) -> np.ndarray:
+        """Every item once, in this rank's order of the first epoch: its share of step 0, 1, ... (so
+        runs of micro_batch_size are the micro-batches of micro_batches(0), (1), ...), then its share
+        of the items that epoch leaves out. DPO's precomputed reference scores the pairs this way, so
+        step 1 compares policy and reference on the same rows."""
+        order, n = self._order(0), self.steps_per_epoch * self.batch_size
+        steps = order[:n].reshape(self.steps_per_epoch, self.d.world, self.per_rank)[:, self.d.rank]
+        return np.concatenate([steps.reshape(-1), order[n:][self.d.rank :: self.d.world]])
+
 
 def row_batches(rows, batch_size: int, micro_batch_size: int, epochs: int, seed: int, d: Dist,
                 shuffle: bool = True) -> Batches:

@@ -83,6 +83,9 @@ class TrainConfig:
 
     # -- logging and checkpoints
     log_every: int = 1
+    report_to: str = "none"
+    """Also send metrics.jsonl's scalars, live, to 'tensorboard' (out_dir/tensorboard) or 'wandb'
+    (optional packages: requirements-report.txt); 'none' = metrics.jsonl only."""
     eval_every: int = 0
     """Evaluate held-out loss every N steps and at the end (0 = only at the end, if eval data)."""
     save_every: int = 0
@@ -199,6 +202,10 @@ class OnlineConfig(DPOConfig):
     judge: str = ""
     """A rule (length, brevity; the demo adds demo), a reward-model folder or hub id, or pairrm:DIR
     (the paper's PairRM ranker, docs/pairrm.md)."""
+    judge_template: str = "auto"
+    """A reward-model judge renders prompt and response from text with its own tokenizer and this
+    chat template: auto (its folder's own), chatml | llama3 | gemma, or a .jinja file for a folder
+    that carries none."""
     n_samples: int = 5
     """Samples per prompt (LION: 5)."""
     temperature: float = 0.8
@@ -265,7 +272,7 @@ CHOICES = {
     "attn_backend": ATTN_BACKENDS, "lr_schedule": ("cosine", "linear", "constant"),
     "activation_checkpointing": AC_MODES,
     "export_dtype": ("source", "float32", "bfloat16", "float16"),
-    "train_on": ("assistant", "last"), "overflow": ("truncate", "drop"),
+    "train_on": ("assistant", "last"), "overflow": ("truncate", "drop"), "report_to": ("none", "tensorboard", "wandb"),
 }
 
 

@@ -154,8 +154,18 @@ def parse_cli(cls, presets: dict[str, dict], argv: Optional[list[str]] = None,
                 raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")
             value = "true"
         setattr(cfg, key, was_bool(key, parse_value(value, hints[key], key), hints[key]))
+    typed_wins(cfg, given)
     check_values(cfg)
     return cfg
+
+
+def typed_wins(cfg, given: set[str]) -> None:
+    """What the user typed wins over the recipe: a typed --overwrite=true replaces the run, so a recipe's
+    resume=auto gives way (and a typed --resume, a recipe's overwrite); both typed still conflict."""
+    if "overwrite" in given and "resume" not in given and getattr(cfg, "overwrite", False) and hasattr(cfg, "resume"):
+        cfg.resume = ""
+    if "resume" in given and "overwrite" not in given and getattr(cfg, "resume", ""):
+        cfg.overwrite = False
 
 
 # --- --help ----------------------------------------------------------------------------------------

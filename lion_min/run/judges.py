@@ -4,7 +4,8 @@ The online DPO loop only calls `judge.score(messages, responses)` and keeps the 
 response, so any scorer fits behind it:
 
 - RewardModelJudge: a Hugging Face LlamaForSequenceClassification / GemmaForSequenceClassification
-  checkpoint run on our own backbone plus its linear score head.
+  checkpoint run on our own backbone plus its linear score head; prompt and response are rendered
+  from text with ITS OWN tokenizer and chat template (--judge_template when its folder has none).
 - RuleJudge: a plain Python function (prompt messages, response text) -> float, e.g. a verifier.
 - PairRMJudge (lion_min/pairrm/model.py, spec "pairrm:DIR"): the paper's pairwise ranker compares every
   ordered pair of responses and scores each by llm-blender's mean logit margin.
@@ -22,12 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from lion_min.core.chat import encode_chat
+from lion_min.core.chat import TEMPLATES
 from lion_min.core.judge import Judge, Messages  # noqa: F401  (Judge: the interface these implement)
-from lion_min.formats.hf import CheckpointError, load_weights, read_config, resolve_path, weight_files
 from lion_min.core.model import Transformer
-from lion_min.pairrm.model import PairRMJudge
+from lion_min.formats.hf import CheckpointError, load_weights, read_config, resolve_path, weight_files
+from lion_min.formats.hub import goes_to_hub
 from lion_min.formats.tokenizer import Tokenizer
+from lion_min.pairrm.model import PairRMJudge
+from lion_min.run.config import ConfigError
 
 
 
@@ -84,15 +87,7 @@ def load_reward_model(path: str | Path, dtype=torch.float32, device="cpu") -> tu
     folder = resolve_path(str(path))
     args = dataclasses.replace(read_config(folder), tie_embeddings=True)
     files = weight_files(folder)
-    shape = None
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            if "score.weight" in f.keys():
-                shape = f.get_slice("score.weight").get_shape()
-    if shape is None:
-        raise CheckpointError(f"{folder}: no score.weight; not a sequence-classification (reward model) checkpoint")
-    if len(shape) != 2 or shape[1] != args.dim:
-        raise CheckpointError(f"{folder}: score.weight has shape {tuple(shape)}, expected (num_labels, {args.dim})")
+    shape = reward_head_shape(folder, args)
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device=device)
@@ -101,6 +96,20 @@ def load_reward_model(path: str | Path, dtype=torch.float32, device="cpu") -> tu
     load_weights(model, files, extra={"score.weight": score})
     model.init_buffers()
     return model.eval().requires_grad_(False), score
+
+
+def reward_head_shape(folder: Path, args) -> tuple[int, int]:
+    """The (num_labels, dim) shape of a reward model's score.weight, read from the safetensors headers."""
+    shape = None
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            if "score.weight" in f.keys():
+                shape = f.get_slice("score.weight").get_shape()
+    if shape is None:
+        raise CheckpointError(f"{folder}: no score.weight; not a sequence-classification (reward model) checkpoint")
+    if len(shape) != 2 or shape[1] != args.dim:
+        raise CheckpointError(f"{folder}: score.weight has shape {tuple(shape)}, expected (num_labels, {args.dim})")
+    return tuple(shape)
 
 
 def last_token_index(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -118,33 +127,73 @@ def last_token_index(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return (torch.arange(T, device=ids.device, dtype=torch.int32) * non_pad).argmax(-1)
 
 
+def judge_template(template: Optional[str], tokenizer: Tokenizer, folder: Path) -> str:
+    """The Jinja chat template a reward model's inputs are rendered with (--judge_template): its own
+    (None or "auto": its folder's chat_template.jinja or tokenizer_config.json), a template lion_min
+    knows by name, or a .jinja file."""
+    if template in (None, "auto"):
+        if tokenizer.chat_template is None:
+            raise ConfigError(f"--judge={folder}: its tokenizer carries no chat_template; name the one it was "
+                              f"trained with: --judge_template=FILE.jinja or {' | '.join(TEMPLATES)}")
+        return tokenizer.chat_template
+    if template in TEMPLATES:
+        return TEMPLATES[template].jinja
+    if not Path(template).expanduser().is_file():
+        raise ConfigError(f"--judge_template={template}: no such file (expected a .jinja file, auto, or "
+                          f"{', '.join(TEMPLATES)})")
+    return Path(template).expanduser().read_text()
+
+
+def render_jinja(jinja: str, messages: Messages, tokenizer: Tokenizer) -> str:
+    """`messages` rendered by a Jinja chat template as transformers' apply_chat_template renders it (a
+    sandbox with trim_blocks and lstrip_blocks; the tokenizer's special tokens; raise_exception)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        return env.from_string(jinja).render(
+            messages=messages, add_generation_prompt=False, raise_exception=raise_exception,
+            bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "", pad_token=tokenizer.pad_token)
+    except TemplateError as e:
+        raise ConfigError(f"the judge's chat template refuses the conversation: {e}") from None
+
+
 class RewardModelJudge:
-    """Scores prompt + response rendered through a chat template with a reward model."""
+    """Scores prompt + response with a reward model, rendered from text by the reward model's OWN
+    tokenizer and chat template (as TRL's online DPO does: the judge need not share the policy's)."""
 
     def __init__(
         self,
         path: str | Path,
-        chat_template: str,
+        chat_template: Optional[str] = None,
         tokenizer: Optional[Tokenizer] = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         batch_size: int = 8,
         label: int = 0,
     ):
-        """tokenizer: defaults to the one in the checkpoint folder. label: which output of the score
-        head is the reward (reward models have one)."""
+        """chat_template: None (its folder's own), a name lion_min knows, or a .jinja file
+        (judge_template). tokenizer: defaults to the one in the checkpoint folder. label: which output
+        of the score head is the reward (reward models have one)."""
         folder = resolve_path(str(path))
-        self.model, self.score_weight = load_reward_model(folder, dtype, device)
         self.tokenizer = tokenizer or Tokenizer.from_dir(folder)
-        self.chat_template, self.batch_size, self.label = chat_template, batch_size, label
+        self.jinja = judge_template(chat_template, self.tokenizer, folder)  # (before the weights load)
+        self.model, self.score_weight = load_reward_model(folder, dtype, device)
+        self.batch_size, self.label = batch_size, label
         if not 0 <= label < self.score_weight.shape[0]:
             raise ValueError(f"label={label}, but the score head has {self.score_weight.shape[0]} output(s)")
         # transformers reads pad_token_id from the model's config.json (not the tokenizer).
         self.pad_id: Optional[int] = self.model.args.pad_token_id
 
     def encode(self, prompt: Messages, response: str) -> list[int]:
+        """The text rendered by the judge's template, tokenized once by its tokenizer (no special tokens
+        added: the template writes its own, as apply_chat_template does)."""
         messages = list(prompt) + [{"role": "assistant", "content": response}]
-        return encode_chat(self.tokenizer, messages, self.chat_template).input_ids
+        return self.tokenizer.encode(render_jinja(self.jinja, messages, self.tokenizer))
 
     @torch.inference_mode()
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
@@ -182,6 +231,25 @@ class RewardModelJudge:
 # --- from a spec -----------------------------------------------------------------------------------
 
 
+def check_judge(spec: str, template: Optional[str] = None, rules: Optional[dict[str, RuleFn]] = None) -> None:
+    """--judge's files, read without weights (lion_min/stages/preflight.py): a rule name, a PairRM folder, or
+    a reward model's config.json, score head, tokenizer and chat template (--judge_template). A hub id
+    is checked once fetched."""
+    rules = RULES if rules is None else rules
+    path = spec.removeprefix("pairrm:")
+    if spec in rules or goes_to_hub(path):
+        return
+    if not spec.startswith("pairrm:") and not Path(spec).expanduser().is_dir() and "/" not in spec:
+        make_judge(spec, rules=rules)  # its one-line error: an unknown rule name
+    folder = resolve_path(path)
+    if spec.startswith("pairrm:"):
+        return
+    reward_head_shape(folder, read_config(folder))
+    judge_template(template, Tokenizer.from_dir(folder), folder)
+
+
+
+
 def make_judge(
     spec: str,
     *,
@@ -193,8 +261,8 @@ def make_judge(
     batch_size: int = 8,
 ) -> Judge:
     """spec: a rule name (from `rules`, which default to RULES), "pairrm:DIR" (a PairRM folder, see
-    docs/pairrm.md), or a reward-model checkpoint folder or hub id "org/name" (then chat_template is
-    required; tokenizer defaults to the checkpoint's)."""
+    docs/pairrm.md), or a reward-model checkpoint folder or hub id "org/name" (rendered with its own
+    tokenizer and chat template; chat_template names one when its folder has none: judge_template)."""
     rules = RULES if rules is None else rules
     if spec in rules:
         return RuleJudge(rules[spec], name=spec)
@@ -203,8 +271,6 @@ def make_judge(
             raise ValueError("judge 'pairrm:' needs a folder: --judge=pairrm:DIR")
         return PairRMJudge(spec.removeprefix("pairrm:"), dtype=dtype, device=device, batch_size=batch_size)
     if Path(spec).expanduser().is_dir() or "/" in spec:  # a folder, or a hub id (resolve_path says if neither)
-        if chat_template is None:
-            raise ValueError(f"judge {spec!r} is a reward model: it needs the chat_template its inputs are rendered with")
         return RewardModelJudge(spec, chat_template, tokenizer, dtype=dtype, device=device, batch_size=batch_size)
     raise ValueError(f"unknown judge {spec!r}: not a registered rule (known: {', '.join(sorted(rules)) or 'none'}) "
                      f"and not a reward-model folder or hub id")

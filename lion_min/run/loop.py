@@ -23,6 +23,8 @@ from lion_min.run.config import ConfigError, TrainConfig, config_to_json, read_j
 from lion_min.core.train import Objective, evaluate, make_optimizer, steps
 from lion_min.run.flops import document_lengths, mfu, mfu_useful, peak_flops
 from lion_min.core.parallel import Dist, raise_if_any
+from lion_min.run.report import Reporter
+from lion_min.run.run_folder import continue_command, overwrite_flag
 from lion_min.run.resume import (WRITE_ERRORS, CheckpointWriteError, load_checkpoint, resolve_resume,
                                   save_checkpoint, one_line)
 
@@ -67,7 +69,7 @@ def resume_point(cfg: TrainConfig, out_dir: Path, total: int, model, optimizer, 
     resume_from = resolve_resume(cfg, out_dir, d.main)
     if cfg.resume and resume_from is None and summary_file.is_file():
         raise ConfigError(f"--resume={cfg.resume}: {out_dir} holds this run, finished, but no checkpoint to continue "
-                          f"from (--save_every=0); --overwrite=true runs it again from step 0")
+                          f"from (--save_every=0); {overwrite_flag(cfg)} runs it again from step 0")
     if resume_from is None:
         return 0, 0, 0, None
     check_same_run(resume_from, cfg, run_record, verbose=d.main)
@@ -110,7 +112,7 @@ def train(
     if cfg.resume and done.get("steps") == total:  # the rerun rule: same run, finished -> nothing to do
         if d.main:
             print(f"{out_dir} holds this run, finished ({total} steps) and exported: nothing to do (a larger "
-                  f"--max_steps or --epochs continues it; --overwrite=true runs it again)")
+                  f"--max_steps or --epochs continues it; {overwrite_flag(cfg)} runs it again)")
         return TrainResult(total, done.get("eval_loss"))
     optimizer = make_optimizer(model, cfg)
     start, tokens_seen, skipped, resume_from = resume_point(cfg, out_dir, total, model, optimizer, d, run_record)
@@ -124,6 +126,7 @@ def train(
             print(f"{resume_from} is the run's last step: exporting")
         else:
             print(f"training {total} steps from step {start}" + (f" (resumed from {resume_from})" if resume_from else ""))
+    report = Reporter(cfg, d.main, start)  # --report_to: metrics.jsonl's lines, live (lion_min/run/report.py)
     stop = StopSignals()
     peak = peak_flops(d.device)
     t_start = time.perf_counter()
@@ -143,6 +146,7 @@ def train(
             if d.main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(line) + "\n")
+                report.sync()
                 if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == total:
                     print(progress_line(line, total, eta=(time.perf_counter() - t_start) / (step + 1 - start)
                                         * (total - step - 1)), flush=True)
@@ -150,8 +154,8 @@ def train(
             if s.stop and step + 1 < total:
                 path = save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
                 raise StopRequested(f"stopped by {stop.received or 'a signal on another rank'} after step "
-                                    f"{step + 1}: checkpoint {path}; continue with the same command and "
-                                    f"--resume=auto", code=130 if stop.received == "SIGINT" else 143)
+                                    f"{step + 1}: checkpoint {path}; continue with {continue_command(cfg)}",
+                                    code=130 if stop.received == "SIGINT" else 143)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
                 save_checkpoint(out_dir, step + 1, model, optimizer, cfg, d, counters)
     finally:
@@ -160,6 +164,8 @@ def train(
         save_checkpoint(out_dir, total, model, optimizer, cfg, d,
                         {"tokens": tokens_seen, "skipped_steps": skipped, "run": run_record})
     eval_loss = finish(cfg, model, objective, eval_batches, d, total, tokenizer, chat_template, export_dtype, summary)
+    report.sync()  # (the final eval line; each sync flushes, so a run that stops early has sent its lines)
+    report.close()
     return TrainResult(total, eval_loss)
 
 

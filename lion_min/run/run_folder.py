@@ -35,11 +35,13 @@ import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from lion_min.formats.hf import EXPORT_FILES
+from lion_min.core.choices import EXPORT_FILES
 from lion_min.run.config import ConfigError, read_json
-from lion_min.core.parallel import Dist, PeerFailed, raise_if_any
+
+if TYPE_CHECKING:
+    from lion_min.core.parallel import Dist
 
 # Keys that do not change what a step computes: cadence of logging, eval and saving; how the global
 # batch is split (the loss is invariant to micro_batch_size and world size); hardware and speed;
@@ -47,7 +49,7 @@ from lion_min.core.parallel import Dist, PeerFailed, raise_if_any
 # for more steps, epochs or (online) rounds continues from where it ended.
 SAFE_KEYS = {"log_every", "eval_every", "save_every", "keep_checkpoints", "resume", "overwrite", "micro_batch_size",
              "device", "compile", "activation_checkpointing", "attn_backend", "preset", "out_dir", "export_dtype",
-             "revision", "data_cache"}
+             "revision", "data_cache", "report_to"}
 # (sample_batch_size is not safe: the online stage seeds each sampling batch by its position.)
 FINGERPRINTED = {"--model": "model", "--ref_model": "ref_model", "--data": "data", "--eval_data": "eval_data",
                  "--prompts": "prompts", "--judge": "judge"}
@@ -55,7 +57,7 @@ FINGERPRINTED = {"--model": "model", "--ref_model": "ref_model", "--data": "data
 NOTED_KEYS = {"max_steps": " (the schedule now spans a different number of steps)", "epochs":
               " (the schedule now spans a different number of steps)", "rounds": ""}
 RUN_RECORDS = ["run.json", "train_config.json", "metrics.jsonl", "summary.json", "checkpoints", "reference_logps*",
-               "round_*", "last_round_metrics.jsonl", "curves.png"]
+               "round_*", "last_round_metrics.jsonl", "curves.png", "tensorboard", "wandb", "wandb_id"]
 RUN_FILES = RUN_RECORDS + list(EXPORT_FILES)
 """Everything a run writes into out_dir (what --overwrite removes, and nothing else)."""
 LOCK = ".lion_min.lock"
@@ -216,10 +218,10 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool,
         raise ConfigError(f"--out_dir={cfg.out_dir} holds a run that is not the demo's ({_some(found)}); "
                           f"the demo runs only when neither --model nor --data is given: pick another --out_dir")
     if found and not cfg.overwrite:
-        if not resuming:
+        refused, noted = differences(saved["config"], saved.get("inputs", {}), cfg, prints, free)
+        if not resuming and not refused:  # (--resume=auto is suggested only where it would be accepted)
             raise ConfigError(f"--out_dir={cfg.out_dir} holds a run ({_some(found)}); continue it with "
                               f"--resume=auto, pick another --out_dir, or replace it with --overwrite=true")
-        refused, noted = differences(saved["config"], saved.get("inputs", {}), cfg, prints, free)
         if refused:
             raise ConfigError(f"--out_dir={cfg.out_dir} holds another run: {', '.join(refused)} differ; pick "
                               f"another --out_dir, or replace it with --overwrite=true")
@@ -229,7 +231,25 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool,
     return prints, notes
 
 
-def broadcast(value, d: Dist):
+def overwrite_flag(cfg) -> str:
+    """"--overwrite=true", said so that adding it works: a --resume beside it (a recipe's is dropped
+    by flags.typed_wins) would contradict it."""
+    return "--overwrite=true" + (f" in place of any --resume={cfg.resume}" if cfg.resume else "")
+
+
+def continue_command(cfg) -> str:
+    """How a stopped run goes on from its newest checkpoint, said so that following it works: a typed
+    --overwrite=true would replace the run again, and with --resume=auto beside it is refused."""
+    if cfg.overwrite:
+        return "the same command with --resume=auto in place of --overwrite=true"
+    if cfg.resume == "auto":  # (a recipe's resume=auto, or typed)
+        return "the same command"
+    if cfg.resume:
+        return f"the same command with --resume=auto in place of --resume={cfg.resume}"
+    return "the same command and --resume=auto"
+
+
+def broadcast(value, d: "Dist"):
     """Rank 0's value (any picklable object) on every rank."""
     if d.world == 1:
         return value
@@ -240,7 +260,7 @@ def broadcast(value, d: Dist):
     return box[0]
 
 
-def agree(views: dict[str, str], d: Dist, why: str) -> None:
+def agree(views: dict[str, str], d: "Dist", why: str) -> None:
     """Every rank's view of the same things (name -> what it sees) must be the same: else every rank
     stops with one line naming the first thing they differ on, the ranks and what each sees, then
     `why`. A collective: call it on every rank, before anything shared is written."""
@@ -279,10 +299,11 @@ def _view(source: str) -> str:
     return "nothing at that path"
 
 
-def agree_on_inputs(cfg, d: Dist) -> None:
+def agree_on_inputs(cfg, d: "Dist") -> None:
     """Every rank must see the same inputs (FINGERPRINTED, each source of a mixture): compared
     before anything is loaded or written, so that a rank reading a stale copy stops the run. A rank
     that cannot read one says so itself, and the others stop with it."""
+    from lion_min.core.parallel import raise_if_any
     from lion_min.formats.data import parse_mixture
 
     if d.world == 1:
@@ -300,13 +321,15 @@ def agree_on_inputs(cfg, d: Dist) -> None:
     agree(views, d, "Every rank must see the same files at the same paths (a stale copy on one node?)")
 
 
-def check_shared(out_dir: Path, d: Dist):
+def check_shared(out_dir: Path, d: "Dist"):
     """Every rank must see the lock rank 0 just wrote: each writes its checkpoint shards into
     out_dir, so on several nodes it must be a shared file system (else a checkpoint would be
     missing the other nodes' shards)."""
     if d.world == 1:
         return
     import torch.distributed as dist
+
+    from lion_min.core.parallel import PeerFailed
 
     lock = broadcast(read_json(out_dir / LOCK) if d.main else None, d)
     seen = [None] * d.world
@@ -351,7 +374,7 @@ def leftovers(out_dir: Path) -> list[Path]:
 
 
 @contextmanager
-def claim(cfg, d: Dist, inputs: dict[str, Optional[str | Path]], resuming: Optional[bool] = None,
+def claim(cfg, d: "Dist", inputs: dict[str, Optional[str | Path]], resuming: Optional[bool] = None,
           free: frozenset = frozenset()):
     """Check out_dir (rank 0 decides, every rank raises the same error), lock it, write run.json;
     yields the run record {"config", "inputs"} for the checkpoints; unlocks at the end. Settings in

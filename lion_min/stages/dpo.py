@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from lion_min.core.dpo import (EncodedPair, PairStats, compute_ref_logps, encode_pairs, make_dpo_objective,
                               pair_micro)
 from lion_min.run.batches import Batches, eval_size, opening_summary
-from lion_min.core.chat import get_template
+from lion_min.core.chat import export_jinja
 from lion_min.formats.hf import hash_files, read_config, resolve_path
 from lion_min.run.config import ConfigError, DPOConfig, check_values, format_config, resolve_dtype
 from lion_min.formats.data import load_preferences, train_eval_split
@@ -185,16 +185,22 @@ def load_or_compute_ref_logps(path: Path, fp: str, compute, d: Dist) -> torch.Te
 
 
 def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pairs: Sequence[EncodedPair],
-              eval_pairs: Sequence[EncodedPair]):
+              eval_pairs: Sequence[EncodedPair], policy=None):
     """(frozen reference model, None, None), or with --precompute_ref (None, its log-probs of the
-    training pairs, of the eval pairs), computed once and stored in out_dir under a fingerprint."""
+    training pairs, of the eval pairs), computed once and stored in out_dir under a fingerprint.
+
+    Step 1 compares policy and reference on the same rows through the same code: the reference is
+    built as the policy is (compiled when it is), the precomputed one scores the training pairs in
+    the micro-batches of the first epoch (Batches.first_pass), and when the reference is the starting
+    model, `policy` (not yet trained) scores them itself. On the CPU in fp32 step 1's rewards are then
+    exactly 0 (README "Offline DPO" says where they cannot be)."""
 
     built = []  # the reference model, built at most once (and only when a log-prob file is missing)
 
     def make_ref():
         if not built:
-            built.append(build_from_folder(ref_folder, args, d, dtype, attn_backend=cfg.attn_backend)
-                         .requires_grad_(False).eval())
+            built.append(build_from_folder(ref_folder, args, d, dtype, attn_backend=cfg.attn_backend,
+                                           compile=cfg.compile).requires_grad_(False).eval())
         return built[0]
 
     if not cfg.precompute_ref:
@@ -202,7 +208,15 @@ def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pai
 
     def precomputed(which: Sequence[EncodedPair], name: str) -> torch.Tensor:
         def compute():
-            return compute_ref_logps(make_ref(), which, d, cfg.micro_batch_size, cfg.max_len, pad_id)
+            mine = None  # (the eval pairs: in their own order)
+            if which is pairs:
+                mine = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,
+                                    pad_id).first_pass()
+            scorer = policy if policy is not None else make_ref()
+            try:
+                return compute_ref_logps(scorer, which, d, cfg.micro_batch_size, cfg.max_len, pad_id, mine)
+            finally:
+                scorer.train(policy is not None)  # (the policy trains next)
 
         fp = fingerprint(which, ref_folder, cfg.chat_template)
         return load_or_compute_ref_logps(Path(cfg.out_dir) / name, fp, compute, d)
@@ -224,7 +238,8 @@ def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Seq
     if ref_folder != folder:  # against --model's own config: both grow alike for new chat tokens (load_policy)
         check_same_architecture(ref_folder, read_config(folder))
     with claim(cfg, d, inputs | {"--model": folder, "--ref_model": ref_folder}) as record:
-        ref_model, ref_logps, eval_ref = reference(cfg, d, args, dtype, ref_folder, pad_id, pairs, eval_pairs)
+        ref_model, ref_logps, eval_ref = reference(cfg, d, args, dtype, ref_folder, pad_id, pairs, eval_pairs,
+                                                   policy=model if ref_folder == folder else None)
         batches = pair_batches(pairs, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d, cfg.max_len,
                                pad_id, ref_logps)
         eval_batches = None
@@ -246,7 +261,7 @@ def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Seq
                 "pairs": pairs_line, "target tokens": f"{scored:,} scored response tokens (chosen + rejected)",
             }, eval_items=n_eval, export_dtype=exported, tokenizer=tokenizer))
         return train(cfg, model, objective, batches, d, eval_batches=eval_batches, tokenizer=tokenizer,
-                     chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.max_len,
+                     chat_template=export_jinja(cfg.chat_template, cfg.system_prompt), seq_len=cfg.max_len,
                      export_dtype=exported, summary=summary, run_record=record)
 
 

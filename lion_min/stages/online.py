@@ -35,7 +35,7 @@ from lion_min.run.judges import make_judge
 from lion_min.core.parallel import Dist, barrier, init_distributed
 from lion_min.run.plot import earlier_runs, plot_pipeline
 from lion_min.run.policy import chat_tokenizer, checkpoint_dtype
-from lion_min.run.run_folder import agree_on_inputs, append_summary, broadcast, claim
+from lion_min.run.run_folder import agree_on_inputs, append_summary, broadcast, claim, overwrite_flag
 from lion_min.run.prompts import read_prompts
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.loop import StopRequested
@@ -143,8 +143,9 @@ def run_round(cfg: OnlineConfig, d: Dist, k: int, policy: Path, ref_folder: Path
     try:
         train_pairs(round_cfg, d, pairs, [], dtype, {"round": k, "pairs": len(pairs), "dropped": dropped}, inputs={})
     except StopRequested as e:
+        again = "without --overwrite=true" if cfg.overwrite else "again"  # (that would replace the rounds kept)
         raise StopRequested(f"stopped in round {k}: rounds before it are kept and round {k} is redone from its "
-                            f"sampling when the same command runs again", e.code) from None
+                            f"sampling when the same command runs {again}", e.code) from None
     return {"round": k, "mean_reward": mean_score(records), "pairs": len(pairs), "dropped": dropped}
 
 
@@ -163,7 +164,7 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
     if chat_tokenizer(cfg, start_folder).added:  # also settles --chat_template=auto
         raise ConfigError(f"--model={cfg.model}: its tokenizer lacks the {cfg.chat_template} template's tokens; online "
                           f"DPO samples with them, so start from an SFT or DPO run's export (which carries them)")
-    judge = judge or make_judge(cfg.judge, chat_template=cfg.chat_template, dtype=dtype, device=d.device)
+    judge = judge or make_judge(cfg.judge, chat_template=cfg.judge_template, dtype=dtype, device=d.device)
     if d.main:
         print(f"config:\n{format_config(cfg)}")
         print(f"{len(prompts)} prompts, judge {cfg.judge!r}, {cfg.rounds} round(s) of {cfg.n_samples} samples each")
@@ -181,7 +182,7 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
         if len(summary.get("rounds", [])) == cfg.rounds and not cfg.overwrite:  # the rerun rule
             if d.main:
                 print(f"{out_dir} holds this run, finished ({cfg.rounds} round(s)) and exported: nothing to do (a "
-                      f"larger --rounds continues it; --overwrite=true runs it again)")
+                      f"larger --rounds continues it; {overwrite_flag(cfg)} runs it again)")
             return summary["rounds"]
         return rounds(cfg, d, start_folder, ref_folder, prompts, judge, dtype)
 

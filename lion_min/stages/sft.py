@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lion_min.run.batches import Batches, eval_size, opening_summary, row_batches
-from lion_min.core.chat import encode_chats, get_template, with_system
+from lion_min.core.chat import encode_chats, export_jinja, with_system
 from lion_min.run.config import ConfigError, SFTConfig, check_values, format_config, resolve_dtype
 from lion_min.formats.data import load_conversations, train_eval_split
 from lion_min.core.sft import pack_conversations, sft_objective
@@ -251,5 +251,5 @@ def run(cfg: SFTConfig) -> TrainResult:
     inputs = {"--model": folder, "--data": cfg.data, "--eval_data": cfg.eval_data}
     with claim(cfg, d, inputs) as record:
         return train(cfg, model, sft_objective, batches, d, eval_batches=evals, tokenizer=tokenizer,
-                     chat_template=get_template(cfg.chat_template).jinja, seq_len=cfg.seq_len,
+                     chat_template=export_jinja(cfg.chat_template, cfg.system_prompt), seq_len=cfg.seq_len,
                      export_dtype=exported, summary=summary, run_record=record)
