@@ -74,7 +74,8 @@ from lion_min.run.flops import (attention_flops_per_pair, device_peaks, document
 from lion_min.core.losses import IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss, token_logprobs  # noqa: E402
 from lion_min.core.model import ModelArgs, RMSNorm, Transformer  # noqa: E402
 from lion_min.core.packing import collate, pack  # noqa: E402
-from lion_min.core.parallel import GiB, Dist, build_model, choose_checkpointing, step_memory  # noqa: E402
+from lion_min.core.parallel import Dist, build_model  # noqa: E402
+from lion_min.run.memory import GiB, choose_checkpointing, step_memory
 from lion_min.core.sample import generate  # noqa: E402
 
 # pipeline before cli: its online stage has never run on a GPU, while cli's MFU repeats sft's

@@ -91,37 +91,37 @@ def run_cli(main) -> None:
 
         # Under torchrun every rank checks the same flags and inputs and fails alike: rank 0 says so
         # once. An error of one rank's own (its share of the work, or one rank 0 did not meet: a file
-        # only this rank cannot read) is said by that rank (parallel.say_once).
+        # only this rank cannot read) is said by that rank (faults.say_once).
         rank = int(os.environ.get("RANK", "0"))
         same_everywhere = isinstance(e, (ConfigError, FileNotFoundError, DataError, ChatFormatError, TokenizerError))
         same_everywhere &= not getattr(e, "said_by_this_rank", False)  # (raise_if_any found it here alone)
-        peer_failed = isinstance(e, loaded("core.parallel", "PeerFailed"))  # (said by that peer)
+        peer_failed = isinstance(e, loaded("run.faults", "PeerFailed"))  # (said by that peer)
         # One line, even when a library's message (huggingface_hub's, say) spans several.
         message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
         if peer_failed:
             pass
         elif "lion_min.core.parallel" in sys.modules:
-            from lion_min.core.parallel import say_once
+            from lion_min.run.faults import say_once
 
             say_once(f"error: {message}", rank, same_everywhere)
         elif rank == 0 or not same_everywhere:
             print(f"error: {message}", file=sys.stderr)
         if "lion_min.core.parallel" not in sys.modules:  # no process group: a plain exit
             sys.exit(2)
-        from lion_min.core.parallel import exit_now
+        from lion_min.run.faults import exit_now
 
         exit_now(2)
     except RuntimeError as e:  # a collective cut short by a rank that failed: one line, not a traceback
-        from lion_min.core.parallel import exit_now, peer_gone
+        from lion_min.run.faults import exit_now, peer_gone
 
         if peer_gone(e) is None:
             raise
         print(f"error: {peer_gone(e)}", file=sys.stderr)
         exit_now(2)
     # After success only (a failed rank must not wait for the others): leave the process group
-    # and exit without the interpreter's teardown (parallel.shutdown says why).
+    # and exit without the interpreter's teardown (faults.shutdown says why).
     if "lion_min.core.parallel" in sys.modules:
-        from lion_min.core.parallel import shutdown
+        from lion_min.run.faults import shutdown
 
         shutdown()
 

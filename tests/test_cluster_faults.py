@@ -308,7 +308,7 @@ def test_a_rank_that_fails_first_says_its_own_error(monkeypatch, capsys):
     raise_if_any found it on rank 1 alone, rank 1 prints it."""
     import torch.distributed as dist
 
-    from lion_min.core import parallel
+    from lion_min.run import faults as parallel  # raise_if_any, exit_now
     from lion_min import cli
     from lion_min.formats.data_files import DataError
     from lion_min.core.parallel import Dist

@@ -17,7 +17,9 @@ sys.path.insert(0, str(ROOT))
 
 from lion_min.core.losses import IGNORE_INDEX, sft_loss  # noqa: E402
 from lion_min.core.model import ModelArgs, Transformer  # noqa: E402
-from lion_min.core.parallel import GiB, build_model, choose_checkpointing, init_distributed, shutdown, step_memory  # noqa: E402
+from lion_min.core.parallel import build_model, init_distributed  # noqa: E402
+from lion_min.run.memory import GiB, choose_checkpointing, step_memory
+from lion_min.run.faults import shutdown
 
 
 def tiny_args(family: str) -> ModelArgs:

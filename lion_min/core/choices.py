@@ -10,7 +10,7 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 """The DPO objectives (lion_min/core/losses.py:dpo_loss)."""
 
 AC_MODES = ("auto", "off", "selective", "full")
-"""Activation checkpointing; auto chooses from the step's estimated memory (lion_min/core/parallel.py:choose_checkpointing)."""
+"""Activation checkpointing; auto chooses from the step's estimated memory (lion_min/run/memory.py:choose_checkpointing)."""
 
 EXPORT_FILES = ("model*.safetensors*", "config.json", "generation_config.json", "tokenizer.json",
                 "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",

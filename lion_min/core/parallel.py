@@ -6,17 +6,12 @@ which init_process_group reads.
 """
 
 import os
-import re
-import sys
-import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from lion_min.core.choices import AC_MODES
-from lion_min.core.model import Transformer, checkpointing_mode
+from lion_min.core.model import Transformer
 
 
 @dataclass
@@ -80,115 +75,6 @@ def all_reduce_tensor(t: torch.Tensor, d: Dist) -> torch.Tensor:
         dist.all_reduce(t)
     return t
 
-
-def shutdown() -> None:
-    """End a multi-process run that finished: every rank waits for the others, leaves the process
-    group, flushes its output and exits at once. The last step skips the interpreter's teardown,
-    where gloo's threads can abort a finished rank ("terminate called without an active
-    exception", about 1 run in 16 here even after destroy_process_group; 0 in 48 this way)."""
-    if not dist.is_initialized():
-        return
-    several = dist.get_world_size() > 1  # a one-process group (bf16 FSDP) just leaves
-    dist.barrier()
-    dist.destroy_process_group()
-    if several:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-class PeerFailed(ValueError):
-    """Another rank failed and said so (raise_if_any); it prints the error, this rank exits quietly."""
-
-
-def raise_if_any(error: Optional[BaseException], d: Dist) -> None:
-    """Agree on a failure that may have happened on some ranks only (a full disk, NaN in one rank's
-    shards, an export on rank 0): every rank passes its own error or None. The lowest failing rank
-    raises its error, every other rank PeerFailed, so the run ends on all ranks with one message.
-    Also a barrier. Call it where the ranks would otherwise go on to a collective that a failed
-    rank never joins."""
-    if d.world == 1:
-        if error is not None:
-            raise error
-        return
-    messages = [None] * d.world
-    dist.all_gather_object(messages, None if error is None else str(error) or type(error).__name__)
-    failed = [r for r, m in enumerate(messages) if m is not None]
-    if not failed:
-        return
-    if d.rank == failed[0]:
-        error.said_by_this_rank = True  # cli.run_cli prints it here, even an error every rank usually shares
-        raise error
-    raise PeerFailed(f"rank {failed[0]} failed: {messages[failed[0]]}")
-
-
-# How gloo and NCCL report that a peer is gone (it failed, or was killed) during a collective.
-_PEER_GONE = ("closed by peer", "reset by peer", "Connection refused", "NCCL communicator was aborted")
-
-
-def peer_gone(e: BaseException) -> Optional[str]:
-    """One line for a collective that failed because another rank stopped (its own error is the
-    cause, printed by that rank), or None when `e` is something else."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1 and isinstance(e, RuntimeError)):
-        return None
-    text = str(e)
-    if not (isinstance(e, dist.DistError) or any(s in text for s in _PEER_GONE)):
-        return None
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
-    first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\] ", "", first).split(". This is typically")[0]  # gloo's source path
-    return f"rank {dist.get_rank()}: another rank stopped (its own error says why), so a collective failed: {first}"
-
-
-FIRST_ERROR, READ = "lion_min/error_of_rank_0", "lion_min/error_of_rank_0_read"
-
-
-def say_once(message: str, rank: int, shared: bool, wait_s: float = 5.0) -> None:
-    """Print this rank's error line `message` (on stderr) where it should be. An error of a kind
-    every rank usually meets alike (`shared`: a bad flag, a missing file) is said once, by rank 0;
-    but a rank that failed alone (its own copy of a file) must say why, or the only line is rank
-    0's "connection closed". So rank 0 posts its error in the process group's store, and another
-    rank prints a shared error unless rank 0 posted the same one within wait_s. The store, not a
-    collective: a rank still at work would never join one. Before the group starts, every rank
-    checks the same flags."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        if rank == 0 or not shared:
-            print(message, file=sys.stderr, flush=True)
-        return
-    store = dist.distributed_c10d._get_default_store()  # (torch has no public getter)
-    try:
-        if rank == 0:
-            print(message, file=sys.stderr, flush=True)  # first: torchrun may end this rank any moment now
-            store.set(FIRST_ERROR, message)
-            # Rank 0 may host the store (env:// without torchrun's): it stays until the others read it.
-            deadline = time.monotonic() + 2.0
-            while store.add(READ, 0) < dist.get_world_size() - 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            return
-        if shared:
-            deadline = time.monotonic() + wait_s
-            while not store.check([FIRST_ERROR]):  # (polled: a store.wait that times out logs a warning)
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-            else:
-                same = store.get(FIRST_ERROR).decode() == message
-                store.add(READ, 1)
-                if same:
-                    return
-    except RuntimeError:  # the store is gone (its host ended): say it here
-        if rank == 0:
-            return
-    print(message, file=sys.stderr, flush=True)
-
-
-def exit_now(code: int) -> None:
-    """End a process with `code`; a rank of a process group skips the interpreter's teardown, where
-    gloo's threads can hang or abort it (see shutdown), so that it exits at once."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        sys.exit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def barrier(d: Dist):
@@ -280,83 +166,3 @@ def build_model(args, d: Dist, *, load_weights=None, seed: int = 0, param_dtype=
     else:
         model.load_state_dict(state_dict)
     return model
-
-
-# --- how much memory a training step needs, and the activation checkpointing that fits ----------------
-
-GiB = 2**30
-
-
-def step_memory(args, tokens: int, world: int, param_dtype: torch.dtype, ac: str, live_ref: bool = False,
-                head_chunk: int = 1024) -> dict[str, float]:
-    """Estimated peak bytes one rank holds during a training step, by part; `tokens` per micro-batch.
-
-    A first-order model, checked against the one recorded GPU peak (tests/test_parallel.py): FSDP2
-    keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments sharded over the ranks,
-    plus the gathered compute copy of about two blocks (the one running and the one prefetched) and
-    of the embedding/head (kept gathered). Activations: a block that is not checkpointed keeps what
-    eager autograd saves (listed below); a checkpointed block keeps its input only, and backward
-    rebuilds one block at a time. The head holds a 2 x head_chunk x vocab
-    fp32 slice of logits (forward and backward; losses.token_logprobs). 10% on top for the
-    allocator, communication buffers and what this model leaves out.
-    """
-    s = torch.tensor([], dtype=param_dtype).element_size()
-    fsdp = world > 1 or param_dtype != torch.float32
-    P, D, V = args.num_params(), args.dim, args.vocab_size
-    shard = world if fsdp else 1
-    block = args.num_params(embedding=False) - (0 if args.tie_embeddings else V * D)  # the blocks' weights
-    block //= max(args.n_layers, 1)
-    qkv = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
-    # What eager autograd keeps per token of a block that is not checkpointed (compiled blocks keep
-    # somewhat less): the two norms' outputs, q/k/v after RoPE, the attention output and its copy
-    # for the output projection, the MLP's gate, up, act(gate) and product; each norm's fp32 input,
-    # fp32 normalised input and 1/rms (tests/test_parallel.py counts them on the CPU).
-    per_token_block = (s * (2 * D + qkv + 2 * args.n_heads * args.head_dim + 4 * args.hidden_dim)
-                       + 2 * 4 * (2 * D + 1))
-    kept = {"off": args.n_layers, "selective": args.n_layers // 2, "full": 0}[ac]
-    parts = {
-        "weights (fp32 master)": P * 4 / shard,
-        "gradients (fp32)": P * 4 / shard,
-        "AdamW moments (fp32)": 2 * P * 4 / shard,
-        "gathered compute weights": (2 * block + V * D * (1 if args.tie_embeddings else 2)) * s if fsdp else 0,
-        "reference model": (P * s / shard + 2 * block * s) if live_ref else 0,
-        "activations": tokens * (kept * per_token_block + (args.n_layers - kept) * s * D
-                                 + (per_token_block if kept < args.n_layers else 0)),
-        "head": 2 * head_chunk * V * 4 + tokens * D * (4 + 2 * s),
-    }
-    parts["slack (10%)"] = 0.1 * sum(parts.values())
-    return parts
-
-
-def min_free_memory(d: Dist) -> Optional[int]:
-    """Free device memory now, the least over the ranks (so that every rank makes the same choice);
-    None off CUDA."""
-    if d.device.type != "cuda":
-        return None
-    free = torch.tensor(torch.cuda.mem_get_info(d.device)[0], device=d.device)
-    if d.world > 1:
-        dist.all_reduce(free, op=dist.ReduceOp.MIN)
-    return int(free)
-
-
-def choose_checkpointing(mode: str, args, tokens: int, world: int, param_dtype: torch.dtype, device: torch.device,
-                         live_ref: bool = False, free_bytes: Optional[int] = None) -> tuple[str, str]:
-    """(mode, one line saying why) for --activation_checkpointing=`mode` (see AC_MODES).
-
-    auto: on CPU off (memory is the host's and there is no recompute worth buying); on CUDA the
-    cheapest mode whose estimated step (step_memory) fits in 90% of the device memory free now:
-    off, then selective, then full (full also when nothing fits: the least memory there is).
-    """
-    mode = checkpointing_mode(mode)
-    est = {m: sum(step_memory(args, tokens, world, param_dtype, m, live_ref).values()) for m in AC_MODES[1:]}
-    estimates = ", ".join(f"{m} {est[m] / GiB:.1f}" for m in AC_MODES[1:])
-    if mode != "auto":
-        return mode, f"{mode} (as asked; estimated GiB per rank: {estimates})"
-    if device.type != "cuda":
-        return "off", f"off (auto: {device.type}; estimated GiB per rank: {estimates})"
-    free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
-    budget = 0.9 * free
-    chosen = next((m for m in AC_MODES[1:] if est[m] <= budget), "full")
-    fits = "" if est[chosen] <= budget else "; it may not fit: lower --micro_batch_size or use more ranks"
-    return chosen, (f"{chosen} (auto: estimated GiB per rank {estimates} against 90% of {free / GiB:.1f} GiB "
-                    f"free{fits})")

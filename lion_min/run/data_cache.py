@@ -80,7 +80,8 @@ from lion_min.formats.hf import hash_files
 from lion_min.run.config import read_json
 from lion_min.formats.data import parse_mixture
 from lion_min.formats.data_files import resolve_files
-from lion_min.core.parallel import Dist, raise_if_any
+from lion_min.core.parallel import Dist
+from lion_min.run.faults import raise_if_any
 from lion_min.formats.tokenizer import Tokenizer
 
 FORMAT = 1

@@ -12,7 +12,8 @@ from lion_min.core.attention import varlen_model_problem
 from lion_min.core.chat import TEMPLATES, template_line, template_of, with_template_tokens
 from lion_min.formats.hf import grow_vocab, load_model, read_config, resolve_path
 from lion_min.run.config import DTYPES, ConfigError
-from lion_min.core.parallel import Dist, build_model, choose_checkpointing, min_free_memory
+from lion_min.core.parallel import Dist, build_model
+from lion_min.run.memory import choose_checkpointing, min_free_memory
 from lion_min.formats.tokenizer import Tokenizer
 
 # A checkpoint may be stored in fp16; training never is.

@@ -23,7 +23,8 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 
 from lion_min.run.config import TrainConfig, config_to_json
-from lion_min.core.parallel import Dist, PeerFailed, barrier, raise_if_any
+from lion_min.core.parallel import Dist, barrier
+from lion_min.run.faults import PeerFailed, raise_if_any
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. A folder is complete once renamed from its .tmp name,

@@ -303,7 +303,7 @@ def agree_on_inputs(cfg, d: "Dist") -> None:
     """Every rank must see the same inputs (FINGERPRINTED, each source of a mixture): compared
     before anything is loaded or written, so that a rank reading a stale copy stops the run. A rank
     that cannot read one says so itself, and the others stop with it."""
-    from lion_min.core.parallel import raise_if_any
+    from lion_min.run.faults import raise_if_any
     from lion_min.formats.data import parse_mixture
 
     if d.world == 1:
@@ -329,7 +329,7 @@ def check_shared(out_dir: Path, d: "Dist"):
         return
     import torch.distributed as dist
 
-    from lion_min.core.parallel import PeerFailed
+    from lion_min.run.faults import PeerFailed
 
     lock = broadcast(read_json(out_dir / LOCK) if d.main else None, d)
     seen = [None] * d.world

@@ -32,7 +32,8 @@ from lion_min.core.chat import export_jinja
 from lion_min.formats.hf import hash_files, read_config, resolve_path
 from lion_min.run.config import ConfigError, DPOConfig, check_values, format_config, resolve_dtype
 from lion_min.formats.data import load_preferences, train_eval_split
-from lion_min.core.parallel import Dist, init_distributed, raise_if_any
+from lion_min.core.parallel import Dist, init_distributed
+from lion_min.run.faults import raise_if_any
 from lion_min.run.policy import (build_from_folder, chat_tokenizer, check_same_architecture, check_seq_len,
                              export_dtype, load_policy)
 from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root,
