@@ -14,6 +14,7 @@ that run it once its flags are known (tests/test_install.py holds the training s
 """
 
 import ast
+import dataclasses
 import importlib
 import os
 import sys
@@ -259,7 +260,8 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
     if cfg.data_cache == "off":
         raise ConfigError("--data_cache=off: nothing to prepare (give a folder, or auto)")
     d = init_distributed("cpu")
-    tokenizer = chat_tokenizer(cfg, resolve_path(cfg.model, cfg.revision))
+    tokenizer, template = chat_tokenizer(cfg, resolve_path(cfg.model, cfg.revision))
+    cfg = dataclasses.replace(cfg, chat_template=template)  # --chat_template=auto named
     t0 = time.perf_counter()
     prep = prepare_data(cfg, tokenizer, d, load=lambda: load(cfg))
     if d.main:

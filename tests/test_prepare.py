@@ -148,27 +148,27 @@ def test_shards_merge_to_the_same_folder(chat_setup, tmp_path):
 def test_fingerprint_changes_with_what_changes_the_tokens(chat_setup, tmp_path):
     tok = chat_setup["tok"]
     base = config(chat_setup, tmp_path)
-    fp = sft.sft_fingerprint(base, tok)[0]
+    fp = sft.sft_cache_key(base, tok)[0]
     # Not the training settings, the output folder, the cache folder, or a seed that samples nothing.
     for same in ({"lr": 1.0, "batch_size": 7, "max_steps": 3, "out_dir": "elsewhere", "epochs": 9, "seed": 5},
                  {"data_cache": str(tmp_path / "other")}):
-        assert sft.sft_fingerprint(config(chat_setup, tmp_path, **same), tok)[0] == fp, same
+        assert sft.sft_cache_key(config(chat_setup, tmp_path, **same), tok)[0] == fp, same
     # A copy of the data file elsewhere is the same data.
     copy = shutil.copy(chat_setup["data"], tmp_path / "copy.jsonl")
-    assert sft.sft_fingerprint(config(chat_setup, tmp_path, data=str(copy)), tok)[0] == fp
+    assert sft.sft_cache_key(config(chat_setup, tmp_path, data=str(copy)), tok)[0] == fp
     changed = [{"seq_len": 321}, {"chat_template": "gemma"}, {"packing": False}, {"loss_mask": False},
                {"train_on": "last"}, {"overflow": "drop"}, {"system_prompt": ""}, {"eval_fraction": 0.1}]
     for over in changed:
-        assert sft.sft_fingerprint(config(chat_setup, tmp_path, **over), tok)[0] != fp, over
+        assert sft.sft_cache_key(config(chat_setup, tmp_path, **over), tok)[0] != fp, over
     # The seed matters once the data is sampled.
     half = config(chat_setup, tmp_path, data=f"{chat_setup['data']}:0.5")
-    assert sft.sft_fingerprint(half, tok)[0] != sft.sft_fingerprint(dataclasses.replace(half, seed=1), tok)[0]
+    assert sft.sft_cache_key(half, tok)[0] != sft.sft_cache_key(dataclasses.replace(half, seed=1), tok)[0]
     # One byte more in the data, another tokenizer.
     edited = tmp_path / "edited.jsonl"
     edited.write_bytes(chat_setup["data"].read_bytes() + b"\n")
-    assert sft.sft_fingerprint(config(chat_setup, tmp_path, data=str(edited)), tok)[0] != fp
+    assert sft.sft_cache_key(config(chat_setup, tmp_path, data=str(edited)), tok)[0] != fp
     other_tok = Tokenizer.from_dir(build_gemma_tokenizer(tmp_path / "gemma_tok"))
-    assert sft.sft_fingerprint(base, other_tok)[0] != fp
+    assert sft.sft_cache_key(base, other_tok)[0] != fp
 
 
 def test_hub_files_are_identified_by_commit_and_path(tmp_path):
@@ -196,7 +196,7 @@ def test_an_interrupted_preparation_is_redone(chat_setup, tmp_path, monkeypatch,
         m.setattr(sft, "merge_shards", crash)
         with pytest.raises(KeyboardInterrupt):
             prepared(cfg, chat_setup["tok"])
-    fp = sft.sft_fingerprint(cfg, chat_setup["tok"])[0]
+    fp = sft.sft_cache_key(cfg, chat_setup["tok"])[0]
     assert not list((tmp_path / "cache").iterdir())  # no empty <fingerprint>.tmp-<id> folder left
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     for name, host in (("killed", socket.gethostname()), ("elsewhere", "another-host")):

@@ -14,7 +14,7 @@ dpo.py: encode_pair_shard, merge_pair_shards, PreparedPairs) and knows no stage.
 
 Where: --data_cache=DIR (default `auto`: $XDG_CACHE_HOME/lion_min/data, else
 ~/.cache/lion_min/data), one folder per fingerprint: the sha256 of everything that changes the
-tokens (`sft.sft_fingerprint`, `dpo.dpo_fingerprint`): each data file's bytes (a hub file: its
+tokens (`sft.sft_cache_key`, `dpo.dpo_cache_key`): each data file's bytes (a hub file: its
 repo, commit and path, fixed by the commit; not the path: a copy is the same data), each source's
 fraction, weight, schema and columns, skip_bad, the eval split, the seed where it samples, the
 tokenizer.json and special tokens, the chat template, the system prompt, seq_len, packing, loss
@@ -142,7 +142,7 @@ def uses_seed(cfg) -> bool:
     return sampled or (not cfg.eval_data and cfg.eval_fraction > 0)
 
 
-def cache_fingerprint(parts: dict, code_files: tuple[str, ...] = CODE) -> str:
+def cache_key(parts: dict, code_files: tuple[str, ...] = CODE) -> str:
     code = {name: _sha256_file(Path(__file__).parent.parent / name) for name in code_files}
     blob = json.dumps(parts | {"format": FORMAT, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

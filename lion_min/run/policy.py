@@ -4,7 +4,7 @@ its tokenizer, architecture and length fit the run, and the dtype its export is 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -27,26 +27,38 @@ def build_from_folder(folder: Path, args, d: Dist, param_dtype: torch.dtype, **w
                        param_dtype=param_dtype, **wrap)
 
 
-def chat_tokenizer(cfg, folder: Path, tokenizer: Optional[Tokenizer] = None) -> Tokenizer:
-    """The tokenizer of `folder` (`tokenizer`, when the caller has read it already), able to encode
-    the run's chat template.
+def chat_tokenizer(cfg, folder: Path, tokenizer: Optional[Tokenizer] = None) -> tuple[Tokenizer, str]:
+    """(the tokenizer of `folder`, able to encode the run's chat template; that template's name).
+    `tokenizer`: the folder's, when the caller has read it already.
 
-    --chat_template=auto becomes the folder's own template (cfg.chat_template is set to its name),
-    or chatml, LION's, when the folder carries none. ChatML's two tokens are given ids when the
-    tokenizer lacks them (chat.with_template_tokens), as LION did on the base Gemma and Llama-3."""
+    --chat_template=auto names the folder's own template, or chatml, LION's, when the folder carries
+    none; the caller records the name in its config (dataclasses.replace). ChatML's two tokens are
+    given ids when the tokenizer lacks them (chat.with_template_tokens), as LION did on the base
+    Gemma and Llama-3."""
     tokenizer = tokenizer or Tokenizer.from_dir(folder)
-    if cfg.chat_template == "auto":
+    template = cfg.chat_template
+    if template == "auto":
         own = template_of(tokenizer.chat_template)
         if tokenizer.chat_template is not None and own is None:
             raise ConfigError(f"--chat_template=auto: {folder} carries a chat template lion_min does not know; "
                               f"name one with --chat_template ({', '.join(TEMPLATES)})")
-        cfg.chat_template = own.name if own else "chatml"
-    return with_template_tokens(tokenizer, cfg.chat_template)
+        template = own.name if own else "chatml"
+    return with_template_tokens(tokenizer, template), template
 
 
-def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] = None):
+class Policy(NamedTuple):
+    """The starting checkpoint, ready to train (load_policy)."""
+    model: torch.nn.Module  # wrapped (AC, compile, FSDP2)
+    args: object  # its ModelArgs (vocab_size grown for new chat tokens)
+    tokenizer: Tokenizer  # with the chat template's tokens
+    folder: Path
+    cfg: object  # the run's config with --chat_template=auto resolved to a name
+
+
+def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] = None) -> Policy:
     """The starting checkpoint as a wrapped training model, its ModelArgs and its tokenizer (with the
-    chat template's tokens; new ids grow the embedding: build_from_folder)."""
+    chat template's tokens; new ids grow the embedding: build_from_folder), and the config with
+    its chat template named."""
     folder = folder or resolve_path(cfg.model, cfg.revision)
     args = read_config(folder)
     problem = varlen_model_problem(args.attn_softcap, args.sliding_window) if cfg.attn_backend == "varlen" else None
@@ -54,7 +66,8 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
         raise ConfigError(f"--attn_backend=varlen: {problem} in {folder}; use --attn_backend=flex or sdpa")
     tokenizer = Tokenizer.from_dir(folder)
     check_vocab(tokenizer, args, folder)
-    tokenizer = chat_tokenizer(cfg, folder, tokenizer)
+    tokenizer, template = chat_tokenizer(cfg, folder, tokenizer)
+    cfg = dataclasses.replace(cfg, chat_template=template)
     if d.main and "replacing" in (line := template_line(cfg.chat_template, tokenizer)):
         print(f"note: chat template {line}")  # said again in the opening summary
     if tokenizer.vocab_size > args.vocab_size:
@@ -71,7 +84,7 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
         print(f"memory: activation checkpointing {why}")
     model = build_from_folder(folder, args, d, param_dtype, activation_checkpointing=ac, compile=cfg.compile,
                               attn_backend=cfg.attn_backend)
-    return model, args, tokenizer, folder
+    return Policy(model, args, tokenizer, folder, cfg)
 
 
 def check_vocab(tokenizer: Tokenizer, args, folder: Path):

@@ -37,7 +37,7 @@ from lion_min.run.faults import raise_if_any
 from lion_min.run.policy import (build_from_folder, chat_tokenizer, check_same_architecture, check_seq_len,
                              export_dtype, load_policy)
 from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root,
-                              cache_fingerprint, concat_shards, data_identity, input_names, open_prepared, prepare_folder,
+                              cache_key, concat_shards, data_identity, input_names, open_prepared, prepare_folder,
                               token_dtype, tokenizer_identity, uses_seed)
 from lion_min.run.run_folder import agree_on_inputs, claim
 from lion_min.formats.tokenizer import Tokenizer
@@ -55,7 +55,7 @@ def check_config(cfg: DPOConfig):
 # --- prepared data: the encoded pairs in the data cache (lion_min/run/data_cache.py) --------------------
 
 
-def dpo_fingerprint(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
+def dpo_cache_key(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
     """(fingerprint, the parts it hashes) of a DPO config's encoded pairs."""
     parts = {
         "stage": "dpo", "data": data_identity(cfg.data), "eval_data": data_identity(cfg.eval_data),
@@ -64,7 +64,7 @@ def dpo_fingerprint(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
         "chat_template": cfg.chat_template, "system_prompt": cfg.system_prompt, "max_len": cfg.max_len,
         "max_prompt_len": cfg.max_prompt_len,
     }
-    return cache_fingerprint(parts, CODE + ("stages/dpo.py", "core/dpo.py")), parts
+    return cache_key(parts, CODE + ("stages/dpo.py", "core/dpo.py")), parts
 
 
 class PreparedPairs(Sequences, collections.abc.Sequence):
@@ -116,7 +116,7 @@ def merge_pair_shards(shards: list[Path], out: Path, dtype: np.dtype) -> dict:
 
 def prepare_dpo(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[list, list, str]]) -> Prepared:
     """The encoded pairs of a DPO config (PreparedPairs), as prepare_sft; load() gives preferences."""
-    fp, parts = dpo_fingerprint(cfg, tokenizer)
+    fp, parts = dpo_cache_key(cfg, tokenizer)
     final = cache_root(cfg.data_cache) / fp
     seconds = prepare_folder(
         final, d, load,
@@ -138,7 +138,7 @@ def pair_batches(pairs, batch_size, micro_batch_size, epochs, seed, d: Dist, max
 # --- precomputed reference ------------------------------------------------------------------------
 
 
-def fingerprint(pairs: Sequence[EncodedPair], ref_folder: Path, template: str) -> str:
+def reference_fingerprint(pairs: Sequence[EncodedPair], ref_folder: Path, template: str) -> str:
     """sha256 of the scored sequences (so data, tokenizer, template and truncation), the template
     name, and the reference checkpoint's config and weight files (every byte)."""
     h = hashlib.sha256()
@@ -219,7 +219,7 @@ def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pai
             finally:
                 scorer.train(policy is not None)  # (the policy trains next)
 
-        fp = fingerprint(which, ref_folder, cfg.chat_template)
+        fp = reference_fingerprint(which, ref_folder, cfg.chat_template)
         return load_or_compute_ref_logps(Path(cfg.out_dir) / name, fp, compute, d)
 
     ref_logps = precomputed(pairs, "reference_logps.safetensors")
@@ -231,7 +231,7 @@ def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Seq
                 summary: dict, inputs: dict) -> TrainResult:
     """Policy, reference, batches, then the shared loop. The online stage calls it for each round.
     `inputs` (flag -> path) are what the run folder must not overlap and what a resume must match."""
-    model, args, tokenizer, folder = load_policy(cfg, d, dtype)
+    model, args, tokenizer, folder, cfg = load_policy(cfg, d, dtype)
     check_seq_len(cfg.max_len, args, "max_len", default=DPOConfig.max_len)
     exported = export_dtype(cfg, folder)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -276,7 +276,8 @@ def run(cfg: DPOConfig) -> TrainResult:
     dtype = resolve_dtype(cfg.dtype, d.device)
     if d.main:
         print(f"config:\n{format_config(cfg)}")
-    tokenizer = chat_tokenizer(cfg, resolve_path(cfg.model, cfg.revision))
+    tokenizer, template = chat_tokenizer(cfg, resolve_path(cfg.model, cfg.revision))
+    cfg = dataclasses.replace(cfg, chat_template=template)  # --chat_template=auto named
     if cfg.data_cache == "off":  # every rank encodes everything, in memory
         prefs, eval_prefs, data_summary = load_dpo_data(cfg)
         pairs, pst = encode_pairs(prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len,

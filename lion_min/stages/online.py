@@ -161,7 +161,9 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
     ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else start_folder
     prompts = read_prompts(cfg.prompts)
     check_enough_prompts(cfg, len(prompts))
-    if chat_tokenizer(cfg, start_folder).added:  # also settles --chat_template=auto
+    tokenizer, template = chat_tokenizer(cfg, start_folder)
+    cfg = dataclasses.replace(cfg, chat_template=template)  # --chat_template=auto named
+    if tokenizer.added:
         raise ConfigError(f"--model={cfg.model}: its tokenizer lacks the {cfg.chat_template} template's tokens; online "
                           f"DPO samples with them, so start from an SFT or DPO run's export (which carries them)")
     judge = judge or make_judge(cfg.judge, chat_template=cfg.judge_template, dtype=dtype, device=d.device)

@@ -11,7 +11,6 @@ tokenizer, the chat template's tokens) and the judge's files (--judge_template i
 A hub id is not fetched here: the stage downloads it after these checks, and checks what it got.
 """
 
-import dataclasses
 from pathlib import Path
 
 from lion_min.formats.hub import goes_to_hub
@@ -97,6 +96,5 @@ def check_model_folder(cfg, name: str, flag: str):
     weight_files(folder)
     tokenizer = Tokenizer.from_dir(folder)
     check_vocab(tokenizer, args, folder)
-    run = dataclasses.replace(cfg)  # (a copy: chat_tokenizer settles its --chat_template=auto)
-    check_tokenizer(chat_tokenizer(run, folder, tokenizer), run.chat_template)
+    check_tokenizer(*chat_tokenizer(cfg, folder, tokenizer))
     return args

@@ -23,7 +23,7 @@ from lion_min.core.packing import FIELDS, Packed, kept_lengths, pack, plan_rows
 from lion_min.core.parallel import Dist, init_distributed
 from lion_min.run.policy import check_seq_len, export_dtype, load_policy
 from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root, concat_shards,
-                              cache_fingerprint, data_identity, input_names, open_prepared, prepare_folder, token_dtype,
+                              cache_key, data_identity, input_names, open_prepared, prepare_folder, token_dtype,
                               tokenizer_identity, uses_seed)
 from lion_min.run.run_folder import agree_on_inputs, claim
 from lion_min.formats.tokenizer import Tokenizer
@@ -94,7 +94,7 @@ def load_sft_data(cfg: SFTConfig) -> tuple[list, list, str]:
 # --- prepared data: the packed rows in the data cache (lion_min/run/data_cache.py) ----------------------
 
 
-def sft_fingerprint(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
+def sft_cache_key(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
     """(fingerprint, the parts it hashes) of an SFT config's prepared rows."""
     parts = {
         "stage": "sft", "data": data_identity(cfg.data), "eval_data": data_identity(cfg.eval_data),
@@ -103,7 +103,7 @@ def sft_fingerprint(cfg, tokenizer: Tokenizer) -> tuple[str, dict]:
         "chat_template": cfg.chat_template, "system_prompt": cfg.system_prompt, "seq_len": cfg.seq_len,
         "packing": cfg.packing, "train_on": cfg.train_on if cfg.loss_mask else "all", "overflow": cfg.overflow,
     }
-    return cache_fingerprint(parts, CODE + ("stages/sft.py",)), parts
+    return cache_key(parts, CODE + ("stages/sft.py",)), parts
 
 
 class PreparedRows(Sequences):
@@ -190,7 +190,7 @@ def prepare_sft(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[lis
     """The prepared rows of an SFT config (PreparedRows): from the cache, or prepared now (every
     rank its share). load() -> (train conversations, eval conversations, LoadStats summary), called
     only when the cache misses."""
-    fp, parts = sft_fingerprint(cfg, tokenizer)
+    fp, parts = sft_cache_key(cfg, tokenizer)
     final = cache_root(cfg.data_cache) / fp
     train_on = cfg.train_on if cfg.loss_mask else "all"
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -216,7 +216,7 @@ def run(cfg: SFTConfig) -> TrainResult:
     dtype = resolve_dtype(cfg.dtype, d.device)
     if d.main:
         print(f"config:\n{format_config(cfg)}")
-    model, args, tokenizer, folder = load_policy(cfg, d, dtype)
+    model, args, tokenizer, folder, cfg = load_policy(cfg, d, dtype)  # (cfg: --chat_template=auto named)
     check_seq_len(cfg.seq_len, args, default=SFTConfig.seq_len)
     exported = export_dtype(cfg, folder)
 
