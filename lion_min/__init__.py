@@ -3,10 +3,9 @@
 import os
 
 # On a shared CPU machine, OpenMP threads that spin while waiting for each other can make every
-# small matmul take milliseconds (measured: 5.4 s vs 0.8 s per training step and 5.4 vs 559
-# sampled tokens/s, bench/README.md). It must be set before torch starts its thread pool, so it
-# is set here, the first thing any `import lion_min...` runs; an explicit setting in the
-# environment wins.
+# small matmul take milliseconds (bench/README.md, "Sampler on a loaded CPU"). It must be set before
+# torch starts its thread pool, so it is set here, the first thing any `import lion_min...` runs;
+# an explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.2.0"  # as pyproject.toml

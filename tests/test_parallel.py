@@ -125,7 +125,7 @@ def test_step_memory_estimate():
 
     gemma = args_from_config(json.loads((ROOT / "tests/data/configs/gemma-2b.json").read_text()))
     est = {m: sum(step_memory(gemma, 8192, 1, torch.bfloat16, m).values()) for m in ("off", "selective", "full")}
-    # The one recorded GPU peak (../shared/gpu/2026-12-04.md: Gemma-2b, 1 x 8192 tokens, bf16 FSDP2 on
+    # The one recorded GPU peak (bench/README.md, "GPU check", 2026-12-04: Gemma-2b, 1 x 8192 tokens, bf16 FSDP2 on
     # one H200, full checkpointing, compile): 46.7 GiB max allocated. The 10% slack was set with this
     # figure in view, so this checks the estimate stays calibrated, not that it was predicted.
     assert abs(est["full"] / GiB - 46.7) < 0.1 * 46.7

@@ -10,20 +10,15 @@ document only. That block-diagonal causal rule is turned into whatever the kerne
            kernel (see below); it has no backward on CPU.
 - "varlen": cu_seqlens for torch.nn.attention.varlen.varlen_attn (FlashAttention-2: CUDA, bf16/fp16
            only; rows are flattened into one sequence, documents must be contiguous in the row).
-           Its public signature changed in every release since it appeared, so what the installed
-           function accepts is read once, at import (`varlen_api`): torch 2.10 takes `is_causal=`
-           and needs as many K/V heads as query heads; 2.11 takes keyword-only `window_size=(-1, 0)`
-           for causal and still has no `enable_gqa`; from 2.12 (2.12 docs; checked on 2.13) it takes
-           both `window_size=` and `enable_gqa=`. Older torch has no varlen module: "auto" then never
-           picks it and asking for it is an error. Grouped/multi-query K/V are repeated per query
-           head (repeat_interleave, SDPA's enable_gqa order) where `enable_gqa` is missing.
+           Its signature differs between torch releases, so what the installed function accepts
+           is read once, at import (`varlen_api`; the releases are listed in bench/README.md).
+           Without varlen in torch, "auto" never picks it and asking for it is an error. Grouped or
+           multi-query K/V are repeated per query head where the kernel has no `enable_gqa`.
 
 "auto" picks, per device and activation dtype: CPU -> sdpa (flex has no CPU backward, varlen no
-CPU kernel); CUDA -> flex, in bf16 and fp32. The first H200 run (torch 2.11, ../shared/gpu/2026-12-04.md)
-measured flex 1.7-4x faster than dense SDPA for forward + backward on packed rows and never timed
-varlen (it crashed on the enable_gqa keyword); auto stays on flex until a recorded GPU run of
-bench/gpu_check.py shows varlen faster on these shapes (that script prints the fastest kernel per
-head shape and whether auto agrees).
+CPU kernel); CUDA -> flex, in bf16 and fp32, the faster of the two measured on a GPU
+(bench/README.md, "GPU check"); bench/gpu_check.py prints the fastest kernel per head shape and
+whether auto agrees.
 
 Without doc_ids the mask is plain causal and SDPA's `is_causal` fast path is used. With a KV cache
 the key side is the cache: its slots carry the doc id of the token written there, so left-padded

@@ -25,10 +25,8 @@ later, so accuracy rises step by step with training. With one rate (70% everywhe
 DATA_VERSION 3) every carry problem sat at the same margin and greedy decoding flipped all of them
 at once or not at all: offline DPO left 2 of 10 runs unchanged (docs/experiments.md, experiment 0).
 
-Measured on 2 CPU cores, greedy held-out accuracy over seeds 0-4 with the default (AVX-512) and with
-AVX2 kernels (`python -m lion_min experiments demo --seeds=5`; README, "The demo"): SFT 0.582 on
-every run; offline DPO 0.59-0.91, above SFT on all ten runs; online DPO 0.89-1.00, above offline
-DPO on all ten runs.
+What the demo reaches over seeds and CPUs is measured in docs/results.md, "The demo"
+(`python -m lion_min experiments demo --seeds=5`).
 
 Everything here is deterministic and needs no downloads: the tokenizer is character-level and is
 written from the list below.
@@ -250,7 +248,7 @@ def demo_model_args(tokenizer_or_vocab_size):
 
 
 # The demo's settings, per stage: what the no-flag `python train_sft.py` (etc.) runs, over the
-# stage dataclass's real-run defaults. Measured: README, "The demo". `model` and `data` are
+# stage dataclass's real-run defaults (figures: docs/results.md, "The demo"). `model` and `data` are
 # filled in by `run_stage` (the demo's own files); "debug" is the same pipeline cut to seconds.
 SETTINGS = {
     "sft": dict(
