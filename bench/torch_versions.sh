@@ -23,7 +23,7 @@ venv="${TORCH_VENVS:-${TMPDIR:-/tmp}/lion_min-torch}/torch-$version"
 . "$venv/bin/activate"
 pip install -q "torch==$version" -r requirements-test.txt
 
-echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'), lion_min $(git describe --always --dirty 2>/dev/null || echo '(not a git checkout)')"
 python - <<'EOF'
 import platform, setuptools, torch, transformers
 print(f"python {platform.python_version()}, torch {torch.__version__}, "
