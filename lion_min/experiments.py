@@ -313,11 +313,11 @@ def step_accuracy(ctx: Context, run: Path, step_dir: Path) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     from lion_min.checkpoint import load_model
-    from lion_min.train_state import one_process_dcp
+    from lion_min.train_state import quiet_dcp
 
     model = load_model(str(run))
     state = {"model": get_model_state_dict(model)}
-    with one_process_dcp():
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(step_dir))
     set_model_state_dict(model, state["model"])
     return ctx.accuracy(run, model=model)

@@ -63,10 +63,14 @@ ONE_PROCESS_WARNING = r"torch\.distributed is .*single process"
 
 
 @contextlib.contextmanager
-def one_process_dcp():
-    """Around a torch.distributed.checkpoint call: its one-process warning (above) silenced."""
+def quiet_dcp():
+    """Around a torch.distributed.checkpoint call: its one-process warning (above) silenced, and the
+    deprecation warning torch 2.9's DCP raises about its own use of tensor.storage() (TypedStorage;
+    nothing a user can change), silenced where it comes from, DCP."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=ONE_PROCESS_WARNING, category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*TypedStorage", category=UserWarning,
+                                module=r"torch\.distributed\.checkpoint")
         yield
 
 
@@ -87,7 +91,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig
         tmp.mkdir(parents=True)
 
     def write_shards():
-        with one_process_dcp():
+        with quiet_dcp():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         rng = {"cpu": torch.get_rng_state()}
         if d.device.type == "cuda":
@@ -128,7 +132,7 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no trainer_state.json)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with one_process_dcp():
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{d.rank}.pt"
