@@ -17,8 +17,10 @@ import ast
 import dataclasses
 import importlib
 import os
+import re
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
@@ -71,9 +73,40 @@ def loaded(module: str, name: str) -> tuple:
     return (getattr(sys.modules[f"lion_min.{module}"], name),) if f"lion_min.{module}" in sys.modules else ()
 
 
+# The oldest torch the whole suite passes on (bench/torch_versions.sh, figures in bench/README.md); as
+# requirements.txt and pyproject.toml. Before it: no FSDP2 on CPU (2.6: Stream.record_event), and on
+# 2.8 FSDP2's gradient average over gloo ranks returns the sum, every gradient 2x with two ranks.
+MIN_TORCH = (2, 9, 1)
+
+
+def torch_problem(installed: Optional[str]) -> Optional[str]:
+    """Why the installed torch (its version string, None when it is not installed) cannot run
+    lion_min, or None. Read from the package metadata: no need to import torch to say so."""
+    need = "torch >= " + ".".join(map(str, MIN_TORCH))
+    if installed is None:
+        return f"torch is not installed; lion_min needs {need}"
+    release = tuple(int(part) for part in re.findall(r"\d+", installed.split("+")[0])[:3])
+    if release < MIN_TORCH:  # (2.10.0a0 and 2.9.1+cu128 count as 2.10.0 and 2.9.1)
+        return f"torch {installed} is installed; lion_min needs {need} (pip install -U torch)"
+    return None
+
+
+def installed_torch() -> Optional[str]:
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def run_cli(main) -> None:
     """Run a stage's main(); bad input (a ValueError naming the file, line or key), a missing file,
-    or a non-finite loss ends the process with that one line on stderr and exit status 2."""
+    or a non-finite loss ends the process with that one line on stderr and exit status 2, as does a
+    torch older than MIN_TORCH (said before anything else, by rank 0 under torchrun)."""
+    problem = torch_problem(installed_torch())
+    if problem:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         main()
     except loaded("run.loop", "StopRequested") as e:

@@ -91,12 +91,22 @@ def test_resolve_backend():
     assert resolve_backend("auto", cuda, torch.bfloat16) == "flex"  # by measurement, until varlen is timed faster
     assert resolve_backend("auto", cuda, torch.float32) == "flex"
     assert resolve_backend("flex", cpu) == "flex"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("flash", cpu)
+
+
+def test_resolve_backend_varlen(monkeypatch):
+    """varlen is refused where its kernel cannot run, on every torch: the device and dtype checks
+    with a varlen_attn installed (a 2.13-shaped fake), the release check without one (torch < 2.10)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(attention, "VARLEN", varlen_api(varlen_213))
     with pytest.raises(ValueError, match="bfloat16/float16 only, not cuda float32"):
         resolve_backend("varlen", cuda, torch.float32)
     with pytest.raises(ValueError, match="not cpu bfloat16"):
         resolve_backend("varlen", cpu, torch.bfloat16)
-    with pytest.raises(ValueError, match="unknown attention backend"):
-        resolve_backend("flash", cpu)
+    monkeypatch.setattr(attention, "VARLEN", None)
+    with pytest.raises(ValueError, match=r"no usable torch.nn.attention.varlen.varlen_attn \(it appeared in torch 2.10"):
+        resolve_backend("varlen", cuda, torch.bfloat16)
 
 
 # --- varlen_attn as each torch release spells it -----------------------------------------------------
@@ -138,20 +148,25 @@ def test_varlen_api_reads_each_signature():
     assert varlen_api(varlen_211) == attention.VarlenAPI(varlen_211, {"window_size": (-1, 0)}, gqa=False)
     assert varlen_api(varlen_213) == attention.VarlenAPI(varlen_213, {"window_size": (-1, 0)}, gqa=True)
     assert varlen_api(lambda q, k, v, cu_q, cu_k, max_q, max_k: q) is None  # no way to ask for causal
-    # The installed torch (2.13 in CI) is read the same way.
-    from torch.nn.attention.varlen import varlen_attn
-
-    assert attention.VARLEN == varlen_api(varlen_attn)
+    # The installed torch (2.13 in CI) is read the same way; before 2.10 it has no varlen module.
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        assert attention.VARLEN is None
+    else:
+        assert attention.VARLEN == varlen_api(varlen_attn)
 
 
 def test_varlen_api_reads_the_installed_module(monkeypatch):
     """varlen_api() reads torch.nn.attention.varlen itself: a 2.11-shaped function put there is read
-    as one, and a torch without the module (before 2.10) gives None."""
+    as one, and a torch without the module (before 2.10) gives None. (The module is a stand-in, so
+    this holds on a torch with or without one.)"""
     import sys
+    import types
 
-    import torch.nn.attention.varlen as module
-
-    monkeypatch.setattr(module, "varlen_attn", varlen_211)
+    module = types.ModuleType("torch.nn.attention.varlen")
+    module.varlen_attn = varlen_211
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", module)
     assert varlen_api() == attention.VarlenAPI(varlen_211, {"window_size": (-1, 0)}, gqa=False)
     monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # `import` then raises ImportError
     assert varlen_api() is None

@@ -406,3 +406,41 @@ if __name__ == "__main__":
     out = Path(next(a for a in argv if a.startswith("--out_dir=")).split("=", 1)[1])
     inject(fault, rank, out.parent / "fault_time")
     run_cli(lambda: train_sft.main(argv))
+
+
+def test_checkpoints_silence_dcp_s_one_process_warning_in_each_wording(tmp_path, monkeypatch):
+    """DCP without a process group warns that it assumes one process, in words that vary by release and
+    call: quiet_dcp() silences that warning, in each wording, and torch 2.9 DCP's TypedStorage
+    deprecation warning (about its own code), and no other."""
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from lion_min.run.resume import quiet_dcp
+
+    said = ["torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to save in a single "
+            "process.", "torch.distributed is unavailable or uninitialized, assuming the intent is to load in a single "
+            "process.", "TypedStorage is deprecated. It will be removed in the future", "something else",
+            "TypedStorage is deprecated (from elsewhere)"]
+    where = ["torch.distributed.checkpoint.filesystem"] * 4 + ["torch.storage"]
+
+    def messages(work, quiet: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with quiet_dcp() if quiet else nullcontext():
+                work()
+        return [str(w.message) for w in caught]
+
+    warn_all = lambda: [warnings.warn_explicit(text, UserWarning, "f.py", 1, module=module)
+                        for text, module in zip(said, where)]
+    assert messages(warn_all, quiet=False) == said
+    assert messages(warn_all, quiet=True) == said[3:]
+    # The installed torch's own wording, from a real save and load (as with no process group, whatever
+    # an earlier test in this process left).
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    state = {"w": torch.arange(4.0)}
+    work = lambda folder: lambda: (dcp.save(state, checkpoint_id=folder), dcp.load(state, checkpoint_id=folder))
+    bare, quiet = messages(work(str(tmp_path / "a")), quiet=False), messages(work(str(tmp_path / "b")), quiet=True)
+    about_no_group = lambda said: [m for m in said if m.startswith("torch.distributed is")]
+    assert len(about_no_group(bare)) == 2 and about_no_group(quiet) == [], (bare, quiet)  # (others may warn once)

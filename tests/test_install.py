@@ -159,3 +159,25 @@ def test_under_torchrun_a_flag_error_is_printed_once(tmp_path):
     assert res.returncode != 0
     errors = [line for line in res.stderr.splitlines() if "error: unknown option --lr_rate" in line]
     assert len(errors) == 1, res.stderr[-3000:]
+
+
+def test_an_older_torch_is_refused_in_one_line(monkeypatch, capsys):
+    """MIN_TORCH is what requirements.txt and pyproject.toml declare; an older or missing torch (read
+    from the package metadata) ends a command with one line saying which torch is there and which is
+    needed, exit 2, before the command runs; the floor itself and newer releases pass."""
+    from lion_min import cli
+    floor = ".".join(map(str, cli.MIN_TORCH))
+    assert f"torch>={floor}\n" in (ROOT / "requirements.txt").read_text()
+    assert f'"torch>={floor}"' in (ROOT / "pyproject.toml").read_text()
+    for ok in (floor, "2.10.0a0+git1234", "2.15.0+cu130", "3.0.0"):
+        assert cli.torch_problem(ok) is None, ok
+    ran = []
+    for installed, said in (("2.8.0+cu128", "torch 2.8.0+cu128 is installed"), ("2.9.0", "torch 2.9.0 is installed"),
+                            (None, "torch is not installed")):
+        monkeypatch.setattr(cli, "installed_torch", lambda: installed)
+        with pytest.raises(SystemExit) as e:
+            cli.run_cli(lambda: ran.append(1))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.splitlines() == [f"error: {said}; lion_min needs torch >= {floor}"
+                                                          + (" (pip install -U torch)" if installed else "")]
+    assert ran == []  # (with the torch installed here, every run_cli in tests/test_bad_input.py gets past it)

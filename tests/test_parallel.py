@@ -60,23 +60,40 @@ def step_grads(model, micros: list[dict], world: int = 1, norm: int = 0) -> tupl
     return total, grads
 
 
-def plain_bf16(args: ModelArgs) -> Transformer:
-    """The reference: the same fp32 init, weights cast to bf16 (buffers such as inv_freq stay fp32)."""
+def plain_bf16(args: ModelArgs, grad_dtype: torch.dtype = torch.bfloat16) -> Transformer:
+    """The reference: the same fp32 init, weights cast to bf16 (buffers such as inv_freq stay fp32),
+    gradients accumulated by autograd in `grad_dtype` (fp32: as FSDP2 does from torch 2.15)."""
     model = Transformer(args)
     model.init_weights(seed=0)
     for p in model.parameters():
         p.data = p.data.bfloat16()
+        if grad_dtype != torch.bfloat16:  # (Tensor.grad_dtype: torch >= 2.10; needed on >= 2.15 only)
+            p.grad_dtype = grad_dtype
     return model
 
 
-def plain_bf16_step(family: str, micros: list[dict], world: int) -> tuple[float, dict]:
-    """What FSDP should compute: each micro-batch's bf16 gradients, summed in fp32 (FSDP casts each
-    to fp32 to reduce and accumulate; a plain module would accumulate in bf16) and divided by the
-    world size as FSDP's average does."""
+def unsharded_grad_dtype(model) -> torch.dtype:
+    """The dtype autograd accumulates FSDP2's unsharded gradients in, read from the unsharded head weight
+    that a forward leaves in place (its unit is not resharded after forward; nothing runs backward
+    here). It matters where one weight gets two gradients in a step, Gemma's tied embedding and head:
+    from torch 2.15 FSDP2 accumulates in the reduce dtype (fp32 here, MixedPrecisionPolicy's
+    "versionchanged:: 2.15"), so they are summed in fp32; before, in bf16 as in a plain bf16 module."""
+    m = micro_batch(0)
+    model(m["tokens"], m["positions"], m["doc_ids"], targets=m["targets"])
+    weight = model.head_weight
+    assert not hasattr(weight, "full_tensor") and weight.dtype == torch.bfloat16  # the unsharded bf16 copy
+    return getattr(weight, "grad_dtype", None) or weight.dtype  # (no Tensor.grad_dtype before 2.10)
+
+
+def plain_bf16_step(family: str, micros: list[dict], world: int,
+                    grad_dtype: torch.dtype = torch.bfloat16) -> tuple[float, dict]:
+    """What FSDP should compute: each micro-batch's bf16 gradients (accumulated within the step in
+    FSDP's `grad_dtype`), summed in fp32 (FSDP casts each to fp32 to reduce and accumulate; a plain
+    module would accumulate in bf16) and divided by the world size as FSDP's average does."""
     norm = sum(int((m["targets"] != IGNORE_INDEX).sum()) for m in micros)
     total, grads = 0.0, {}
     for m in micros:
-        _, g = step_grads(plain_bf16(tiny_args(family)), [m], world=world, norm=norm)
+        _, g = step_grads(plain_bf16(tiny_args(family), grad_dtype), [m], world=world, norm=norm)
         total += _
         for n, v in g.items():
             grads[n] = grads.get(n, 0) + v / world
@@ -198,7 +215,6 @@ def test_fsdp_bf16_one_rank_equals_plain_bf16(family):
     from torch.distributed.fsdp import FSDPModule
 
     micros = [micro_batch(1), micro_batch(2)]
-    ref_loss, ref = plain_bf16_step(family, micros, world=1)
     model = build_model(tiny_args(family), init_distributed("cpu"), seed=0, param_dtype=torch.bfloat16,
                         activation_checkpointing=True)
     # torchtitan's units: the ends apart from the root (tied: embedding, norm and head together).
@@ -206,6 +222,7 @@ def test_fsdp_bf16_one_rank_equals_plain_bf16(family):
     assert (model.output is None) == (family != "llama")
     assert model.output is None or isinstance(model.output, FSDPModule)
     loss, grads = step_grads(model, micros)
+    ref_loss, ref = plain_bf16_step(family, micros, world=1, grad_dtype=unsharded_grad_dtype(model))
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for n in ref:
         torch.testing.assert_close(grads[n], ref[n], atol=1e-6, rtol=1e-5, msg=n)
@@ -221,7 +238,7 @@ def test_fsdp_bf16_two_ranks_equal_plain_bf16(family, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
-    ref_loss, ref = plain_bf16_step(family, [micro_batch(1), micro_batch(2)], world=2)
+    ref_loss, ref = plain_bf16_step(family, [micro_batch(1), micro_batch(2)], world=2, grad_dtype=got["grad_dtype"])
     assert got["loss"] == pytest.approx(ref_loss, rel=1e-6)
     for n in ref:
         torch.testing.assert_close(got["grads"][n], ref[n], atol=1e-6, rtol=1e-5, msg=n)
@@ -237,6 +254,7 @@ if __name__ == "__main__":
     loss, grads = step_grads(model, [micro_batch(1 + d.rank)], world=d.world, norm=norm)
     losses = [None] * d.world
     dist.all_gather_object(losses, loss)
+    grad_dtype = unsharded_grad_dtype(model)
     if d.main:
-        torch.save({"loss": sum(losses), "grads": grads}, out)
+        torch.save({"loss": sum(losses), "grads": grads, "grad_dtype": grad_dtype}, out)
     shutdown()

@@ -30,16 +30,11 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return torch.where(targets != IGNORE_INDEX, logp, 0.0)
 
 
-# torch.mm(..., out_dtype=) (bf16 inputs, fp32 output, CUDA) exists from torch 2.8 (pytorch#150812).
-_MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
-
-
 def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (n, k) @ b (k, m) with products in the inputs' dtype and sums and output in fp32 (or wider)."""
     wide = torch.promote_types(a.dtype, torch.float32)
-    if a.is_cuda and a.dtype != wide and _MM_OUT_DTYPE:
+    if a.is_cuda and a.dtype != wide:  # (out_dtype= from torch 2.8, pytorch#150812)
         return torch.mm(a, b, out_dtype=wide)  # cuBLAS: bf16 tensor cores, fp32 accumulation and output
-    # Older torch on CUDA: the same numbers through an fp32 matmul (slower; a bf16 output would round the logits).
     # CPU has no mm with out_dtype. The same numbers: a product of two bf16 (or fp16) values is exact in fp32.
     return torch.mm(a.to(wide), b.to(wide))
 

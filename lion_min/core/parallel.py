@@ -113,10 +113,7 @@ def parallelize(model: Transformer, d: Dist, *, param_dtype: torch.dtype, activa
         for block in model.layers:
             block.compile()
     if d.world > 1 or param_dtype != torch.float32:
-        try:  # public from torch 2.6; the same FSDP2 was torch.distributed._composable.fsdp in 2.4-2.5
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        except ImportError:
-            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if not dist.is_initialized():  # bf16 on one process: FSDP still needs a (trivial) group
             # An in-process store: no TCP port to pick, so nothing to collide with other jobs' ports.

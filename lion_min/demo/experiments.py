@@ -30,7 +30,6 @@ import json
 import math
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -319,11 +318,11 @@ def step_accuracy(ctx: Context, run: Path, step_dir: Path) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     from lion_min.formats.hf import load_model
+    from lion_min.run.resume import quiet_dcp
 
     model = load_model(str(run))
     state = {"model": get_model_state_dict(model)}
-    with warnings.catch_warnings():  # DCP warns when there is no process group: one process is fine
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(step_dir))
     set_model_state_dict(model, state["model"])
     return ctx.accuracy(run, model=model)

@@ -11,6 +11,7 @@ trainer_state.json exists, so a folder without the .tmp suffix is complete. The 
 to --keep_checkpoints. --resume=auto picks the newest complete one.
 """
 
+import contextlib
 import json
 import re
 import shutil
@@ -55,6 +56,25 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+# What DCP warns on each call without a process group: that it takes the call for a single
+# process, which it is. Said in other words by other releases and calls ("torch.distributed is
+# disabled, unavailable or uninitialized, assuming the intent is to save in a single process", "...
+# is unavailable or uninitialized, ... load in a single process"): matched by what it says.
+ONE_PROCESS_WARNING = r"torch\.distributed is .*single process"
+
+
+@contextlib.contextmanager
+def quiet_dcp():
+    """Around a torch.distributed.checkpoint call: its one-process warning (above) silenced, and the
+    deprecation warning torch 2.9's DCP raises about its own use of tensor.storage() (TypedStorage;
+    nothing a user can change), silenced where it comes from, DCP."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=ONE_PROCESS_WARNING, category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*TypedStorage", category=UserWarning,
+                                module=r"torch\.distributed\.checkpoint")
+        yield
+
+
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig, d: Dist, extra: dict) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -72,8 +92,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig
         tmp.mkdir(parents=True)
 
     def write_shards():
-        with warnings.catch_warnings():  # DCP warns when there is no process group: one process is fine
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with quiet_dcp():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         rng = {"cpu": torch.get_rng_state()}
         if d.device.type == "cuda":
@@ -114,8 +133,7 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist) -> dict:
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no trainer_state.json)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{d.rank}.pt"
