@@ -41,6 +41,8 @@ from lion_min.core.choices import EXPORT_FILES
 from lion_min.run.config import ConfigError, read_json
 
 if TYPE_CHECKING:
+    import torch
+
     from lion_min.core.parallel import Dist
 
 # Keys that do not change what a step computes: cadence of logging, eval and saving; how the global
@@ -319,6 +321,20 @@ def agree_on_inputs(cfg, d: "Dist") -> None:
         error = e if isinstance(e, ValueError) else ConfigError(f"{e.filename}: cannot read it ({e.strerror})")
     raise_if_any(error, d)
     agree(views, d, "Every rank must see the same files at the same paths (a stale copy on one node?)")
+
+
+def start_run(cfg) -> tuple["Dist", "torch.dtype"]:
+    """What every stage does first: join the process group (torchrun's, or a world of one), compare
+    every rank's inputs before any is read, seed, and pick the activation dtype."""
+    import torch
+
+    from lion_min.core.parallel import init_distributed
+    from lion_min.run.config import resolve_dtype
+
+    d = init_distributed(cfg.device)
+    agree_on_inputs(cfg, d)  # every rank sees the same files, before any is read
+    torch.manual_seed(cfg.seed)
+    return d, resolve_dtype(cfg.dtype, d.device)
 
 
 def check_shared(out_dir: Path, d: "Dist"):

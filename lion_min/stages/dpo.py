@@ -30,16 +30,16 @@ from lion_min.core.dpo import (EncodedPair, PairStats, compute_ref_logps, encode
 from lion_min.run.batches import Batches, eval_size, opening_summary
 from lion_min.core.chat import export_jinja
 from lion_min.formats.hf import hash_files, read_config, resolve_path
-from lion_min.run.config import ConfigError, DPOConfig, check_values, format_config, resolve_dtype
+from lion_min.run.config import ConfigError, DPOConfig, check_values, format_config
 from lion_min.formats.data import load_preferences, train_eval_split
-from lion_min.core.parallel import Dist, init_distributed
+from lion_min.core.parallel import Dist
 from lion_min.run.faults import raise_if_any
 from lion_min.run.policy import (build_from_folder, chat_tokenizer, check_same_architecture, check_seq_len,
                              export_dtype, load_policy)
 from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root,
                               cache_key, concat_shards, data_identity, input_names, open_prepared, prepare_folder,
                               token_dtype, tokenizer_identity, uses_seed)
-from lion_min.run.run_folder import agree_on_inputs, claim
+from lion_min.run.run_folder import claim, start_run
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.loop import TrainResult, train
 from lion_min.run.resume import WRITE_ERRORS, CheckpointWriteError, one_line
@@ -270,10 +270,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     check_config(cfg)
     if not cfg.data:
         raise ConfigError("--data is required (run with no flags at all for the built-in demo)")
-    d = init_distributed(cfg.device)
-    agree_on_inputs(cfg, d)  # every rank sees the same files, before any is read
-    torch.manual_seed(cfg.seed)
-    dtype = resolve_dtype(cfg.dtype, d.device)
+    d, dtype = start_run(cfg)
     if d.main:
         print(f"config:\n{format_config(cfg)}")
     tokenizer, template = chat_tokenizer(cfg, resolve_path(cfg.model, cfg.revision))

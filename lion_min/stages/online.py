@@ -24,18 +24,17 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 
 from lion_min.formats.hf import load_model, resolve_path, save_model
-from lion_min.run.config import ConfigError, OnlineConfig, format_config, read_json, resolve_dtype
+from lion_min.run.config import ConfigError, OnlineConfig, format_config, read_json
 from lion_min.stages.dpo import check_config as check_dpo_config, train_pairs
 from lion_min.core.judge import Judge
 from lion_min.core.online import choose_pair, mean_score, sample_and_judge, to_pair
 from lion_min.run.judges import make_judge
-from lion_min.core.parallel import Dist, barrier, init_distributed
+from lion_min.core.parallel import Dist, barrier
 from lion_min.run.plot import earlier_runs, plot_pipeline
 from lion_min.run.policy import chat_tokenizer, checkpoint_dtype
-from lion_min.run.run_folder import agree_on_inputs, append_summary, broadcast, claim, overwrite_flag
+from lion_min.run.run_folder import append_summary, broadcast, claim, overwrite_flag, start_run
 from lion_min.run.prompts import read_prompts
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.loop import StopRequested
@@ -153,10 +152,7 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
     """All rounds, then the final policy's judged reward, the export and the curves.
     `judge` replaces --judge (the demo passes its rule this way)."""
     check_config(cfg)
-    d = init_distributed(cfg.device)
-    agree_on_inputs(cfg, d)  # every rank sees the same files, before any is read
-    torch.manual_seed(cfg.seed)
-    dtype = resolve_dtype(cfg.dtype, d.device)
+    d, dtype = start_run(cfg)
     start_folder = resolve_path(cfg.model, cfg.revision)
     ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else start_folder
     prompts = read_prompts(cfg.prompts)

@@ -12,20 +12,19 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 from lion_min.run.batches import Batches, eval_size, opening_summary, row_batches
 from lion_min.core.chat import encode_chats, export_jinja, with_system
-from lion_min.run.config import ConfigError, SFTConfig, check_values, format_config, resolve_dtype
+from lion_min.run.config import ConfigError, SFTConfig, check_values, format_config
 from lion_min.formats.data import load_conversations, train_eval_split
 from lion_min.core.sft import pack_conversations, sft_objective
 from lion_min.core.packing import FIELDS, Packed, kept_lengths, pack, plan_rows
-from lion_min.core.parallel import Dist, init_distributed
+from lion_min.core.parallel import Dist
 from lion_min.run.policy import check_seq_len, export_dtype, load_policy
 from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root, concat_shards,
                               cache_key, data_identity, input_names, open_prepared, prepare_folder, token_dtype,
                               tokenizer_identity, uses_seed)
-from lion_min.run.run_folder import agree_on_inputs, claim
+from lion_min.run.run_folder import claim, start_run
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.loop import TrainResult, train
 
@@ -210,10 +209,7 @@ def prepare_sft(cfg, tokenizer: Tokenizer, d: Dist, load: Callable[[], tuple[lis
 
 def run(cfg: SFTConfig) -> TrainResult:
     check_config(cfg)
-    d = init_distributed(cfg.device)
-    agree_on_inputs(cfg, d)  # every rank sees the same files, before any is read
-    torch.manual_seed(cfg.seed)
-    dtype = resolve_dtype(cfg.dtype, d.device)
+    d, dtype = start_run(cfg)
     if d.main:
         print(f"config:\n{format_config(cfg)}")
     model, args, tokenizer, folder, cfg = load_policy(cfg, d, dtype)  # (cfg: --chat_template=auto named)
