@@ -109,58 +109,54 @@ def test_pipeline_chats_with_the_export_and_stops_at_end_of_turn(tmp_path):
     assert longer[:len(prompt) + len(reply) + len(after) + 1] == [*prompt, *reply, eot, *after]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
-                    reason="TRL is not installed (optional: pip install trl, ~110 MB with accelerate, datasets, pandas)")
-def test_trl_sft_trainer_takes_the_llama3_export_for_assistant_only_loss(tmp_path):
-    """TRL recognises a template by its exact text to swap in its training version; the export's
-    must therefore be Meta's text byte for byte. The tokens it then trains are those lion_min's loss
-    mask trains."""
+needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed "
+                               "(optional: pip install trl, ~110 MB with accelerate, datasets, pandas)")
+
+
+def trl_rows(case: str, tmp_path) -> tuple[list, Tokenizer]:
+    """TRL's SFTTrainer (assistant_only_loss) on an export of `case`: one training step, then
+    (TRL's rows, each with lion_min's encoding of the same conversation; the export's tokenizer)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    src = hub_checkpoint("llama3", tmp_path / "src")
-    out = export(src, tmp_path / "out", "llama3")
+    out = export(hub_checkpoint(case, tmp_path / "src"), tmp_path / "out", case)
     conversations = [[*CONVERSATION[:2], {"role": "user", "content": f"And {i}?"},
                       {"role": "assistant", "content": f"It is {i}."}] for i in range(4)]
     args = SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, max_steps=1, per_device_train_batch_size=2,
                      report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no")
     trainer = SFTTrainer(model=str(out), args=args, train_dataset=Dataset.from_list([{"messages": c} for c in conversations]),
                          processing_class=transformers.AutoTokenizer.from_pretrained(out))
+    trainer.train()
     tok = Tokenizer.from_dir(out)
-    for row, conv in zip(trainer.train_dataset, conversations):
-        ours = encode_chat(tok, conv, "llama3", train_on="assistant")
+    template = HUB_CASES[case][-1]
+    return [(row, encode_chat(tok, conv, template, train_on="assistant"))
+            for row, conv in zip(trainer.train_dataset, conversations)], tok
+
+
+@needs_trl
+def test_trl_sft_trainer_takes_the_llama3_export_for_assistant_only_loss(tmp_path):
+    """TRL recognises a template by its exact text to swap in its training version; the export's
+    must therefore be Meta's text byte for byte. The tokens it then trains are those lion_min's loss
+    mask trains."""
+    rows, _ = trl_rows("llama3", tmp_path)
+    for row, ours in rows:
         assert row["input_ids"] == ours.input_ids
         assert [label != -100 for label in row["labels"]] == ours.loss_mask  # labels: ids where trained, else -100
-    trainer.train()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
-                    reason="TRL is not installed (optional: pip install trl, ~110 MB with accelerate, datasets, pandas)")
+@needs_trl
 def test_trl_sft_trainer_takes_a_gemma2_export_and_also_trains_the_newline_after_end_of_turn(tmp_path, monkeypatch):
     """A Gemma-2 export with the gemma template: TRL recognises the template and tokenizes exactly as
     lion_min does; its training template puts the "\\n" after each model turn's <end_of_turn> inside
     the trained span, where lion_min trains the reply and <end_of_turn> only (what generation emits
     before it stops). So TRL's mask is lion_min's plus that one token per assistant turn."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     monkeypatch.setitem(HUB_CASES, "gemma2", ("gemma-2-2b-it", "gemma", "<bos>", "<eos>", "<pad>", "gemma"))
-    src = hub_checkpoint("gemma2", tmp_path / "src")
-    out = export(src, tmp_path / "out", "gemma2")
-    conversations = [[*CONVERSATION[:2], {"role": "user", "content": f"And {i}?"},
-                      {"role": "assistant", "content": f"It is {i}."}] for i in range(4)]
-    args = SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, max_steps=1, per_device_train_batch_size=2,
-                     report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no")
-    trainer = SFTTrainer(model=str(out), args=args, train_dataset=Dataset.from_list([{"messages": c} for c in conversations]),
-                         processing_class=transformers.AutoTokenizer.from_pretrained(out))
-    tok = Tokenizer.from_dir(out)
+    rows, tok = trl_rows("gemma2", tmp_path)
     eot, newline = tok.token_id("<end_of_turn>"), tok.encode("\n")
-    for row, conv in zip(trainer.train_dataset, conversations):
-        ours = encode_chat(tok, conv, "gemma", train_on="assistant")
+    for row, ours in rows:
         assert row["input_ids"] == ours.input_ids
         after_trained_eot = [i > 0 and ours.loss_mask[i - 1] and ours.input_ids[i - 1] == eot
                              for i in range(len(ours.input_ids))]
         assert all(ours.input_ids[i] == newline[0] for i, a in enumerate(after_trained_eot) if a)
         assert sum(after_trained_eot) == 2  # the two assistant turns
         assert [label != -100 for label in row["labels"]] == [m or a for m, a in zip(ours.loss_mask, after_trained_eot)]
-    trainer.train()
