@@ -45,7 +45,7 @@ def _is_main_block(node: ast.AST) -> bool:
             and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
 
 
-def _imported(node: ast.AST, here: str, modules: set[str]) -> set[str]:
+def _imported(node: ast.AST, here: str, modules: set[str], is_package: bool = False) -> set[str]:
     """The package modules one import statement names (`import lion_min.a.b`, `from lion_min.a import
     b`, `from lion_min import x`, relative forms); `from lion_min import load_model` is __init__."""
     def known(dotted: str) -> str:
@@ -59,7 +59,7 @@ def _imported(node: ast.AST, here: str, modules: set[str]) -> set[str]:
     if not isinstance(node, ast.ImportFrom):
         return set()
     if node.level:
-        base = here.split(".")[: len(here.split(".")) - node.level + (here in PACKAGES)]
+        base = here.split(".")[: len(here.split(".")) - node.level + is_package]  # an __init__ is its package
         module = ".".join(base + ([node.module] if node.module else []))
     elif node.module == "lion_min" or (node.module or "").startswith("lion_min."):
         module = node.module.removeprefix("lion_min").lstrip(".")
@@ -68,14 +68,11 @@ def _imported(node: ast.AST, here: str, modules: set[str]) -> set[str]:
     return {known(f"{module}.{a.name}".lstrip(".")) for a in node.names}
 
 
-PACKAGES: set[str] = set()
-
-
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """module -> the package modules it imports."""
     files = {module_name(p, package) or "__init__": p for p in package.rglob("*.py")}
-    PACKAGES.update(m for m, p in files.items() if p.name == "__init__.py")
-    return {m: set().union(*(_imported(n, m, set(files)) for n in ast.walk(ast.parse(p.read_text())))) - {m}
+    return {m: set().union(*(_imported(n, m, set(files), p.name == "__init__.py")
+                             for n in ast.walk(ast.parse(p.read_text())))) - {m}
             for m, p in sorted(files.items())}
 
 
