@@ -40,7 +40,8 @@ from lion_min.run.config import TrainConfig  # noqa: E402
 from lion_min.run.flags import parse_cli  # noqa: E402
 from lion_min.core.dpo import EncodedPair, compute_ref_logps, make_dpo_objective, pair_micro  # noqa: E402
 from lion_min.core.dpo import pair_logps
-from lion_min.core.model import ModelArgs, Transformer  # noqa: E402
+from lion_min.core.args import ModelArgs  # noqa: E402
+from lion_min.core.model import Transformer  # noqa: E402
 from lion_min.core.packing import pack  # noqa: E402
 from lion_min.core.parallel import Dist  # noqa: E402
 from lion_min.core.train import make_optimizer  # noqa: E402

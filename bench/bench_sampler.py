@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lion_min.formats.hf import load_model  # noqa: E402
 from lion_min.run.flags import parse_cli  # noqa: E402
-from lion_min.core.model import ModelArgs, Transformer  # noqa: E402
+from lion_min.core.args import ModelArgs  # noqa: E402
+from lion_min.core.model import Transformer  # noqa: E402
 from lion_min.core.sample import generate  # noqa: E402
 
 

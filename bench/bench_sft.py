@@ -262,8 +262,8 @@ def part2(cfg: BenchConfig):
 def gpu_model_args(shape: str):
     import json
 
-    from lion_min.formats.hf import args_from_config
-    from lion_min.core.model import ModelArgs
+    from lion_min.formats.hf_config import args_from_config
+    from lion_min.core.args import ModelArgs
 
     if shape == "gemma-2b":
         return args_from_config(json.loads((ROOT / "tests/data/configs/gemma-2b.json").read_text()))

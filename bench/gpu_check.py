@@ -68,11 +68,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lion_min.core.attention import attend, build_mask, resolve_backend  # noqa: E402
-from lion_min.formats.hf import args_from_config  # noqa: E402
+from lion_min.formats.hf_config import args_from_config  # noqa: E402
 from lion_min.run.flops import (attention_flops_per_pair, device_peaks, document_lengths, matmul_params, mfu,  # noqa: E402
                             mfu_useful)
 from lion_min.core.losses import IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss, token_logprobs  # noqa: E402
-from lion_min.core.model import ModelArgs, RMSNorm, Transformer  # noqa: E402
+from lion_min.core.args import ModelArgs  # noqa: E402
+from lion_min.core.model import RMSNorm, Transformer  # noqa: E402
 from lion_min.core.packing import collate, pack  # noqa: E402
 from lion_min.core.parallel import Dist, build_model  # noqa: E402
 from lion_min.run.memory import GiB, choose_checkpointing, step_memory

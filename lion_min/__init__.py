@@ -12,7 +12,7 @@ __version__ = "0.2.0"  # as pyproject.toml
 
 # The public names, each from the module that defines it, imported at first use (PEP 562): a
 # command line parses its flags and prints --help without loading torch (lion_min/cli.py).
-_HOMES = {"load_model": "formats.hf", "save_model": "formats.hf", "ModelArgs": "core.model",
+_HOMES = {"load_model": "formats.hf", "save_model": "formats.hf", "ModelArgs": "core.args",
           "Transformer": "core.model", "Tokenizer": "formats.tokenizer"}
 __all__ = list(_HOMES)
 

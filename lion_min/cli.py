@@ -98,6 +98,20 @@ def installed_torch() -> Optional[str]:
         return None
 
 
+def in_process_group() -> bool:
+    """Whether this process is one rank of several in a started process group (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wait_for_rank_0(seconds: float = 3.0) -> None:
+    """Before the process group starts, a rank other than 0 that meets the error rank 0 meets too (the
+    same flags) says nothing: rank 0 says it. torchrun stops every rank as soon as one exits, so this
+    one waits before exiting, or rank 0 could be stopped before its line is out (seen on a loaded
+    machine); rank 0 exits first, and torchrun then ends this one."""
+    time.sleep(seconds)
+
+
 def run_cli(main) -> None:
     """Run a stage's main(); bad input (a ValueError naming the file, line or key), a missing file,
     or a non-finite loss ends the process with that one line on stderr and exit status 2, as does a
@@ -106,6 +120,8 @@ def run_cli(main) -> None:
     if problem:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {problem}", file=sys.stderr)
+        else:
+            wait_for_rank_0()
         sys.exit(2)
     try:
         main()
@@ -134,13 +150,15 @@ def run_cli(main) -> None:
         message = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
         if peer_failed:
             pass
-        elif "lion_min.core.parallel" in sys.modules:
+        elif in_process_group():
             from lion_min.run.faults import say_once
 
             say_once(f"error: {message}", rank, same_everywhere)
         elif rank == 0 or not same_everywhere:
             print(f"error: {message}", file=sys.stderr)
-        if "lion_min.core.parallel" not in sys.modules:  # no process group: a plain exit
+        else:
+            wait_for_rank_0()
+        if not in_process_group():
             sys.exit(2)
         from lion_min.run.faults import exit_now
 
@@ -227,7 +245,8 @@ def sample_main(argv: Optional[list[str]] = None) -> list[str]:
 
     from lion_min.core.chat import encode_prompt, get_template, stop_token_ids, template_system
     from lion_min.core.sample import generate
-    from lion_min.formats.hf import load_model, resolve_path
+    from lion_min.formats.hf_config import resolve_path
+    from lion_min.formats.hf import load_model
     from lion_min.formats.tokenizer import Tokenizer
     from lion_min.run.config import SampleConfig, resolve_dtype
     from lion_min.run.prompts import folder_template, read_prompts
@@ -276,9 +295,9 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
     from lion_min.stages import dpo
     from lion_min.run import data_cache as prepare
     from lion_min.stages import sft
-    from lion_min.formats.hf import resolve_path
+    from lion_min.formats.hf_config import resolve_path
     from lion_min.core.parallel import init_distributed
-    from lion_min.run.policy import chat_tokenizer
+    from lion_min.run.model_checks import chat_tokenizer
 
     argv = sys.argv[1:] if argv is None else list(argv)
     stage = argv.pop(0) if argv and not argv[0].startswith("-") else "sft"

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file, load_file
 
 import lion_min
-from lion_min.formats.hf import CheckpointError, args_from_config, load_model, save_model
+from lion_min.formats.hf_config import CheckpointError, args_from_config
+from lion_min.formats.hf import load_model, save_model
 from conftest import CONFIG_NAMES, small_config
 
 

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from lion_min.run.flops import document_lengths, flops_per_token, matmul_params, mfu, mfu_useful, useful_flops
-from lion_min.core.model import ModelArgs, Transformer
+from lion_min.core.args import ModelArgs
+
+# L 2, H 4 (2 kv), hd 8, dim 32, mlp 64, vocab 100.
+from lion_min.core.model import Transformer
 
 # L 2, H 4 (2 kv), hd 8, dim 32, mlp 64, vocab 100.
 # Per layer: q 32*32 + k 32*16 + v 32*16 + o 32*32 = 3072; mlp 3 * 32 * 64 = 6144; two norms 64.

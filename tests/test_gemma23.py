@@ -19,7 +19,8 @@ import transformers
 
 import lion_min
 from lion_min.core.attention import attend, build_mask, dense_mask
-from lion_min.formats.hf import CheckpointError, args_from_config, load_model, save_model
+from lion_min.formats.hf_config import CheckpointError, args_from_config
+from lion_min.formats.hf import load_model, save_model
 from conftest import DATA, make_hf_checkpoint, small_config
 
 FP32_TOL = 1e-4  # as test_model.py
@@ -291,10 +292,10 @@ def test_reference_with_another_window_or_cap_refused(hf_checkpoints, tmp_path):
     import shutil
 
     from lion_min.run.config import ConfigError
-    from lion_min.run.policy import check_same_architecture
+    from lion_min.run.model_checks import check_same_architecture
 
     src = hf_checkpoints["gemma-2-2b-it"]
-    args = lion_min.formats.hf.read_config(src)
+    args = lion_min.formats.hf_config.read_config(src)
     check_same_architecture(src, args)  # the same folder passes
     for key, value, field in (("sliding_window", 8, "sliding_window"), ("final_logit_softcapping", 20.0, "final_softcap")):
         ref = tmp_path / key

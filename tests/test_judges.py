@@ -9,10 +9,10 @@ import torch
 import transformers
 
 from conftest import make_hf_checkpoint
-from lion_min.run import judges
 from lion_min.core.chat import get_template
-from lion_min.formats.hf import CheckpointError
-from lion_min.run.judges import RewardModelJudge, RuleJudge, last_token_index, make_judge, register_rule
+from lion_min.formats.hf_config import CheckpointError
+from lion_min.core.judge import RULES, RuleJudge, register_rule
+from lion_min.run.judges import RewardModelJudge, last_token_index, make_judge
 from lion_min.core.judge import Judge
 from lion_min.formats.tokenizer import Tokenizer
 from tokenizers_for_tests import build_gemma_tokenizer
@@ -157,7 +157,8 @@ def test_make_judge_rules_and_unknown_name(monkeypatch):
     with pytest.raises(ValueError, match=r"unknown judge 'length'.*known: exact"):
         make_judge("length", rules=own)
 
-    monkeypatch.setattr(judges, "RULES", dict(judges.RULES))  # keep the real registry unchanged
+    monkeypatch.setitem(RULES, "always_one", None)  # the registry gets its old contents back at the end
+    del RULES["always_one"]
 
     @register_rule("always_one")
     def always_one(prompt, response):

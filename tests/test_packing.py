@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lion_min.core.losses import IGNORE_INDEX
-from lion_min.core.model import ModelArgs, Transformer
+from lion_min.core.args import ModelArgs
+from lion_min.core.model import Transformer
 from lion_min.core.packing import FIELDS, best_fit_decreasing, collate, pack
 
 PAD = 0

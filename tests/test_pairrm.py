@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 import train_online  # noqa: E402
 from lion_min.stages import online  # noqa: E402
 from lion_min.pairrm import model as P  # noqa: E402
-from lion_min.formats.hf import CheckpointError  # noqa: E402
+from lion_min.formats.hf_config import CheckpointError  # noqa: E402
 from lion_min.pairrm.deberta import DebertaEncoder, args_from_config, load_encoder_weights, relative_buckets  # noqa: E402
 from lion_min.run.judges import make_judge  # noqa: E402
 from lion_min.formats.tokenizer import Tokenizer, TokenizerError  # noqa: E402

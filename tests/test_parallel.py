@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lion_min.core.losses import IGNORE_INDEX, sft_loss  # noqa: E402
-from lion_min.core.model import ModelArgs, Transformer  # noqa: E402
+from lion_min.core.args import ModelArgs  # noqa: E402
+from lion_min.core.model import Transformer  # noqa: E402
 from lion_min.core.parallel import build_model, init_distributed  # noqa: E402
 from lion_min.run.memory import GiB, choose_checkpointing, step_memory
 from lion_min.run.faults import shutdown
@@ -138,7 +139,7 @@ def test_checkpointing_recomputes_the_blocks_it_names():
 def test_step_memory_estimate():
     import json
 
-    from lion_min.formats.hf import args_from_config
+    from lion_min.formats.hf_config import args_from_config
 
     gemma = args_from_config(json.loads((ROOT / "tests/data/configs/gemma-2b.json").read_text()))
     est = {m: sum(step_memory(gemma, 8192, 1, torch.bfloat16, m).values()) for m in ("off", "selective", "full")}
@@ -192,7 +193,7 @@ def test_step_memory_activations_are_what_autograd_saves(family):
 def test_choose_checkpointing_from_free_memory():
     import json
 
-    from lion_min.formats.hf import args_from_config
+    from lion_min.formats.hf_config import args_from_config
 
     gemma = args_from_config(json.loads((ROOT / "tests/data/configs/gemma-2b.json").read_text()))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")

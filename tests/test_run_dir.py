@@ -323,7 +323,7 @@ def test_resume_of_a_finished_run_without_checkpoints_refuses_instead_of_startin
 
 
 def test_a_training_checkpoint_given_as_a_model_says_what_it_is(tiny_chat_model, tmp_path):
-    from lion_min.formats.hf import CheckpointError, resolve_path
+    from lion_min.formats.hf_config import CheckpointError, resolve_path
 
     out = tmp_path / "run"
     train_sft.main(sft_args(tiny_chat_model, out, max_steps=2, save_every=2))

@@ -15,7 +15,8 @@ import transformers
 import lion_min
 from conftest import CONFIG_NAMES, make_hf_checkpoint
 from lion_min.run.config import ConfigError
-from lion_min.core.model import ModelArgs, Transformer
+from lion_min.core.args import ModelArgs
+from lion_min.core.model import Transformer
 from lion_min.cli import sample_main as main
 from lion_min.core.sample import filter_logits, generate, sample_next
 from lion_min.run.prompts import read_prompts

@@ -5,7 +5,9 @@ reuse are checked here; bench/gpu_check.py times the CUDA-graph version."""
 import torch
 from torch._dynamo.utils import counters
 
-from lion_min.core.model import ModelArgs, Transformer
+from lion_min.core.args import ModelArgs
+
+from lion_min.core.model import Transformer
 from lion_min.core.sample import generate
 
 

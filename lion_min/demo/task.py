@@ -188,7 +188,8 @@ def judge_rule(messages: list[dict], response: str) -> float:
 
 def make_demo_judge(spec: str):
     """lion_min.run.judges.make_judge with the demo's rule added as "demo" (`judge_rule`)."""
-    from lion_min.run.judges import RULES, make_judge
+    from lion_min.core.judge import RULES
+    from lion_min.run.judges import make_judge
 
     return make_judge(spec, rules=RULES | {"demo": judge_rule})
 
@@ -235,7 +236,7 @@ def build_demo_tokenizer(out_dir: str | Path) -> Path:
 def demo_model_args(tokenizer_or_vocab_size):
     """The demo model's ModelArgs: a 4-layer Llama-style decoder, dim 128 (~0.8M parameters). Takes
     the lion_min Tokenizer (its BOS / EOS / pad ids go into the config) or just a vocabulary size."""
-    from lion_min.core.model import ModelArgs  # not at the top: --help reads the presets before torch loads
+    from lion_min.core.args import ModelArgs  # not at the top: --help reads the presets before torch loads
 
     tok = tokenizer_or_vocab_size
     vocab = tok if isinstance(tok, int) else tok.vocab_size

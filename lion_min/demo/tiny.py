@@ -63,7 +63,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     from lion_min.formats.hf import save_model
-    from lion_min.core.model import ModelArgs, Transformer
+    from lion_min.core.args import ModelArgs
+    from lion_min.core.model import Transformer
     from lion_min.formats.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(cfg.tokenizer)

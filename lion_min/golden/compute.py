@@ -17,7 +17,8 @@ import torch
 
 import lion_min
 from lion_min.core.chat import ChatFormatError, get_template
-from lion_min.formats.hf import hash_files, hf_name, load_model, resolve_path, weight_files
+from lion_min.formats.hf_config import resolve_path, weight_files
+from lion_min.formats.hf import hash_files, hf_name, load_model
 from lion_min.run.config import DTYPES, ConfigError
 from lion_min.formats.data import load_conversations, load_preferences, parse_mixture
 from lion_min.formats.data_files import DataError

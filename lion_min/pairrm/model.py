@@ -42,7 +42,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lion_min.formats.hf import CheckpointError, atomic_dir, resolve_path, weight_files
+from lion_min.formats.hf_config import CheckpointError, resolve_path, weight_files
+
+from lion_min.formats.hf import atomic_dir
 from lion_min.pairrm.deberta import DebertaArgs, DebertaEncoder, args_from_config, load_encoder_weights
 from lion_min.formats.tokenizer import Tokenizer, TokenizerError
 

@@ -219,7 +219,13 @@ class OnlineConfig(DPOConfig):
     """Prompts per sampling batch (each row is one sample of one prompt)."""
 
 
-# --- values: checked when the command line is parsed, before anything is loaded ---------------------
+# What only the training of a round reads, not its sampling and judging: while no round has finished,
+# a rerun in the same out_dir (stages/online.py) may change these and still reuse the rounds already sampled and judged.
+TRAINING_KEYS = frozenset({
+    "lr", "lr_schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "epochs",
+    "max_steps", "batch_size", "skip_nonfinite", "beta", "loss_type", "label_smoothing", "ref_model",
+    "precompute_ref", "max_len", "rounds", "eval_data", "eval_fraction"})
+
 
 # --- python -m lion_min sample --------------------------------------------------------------------
 
@@ -251,6 +257,8 @@ class SampleConfig:
     dtype: str = "auto"
     """'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16' or 'float32'."""
 
+
+# --- values: checked when the command line is parsed, before anything is loaded ---------------------
 
 DTYPES = ("float32", "bfloat16")
 """--dtype: the compute dtypes (master weights, optimizer state and reductions stay float32)."""
@@ -384,6 +392,16 @@ def parse_value(value: str, annotation, key: str):
         except ValueError:
             raise ConfigError(f"--{key}: expected {annotation.__name__}, got {value!r}") from None
     return value
+
+
+def parse_columns(spec: Optional[str]) -> Optional[dict[str, str]]:
+    """--columns=field=column,...: which column of a data file holds each field the schema reads."""
+    if not spec:
+        return None
+    try:
+        return dict(part.split("=", 1) for part in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"--columns={spec}: expected field=column pairs separated by commas") from None
 
 
 def read_json(path: Path) -> Optional[dict]:

@@ -81,12 +81,8 @@ def say_once(message: str, rank: int, shared: bool, wait_s: float = 5.0) -> None
     but a rank that failed alone (its own copy of a file) must say why, or the only line is rank
     0's "connection closed". So rank 0 posts its error in the process group's store, and another
     rank prints a shared error unless rank 0 posted the same one within wait_s. The store, not a
-    collective: a rank still at work would never join one. Before the group starts, every rank
-    checks the same flags."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        if rank == 0 or not shared:
-            print(message, file=sys.stderr, flush=True)
-        return
+    collective: a rank still at work would never join one. Only in a started process group of
+    several ranks (cli.run_cli says an error itself otherwise)."""
     store = dist.distributed_c10d._get_default_store()  # (torch has no public getter)
     try:
         if rank == 0:

@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from lion_min.core.model import ModelArgs
+from lion_min.core.args import ModelArgs
 
 # Device name substring -> (dense bf16 FLOP/s, HBM bytes/s), from the spec sheets. First match wins,
 # so the H100 variants come before "H100" (the SXM part, "NVIDIA H100 80GB HBM3").

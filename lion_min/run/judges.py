@@ -6,7 +6,8 @@ response, so any scorer fits behind it:
 - RewardModelJudge: a Hugging Face LlamaForSequenceClassification / GemmaForSequenceClassification
   checkpoint run on our own backbone plus its linear score head; prompt and response are rendered
   from text with ITS OWN tokenizer and chat template (--judge_template when its folder has none).
-- RuleJudge: a plain Python function (prompt messages, response text) -> float, e.g. a verifier.
+- RuleJudge (lion_min/core/judge.py): a plain Python function (prompt messages, response text) ->
+  float, e.g. a verifier.
 - PairRMJudge (lion_min/pairrm/model.py, spec "pairrm:DIR"): the paper's pairwise ranker compares every
   ordered pair of responses and scores each by llm-blender's mean logit margin.
 
@@ -14,66 +15,21 @@ make_judge turns a command-line spec (a rule name, "pairrm:DIR", or a reward-mod
 """
 
 import dataclasses
-import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
-from lion_min.core.chat import TEMPLATES
-from lion_min.core.judge import Judge, Messages  # noqa: F401  (Judge: the interface these implement)
+from lion_min.core.judge import RULES, Judge, Messages, RuleFn, RuleJudge
 from lion_min.core.model import Transformer
-from lion_min.formats.hf import CheckpointError, load_weights, read_config, resolve_path, weight_files
-from lion_min.formats.hub import goes_to_hub
+from lion_min.formats.hf import load_weights
+from lion_min.formats.hf_config import read_config, resolve_path, weight_files
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.pairrm.model import PairRMJudge
 from lion_min.run.config import ConfigError
-
-
-
-# --- rules -----------------------------------------------------------------------------------------
-
-RuleFn = Callable[[Messages, str], float]
-
-RULES: dict[str, RuleFn] = {
-    # Debug judges with an obvious optimum: online DPO should make replies longer / shorter.
-    "length": lambda prompt, response: float(len(response)),
-    "brevity": lambda prompt, response: -float(len(response)),
-}
-
-
-def register_rule(name: str):
-    """Decorator adding a rule to RULES under `name`, so make_judge(name) finds it."""
-
-    def add(fn: RuleFn) -> RuleFn:
-        if name in RULES and RULES[name] is not fn:
-            raise ValueError(f"a rule named {name!r} is already registered")
-        RULES[name] = fn
-        return fn
-
-    return add
-
-
-class RuleJudge:
-    def __init__(self, fn: RuleFn, name: Optional[str] = None):
-        self.fn, self.name = fn, name or getattr(fn, "__name__", "rule")
-
-    def score(self, prompt: Messages, responses: list[str]) -> list[float]:
-        scores = []
-        for response in responses:
-            value = self.fn(prompt, response)
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise TypeError(f"rule {self.name!r} returned {value!r}, not a number") from None
-            # A NaN would silently break the best/worst choice of the online loop.
-            if not math.isfinite(value):
-                raise ValueError(f"rule {self.name!r} returned {value} for response {response[:80]!r}")
-            scores.append(value)
-        return scores
+from lion_min.run.model_checks import judge_template, reward_head_shape, unknown_judge
 
 
 # --- reward model ----------------------------------------------------------------------------------
@@ -98,20 +54,6 @@ def load_reward_model(path: str | Path, dtype=torch.float32, device="cpu") -> tu
     return model.eval().requires_grad_(False), score
 
 
-def reward_head_shape(folder: Path, args) -> tuple[int, int]:
-    """The (num_labels, dim) shape of a reward model's score.weight, read from the safetensors headers."""
-    shape = None
-    for file in weight_files(folder):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            if "score.weight" in f.keys():
-                shape = f.get_slice("score.weight").get_shape()
-    if shape is None:
-        raise CheckpointError(f"{folder}: no score.weight; not a sequence-classification (reward model) checkpoint")
-    if len(shape) != 2 or shape[1] != args.dim:
-        raise CheckpointError(f"{folder}: score.weight has shape {tuple(shape)}, expected (num_labels, {args.dim})")
-    return tuple(shape)
-
-
 def last_token_index(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """(B, T) padded ids -> (B,) index of the position whose score is read.
 
@@ -125,23 +67,6 @@ def last_token_index(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     T = ids.shape[1]
     non_pad = (ids != pad_id).to(torch.int32)
     return (torch.arange(T, device=ids.device, dtype=torch.int32) * non_pad).argmax(-1)
-
-
-def judge_template(template: Optional[str], tokenizer: Tokenizer, folder: Path) -> str:
-    """The Jinja chat template a reward model's inputs are rendered with (--judge_template): its own
-    (None or "auto": its folder's chat_template.jinja or tokenizer_config.json), a template lion_min
-    knows by name, or a .jinja file."""
-    if template in (None, "auto"):
-        if tokenizer.chat_template is None:
-            raise ConfigError(f"--judge={folder}: its tokenizer carries no chat_template; name the one it was "
-                              f"trained with: --judge_template=FILE.jinja or {' | '.join(TEMPLATES)}")
-        return tokenizer.chat_template
-    if template in TEMPLATES:
-        return TEMPLATES[template].jinja
-    if not Path(template).expanduser().is_file():
-        raise ConfigError(f"--judge_template={template}: no such file (expected a .jinja file, auto, or "
-                          f"{', '.join(TEMPLATES)})")
-    return Path(template).expanduser().read_text()
 
 
 def render_jinja(jinja: str, messages: Messages, tokenizer: Tokenizer) -> str:
@@ -231,25 +156,6 @@ class RewardModelJudge:
 # --- from a spec -----------------------------------------------------------------------------------
 
 
-def check_judge(spec: str, template: Optional[str] = None, rules: Optional[dict[str, RuleFn]] = None) -> None:
-    """--judge's files, read without weights (lion_min/stages/preflight.py): a rule name, a PairRM folder, or
-    a reward model's config.json, score head, tokenizer and chat template (--judge_template). A hub id
-    is checked once fetched."""
-    rules = RULES if rules is None else rules
-    path = spec.removeprefix("pairrm:")
-    if spec in rules or goes_to_hub(path):
-        return
-    if not spec.startswith("pairrm:") and not Path(spec).expanduser().is_dir() and "/" not in spec:
-        make_judge(spec, rules=rules)  # its one-line error: an unknown rule name
-    folder = resolve_path(path)
-    if spec.startswith("pairrm:"):
-        return
-    reward_head_shape(folder, read_config(folder))
-    judge_template(template, Tokenizer.from_dir(folder), folder)
-
-
-
-
 def make_judge(
     spec: str,
     *,
@@ -272,5 +178,4 @@ def make_judge(
         return PairRMJudge(spec.removeprefix("pairrm:"), dtype=dtype, device=device, batch_size=batch_size)
     if Path(spec).expanduser().is_dir() or "/" in spec:  # a folder, or a hub id (resolve_path says if neither)
         return RewardModelJudge(spec, chat_template, tokenizer, dtype=dtype, device=device, batch_size=batch_size)
-    raise ValueError(f"unknown judge {spec!r}: not a registered rule (known: {', '.join(sorted(rules)) or 'none'}) "
-                     f"and not a reward-model folder or hub id")
+    raise unknown_judge(spec, rules)

@@ -1,5 +1,5 @@
-"""A run's starting checkpoint: the policy built from it (wrapped for training), the checks that
-its tokenizer, architecture and length fit the run, and the dtype its export is written in."""
+"""A run's starting checkpoint: the policy built from it (wrapped for training) and the dtype its
+export is written in. Whether the folder fits the run is checked in model_checks.py."""
 
 import dataclasses
 import json
@@ -9,12 +9,14 @@ from typing import NamedTuple, Optional
 import torch
 
 from lion_min.core.attention import varlen_model_problem
-from lion_min.core.chat import TEMPLATES, template_line, template_of, with_template_tokens
-from lion_min.formats.hf import grow_vocab, load_model, read_config, resolve_path
-from lion_min.run.config import DTYPES, ConfigError
+from lion_min.core.chat import template_line
 from lion_min.core.parallel import Dist, build_model
-from lion_min.run.memory import choose_checkpointing, min_free_memory
+from lion_min.formats.hf import grow_vocab, load_model
+from lion_min.formats.hf_config import read_config, resolve_path
 from lion_min.formats.tokenizer import Tokenizer
+from lion_min.run.config import DTYPES, ConfigError
+from lion_min.run.memory import choose_checkpointing, min_free_memory
+from lion_min.run.model_checks import chat_tokenizer, check_vocab
 
 # A checkpoint may be stored in fp16; training never is.
 EXPORT_DTYPES = {name: getattr(torch, name) for name in (*DTYPES, "float16")}
@@ -25,25 +27,6 @@ def build_from_folder(folder: Path, args, d: Dist, param_dtype: torch.dtype, **w
     token ids beyond the checkpoint's (args.vocab_size larger: chat tokens added) start at the mean."""
     return build_model(args, d, load_weights=lambda: grow_vocab(load_model(folder).state_dict(), args.vocab_size),
                        param_dtype=param_dtype, **wrap)
-
-
-def chat_tokenizer(cfg, folder: Path, tokenizer: Optional[Tokenizer] = None) -> tuple[Tokenizer, str]:
-    """(the tokenizer of `folder`, able to encode the run's chat template; that template's name).
-    `tokenizer`: the folder's, when the caller has read it already.
-
-    --chat_template=auto names the folder's own template, or chatml, LION's, when the folder carries
-    none; the caller records the name in its config (dataclasses.replace). ChatML's two tokens are
-    given ids when the tokenizer lacks them (chat.with_template_tokens), as LION did on the base
-    Gemma and Llama-3."""
-    tokenizer = tokenizer or Tokenizer.from_dir(folder)
-    template = cfg.chat_template
-    if template == "auto":
-        own = template_of(tokenizer.chat_template)
-        if tokenizer.chat_template is not None and own is None:
-            raise ConfigError(f"--chat_template=auto: {folder} carries a chat template lion_min does not know; "
-                              f"name one with --chat_template ({', '.join(TEMPLATES)})")
-        template = own.name if own else "chatml"
-    return with_template_tokens(tokenizer, template), template
 
 
 class Policy(NamedTuple):
@@ -87,25 +70,6 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
     return Policy(model, args, tokenizer, folder, cfg)
 
 
-def check_vocab(tokenizer: Tokenizer, args, folder: Path):
-    """Every token id must have an embedding row (a larger model vocabulary, padded, is fine)."""
-    if tokenizer.vocab_size > args.vocab_size:
-        raise ConfigError(f"{folder}: the tokenizer has {tokenizer.vocab_size} token ids but config.json's "
-                          f"vocab_size (the embedding rows) is {args.vocab_size}; resizing embeddings is not supported")
-
-
-def check_same_architecture(ref_folder: Path, args, flag: str = "--ref_model"):
-    """The reference is run with the policy's architecture: refuse one of another shape."""
-    ref = read_config(ref_folder)
-    # The reference is built with the policy's ModelArgs, so everything they hold must agree.
-    keys = ("family", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
-            "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling", "rope_local_theta", "layer_types",
-            "sliding_window", "query_pre_attn_scalar", "attn_softcap", "final_softcap")  # the last six: Gemma-2/3
-    diff = [f"{k} {getattr(ref, k)} vs {getattr(args, k)}" for k in keys if getattr(ref, k) != getattr(args, k)]
-    if diff:
-        raise ConfigError(f"{flag}={ref_folder}: another architecture than --model ({', '.join(diff)})")
-
-
 def checkpoint_dtype(folder: Path) -> torch.dtype:
     """The dtype a checkpoint folder's config.json names (torch_dtype, or transformers 5's dtype;
     float32 when it names none)."""
@@ -120,9 +84,3 @@ def export_dtype(cfg, folder: Path) -> torch.dtype:
     """--export_dtype: 'source' = the dtype the starting checkpoint names (so a bf16 checkpoint is
     exported in bf16, not in the fp32 of the master weights), else as named."""
     return checkpoint_dtype(folder) if cfg.export_dtype == "source" else EXPORT_DTYPES[cfg.export_dtype]
-
-
-def check_seq_len(seq_len: int, args, key: str = "seq_len", default: Optional[int] = None):
-    if seq_len > args.max_seq_len:
-        was = " (the default)" if seq_len == default else ""
-        raise ConfigError(f"--{key}={seq_len}{was} is above the model's max_position_embeddings ({args.max_seq_len})")

@@ -25,27 +25,23 @@ import shutil
 from pathlib import Path
 
 
-from lion_min.formats.hf import load_model, resolve_path, save_model
-from lion_min.run.config import ConfigError, OnlineConfig, format_config, read_json
+from lion_min.formats.hf_config import resolve_path
+
+
+from lion_min.formats.hf import load_model, save_model
+from lion_min.run.config import TRAINING_KEYS, ConfigError, OnlineConfig, format_config, read_json
 from lion_min.stages.dpo import check_config as check_dpo_config, train_pairs
 from lion_min.core.judge import Judge
 from lion_min.core.online import choose_pair, mean_score, sample_and_judge, to_pair
 from lion_min.run.judges import make_judge
 from lion_min.core.parallel import Dist, barrier
 from lion_min.run.plot import earlier_runs, plot_pipeline
-from lion_min.run.policy import chat_tokenizer, checkpoint_dtype
+from lion_min.run.model_checks import chat_tokenizer
+from lion_min.run.policy import checkpoint_dtype
 from lion_min.run.run_folder import append_summary, broadcast, claim, overwrite_flag, start_run
 from lion_min.run.prompts import read_prompts
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.loop import StopRequested
-
-
-# What only the training of a round reads, not its sampling and judging: while no round has finished,
-# a rerun in the same out_dir may change these and still reuse the rounds already sampled and judged.
-TRAINING_KEYS = frozenset({
-    "lr", "lr_schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "epochs",
-    "max_steps", "batch_size", "skip_nonfinite", "beta", "loss_type", "label_smoothing", "ref_model",
-    "precompute_ref", "max_len", "rounds", "eval_data", "eval_fraction"})
 
 
 def check_config(cfg: OnlineConfig):

@@ -13,34 +13,33 @@ A hub id is not fetched here: the stage downloads it after these checks, and che
 
 from pathlib import Path
 
+from lion_min.core.chat import check_tokenizer
+from lion_min.formats.data import check_sources
+from lion_min.formats.hf_config import read_config, resolve_path, weight_files
 from lion_min.formats.hub import goes_to_hub
+from lion_min.formats.tokenizer import Tokenizer
+from lion_min.run.config import TRAINING_KEYS, ConfigError, DPOConfig, SFTConfig, parse_columns
+from lion_min.run.model_checks import (chat_tokenizer, check_judge, check_same_architecture, check_seq_len,
+                                       check_vocab)
+from lion_min.run.report import check_report_to
+from lion_min.run.run_folder import check
 
 
 def preflight(cfg) -> None:
     """The checks of the module docstring for a stage's config (SFTConfig, DPOConfig, OnlineConfig);
     the first problem found raises its one-line error (ConfigError, DataError, CheckpointError...)."""
-    from lion_min.formats.data import check_sources
-    from lion_min.run.report import check_report_to
-    from lion_min.run.run_folder import check
-
     stage = cfg.STAGE
     check_report_to(cfg.report_to)
     required = ("model", "prompts", "judge") if stage == "online" else ("model", "data")
     if not all(getattr(cfg, flag) for flag in required):
         return  # the stage says which flag is required
     if stage != "online":
-        columns = None
-        if getattr(cfg, "columns", None):
-            from lion_min.stages.sft import parse_columns
-
-            columns = parse_columns(cfg.columns)
+        columns = parse_columns(getattr(cfg, "columns", None))
         for flag in ("data", "eval_data"):
             if getattr(cfg, flag):
                 check_sources(getattr(cfg, flag), preferences=stage == "dpo", schema=cfg.schema, columns=columns,
                               skip_bad=cfg.skip_bad)
     elif cfg.prompts and not Path(cfg.prompts).is_file():
-        from lion_min.run.config import ConfigError
-
         raise ConfigError(f"--prompts={cfg.prompts}: no such file (expected prompts: .jsonl or one per line)")
 
     inputs = {"--model": cfg.model, "--data": getattr(cfg, "data", ""), "--eval_data": getattr(cfg, "eval_data", "")}
@@ -48,23 +47,18 @@ def preflight(cfg) -> None:
     if stage in ("dpo", "online"):
         inputs["--ref_model"] = cfg.ref_model or cfg.model
     if stage == "online":  # as online.run claims its folder
-        from lion_min.stages.online import TRAINING_KEYS
-
         inputs = {k: inputs[k] for k in ("--model", "--ref_model")} | {
             "--prompts": cfg.prompts, "--judge": cfg.judge.removeprefix("pairrm:")}
         resuming = True
         free = frozenset() if any(Path(cfg.out_dir).glob("round_*.done")) else TRAINING_KEYS
     check(cfg, inputs, resuming, free)
     if cfg.resume not in ("", "auto"):  # a checkpoint named by its path
-        from lion_min.run.resume import resolve_resume
+        from lion_min.run.resume import resolve_resume  # (imports torch: only for --resume=PATH)
 
         resolve_resume(cfg, Path(cfg.out_dir), verbose=False)
 
     args = check_model_folder(cfg, cfg.model, "--model")
     if args is not None:  # the length a row or sequence may have
-        from lion_min.run.config import DPOConfig, SFTConfig
-        from lion_min.run.policy import check_seq_len
-
         if stage == "sft":
             check_seq_len(cfg.seq_len, args, default=SFTConfig.seq_len)
         else:
@@ -72,12 +66,8 @@ def preflight(cfg) -> None:
     if getattr(cfg, "ref_model", "") and args is not None:
         ref_args = check_model_folder(cfg, cfg.ref_model, "--ref_model")
         if ref_args is not None:
-            from lion_min.run.policy import check_same_architecture
-
             check_same_architecture(Path(cfg.ref_model).expanduser(), args)
     if stage == "online":
-        from lion_min.run.judges import check_judge
-
         check_judge(cfg.judge, cfg.judge_template)
 
 
@@ -86,11 +76,6 @@ def check_model_folder(cfg, name: str, flag: str):
     the run's chat template), read without its weights; None for a hub id (checked once fetched)."""
     if goes_to_hub(name):
         return None
-    from lion_min.core.chat import check_tokenizer
-    from lion_min.formats.hf import read_config, resolve_path, weight_files
-    from lion_min.run.policy import chat_tokenizer, check_vocab
-    from lion_min.formats.tokenizer import Tokenizer
-
     folder = resolve_path(name, cfg.revision)
     args = read_config(folder)
     weight_files(folder)

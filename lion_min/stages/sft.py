@@ -9,18 +9,19 @@ the global batch (losses.sft_loss), whatever the micro-batching or world size.
 
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
 from lion_min.run.batches import Batches, eval_size, opening_summary, row_batches
 from lion_min.core.chat import encode_chats, export_jinja, with_system
-from lion_min.run.config import ConfigError, SFTConfig, check_values, format_config
+from lion_min.run.config import ConfigError, SFTConfig, check_values, format_config, parse_columns
 from lion_min.formats.data import load_conversations, train_eval_split
 from lion_min.core.sft import pack_conversations, sft_objective
 from lion_min.core.packing import FIELDS, Packed, kept_lengths, pack, plan_rows
 from lion_min.core.parallel import Dist
-from lion_min.run.policy import check_seq_len, export_dtype, load_policy
+from lion_min.run.model_checks import check_seq_len
+from lion_min.run.policy import export_dtype, load_policy
 from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root, concat_shards,
                               cache_key, data_identity, input_names, open_prepared, prepare_folder, token_dtype,
                               tokenizer_identity, uses_seed)
@@ -35,15 +36,6 @@ def check_config(cfg: SFTConfig):
     if not cfg.model or not cfg.data:
         raise ConfigError(f"--{'model' if not cfg.model else 'data'} is required "
                           f"(run with no flags at all for the built-in demo)")
-
-
-def parse_columns(spec: Optional[str]) -> Optional[dict[str, str]]:
-    if not spec:
-        return None
-    try:
-        return dict(part.split("=", 1) for part in spec.split(","))
-    except ValueError:
-        raise ConfigError(f"--columns={spec}: expected field=column pairs separated by commas") from None
 
 
 def sft_rows(convs, tokenizer, cfg: SFTConfig, what: str = "--data") -> Packed:
