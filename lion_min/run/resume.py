@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from lion_min.run.config import TrainConfig, config_to_json
 from lion_min.core.parallel import Dist, barrier
 from lion_min.run.faults import PeerFailed, raise_if_any
+from lion_min.run.run_folder import named_checkpoint
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. A folder is complete once renamed from its .tmp name,
@@ -187,7 +188,4 @@ def resolve_resume(cfg: TrainConfig, out_dir: Path, verbose: bool = True) -> Opt
             if verbose:
                 print(f"warning: {path} is damaged ({why}); trying the previous checkpoint")
         return None
-    path = Path(cfg.resume)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume={cfg.resume}: not a complete checkpoint folder (no trainer_state.json)")
-    return path
+    return named_checkpoint(cfg.resume)

@@ -233,6 +233,14 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool,
     return prints, notes
 
 
+def named_checkpoint(resume: str) -> Path:
+    """--resume=PATH: that checkpoint folder (it may belong to another out_dir), if it is complete."""
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume={resume}: not a complete checkpoint folder (no trainer_state.json)")
+    return path
+
+
 def overwrite_flag(cfg) -> str:
     """"--overwrite=true", said so that adding it works: a --resume beside it (a recipe's is dropped
     by flags.typed_wins) would contradict it."""

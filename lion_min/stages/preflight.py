@@ -22,7 +22,7 @@ from lion_min.run.config import TRAINING_KEYS, ConfigError, DPOConfig, SFTConfig
 from lion_min.run.model_checks import (chat_tokenizer, check_judge, check_same_architecture, check_seq_len,
                                        check_vocab)
 from lion_min.run.report import check_report_to
-from lion_min.run.run_folder import check
+from lion_min.run.run_folder import check, named_checkpoint
 
 
 def preflight(cfg) -> None:
@@ -53,9 +53,7 @@ def preflight(cfg) -> None:
         free = frozenset() if any(Path(cfg.out_dir).glob("round_*.done")) else TRAINING_KEYS
     check(cfg, inputs, resuming, free)
     if cfg.resume not in ("", "auto"):  # a checkpoint named by its path
-        from lion_min.run.resume import resolve_resume  # (imports torch: only for --resume=PATH)
-
-        resolve_resume(cfg, Path(cfg.out_dir), verbose=False)
+        named_checkpoint(cfg.resume)
 
     args = check_model_folder(cfg, cfg.model, "--model")
     if args is not None:  # the length a row or sequence may have
