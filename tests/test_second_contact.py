@@ -178,6 +178,32 @@ def test_model_folder_mistakes_end_before_torch_is_imported(tiny_chat_model, bro
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("cache", ["off", "a folder"])
+def test_sft_reads_its_data_before_the_weights(tiny_chat_model, tmp_path, monkeypatch, capsys, cache):
+    """What only a full read of the data finds (a bad record past the first, too few rows for a batch)
+    ends before the model's weights load, as in DPO: the SFT stage encodes with the tokenizer alone."""
+    import lion_min.formats.hf
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the data was read")
+
+    monkeypatch.setattr(lion_min.formats.hf, "load_weights", no_weights)
+    first = Path(tiny_chat_model["data"]).read_text().splitlines()[0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(f"{first}\n{first}\n" + '{"messages": "oops"}\n')
+    few = tmp_path / "few.jsonl"
+    few.write_text(f"{first}\n")
+    for data, says in ((bad, "bad.jsonl: line 3: 'messages': expected list, got str"),
+                       (few, "packed rows of data for --batch_size=4")):
+        argv = sft_argv(tiny_chat_model, tmp_path / "out", f"--data={data}", "--eval_fraction=0",
+                        f"--data_cache={'off' if cache == 'off' else tmp_path / 'cache'}")
+        with pytest.raises(SystemExit) as e:
+            run_cli(lambda: train_sft.main(argv))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and says in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+
+
 def test_a_hub_id_is_not_fetched_before_the_local_checks(tiny_chat_model, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 

@@ -64,6 +64,18 @@ def check_seq_len(seq_len: int, args, key: str = "seq_len", default: Optional[in
         raise ConfigError(f"--{key}={seq_len}{was} is above the model's max_position_embeddings ({args.max_seq_len})")
 
 
+
+def check_attn_backend(backend: str, args, folder: Path):
+    """--attn_backend=varlen on a model its kernel cannot run (Gemma-2's soft-cap, a sliding window);
+    where the device cannot run varlen at all, config.check_values has refused it already."""
+    if backend != "varlen":
+        return
+    from lion_min.core.attention import varlen_model_problem  # (torch: loaded already, by check_values)
+
+    problem = varlen_model_problem(args.attn_softcap, args.sliding_window)
+    if problem:
+        raise ConfigError(f"--attn_backend=varlen: {problem} in {folder}; use --attn_backend=flex or sdpa")
+
 # --- the judge -------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from lion_min.core.attention import varlen_model_problem
 from lion_min.core.chat import template_line
 from lion_min.core.parallel import Dist, build_model
 from lion_min.formats.hf import grow_vocab, load_model
@@ -16,7 +15,7 @@ from lion_min.formats.hf_config import read_config, resolve_path
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.config import DTYPES, ConfigError
 from lion_min.run.memory import choose_checkpointing, min_free_memory
-from lion_min.run.model_checks import chat_tokenizer, check_vocab
+from lion_min.run.model_checks import chat_tokenizer, check_attn_backend, check_vocab
 
 # A checkpoint may be stored in fp16; training never is.
 EXPORT_DTYPES = {name: getattr(torch, name) for name in (*DTYPES, "float16")}
@@ -44,9 +43,7 @@ def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] =
     its chat template named."""
     folder = folder or resolve_path(cfg.model, cfg.revision)
     args = read_config(folder)
-    problem = varlen_model_problem(args.attn_softcap, args.sliding_window) if cfg.attn_backend == "varlen" else None
-    if problem:  # Gemma-2/3 (config.py has refused varlen where the device cannot run it at all)
-        raise ConfigError(f"--attn_backend=varlen: {problem} in {folder}; use --attn_backend=flex or sdpa")
+    check_attn_backend(cfg.attn_backend, args, folder)
     tokenizer = Tokenizer.from_dir(folder)
     check_vocab(tokenizer, args, folder)
     tokenizer, template = chat_tokenizer(cfg, folder, tokenizer)

@@ -19,8 +19,8 @@ from lion_min.formats.hf_config import read_config, resolve_path, weight_files
 from lion_min.formats.hub import goes_to_hub
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.config import TRAINING_KEYS, ConfigError, DPOConfig, SFTConfig, parse_columns
-from lion_min.run.model_checks import (chat_tokenizer, check_judge, check_same_architecture, check_seq_len,
-                                       check_vocab)
+from lion_min.run.model_checks import (chat_tokenizer, check_attn_backend, check_judge, check_same_architecture,
+                                       check_seq_len, check_vocab)
 from lion_min.run.report import check_report_to
 from lion_min.run.run_folder import check, named_checkpoint
 
@@ -76,6 +76,7 @@ def check_model_folder(cfg, name: str, flag: str):
         return None
     folder = resolve_path(name, cfg.revision)
     args = read_config(folder)
+    check_attn_backend(cfg.attn_backend, args, folder)
     weight_files(folder)
     tokenizer = Tokenizer.from_dir(folder)
     check_vocab(tokenizer, args, folder)

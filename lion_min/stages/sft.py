@@ -7,6 +7,7 @@ targets unless loss_mask is off. The objective is the token mean of -log p over 
 the global batch (losses.sft_loss), whatever the micro-batching or world size.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,8 @@ from lion_min.formats.data import load_conversations, train_eval_split
 from lion_min.core.sft import pack_conversations, sft_objective
 from lion_min.core.packing import FIELDS, Packed, kept_lengths, pack, plan_rows
 from lion_min.core.parallel import Dist
-from lion_min.run.model_checks import check_seq_len
+from lion_min.formats.hf_config import read_config, resolve_path
+from lion_min.run.model_checks import chat_tokenizer, check_attn_backend, check_seq_len
 from lion_min.run.policy import export_dtype, load_policy
 from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root, concat_shards,
                               cache_key, data_identity, input_names, open_prepared, prepare_folder, token_dtype,
@@ -204,10 +206,14 @@ def run(cfg: SFTConfig) -> TrainResult:
     d, dtype = start_run(cfg)
     if d.main:
         print(f"config:\n{format_config(cfg)}")
-    model, args, tokenizer, folder, cfg = load_policy(cfg, d, dtype)  # (cfg: --chat_template=auto named)
+    # The data before the weights (as in DPO): a bad record deep in a file, or too little data, is
+    # found without waiting for the model to load. Encoding needs only the tokenizer.
+    folder = resolve_path(cfg.model, cfg.revision)
+    args = read_config(folder)
     check_seq_len(cfg.seq_len, args, default=SFTConfig.seq_len)
-    exported = export_dtype(cfg, folder)
-
+    check_attn_backend(cfg.attn_backend, args, folder)
+    tokenizer, template = chat_tokenizer(cfg, folder)
+    cfg = dataclasses.replace(cfg, chat_template=template)  # --chat_template=auto named
     if cfg.data_cache == "off":  # every rank encodes and packs everything, in memory
         convs, eval_convs, data_summary = load_sft_data(cfg)
         packed = sft_rows(convs, tokenizer, cfg)
@@ -222,6 +228,8 @@ def run(cfg: SFTConfig) -> TrainResult:
             print(f"data: {prep.how()}")
     batches = row_batches(rows, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d)
     evals = eval_batches(eval_rows, cfg, d) if eval_rows is not None else None
+    model, _, tokenizer, folder, cfg = load_policy(cfg, d, dtype, folder)
+    exported = export_dtype(cfg, folder)
     summary = {
         "data": data_summary,
         "conversations": packed.num_examples, "rows": num_rows,
