@@ -17,4 +17,4 @@ EXPORT_FILES = ("model*.safetensors*", "config.json", "generation_config.json", 
                 "chat_template.jinja")
 """Files an export writes (checkpoint.save_model). In an existing folder, those the new export lacks
 are removed, so that no stale shard or tokenizer file outlives it (a chat_template.jinja would even
-win over the config's); --overwrite removes them too (run_dir.RUN_FILES)."""
+win over the config's); --overwrite removes them too (run_folder.RUN_FILES)."""

@@ -185,7 +185,7 @@ def atomic_dir(out_dir: Path):
     folder, and gets each file moved in by its own atomic rename, weights before config.json, and
     the EXPORT_FILES of an earlier export that this one lacks removed: never beside it, where a
     rename would cross a mount when out_dir is a mount point (a container's output volume), and
-    what a killed export leaves stays inside out_dir (run_dir.claim removes it on the next run).
+    what a killed export leaves stays inside out_dir (run_folder.claim removes it on the next run).
     Files and folder get the usual permissions for the umask (0644 / 0755), not the private ones
     of temporary files.
     """

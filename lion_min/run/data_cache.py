@@ -33,7 +33,7 @@ and writes them as a shard; rank 0 waits for every shard, lays out the rows and 
 wait for the folder. The waits poll the file system (no collective: a long preparation cannot hit
 a process-group timeout); a rank that does not see rank 0's temporary folder within a minute stops
 with an error asking for a shared --data_cache. Before any of this, every rank's view of the data
-files (size and sha256) and the fingerprint are compared (run_dir.agree): a rank that reads a stale
+files (size and sha256) and the fingerprint are compared (run_folder.agree): a rank that reads a stale
 copy stops every rank before the cache is written. A folder found damaged (`damage`: cut short, a
 meta file edited) is prepared again with a note; a cache that cannot be written (read-only, full)
 stops with one line naming it and `--data_cache=off`.

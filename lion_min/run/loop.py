@@ -100,7 +100,7 @@ def train(
     (weights in `export_dtype`, default: as trained).
 
     `model` is the parallelized module; its `.args` describe the architecture for MFU and export.
-    `run_record` (run_dir.claim's) goes into every checkpoint; a resume must match it.
+    `run_record` (run_folder.claim's) goes into every checkpoint; a resume must match it.
     SIGTERM / SIGINT stop the run at the next step boundary with a checkpoint (StopRequested).
     --max_steps, when given, is the number of steps (the data is cycled as needed, epoch after
     epoch, as in the Hugging Face Trainer); otherwise every epoch is run.

@@ -28,6 +28,7 @@ from lion_min.core.parallel import Dist, barrier
 from lion_min.run.faults import PeerFailed, raise_if_any
 from lion_min.run.run_folder import named_checkpoint
 
+
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. A folder is complete once renamed from its .tmp name,
     which happens only after every rank finished writing and trainer_state.json exists."""

@@ -24,11 +24,8 @@ import json
 import shutil
 from pathlib import Path
 
-
-from lion_min.formats.hf_config import resolve_path
-
-
 from lion_min.formats.hf import load_model, save_model
+from lion_min.formats.hf_config import resolve_path
 from lion_min.run.config import TRAINING_KEYS, ConfigError, OnlineConfig, format_config, read_json
 from lion_min.stages.dpo import check_config as check_dpo_config, train_pairs
 from lion_min.core.judge import Judge

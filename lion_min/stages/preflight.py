@@ -1,14 +1,15 @@
-"""Every check that needs no weights, made before any weights load (and before torch is imported,
-where it can be): a mistake on a real model ends in a second or two with one line, not after a
-16 GB download or a minute of loading.
+"""Every check that needs no weights, made before torch is imported: a mistake on a real model ends
+in a fraction of a second with one line, not after a 16 GB download or a minute of loading.
 
     preflight(cfg)      # cli.stage_main, once the flags are parsed; then the stage's run(cfg)
 
 In order: --report_to's package, the data and prompts (local sources exist, their first record
-parses), the output folder's state (run_dir.check: the same refusals as the run's own claim, which
-checks again) and a --resume=PATH checkpoint, then the model folders (config.json, weights listed,
-tokenizer, the chat template's tokens) and the judge's files (--judge_template included).
-A hub id is not fetched here: the stage downloads it after these checks, and checks what it got.
+parses), the output folder's state (run_folder.check: the same refusals as the run's own claim,
+which checks again) and a --resume=PATH checkpoint, then the model folders (config.json, weights
+listed, tokenizer, the chat template's tokens, the lengths, the attention backend) and the judge's
+files (--judge_template included). None of it imports torch (tests/test_second_contact.py holds
+it to that), unless --attn_backend=varlen asks for a device check. A hub id is not fetched here:
+the stage downloads it after these checks, and checks what it got.
 """
 
 from pathlib import Path
