@@ -11,9 +11,8 @@ import transformers
 from conftest import make_hf_checkpoint
 from lion_min.core.chat import get_template
 from lion_min.formats.hf_config import CheckpointError
-from lion_min.core.judge import RULES, RuleJudge, register_rule
+from lion_min.core.judge import RULES, Judge, RuleJudge, register_rule
 from lion_min.run.judges import RewardModelJudge, last_token_index, make_judge
-from lion_min.core.judge import Judge
 from lion_min.formats.tokenizer import Tokenizer
 from tokenizers_for_tests import build_gemma_tokenizer
 

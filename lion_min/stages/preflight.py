@@ -56,21 +56,21 @@ def preflight(cfg) -> None:
     if cfg.resume not in ("", "auto"):  # a checkpoint named by its path
         named_checkpoint(cfg.resume)
 
-    args = check_model_folder(cfg, cfg.model, "--model")
+    args = check_model_folder(cfg, cfg.model)
     if args is not None:  # the length a row or sequence may have
         if stage == "sft":
             check_seq_len(cfg.seq_len, args, default=SFTConfig.seq_len)
         else:
             check_seq_len(cfg.max_len, args, "max_len", default=DPOConfig.max_len)
     if getattr(cfg, "ref_model", "") and args is not None:
-        ref_args = check_model_folder(cfg, cfg.ref_model, "--ref_model")
+        ref_args = check_model_folder(cfg, cfg.ref_model)
         if ref_args is not None:
             check_same_architecture(Path(cfg.ref_model).expanduser(), args)
     if stage == "online":
         check_judge(cfg.judge, cfg.judge_template)
 
 
-def check_model_folder(cfg, name: str, flag: str):
+def check_model_folder(cfg, name: str):
     """A local model folder's config.json (as ModelArgs), weight files and tokenizer (able to encode
     the run's chat template), read without its weights; None for a hub id (checked once fetched)."""
     if goes_to_hub(name):
