@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from lion_min.run.flops import document_lengths, flops_per_token, matmul_params, mfu, mfu_useful, useful_flops
 from lion_min.core.args import ModelArgs
-
-# L 2, H 4 (2 kv), hd 8, dim 32, mlp 64, vocab 100.
+from lion_min.core.attention import dense_mask
 from lion_min.core.model import Transformer
+from lion_min.run.flops import (causal_pairs, document_lengths, flops_per_token, matmul_params, mfu, mfu_useful,
+                                useful_flops)
 
 # L 2, H 4 (2 kv), hd 8, dim 32, mlp 64, vocab 100.
 # Per layer: q 32*32 + k 32*16 + v 32*16 + o 32*32 = 3072; mlp 3 * 32 * 64 = 6144; two norms 64.
@@ -45,3 +45,15 @@ def test_useful_flops_by_hand():
     T = 16
     convention_attn = flops_per_token(ARGS, T) * T - 6 * 21792 * T
     assert useful_flops(ARGS, [T]) - 6 * 21792 * T == convention_attn * (T + 1) / (2 * T)
+
+
+def test_useful_flops_on_sliding_window_layers():
+    # Layer 0 slides with a window of 3, layer 1 is global. Documents [3, 2, 7, 1]: layer 0 pairs
+    # 6 + 3 + (1 + 2 + 3 * 5) + 1 = 28, layer 1 the causal 38; 12 H hd = 384 per pair and layer.
+    args = ModelArgs(**{**ARGS.__dict__, "layer_types": ("sliding_attention", "full_attention"), "sliding_window": 3})
+    assert useful_flops(args, [3, 2, 7, 1]) == 6 * 21792 * 13 + 384 * (28 + 38)
+    # The count is the attention mask's own: the true entries of the model's mask for one row.
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 3]])
+    slots = torch.arange(doc_ids.shape[1])
+    for window in (None, 1, 3, 5, 100):
+        assert sum(causal_pairs(n, window) for n in [3, 2, 7, 1]) == int(dense_mask(doc_ids, slots, doc_ids, slots, window).sum())

@@ -16,7 +16,8 @@ Two ways to count the (query, key) pairs:
   masked half of causal attention and every cross-document pair of a packed row, so it is
   comparable with published figures, not a measure of useful work.
 - `mfu_useful`: the pairs the model needs, n (n + 1) / 2 per document of n tokens (causal within
-  the document), and 6 N for real tokens only (padding excluded).
+  the document; on a Gemma-2/3 sliding-window layer each query pairs with at most `window` keys),
+  and 6 N for real tokens only (padding excluded).
 """
 
 from typing import Iterable, Optional
@@ -60,6 +61,14 @@ def attention_flops_per_pair(args: ModelArgs) -> int:
     return 12 * args.n_layers * args.n_heads * args.head_dim
 
 
+def causal_pairs(n: int, window: Optional[int] = None) -> int:
+    """(query, key) pairs of a causal document of n tokens: each token with itself and the tokens
+    before it, at most `window` of them on a sliding-window layer (core/attention.py's rule)."""
+    if window is None or n <= window:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """torchtitan's convention: 6 N + 12 L H hd T for a row of T = seq_len tokens."""
     return 6 * matmul_params(args) + attention_flops_per_pair(args) * seq_len
@@ -81,10 +90,11 @@ def document_lengths(doc_ids) -> list[int]:
 
 def useful_flops(args: ModelArgs, doc_lengths: Iterable[int]) -> float:
     """Model FLOPs of training on these documents: 6 N per real token plus causal attention
-    within each document (n (n + 1) / 2 pairs for n tokens)."""
+    within each document, layer by layer (a sliding-window layer pairs fewer tokens)."""
     lengths = list(doc_lengths)
-    pairs = sum(n * (n + 1) // 2 for n in lengths)
-    return 6 * matmul_params(args) * sum(lengths) + attention_flops_per_pair(args) * pairs
+    per_layer_pair = attention_flops_per_pair(args) // args.n_layers
+    pairs = sum(causal_pairs(n, args.window(layer)) for layer in range(args.n_layers) for n in lengths)
+    return 6 * matmul_params(args) * sum(lengths) + per_layer_pair * pairs
 
 
 def mfu(args: ModelArgs, num_tokens: int, seq_len: int, seconds: float, peak: float) -> float:
