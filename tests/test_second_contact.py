@@ -204,6 +204,22 @@ def test_sft_reads_its_data_before_the_weights(tiny_chat_model, tmp_path, monkey
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_stage_reads_the_model_folder_once(tiny_chat_model, tmp_path, monkeypatch, stage):
+    """--model's tokenizer is parsed twice a run: by preflight (before torch) and by the stage, which
+    hands what it read to load_policy (with the real Llama-3 tokenizer a parse is about half a second)."""
+    from lion_min.formats.tokenizer import Tokenizer
+
+    parsed, real = [], Tokenizer.from_dir.__func__
+    monkeypatch.setattr(Tokenizer, "from_dir", classmethod(lambda cls, f: parsed.append(Path(f)) or real(cls, f)))
+    argv = sft_argv(tiny_chat_model, tmp_path / "out", "--max_steps=1", "--eval_fraction=0", "--data_cache=off")
+    if stage == "dpo":
+        argv = [a.replace("--seq_len=", "--max_len=") for a in argv]
+        argv += [f"--data={tiny_chat_model['prefs']}", "--max_prompt_len=48"]
+    (train_sft if stage == "sft" else train_dpo).main(argv)
+    assert parsed == [tiny_chat_model["model"]] * 2
+
+
 def test_a_hub_id_is_not_fetched_before_the_local_checks(tiny_chat_model, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 

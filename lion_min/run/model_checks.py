@@ -8,16 +8,40 @@ minute of loading); the stage makes them again on what it loaded (a hub id is fe
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from safetensors import safe_open
 
-from lion_min.core.chat import TEMPLATES, template_of, with_template_tokens
+from lion_min.core.args import ModelArgs
+from lion_min.core.chat import TEMPLATES, check_tokenizer, template_of, with_template_tokens
 from lion_min.core.judge import RULES, RuleFn
 from lion_min.formats.hf_config import CheckpointError, read_config, resolve_path, weight_files
 from lion_min.formats.hub import goes_to_hub
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.config import ConfigError
+
+
+class ModelFolder(NamedTuple):
+    """A run's model folder as read_model_folder found it (everything but the weights)."""
+    folder: Path
+    args: ModelArgs  # its config.json
+    tokenizer: Tokenizer  # with the run's chat template's tokens (chat_tokenizer)
+    template: str  # the run's chat template, named (--chat_template=auto resolved)
+
+
+def read_model_folder(cfg, name: Optional[str] = None) -> ModelFolder:
+    """The model folder `name` (--model when None) read without its weights, and checked against the
+    run: config.json, the weight files listed, the attention backend, the tokenizer's ids against the
+    embedding rows and the chat template's tokens. The stage reads it once; preflight too, earlier."""
+    folder = resolve_path(name or cfg.model, cfg.revision)
+    args = read_config(folder)
+    check_attn_backend(cfg.attn_backend, args, folder)
+    weight_files(folder)
+    tokenizer = Tokenizer.from_dir(folder)
+    check_vocab(tokenizer, args, folder)
+    tokenizer, template = chat_tokenizer(cfg, folder, tokenizer)
+    check_tokenizer(tokenizer, template)
+    return ModelFolder(folder, args, tokenizer, template)
 
 
 def chat_tokenizer(cfg, folder: Path, tokenizer: Optional[Tokenizer] = None) -> tuple[Tokenizer, str]:

@@ -11,11 +11,10 @@ import torch
 from lion_min.core.chat import template_line
 from lion_min.core.parallel import Dist, build_model
 from lion_min.formats.hf import grow_vocab, load_model
-from lion_min.formats.hf_config import read_config, resolve_path
 from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.config import DTYPES, ConfigError
 from lion_min.run.memory import choose_checkpointing, min_free_memory
-from lion_min.run.model_checks import chat_tokenizer, check_attn_backend, check_vocab
+from lion_min.run.model_checks import ModelFolder, read_model_folder
 
 # A checkpoint may be stored in fp16; training never is.
 EXPORT_DTYPES = {name: getattr(torch, name) for name in (*DTYPES, "float16")}
@@ -37,16 +36,11 @@ class Policy(NamedTuple):
     cfg: object  # the run's config with --chat_template=auto resolved to a name
 
 
-def load_policy(cfg, d: Dist, param_dtype: torch.dtype, folder: Optional[Path] = None) -> Policy:
+def load_policy(cfg, d: Dist, param_dtype: torch.dtype, start: Optional[ModelFolder] = None) -> Policy:
     """The starting checkpoint as a wrapped training model, its ModelArgs and its tokenizer (with the
     chat template's tokens; new ids grow the embedding: build_from_folder), and the config with
-    its chat template named."""
-    folder = folder or resolve_path(cfg.model, cfg.revision)
-    args = read_config(folder)
-    check_attn_backend(cfg.attn_backend, args, folder)
-    tokenizer = Tokenizer.from_dir(folder)
-    check_vocab(tokenizer, args, folder)
-    tokenizer, template = chat_tokenizer(cfg, folder, tokenizer)
+    its chat template named. `start`: --model's folder, when the stage has read it already."""
+    folder, args, tokenizer, template = start or read_model_folder(cfg)
     cfg = dataclasses.replace(cfg, chat_template=template)
     if d.main and "replacing" in (line := template_line(cfg.chat_template, tokenizer)):
         print(f"note: chat template {line}")  # said again in the opening summary

@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from lion_min.run.config import ConfigError, DPOConfig, check_values, format_con
 from lion_min.formats.data import load_preferences, train_eval_split
 from lion_min.core.parallel import Dist
 from lion_min.run.faults import raise_if_any
-from lion_min.run.model_checks import chat_tokenizer, check_same_architecture, check_seq_len
+from lion_min.run.model_checks import ModelFolder, check_same_architecture, check_seq_len, read_model_folder
 from lion_min.run.policy import build_from_folder, export_dtype, load_policy
 from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root,
                               cache_key, concat_shards, data_identity, input_names, open_prepared, prepare_folder,
@@ -229,10 +229,11 @@ def reference(cfg: DPOConfig, d, args, dtype, ref_folder: Path, pad_id: int, pai
 
 
 def train_pairs(cfg: DPOConfig, d, pairs: Sequence[EncodedPair], eval_pairs: Sequence[EncodedPair], dtype,
-                summary: dict, inputs: dict) -> TrainResult:
+                summary: dict, inputs: dict, start: Optional[ModelFolder] = None) -> TrainResult:
     """Policy, reference, batches, then the shared loop. The online stage calls it for each round.
-    `inputs` (flag -> path) are what the run folder must not overlap and what a resume must match."""
-    model, args, tokenizer, folder, cfg = load_policy(cfg, d, dtype)
+    `inputs` (flag -> path) are what the run folder must not overlap and what a resume must match;
+    `start`: --model's folder, when the caller has read it (load_policy)."""
+    model, args, tokenizer, folder, cfg = load_policy(cfg, d, dtype, start)
     check_seq_len(cfg.max_len, args, "max_len", default=DPOConfig.max_len)
     exported = export_dtype(cfg, folder)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -274,8 +275,9 @@ def run(cfg: DPOConfig) -> TrainResult:
     d, dtype = start_run(cfg)
     if d.main:
         print(f"config:\n{format_config(cfg)}")
-    tokenizer, template = chat_tokenizer(cfg, resolve_path(cfg.model, cfg.revision))
-    cfg = dataclasses.replace(cfg, chat_template=template)  # --chat_template=auto named
+    start = read_model_folder(cfg)
+    tokenizer = start.tokenizer
+    cfg = dataclasses.replace(cfg, chat_template=start.template)  # --chat_template=auto named
     if cfg.data_cache == "off":  # every rank encodes everything, in memory
         prefs, eval_prefs, data_summary = load_dpo_data(cfg)
         pairs, pst = encode_pairs(prefs, tokenizer, cfg.chat_template, cfg.max_len, cfg.max_prompt_len,
@@ -290,7 +292,7 @@ def run(cfg: DPOConfig) -> TrainResult:
             print(f"data: {prep.how()}")
     check_enough_pairs(len(pairs), pst, cfg)
     return train_pairs(cfg, d, pairs, eval_pairs, dtype, {"data": data_summary, **dataclasses.asdict(pst)},
-                       inputs={"--data": cfg.data, "--eval_data": cfg.eval_data})
+                       inputs={"--data": cfg.data, "--eval_data": cfg.eval_data}, start=start)
 
 
 def check_enough_pairs(kept: int, st: PairStats, cfg: DPOConfig):

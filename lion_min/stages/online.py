@@ -33,7 +33,7 @@ from lion_min.core.online import choose_pair, mean_score, sample_and_judge, to_p
 from lion_min.run.judges import make_judge
 from lion_min.core.parallel import Dist, barrier
 from lion_min.run.plot import earlier_runs, plot_pipeline
-from lion_min.run.model_checks import chat_tokenizer
+from lion_min.run.model_checks import read_model_folder
 from lion_min.run.policy import checkpoint_dtype
 from lion_min.run.run_folder import append_summary, broadcast, claim, overwrite_flag, start_run
 from lion_min.run.prompts import read_prompts
@@ -146,13 +146,13 @@ def run(cfg: OnlineConfig, judge: Judge | None = None) -> list[dict]:
     `judge` replaces --judge (the demo passes its rule this way)."""
     check_config(cfg)
     d, dtype = start_run(cfg)
-    start_folder = resolve_path(cfg.model, cfg.revision)
+    start = read_model_folder(cfg)
+    start_folder = start.folder
     ref_folder = resolve_path(cfg.ref_model, cfg.revision) if cfg.ref_model else start_folder
     prompts = read_prompts(cfg.prompts)
     check_enough_prompts(cfg, len(prompts))
-    tokenizer, template = chat_tokenizer(cfg, start_folder)
-    cfg = dataclasses.replace(cfg, chat_template=template)  # --chat_template=auto named
-    if tokenizer.added:
+    cfg = dataclasses.replace(cfg, chat_template=start.template)  # --chat_template=auto named
+    if start.tokenizer.added:
         raise ConfigError(f"--model={cfg.model}: its tokenizer lacks the {cfg.chat_template} template's tokens; online "
                           f"DPO samples with them, so start from an SFT or DPO run's export (which carries them)")
     judge = judge or make_judge(cfg.judge, chat_template=cfg.judge_template, dtype=dtype, device=d.device)

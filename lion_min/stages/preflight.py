@@ -14,14 +14,10 @@ the stage downloads it after these checks, and checks what it got.
 
 from pathlib import Path
 
-from lion_min.core.chat import check_tokenizer
 from lion_min.formats.data import check_sources
-from lion_min.formats.hf_config import read_config, resolve_path, weight_files
 from lion_min.formats.hub import goes_to_hub
-from lion_min.formats.tokenizer import Tokenizer
 from lion_min.run.config import TRAINING_KEYS, ConfigError, DPOConfig, SFTConfig, parse_columns
-from lion_min.run.model_checks import (chat_tokenizer, check_attn_backend, check_judge, check_same_architecture,
-                                       check_seq_len, check_vocab)
+from lion_min.run.model_checks import check_judge, check_same_architecture, check_seq_len, read_model_folder
 from lion_min.run.report import check_report_to
 from lion_min.run.run_folder import check, named_checkpoint
 
@@ -71,15 +67,6 @@ def preflight(cfg) -> None:
 
 
 def check_model_folder(cfg, name: str):
-    """A local model folder's config.json (as ModelArgs), weight files and tokenizer (able to encode
-    the run's chat template), read without its weights; None for a hub id (checked once fetched)."""
-    if goes_to_hub(name):
-        return None
-    folder = resolve_path(name, cfg.revision)
-    args = read_config(folder)
-    check_attn_backend(cfg.attn_backend, args, folder)
-    weight_files(folder)
-    tokenizer = Tokenizer.from_dir(folder)
-    check_vocab(tokenizer, args, folder)
-    check_tokenizer(*chat_tokenizer(cfg, folder, tokenizer))
-    return args
+    """A local model folder's config.json (as ModelArgs), checked as the stage will check it
+    (model_checks.read_model_folder); None for a hub id (checked once fetched)."""
+    return None if goes_to_hub(name) else read_model_folder(cfg, name).args

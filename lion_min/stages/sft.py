@@ -21,8 +21,7 @@ from lion_min.formats.data import load_conversations, train_eval_split
 from lion_min.core.sft import pack_conversations, sft_objective
 from lion_min.core.packing import FIELDS, Packed, kept_lengths, pack, plan_rows
 from lion_min.core.parallel import Dist
-from lion_min.formats.hf_config import read_config, resolve_path
-from lion_min.run.model_checks import chat_tokenizer, check_attn_backend, check_seq_len
+from lion_min.run.model_checks import check_seq_len, read_model_folder
 from lion_min.run.policy import export_dtype, load_policy
 from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root, concat_shards,
                               cache_key, data_identity, input_names, open_prepared, prepare_folder, token_dtype,
@@ -208,12 +207,10 @@ def run(cfg: SFTConfig) -> TrainResult:
         print(f"config:\n{format_config(cfg)}")
     # The data before the weights (as in DPO): a bad record deep in a file, or too little data, is
     # found without waiting for the model to load. Encoding needs only the tokenizer.
-    folder = resolve_path(cfg.model, cfg.revision)
-    args = read_config(folder)
-    check_seq_len(cfg.seq_len, args, default=SFTConfig.seq_len)
-    check_attn_backend(cfg.attn_backend, args, folder)
-    tokenizer, template = chat_tokenizer(cfg, folder)
-    cfg = dataclasses.replace(cfg, chat_template=template)  # --chat_template=auto named
+    start = read_model_folder(cfg)
+    check_seq_len(cfg.seq_len, start.args, default=SFTConfig.seq_len)
+    tokenizer = start.tokenizer
+    cfg = dataclasses.replace(cfg, chat_template=start.template)  # --chat_template=auto named
     if cfg.data_cache == "off":  # every rank encodes and packs everything, in memory
         convs, eval_convs, data_summary = load_sft_data(cfg)
         packed = sft_rows(convs, tokenizer, cfg)
@@ -228,7 +225,7 @@ def run(cfg: SFTConfig) -> TrainResult:
             print(f"data: {prep.how()}")
     batches = row_batches(rows, cfg.batch_size, cfg.micro_batch_size, cfg.epochs, cfg.seed, d)
     evals = eval_batches(eval_rows, cfg, d) if eval_rows is not None else None
-    model, _, tokenizer, folder, cfg = load_policy(cfg, d, dtype, folder)
+    model, _, tokenizer, folder, cfg = load_policy(cfg, d, dtype, start)
     exported = export_dtype(cfg, folder)
     summary = {
         "data": data_summary,
