@@ -86,7 +86,7 @@ CASES = [
     ("sft", {"model": "{plain}", "chat_template": "llama3"}, "lacks the special token '<|start_header_id|>'"),
     ("sft", {"micro_batch_size": 8}, "--micro_batch_size=8 is larger than --batch_size=4"),
     ("sft", {"seq_len": 100000}, "--seq_len=100000 is above the model's max_position_embeddings (8192)"),
-    ("sft", {"chat_template": "vicuna"}, "--chat_template=vicuna: expected one of llama3, gemma, chatml, auto"),
+    ("sft", {"chat_template": "vicuna"}, "--chat_template=vicuna: expected one of llama3, gemma, gemma3, chatml, auto"),
     ("sft", {"preset": "lion-mistral"}, "--preset=lion-mistral: unknown preset"),
     ("sft", {"data": ""}, "--data is required (run with no flags at all for the built-in demo)"),
     ("sft", {"learning_rate": "1e-5"}, "unknown option --learning_rate: lion_min calls it --lr"),

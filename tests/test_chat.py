@@ -1,6 +1,8 @@
 """Chat templates and the tokenizer wrapper against the official Jinja templates.
 
-Golden texts come from jinja2 rendering the verbatim official templates in data/chat_templates;
+Golden texts come from jinja2 rendering the verbatim official templates in data/chat_templates
+(gemma3.jinja, the gemma-3-*-it template, is copied from TRL 1.16.0's trl/chat_templates/gemma3.jinja,
+which TRL checks against the hub's releases; the hub is out of reach here);
 golden ids from tokenizing that whole text once (and, for Llama-3, from quicktok's independent
 implementation of Meta's tokenizer). Golden masks are spelled out by hand.
 """
@@ -37,7 +39,8 @@ BUILDERS = {
     "gemma_chatml": build_gemma_chatml_tokenizer,
 }
 # (template, tokenizer) pairs under test: ChatML is used with both model families.
-PAIRS = [("llama3", "llama3"), ("gemma", "gemma"), ("chatml", "chatml"), ("chatml", "gemma_chatml")]
+# Gemma-3's template writes the same tokens as Gemma's (its tokenizer gives them other ids: 105, 106).
+PAIRS = [("llama3", "llama3"), ("gemma", "gemma"), ("gemma3", "gemma"), ("chatml", "chatml"), ("chatml", "gemma_chatml")]
 PAIR_IDS = [f"{t}-{k}" for t, k in PAIRS]
 
 
@@ -298,6 +301,42 @@ def test_gemma_role_errors(messages, index, words, jinja_words):
         jinja_render("gemma", messages, "<bos>", False)
 
 
+S = {"role": "system", "content": " Be brief.\n"}
+
+
+def test_gemma3_writes_the_system_message_into_the_first_user_turn():
+    # Unstripped, then a blank line, then the user's stripped text; no turn of its own, never trained.
+    m = [S, {"role": "user", "content": " Hi "}, A]
+    assert render(m, "gemma3") == ("<bos><start_of_turn>user\n Be brief.\n\n\nHi<end_of_turn>\n"
+                                   "<start_of_turn>model\nhello<end_of_turn>\n")
+    for messages in (m, [S], [S, U]):  # a system message alone writes nothing, as the official template
+        assert render(messages, "gemma3", True) == jinja_render("gemma3", messages, "<bos>", True)
+
+
+@pytest.mark.parametrize(
+    "messages,index,words,jinja_words",
+    [
+        ([U, A, S], 2, "system message only first", "alternate"),
+        ([S, A], 1, "must alternate", "alternate"),
+        ([S, U, U], 2, "must alternate", "alternate"),
+        ([S, U, A, A], 3, "must alternate", "alternate"),
+    ],
+)
+def test_gemma3_role_errors(messages, index, words, jinja_words):
+    with pytest.raises(ChatFormatError, match=rf"message {index}: .*{words}"):
+        render(messages, "gemma3")
+    with pytest.raises(jinja2.TemplateError, match=jinja_words):
+        jinja_render("gemma3", messages, "<bos>", False)
+
+
+def test_gemma3_refuses_a_late_system_message_its_template_would_write_as_a_turn():
+    # The official template writes [user, system] as a "<start_of_turn>system" turn, which Gemma-3
+    # was not trained on; lion_min refuses it rather than train on it.
+    assert "<start_of_turn>system\n" in jinja_render("gemma3", [U, S], "<bos>", False)
+    with pytest.raises(ChatFormatError, match="message 1: the gemma3 template takes a system message only first"):
+        render([U, S], "gemma3")
+
+
 def test_llama3_and_chatml_accept_any_role_order():
     m = [U, U, A, A, {"role": "system", "content": "late system"}]
     for name in ("llama3", "chatml"):
@@ -314,7 +353,7 @@ def test_tokenizer_lacking_template_tokens(toks, template, tok_name, missing):
 
 
 def test_bad_names(toks):
-    with pytest.raises(ValueError, match="llama3, gemma, chatml"):
+    with pytest.raises(ValueError, match="llama3, gemma, gemma3, chatml"):
         get_template("vicuna")
     with pytest.raises(ValueError, match="train_on"):
         encode_chat(toks["llama3"], [U, A], "llama3", train_on="prompt")

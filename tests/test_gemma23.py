@@ -10,6 +10,7 @@ test_sample.py and test_checkpoint.py include both configs.)
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -337,3 +338,30 @@ def test_sft_resume_equals_uninterrupted_gemma2(tiny_gemma2_chat, tmp_path):
     x = torch.randint(0, 1024, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x), atol=FP32_TOL, rtol=0)
+
+
+def test_a_gemma3_it_folder_trains_and_exports_its_own_template(tiny_chat_model, tmp_path, capsys):
+    """--chat_template=auto on a Gemma-3-it folder names its template (gemma3: the system message
+    opens the first user turn); the export carries it, and transformers renders the export's template
+    to the very ids training used."""
+    import train_sft
+    from test_sft import base_args
+    from tokenizers_for_tests import build_gemma_tokenizer
+
+    from lion_min.core.chat import TEMPLATES, encode_chat, with_system
+    from lion_min.formats.tokenizer import Tokenizer
+
+    model = make_hf_checkpoint("gemma-3-1b-it", tmp_path / "g3it", std=0.05, vocab_size=1024)
+    build_gemma_tokenizer(model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": TEMPLATES["gemma3"].jinja}))
+    out = tmp_path / "out"
+    train_sft.main(base_args({"model": model, "data": tiny_chat_model["data"]}, out, max_steps=1,
+                             chat_template="auto", system_prompt="Be brief."))
+    assert re.search(r"chat template +gemma3 \(the model folder's own\)", capsys.readouterr().out)
+    exported = transformers.AutoTokenizer.from_pretrained(out)
+    conv = [json.loads(line) for line in tiny_chat_model["data"].read_text().splitlines()][0]["messages"]
+    ours = encode_chat(Tokenizer.from_dir(out), with_system(conv, "Be brief."), "gemma3")
+    theirs = exported.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+    assert "<start_of_turn>user\nBe brief.\n\n" in exported.decode(theirs)
+    assert theirs == ours.input_ids

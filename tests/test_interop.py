@@ -1,7 +1,7 @@
 """Exports that other tools take for the original checkpoint: transformers loads them as it loads the
 source, its text-generation pipeline chats with the export's own template and stops at the
 end-of-turn token, and TRL's SFTTrainer (optional; skipped when not installed) accepts an exported
-llama3 folder and a Gemma-2 one for assistant-only training.
+llama3 folder and Gemma-2 and Gemma-3 ones for assistant-only training.
 
 The sources are the hub-style folders of test_checkpoint.py (hub_checkpoint), exported by lion_min
 after loading them in fp32.
@@ -145,13 +145,15 @@ def test_trl_sft_trainer_takes_the_llama3_export_for_assistant_only_loss(tmp_pat
 
 
 @needs_trl
-def test_trl_sft_trainer_takes_a_gemma2_export_and_also_trains_the_newline_after_end_of_turn(tmp_path, monkeypatch):
-    """A Gemma-2 export with the gemma template: TRL recognises the template and tokenizes exactly as
-    lion_min does; its training template puts the "\\n" after each model turn's <end_of_turn> inside
-    the trained span, where lion_min trains the reply and <end_of_turn> only (what generation emits
-    before it stops). So TRL's mask is lion_min's plus that one token per assistant turn."""
-    monkeypatch.setitem(HUB_CASES, "gemma2", ("gemma-2-2b-it", "gemma", "<bos>", "<eos>", "<pad>", "gemma"))
-    rows, tok = trl_rows("gemma2", tmp_path)
+@pytest.mark.parametrize("case,config,template", [("gemma2", "gemma-2-2b-it", "gemma"), ("gemma3", "gemma-3-1b-it", "gemma3")])
+def test_trl_sft_trainer_takes_a_gemma_export_and_also_trains_the_newline_after_end_of_turn(tmp_path, monkeypatch,
+                                                                                          case, config, template):
+    """A Gemma-2 export with the gemma template, a Gemma-3 one with gemma3: TRL recognises the template
+    and tokenizes exactly as lion_min does; its training template puts the "\\n" after each model turn's
+    <end_of_turn> inside the trained span, where lion_min trains the reply and <end_of_turn> only (what
+    generation emits before it stops). So TRL's mask is lion_min's plus that one token per assistant turn."""
+    monkeypatch.setitem(HUB_CASES, case, (config, "gemma", "<bos>", "<eos>", "<pad>", template))
+    rows, tok = trl_rows(case, tmp_path)
     eot, newline = tok.token_id("<end_of_turn>"), tok.encode("\n")
     for row, ours in rows:
         assert row["input_ids"] == ours.input_ids

@@ -27,7 +27,8 @@ from tokenizers_for_tests import build_chatml_tokenizer, build_gemma_chatml_toke
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE = Dist(rank=0, world=1, local_rank=0, device="cpu")
-BUILDERS = {"llama3": build_llama3_tokenizer, "gemma": build_gemma_tokenizer, "chatml": build_chatml_tokenizer}
+BUILDERS = {"llama3": build_llama3_tokenizer, "gemma": build_gemma_tokenizer, "gemma3": build_gemma_tokenizer,
+            "chatml": build_chatml_tokenizer}
 
 
 def random_text(rng: random.Random) -> str:
@@ -52,7 +53,7 @@ def random_conversations(n: int, seed: int = 0, system: bool = True, reply_end: 
     return convs
 
 
-@pytest.mark.parametrize("template", ["llama3", "gemma", "chatml"])
+@pytest.mark.parametrize("template", ["llama3", "gemma", "gemma3", "chatml"])
 def test_encode_chats_equals_encode_chat(template, tmp_path):
     tok = Tokenizer.from_dir(BUILDERS[template](tmp_path / template))
     convs = random_conversations(150, seed=1, system=template != "gemma")

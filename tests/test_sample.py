@@ -307,7 +307,7 @@ def test_cli_takes_the_chat_template_from_the_model_folder(chat_model, tmp_path,
     assert sample() == (gemma, f"chat template: gemma (from {folder / 'train_config.json'})")
     (folder / "train_config.json").write_text(json.dumps({"chat_template": "vicuna"}))
     with pytest.raises(ConfigError, match=r"train_config.json: chat_template 'vicuna' is not one lion_min knows; pass "
-                                          r"--chat_template=none for raw text or name one \(llama3, gemma, chatml\)$"):
+                                          r"--chat_template=none for raw text or name one \(llama3, gemma, gemma3, chatml\)$"):
         sample()
     (folder / "train_config.json").unlink()
 
@@ -325,7 +325,7 @@ def test_cli_errors(chat_model, tmp_path):
         main([f"--model={chat_model}", f"--prompts_file={tmp_path / 'missing.jsonl'}"])
     with pytest.raises(ConfigError, match="--prompt"):
         main([f"--model={chat_model}"])
-    with pytest.raises(ValueError, match="--chat_template=vicuna: expected one of auto, chatml, llama3, gemma, none"):
+    with pytest.raises(ValueError, match="--chat_template=vicuna: expected one of auto, chatml, llama3, gemma, gemma3, none"):
         main([f"--model={chat_model}", "--prompt=hi", "--chat_template=vicuna"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt field"}\n')

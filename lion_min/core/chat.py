@@ -1,12 +1,14 @@
-"""Chat templates (llama3, gemma, chatml) written by hand, and the loss mask of a conversation.
+"""Chat templates (llama3, gemma, gemma3, chatml) written by hand, and the loss mask of a conversation.
 
 `render` produces exactly the text of the official Jinja template (kept in `ChatTemplate.jinja` so
-exported tokenizers carry it, and checked against it in tests/test_chat.py). All three share one
+exported tokenizers carry it, and checked against it in tests/test_chat.py). All four share one
 shape:
 
     BOS  [header(role) + content + end_of_turn + after_turn] per message  [header("assistant")]
 
-with the content stripped (Jinja's `| trim` is Python's str.strip) for llama3 and gemma, not chatml.
+with the content stripped (Jinja's `| trim` is Python's str.strip) for llama3 and the Gemmas, not
+chatml. Gemma-3's one difference: a system message is no turn of its own; its content and a blank
+line open the first user turn (gemma-2b-it's template refuses a system message).
 
 `encode_chat` tokenizes the whole rendered text ONCE (as apply_chat_template does), then builds the
 loss mask from character spans: the content of each trained assistant message plus the
@@ -76,10 +78,14 @@ class ChatTemplate:
     """Special tokens the template writes; the tokenizer must encode each as one token."""
     jinja: str
     """The official Jinja template, verbatim, for tokenizer_config.json."""
+    system_in_first_user: bool = False
+    """Gemma-3: a leading system message is written at the start of the first user turn, followed by
+    a blank line (and not stripped); roles alternate from the message after it."""
 
 
-# The official templates, verbatim (data, not run here): Meta-Llama-3-8B-Instruct, gemma-2b-it,
-# and ChatML with a leading BOS as the LION models use it. The "\n" below are real newlines inside
+# The official templates, verbatim (data, not run here): Meta-Llama-3-8B-Instruct, gemma-2b-it (also
+# Gemma-2's), gemma-3-*-it (with its image branch, which text never takes), and ChatML with a leading
+# BOS as the LION models use it. The "\n" below are real newlines inside
 # the Jinja string literals, as in the released tokenizer_config.json files: the rendered text would
 # be the same with backslash-n escapes, but tools that recognise a template by its exact string (TRL
 # maps known templates to training templates) would not know an export that carried that variant.
@@ -98,6 +104,25 @@ _GEMMA_JINJA = (
     "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
     "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+_GEMMA3_JINJA = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n"
 )
 _CHATML_JINJA = (
     "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
@@ -131,6 +156,20 @@ TEMPLATES: dict[str, ChatTemplate] = {
         default_bos="<bos>",
         specials=("<start_of_turn>", "<end_of_turn>"),
         jinja=_GEMMA_JINJA,
+    ),
+    "gemma3": ChatTemplate(
+        name="gemma3",
+        header="<start_of_turn>{role}\n",
+        end_of_turn="<end_of_turn>",
+        after_turn="\n",
+        strip_content=True,
+        assistant_role="model",
+        allow_system=True,
+        alternate=True,
+        default_bos="<bos>",
+        specials=("<start_of_turn>", "<end_of_turn>"),
+        jinja=_GEMMA3_JINJA,
+        system_in_first_user=True,  # the Gemma-3 difference
     ),
     "chatml": ChatTemplate(
         name="chatml",
@@ -188,7 +227,7 @@ def with_template_tokens(tokenizer: Tokenizer, template: ChatTemplate | str) -> 
     """The tokenizer, able to encode `template`. ChatML is written into models of any family (LION
     trains it on the base Gemma and Llama-3, whose tokenizers lack its two tokens), so its tokens
     are given ids where missing (Tokenizer.with_special_tokens: the family's reserved tokens, else
-    new ids). The llama3 and gemma templates need their own family's tokenizer (check_tokenizer)."""
+    new ids). The llama3 and Gemma templates need their own family's tokenizer (check_tokenizer)."""
     t = _as_template(template)
     return tokenizer.with_special_tokens(list(t.specials)) if t.name == "chatml" else tokenizer
 
@@ -214,6 +253,7 @@ def _as_template(template: ChatTemplate | str) -> ChatTemplate:
 def _check_messages(messages: list[dict], t: ChatTemplate) -> None:
     if not isinstance(messages, (list, tuple)) or len(messages) == 0:
         raise ChatFormatError("a conversation needs at least one message (message 0 is missing)")
+    first_turn = 0  # the message where user/assistant alternation starts
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ChatFormatError(f"message {i}: needs 'role' and 'content' keys, got {m!r}")
@@ -224,7 +264,12 @@ def _check_messages(messages: list[dict], t: ChatTemplate) -> None:
             raise ChatFormatError(f"message {i}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
         if role == "system" and not t.allow_system:
             raise ChatFormatError(f"message {i}: system role not supported by the {t.name} template")
-        if t.alternate and role != ("user" if i % 2 == 0 else "assistant"):
+        if role == "system" and t.system_in_first_user:  # Gemma-3: only first, as no turn of its own
+            if i > 0:
+                raise ChatFormatError(f"message {i}: the {t.name} template takes a system message only first")
+            first_turn = 1
+            continue
+        if t.alternate and role != ("user" if (i - first_turn) % 2 == 0 else "assistant"):
             raise ChatFormatError(
                 f"message {i}: {t.name} roles must alternate user/assistant/user/assistant/..., got {role!r}"
             )
@@ -240,9 +285,14 @@ def _render_with_spans(
     if bos is None:
         raise ChatFormatError(f"the {t.name} template needs a bos_token (the model's BOS)")
     parts, spans, n = [bos], [], len(bos)
+    system = ""  # Gemma-3: a system message's text, waiting for the first user turn
     for m in messages:
+        if m["role"] == "system" and t.system_in_first_user:
+            system = m["content"] + "\n\n"
+            spans.append((n, n))  # it writes nothing here
+            continue
         role = t.assistant_role if m["role"] == "assistant" else m["role"]
-        header = t.header.format(role=role)
+        header, system = t.header.format(role=role) + system, ""
         content = m["content"].strip() if t.strip_content else m["content"]
         start = n + len(header)
         end = start + len(content) + len(t.end_of_turn)

@@ -116,7 +116,7 @@ class DataConfig(TrainConfig):
     """Skip and count bad records instead of stopping at the first one."""
     chat_template: str = "chatml"
     """chatml (LION's; its two tokens are given ids when the tokenizer lacks them) | llama3 | gemma |
-    auto (the model folder's own template, chatml when it carries none)."""
+    gemma3 | auto (the model folder's own template, chatml when it carries none)."""
     system_prompt: Optional[str] = None
     """Inserted as the system turn when a conversation has none (LION: '' with ChatML)."""
     data_cache: str = "auto"
@@ -204,7 +204,7 @@ class OnlineConfig(DPOConfig):
     (the paper's PairRM ranker, docs/pairrm.md)."""
     judge_template: str = "auto"
     """A reward-model judge renders prompt and response from text with its own tokenizer and this
-    chat template: auto (its folder's own), chatml | llama3 | gemma, or a .jinja file for a folder
+    chat template: auto (its folder's own), chatml | llama3 | gemma | gemma3, or a .jinja file for a folder
     that carries none."""
     n_samples: int = 5
     """Samples per prompt (LION: 5)."""
@@ -232,7 +232,7 @@ TRAINING_KEYS = frozenset({
 
 @dataclass
 class SampleConfig:
-    CHOICES = {"chat_template": ("auto", "chatml", "llama3", "gemma", "none")}
+    CHOICES = {"chat_template": ("auto", "chatml", "llama3", "gemma", "gemma3", "none")}
 
     model: str = ""
     """Hugging Face checkpoint folder (or hub id) holding the weights and tokenizer.json."""
@@ -243,7 +243,7 @@ class SampleConfig:
     file's "messages" (the turns before the final reply), or plain text with one prompt per line."""
     chat_template: str = "auto"
     """auto (the model folder's: the chat_template of the lion_min run that wrote it, else its
-    tokenizer's template if it is a known one) | chatml | llama3 | gemma | none (raw text, preceded
+    tokenizer's template if it is a known one) | chatml | llama3 | gemma | gemma3 | none (raw text, preceded
     by the tokenizer's BOS if it has one)."""
     max_new_tokens: int = 128
     temperature: float = 1.0
