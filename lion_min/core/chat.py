@@ -22,7 +22,7 @@ reply.
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from typing import Literal, NamedTuple, Optional, Protocol
 
@@ -130,6 +130,20 @@ _CHATML_JINJA = (
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+_GEMMA = ChatTemplate(
+    name="gemma",
+    header="<start_of_turn>{role}\n",
+    end_of_turn="<end_of_turn>",
+    after_turn="\n",
+    strip_content=True,
+    assistant_role="model",
+    allow_system=False,
+    alternate=True,
+    default_bos="<bos>",
+    specials=("<start_of_turn>", "<end_of_turn>"),
+    jinja=_GEMMA_JINJA,
+)
+
 TEMPLATES: dict[str, ChatTemplate] = {
     "llama3": ChatTemplate(
         name="llama3",
@@ -144,33 +158,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
         specials=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
         jinja=_LLAMA3_JINJA,
     ),
-    "gemma": ChatTemplate(
-        name="gemma",
-        header="<start_of_turn>{role}\n",
-        end_of_turn="<end_of_turn>",
-        after_turn="\n",
-        strip_content=True,
-        assistant_role="model",
-        allow_system=False,
-        alternate=True,
-        default_bos="<bos>",
-        specials=("<start_of_turn>", "<end_of_turn>"),
-        jinja=_GEMMA_JINJA,
-    ),
-    "gemma3": ChatTemplate(
-        name="gemma3",
-        header="<start_of_turn>{role}\n",
-        end_of_turn="<end_of_turn>",
-        after_turn="\n",
-        strip_content=True,
-        assistant_role="model",
-        allow_system=True,
-        alternate=True,
-        default_bos="<bos>",
-        specials=("<start_of_turn>", "<end_of_turn>"),
-        jinja=_GEMMA3_JINJA,
-        system_in_first_user=True,  # the Gemma-3 difference
-    ),
+    "gemma": _GEMMA,
+    # Gemma-3 writes Gemma's turns; its one difference: a system message opens the first user turn.
+    "gemma3": replace(_GEMMA, name="gemma3", allow_system=True, system_in_first_user=True, jinja=_GEMMA3_JINJA),
     "chatml": ChatTemplate(
         name="chatml",
         header="<|im_start|>{role}\n",
