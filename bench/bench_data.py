@@ -209,11 +209,10 @@ def main(argv=None):
     # tokenizer thread); rank 0 lays out the rows (merge, linear in the data; best-fit-decreasing
     # is slightly worse than linear). The old path: every rank encodes and packs everything.
     # The floor for one thread: the Rust tokenizer alone on the rendered texts, one call per text.
-    from lion_min.core.chat import render
+    from lion_min.core.chat import render, with_system
     from lion_min.formats.data import load_conversations
-    from lion_min.run.data_cache import file_identity
-    from lion_min.core.chat import with_system
     from lion_min.formats.tokenizer import Tokenizer
+    from lion_min.run.data_cache import file_identity
 
     tok = Tokenizer.from_dir(model)
     texts = [render(with_system(c, ""), "chatml", bos_token=tok.bos_token) for c in load_conversations(str(data))[0]]

@@ -36,16 +36,16 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench_sft import CPUBench, header, interleaved, lognormal_lengths  # noqa: E402
-from lion_min.run.config import TrainConfig  # noqa: E402
-from lion_min.run.flags import parse_cli  # noqa: E402
-from lion_min.core.dpo import EncodedPair, compute_ref_logps, make_dpo_objective, pair_micro  # noqa: E402
-from lion_min.core.dpo import pair_logps
+
 from lion_min.core.args import ModelArgs  # noqa: E402
+from lion_min.core.dpo import EncodedPair, compute_ref_logps, make_dpo_objective, pair_logps, pair_micro  # noqa: E402
 from lion_min.core.model import Transformer  # noqa: E402
 from lion_min.core.packing import pack  # noqa: E402
 from lion_min.core.parallel import Dist  # noqa: E402
-from lion_min.core.train import make_optimizer  # noqa: E402
 from lion_min.core.sft import sft_objective  # noqa: E402
+from lion_min.core.train import make_optimizer  # noqa: E402
+from lion_min.run.config import TrainConfig  # noqa: E402
+from lion_min.run.flags import parse_cli  # noqa: E402
 
 
 @dataclass

@@ -27,9 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lion_min.run.flags import parse_cli  # noqa: E402
 from lion_min.pairrm.deberta import args_from_config, hf_name  # noqa: E402
 from lion_min.pairrm.model import DEBERTA_V3_LARGE, PairRM  # noqa: E402
+from lion_min.run.flags import parse_cli  # noqa: E402
 
 
 @dataclass

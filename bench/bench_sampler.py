@@ -29,11 +29,11 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lion_min.formats.hf import load_model  # noqa: E402
-from lion_min.run.flags import parse_cli  # noqa: E402
 from lion_min.core.args import ModelArgs  # noqa: E402
 from lion_min.core.model import Transformer  # noqa: E402
 from lion_min.core.sample import generate  # noqa: E402
+from lion_min.formats.hf import load_model  # noqa: E402
+from lion_min.run.flags import parse_cli  # noqa: E402
 
 
 @dataclass

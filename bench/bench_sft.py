@@ -47,13 +47,13 @@ import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from lion_min.core.losses import IGNORE_INDEX, sft_loss  # noqa: E402
+from lion_min.core.packing import best_fit_decreasing, collate, pack  # noqa: E402
+from lion_min.core.sft import sft_objective  # noqa: E402
+from lion_min.core.train import make_optimizer  # noqa: E402
 from lion_min.formats.hf import load_model  # noqa: E402
 from lion_min.run.config import TrainConfig  # noqa: E402
 from lion_min.run.flags import parse_cli  # noqa: E402
-from lion_min.core.losses import IGNORE_INDEX, sft_loss  # noqa: E402
-from lion_min.core.packing import best_fit_decreasing, collate, pack  # noqa: E402
-from lion_min.core.train import make_optimizer  # noqa: E402
-from lion_min.core.sft import sft_objective  # noqa: E402
 
 
 @dataclass
@@ -262,8 +262,8 @@ def part2(cfg: BenchConfig):
 def gpu_model_args(shape: str):
     import json
 
-    from lion_min.formats.hf_config import args_from_config
     from lion_min.core.args import ModelArgs
+    from lion_min.formats.hf_config import args_from_config
 
     if shape == "gemma-2b":
         return args_from_config(json.loads((ROOT / "tests/data/configs/gemma-2b.json").read_text()))

@@ -24,8 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from lion_min.run.flags import parse_cli  # noqa: E402
 from test_faults import worker_pids as workers  # noqa: E402  (torchrun's workers, found through /proc)
+
+from lion_min.run.flags import parse_cli  # noqa: E402
 
 
 @dataclass

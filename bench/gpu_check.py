@@ -67,17 +67,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lion_min.core.attention import attend, build_mask, resolve_backend  # noqa: E402
-from lion_min.formats.hf_config import args_from_config  # noqa: E402
-from lion_min.run.flops import (attention_flops_per_pair, device_peaks, document_lengths, matmul_params, mfu,  # noqa: E402
-                            mfu_useful)
-from lion_min.core.losses import IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss, token_logprobs  # noqa: E402
 from lion_min.core.args import ModelArgs  # noqa: E402
+from lion_min.core.attention import attend, build_mask, resolve_backend  # noqa: E402
+from lion_min.core.losses import IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss, token_logprobs  # noqa: E402
 from lion_min.core.model import RMSNorm, Transformer  # noqa: E402
 from lion_min.core.packing import collate, pack  # noqa: E402
 from lion_min.core.parallel import Dist, build_model  # noqa: E402
-from lion_min.run.memory import GiB, choose_checkpointing, step_memory
 from lion_min.core.sample import generate  # noqa: E402
+from lion_min.formats.hf_config import args_from_config  # noqa: E402
+from lion_min.run.flops import (attention_flops_per_pair, device_peaks, document_lengths,  # noqa: E402
+                                matmul_params, mfu, mfu_useful)
+from lion_min.run.memory import GiB, choose_checkpointing, step_memory  # noqa: E402
 
 # pipeline before cli: its online stage has never run on a GPU, while cli's MFU repeats sft's
 # through the real script; if the budget runs short, cli is the one skipped.
@@ -600,8 +600,8 @@ def write_model_folder(c: Check, args: ModelArgs, folder: Path) -> Path:
     (built with `tokenizers`: ChatML markers, BOS, pad and unk as special tokens)."""
     from dataclasses import replace
 
-    from lion_min.formats.hf import save_model
     from lion_min.demo.task import build_demo_tokenizer
+    from lion_min.formats.hf import save_model
     from lion_min.formats.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(build_demo_tokenizer(folder.parent / "tokenizer"))

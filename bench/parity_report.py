@@ -16,8 +16,9 @@ import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-import lion_min  # noqa: E402
 from conftest import CONFIG_NAMES, make_hf_checkpoint  # noqa: E402
+
+import lion_min  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 root = Path(tempfile.mkdtemp())

@@ -245,8 +245,8 @@ def sample_main(argv: Optional[list[str]] = None) -> list[str]:
 
     from lion_min.core.chat import encode_prompt, get_template, stop_token_ids, template_system
     from lion_min.core.sample import generate
-    from lion_min.formats.hf_config import resolve_path
     from lion_min.formats.hf import load_model
+    from lion_min.formats.hf_config import resolve_path
     from lion_min.formats.tokenizer import Tokenizer
     from lion_min.run.config import SampleConfig, resolve_dtype
     from lion_min.run.prompts import folder_template, read_prompts
@@ -292,12 +292,11 @@ def sample_main(argv: Optional[list[str]] = None) -> list[str]:
 def prepare_main(argv: Optional[list[str]] = None) -> None:
     """python -m lion_min prepare [sft|dpo] --model=... --data=... [the stage's flags] (its module
     docstring is the --help text)"""
-    from lion_min.stages import dpo
-    from lion_min.run import data_cache as prepare
-    from lion_min.stages import sft
-    from lion_min.formats.hf_config import resolve_path
     from lion_min.core.parallel import init_distributed
+    from lion_min.formats.hf_config import resolve_path
+    from lion_min.run import data_cache as prepare
     from lion_min.run.model_checks import chat_tokenizer
+    from lion_min.stages import dpo, sft
 
     argv = sys.argv[1:] if argv is None else list(argv)
     stage = argv.pop(0) if argv and not argv[0].startswith("-") else "sft"

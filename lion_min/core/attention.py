@@ -35,8 +35,8 @@ kernel has neither a soft-cap nor, here, a window: it is refused for such models
 picks it.
 """
 
-import inspect
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 

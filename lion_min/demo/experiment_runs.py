@@ -143,8 +143,8 @@ class Context:
         return run_once(self.root / "sft" / f"seed_{seed}", lambda folder: self._sft(folder, seed))
 
     def _sft(self, folder: Path, seed: int) -> dict:
-        from lion_min.stages.sft import run
         from lion_min.run.config import SFTConfig
+        from lion_min.stages.sft import run
 
         run(SFTConfig(**self.settings("sft", folder, seed, model=str(self.init_model(seed)),
                                       data=str(self.paths["sft"]), eval_data=str(self.paths["sft_eval"]))))

@@ -36,11 +36,25 @@ from typing import Callable, Optional
 import torch
 
 from lion_min.demo import task as demo
+from lion_min.demo.experiment_runs import (  # noqa: F401
+    SIZES,
+    Context,
+    ExperimentConfig,
+    Size,
+    bar_chart,
+    head,
+    pyplot,
+    result,
+    run_once,
+    save,
+    slug,
+    spread,
+    sweep,
+    table,
+    write_outputs,
+)
 from lion_min.run.config import ConfigError, check_values
-from lion_min.demo.experiment_runs import (SIZES, Context, ExperimentConfig, Size, bar_chart, head, pyplot, result,  # noqa: F401
-                                      run_once, save, slug, spread, sweep, table, write_outputs)
 from lion_min.run.flags import parse_cli
-
 
 # --- 1. SFT: padding vs packing, loss masking -----------------------------------------------------
 
@@ -52,9 +66,9 @@ def reply_loss(folder: Path, conversations: Path) -> float:
     """The common yardstick of the SFT arms: mean -log p per reply token (and end-of-turn) of the
     held-out conversations, each scored alone with its own positions, whatever the arm trained on."""
     from lion_min.core.chat import encode_chat
-    from lion_min.formats.hf import load_model
-    from lion_min.formats.data import load_conversations
     from lion_min.core.packing import collate, pack
+    from lion_min.formats.data import load_conversations
+    from lion_min.formats.hf import load_model
     from lion_min.formats.tokenizer import Tokenizer
 
     model, tokenizer = load_model(str(folder)).eval(), Tokenizer.from_dir(folder)
@@ -72,8 +86,8 @@ def packing_arms(ctx: Context) -> dict[str, Callable]:
     the same conversations (one epoch of sft_conversations): padding, naive packing (documents
     attend to each other, positions run on), packing with per-document attention; each with the
     loss on the replies only and on every token."""
-    from lion_min.stages.sft import run
     from lion_min.run.config import SFTConfig
+    from lion_min.stages.sft import run
 
     n = ctx.size.sft_conversations
     data = head(ctx.paths["sft"], n, ctx.root / "data" / f"sft_{n}.jsonl")
@@ -119,8 +133,8 @@ def dpo_arm(ctx: Context, beta: float, reference: str = "sft", **loss) -> Callab
     """Offline DPO from the seed's SFT model on the demo's pairs (less the held-out ones); the
     reference is the SFT model or ("start") the model SFT started from. `loss`: the DPO stage's
     loss_type and label_smoothing (default: the sigmoid loss, no smoothing)."""
-    from lion_min.stages.dpo import run
     from lion_min.run.config import DPOConfig
+    from lion_min.stages.dpo import run
 
     def make(folder: Path, seed: int) -> dict:
         sft = ctx.sft_model(seed)
@@ -170,8 +184,8 @@ def matched_figures(ctx: Context, folder: Path, pairs: int) -> dict:
 def online_arm(ctx: Context) -> Callable:
     """Online DPO from the seed's SFT model: online_rounds rounds of online_prompts prompts,
     5 samples each, best vs worst by the demo's rule."""
-    from lion_min.stages.online import run
     from lion_min.run.config import OnlineConfig
+    from lion_min.stages.online import run
 
     def make(folder: Path, seed: int) -> dict:
         n = ctx.size.online_prompts
@@ -187,8 +201,8 @@ def online_arm(ctx: Context) -> Callable:
 def offline_arm(ctx: Context, online_folder: Callable[[int], Path]) -> Callable:
     """Offline DPO from the same SFT model on as many of the demo's pairs as the online run of the
     same seed trained on, in as many steps, with the online stage's optimizer settings."""
-    from lion_min.stages.dpo import run
     from lion_min.run.config import DPOConfig
+    from lion_min.stages.dpo import run
 
     def make(folder: Path, seed: int) -> dict:
         n = result(online_folder(seed))["pairs"]
@@ -217,10 +231,9 @@ def logp_changes(policy: Path, start: Path, pairs_file: Path, keep: Path) -> dic
     """For each held-out pair: log pi(y) - log pi_start(y) for the chosen and the rejected reply
     (the change DPO made to each side's log-probability), every pair's two changes written to
     `keep` as JSON lines. Returns the means and the share of pairs whose chosen log-prob fell."""
-    from lion_min.formats.hf import load_model
+    from lion_min.core.dpo import encode_pairs, pair_logps, pair_micro
     from lion_min.formats.data import load_preferences
-    from lion_min.core.dpo import encode_pairs, pair_micro
-    from lion_min.core.dpo import pair_logps
+    from lion_min.formats.hf import load_model
     from lion_min.formats.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(policy)
@@ -334,9 +347,9 @@ def scaling_arm(ctx: Context, n_pairs: int) -> Callable:
     optimizer settings (constant lr 5e-5, no warmup, beta 0.5: no schedule that ends the curves
     for them). Greedy accuracy every scaling_every steps, read from the run's checkpoints
     (removed once read), and the loop's own held-out reward accuracy at the same steps."""
-    from lion_min.stages.dpo import run
     from lion_min.run.config import DPOConfig
     from lion_min.run.resume import checkpoint_dirs
+    from lion_min.stages.dpo import run
 
     def make(folder: Path, seed: int) -> dict:
         sft = ctx.sft_model(seed)
@@ -538,9 +551,8 @@ def plot_margins_by_loss(path: Path, runs: dict[str, list[dict]]) -> Optional[Pa
 def pipeline_arms(ctx: Context) -> dict[str, Callable]:
     """The README's demo, stage by stage, at its own settings (demo.SETTINGS): SFT from the seed's
     starting model, offline DPO on the demo's pairs, online DPO with the demo's rule as judge."""
-    from lion_min.run.config import DPOConfig
+    from lion_min.run.config import DPOConfig, OnlineConfig
     from lion_min.stages.dpo import run as run_dpo
-    from lion_min.run.config import OnlineConfig
     from lion_min.stages.online import run as run_online
 
     def sft(folder: Path, seed: int) -> dict:  # the shared SFT model of the seed (its result, repeated here)

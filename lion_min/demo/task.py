@@ -306,8 +306,8 @@ def wanted(stage: str):
 def init_model(folder: Path, tokenizer_dir: Path, seed: int) -> Path:
     """The demo's starting checkpoint: demo_model_args with weights initialised from `seed`,
     written once as a Hugging Face folder so the SFT stage loads it like any other model."""
-    from lion_min.formats.hf import save_model
     from lion_min.core.model import Transformer
+    from lion_min.formats.hf import save_model
     from lion_min.formats.tokenizer import Tokenizer
 
     meta = {"version": DATA_VERSION, "seed": seed}

@@ -62,9 +62,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise ConfigError(f"--out={cfg.out}: exists and is not an empty folder; name a new one")
     import torch
 
-    from lion_min.formats.hf import save_model
     from lion_min.core.args import ModelArgs
     from lion_min.core.model import Transformer
+    from lion_min.formats.hf import save_model
     from lion_min.formats.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(cfg.tokenizer)

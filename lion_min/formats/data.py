@@ -59,9 +59,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from lion_min.formats.data_files import DataError, names_hub, resolve_files
-from lion_min.formats.schemas import (PARSERS, PREFERENCE_SCHEMAS, SCHEMA_FIELDS, SFT_SCHEMAS, BadRecord, Columns,
-                              Conversation, Preference, detect)
-
+from lion_min.formats.schemas import (
+    PARSERS,
+    PREFERENCE_SCHEMAS,
+    SCHEMA_FIELDS,
+    SFT_SCHEMAS,
+    BadRecord,
+    Columns,
+    Conversation,
+    Preference,
+    detect,
+)
 
 _ERRORS_KEPT = 5  # skipped-record messages kept per source for the run summary
 

@@ -27,8 +27,14 @@ from safetensors.torch import save_file
 from lion_min.core.chat import TEMPLATES, template_of
 from lion_min.core.choices import EXPORT_FILES
 from lion_min.core.model import Transformer
-from lion_min.formats.hf_config import (CheckpointError, config_from_args, generation_config, read_config,
-                                        resolve_path, weight_files)
+from lion_min.formats.hf_config import (
+    CheckpointError,
+    config_from_args,
+    generation_config,
+    read_config,
+    resolve_path,
+    weight_files,
+)
 from lion_min.formats.tokenizer import Tokenizer
 
 # Our module names <- Hugging Face names. {i} is the layer index.

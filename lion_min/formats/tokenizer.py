@@ -19,7 +19,6 @@ from typing import Optional
 
 import tokenizers
 
-
 # Files of a tokenizer folder that save() writes back byte for byte (tokenizer.model: the
 # sentencepiece model that slow tokenizers load; the fast ones read tokenizer.json).
 SIDE_FILES = ("tokenizer.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json")

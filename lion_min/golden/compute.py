@@ -17,20 +17,19 @@ import torch
 
 import lion_min
 from lion_min.core.chat import ChatFormatError, get_template
-from lion_min.formats.hf_config import resolve_path, weight_files
-from lion_min.formats.hf import hash_files, hf_name, load_model
-from lion_min.run.config import DTYPES, ConfigError
-from lion_min.formats.data import load_conversations, load_preferences, parse_mixture
-from lion_min.formats.data_files import DataError
-from lion_min.formats.data_files import resolve_files
-from lion_min.core.dpo import encode_pairs
-from lion_min.golden.compare import FORMAT, Golden
-from lion_min.core.losses import IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss
 from lion_min.core.choices import DPO_LOSS_TYPES
+from lion_min.core.dpo import encode_pairs
+from lion_min.core.losses import IGNORE_INDEX, dpo_loss, sequence_logps, sft_loss
 from lion_min.core.packing import collate, pack
 from lion_min.core.sft import encode_conversations
-from lion_min.formats.tokenizer import Tokenizer
 from lion_min.core.train import make_optimizer
+from lion_min.formats.data import load_conversations, load_preferences, parse_mixture
+from lion_min.formats.data_files import DataError, resolve_files
+from lion_min.formats.hf import hash_files, hf_name, load_model
+from lion_min.formats.hf_config import resolve_path, weight_files
+from lion_min.formats.tokenizer import Tokenizer
+from lion_min.golden.compare import FORMAT, Golden
+from lion_min.run.config import DTYPES, ConfigError
 
 
 @dataclass

@@ -42,11 +42,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lion_min.formats.hf_config import CheckpointError, resolve_path, weight_files
-
 from lion_min.formats.hf import atomic_dir
-from lion_min.pairrm.deberta import DebertaArgs, DebertaEncoder, args_from_config, load_encoder_weights
+from lion_min.formats.hf_config import CheckpointError, resolve_path, weight_files
 from lion_min.formats.tokenizer import Tokenizer, TokenizerError
+from lion_min.pairrm.deberta import DebertaArgs, DebertaEncoder, args_from_config, load_encoder_weights
 
 Messages = list[dict]
 
@@ -302,8 +301,8 @@ def tokenizer_from_spm(spm_file: Path):
     40 unk_id), 3 = normalizer_spec (2 precompiled_charsmap)."""
     import struct
 
-    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, \
-        pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
 
     pieces, unk_id, model_type, charsmap = [], 0, 1, b""
     for field, value in _fields(spm_file.read_bytes()):

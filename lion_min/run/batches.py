@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from lion_min.core.chat import template_line
-from lion_min.run.config import ConfigError
 from lion_min.core.losses import IGNORE_INDEX
 from lion_min.core.packing import collate
 from lion_min.core.parallel import Dist
+from lion_min.run.config import ConfigError
 
 
 class Batches:

@@ -76,13 +76,13 @@ import numpy as np
 import tokenizers
 
 from lion_min.core.chat import ChatEncoding
-from lion_min.formats.hf import hash_files
-from lion_min.run.config import read_json
+from lion_min.core.parallel import Dist
 from lion_min.formats.data import parse_mixture
 from lion_min.formats.data_files import resolve_files
-from lion_min.core.parallel import Dist
-from lion_min.run.faults import raise_if_any
+from lion_min.formats.hf import hash_files
 from lion_min.formats.tokenizer import Tokenizer
+from lion_min.run.config import read_json
+from lion_min.run.faults import raise_if_any
 
 FORMAT = 1
 """Bumped when the layout on disk changes."""

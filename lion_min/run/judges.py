@@ -31,7 +31,6 @@ from lion_min.pairrm.model import PairRMJudge
 from lion_min.run.config import ConfigError
 from lion_min.run.model_checks import judge_template, reward_head_shape, unknown_judge
 
-
 # --- reward model ----------------------------------------------------------------------------------
 
 

@@ -17,18 +17,23 @@ from typing import Optional
 
 import torch
 
-from lion_min.run.batches import Batches
-from lion_min.formats.hf import save_model
-from lion_min.run.config import ConfigError, TrainConfig, config_to_json, read_json
-from lion_min.core.train import Objective, evaluate, make_optimizer, steps
-from lion_min.run.flops import document_lengths, mfu, mfu_useful, peak_flops
 from lion_min.core.parallel import Dist
+from lion_min.core.train import Objective, evaluate, make_optimizer, steps
+from lion_min.formats.hf import save_model
+from lion_min.run.batches import Batches
+from lion_min.run.config import ConfigError, TrainConfig, config_to_json, read_json
 from lion_min.run.faults import raise_if_any
+from lion_min.run.flops import document_lengths, mfu, mfu_useful, peak_flops
 from lion_min.run.report import Reporter
+from lion_min.run.resume import (
+    WRITE_ERRORS,
+    CheckpointWriteError,
+    load_checkpoint,
+    one_line,
+    resolve_resume,
+    save_checkpoint,
+)
 from lion_min.run.run_folder import continue_command, overwrite_flag
-from lion_min.run.resume import (WRITE_ERRORS, CheckpointWriteError, load_checkpoint, resolve_resume,
-                                  save_checkpoint, one_line)
-
 
 # --- throughput ----------------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ from lion_min.core.choices import AC_MODES
 from lion_min.core.model import checkpointing_mode
 from lion_min.core.parallel import Dist
 
-
 GiB = 2**30
 
 

@@ -23,8 +23,8 @@ import torch
 from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 
-from lion_min.run.config import TrainConfig, config_to_json
 from lion_min.core.parallel import Dist, barrier
+from lion_min.run.config import TrainConfig, config_to_json
 from lion_min.run.faults import PeerFailed, raise_if_any
 from lion_min.run.run_folder import named_checkpoint
 

@@ -313,8 +313,8 @@ def agree_on_inputs(cfg, d: "Dist") -> None:
     """Every rank must see the same inputs (FINGERPRINTED, each source of a mixture): compared
     before anything is loaded or written, so that a rank reading a stale copy stops the run. A rank
     that cannot read one says so itself, and the others stop with it."""
-    from lion_min.run.faults import raise_if_any
     from lion_min.formats.data import parse_mixture
+    from lion_min.run.faults import raise_if_any
 
     if d.world == 1:
         return

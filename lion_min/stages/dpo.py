@@ -25,25 +25,38 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lion_min.core.dpo import (EncodedPair, PairStats, compute_ref_logps, encode_pairs, make_dpo_objective,
-                              pair_micro)
-from lion_min.run.batches import Batches, eval_size, opening_summary
 from lion_min.core.chat import export_jinja
-from lion_min.formats.hf_config import read_config, resolve_path
-from lion_min.formats.hf import hash_files
-from lion_min.run.config import ConfigError, DPOConfig, check_values, format_config
-from lion_min.formats.data import load_preferences, train_eval_split
+from lion_min.core.dpo import EncodedPair, PairStats, compute_ref_logps, encode_pairs, make_dpo_objective, pair_micro
 from lion_min.core.parallel import Dist
+from lion_min.formats.data import load_preferences, train_eval_split
+from lion_min.formats.hf import hash_files
+from lion_min.formats.hf_config import read_config, resolve_path
+from lion_min.formats.tokenizer import Tokenizer
+from lion_min.run.batches import Batches, eval_size, opening_summary
+from lion_min.run.config import ConfigError, DPOConfig, check_values, format_config
+from lion_min.run.data_cache import (
+    CODE,
+    SHARD_CHUNK,
+    Prepared,
+    Sequences,
+    ShardWriter,
+    cache_key,
+    cache_root,
+    concat_shards,
+    data_identity,
+    input_names,
+    open_prepared,
+    prepare_folder,
+    token_dtype,
+    tokenizer_identity,
+    uses_seed,
+)
 from lion_min.run.faults import raise_if_any
+from lion_min.run.loop import TrainResult, train
 from lion_min.run.model_checks import ModelFolder, check_same_architecture, check_seq_len, read_model_folder
 from lion_min.run.policy import build_from_folder, export_dtype, load_policy
-from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root,
-                              cache_key, concat_shards, data_identity, input_names, open_prepared, prepare_folder,
-                              token_dtype, tokenizer_identity, uses_seed)
-from lion_min.run.run_folder import claim, start_run
-from lion_min.formats.tokenizer import Tokenizer
-from lion_min.run.loop import TrainResult, train
 from lion_min.run.resume import WRITE_ERRORS, CheckpointWriteError, one_line
+from lion_min.run.run_folder import claim, start_run
 
 
 def check_config(cfg: DPOConfig):

@@ -24,21 +24,22 @@ import json
 import shutil
 from pathlib import Path
 
-from lion_min.formats.hf import load_model, save_model
-from lion_min.formats.hf_config import resolve_path
-from lion_min.run.config import TRAINING_KEYS, ConfigError, OnlineConfig, format_config, read_json
-from lion_min.stages.dpo import check_config as check_dpo_config, train_pairs
 from lion_min.core.judge import Judge
 from lion_min.core.online import choose_pair, mean_score, sample_and_judge, to_pair
-from lion_min.run.judges import make_judge
 from lion_min.core.parallel import Dist, barrier
-from lion_min.run.plot import earlier_runs, plot_pipeline
-from lion_min.run.model_checks import read_model_folder
-from lion_min.run.policy import checkpoint_dtype
-from lion_min.run.run_folder import append_summary, broadcast, claim, overwrite_flag, start_run
-from lion_min.run.prompts import read_prompts
+from lion_min.formats.hf import load_model, save_model
+from lion_min.formats.hf_config import resolve_path
 from lion_min.formats.tokenizer import Tokenizer
+from lion_min.run.config import TRAINING_KEYS, ConfigError, OnlineConfig, format_config, read_json
+from lion_min.run.judges import make_judge
 from lion_min.run.loop import StopRequested
+from lion_min.run.model_checks import read_model_folder
+from lion_min.run.plot import earlier_runs, plot_pipeline
+from lion_min.run.policy import checkpoint_dtype
+from lion_min.run.prompts import read_prompts
+from lion_min.run.run_folder import append_summary, broadcast, claim, overwrite_flag, start_run
+from lion_min.stages.dpo import check_config as check_dpo_config
+from lion_min.stages.dpo import train_pairs
 
 
 def check_config(cfg: OnlineConfig):

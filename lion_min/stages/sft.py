@@ -14,21 +14,35 @@ from typing import Callable
 
 import numpy as np
 
-from lion_min.run.batches import Batches, eval_size, opening_summary, row_batches
 from lion_min.core.chat import encode_chats, export_jinja, with_system
-from lion_min.run.config import ConfigError, SFTConfig, check_values, format_config, parse_columns
-from lion_min.formats.data import load_conversations, train_eval_split
-from lion_min.core.sft import pack_conversations, sft_objective
 from lion_min.core.packing import FIELDS, Packed, kept_lengths, pack, plan_rows
 from lion_min.core.parallel import Dist
+from lion_min.core.sft import pack_conversations, sft_objective
+from lion_min.formats.data import load_conversations, train_eval_split
+from lion_min.formats.tokenizer import Tokenizer
+from lion_min.run.batches import Batches, eval_size, opening_summary, row_batches
+from lion_min.run.config import ConfigError, SFTConfig, check_values, format_config, parse_columns
+from lion_min.run.data_cache import (
+    CODE,
+    SHARD_CHUNK,
+    Prepared,
+    Sequences,
+    ShardWriter,
+    cache_key,
+    cache_root,
+    concat_shards,
+    data_identity,
+    input_names,
+    open_prepared,
+    prepare_folder,
+    token_dtype,
+    tokenizer_identity,
+    uses_seed,
+)
+from lion_min.run.loop import TrainResult, train
 from lion_min.run.model_checks import check_seq_len, read_model_folder
 from lion_min.run.policy import export_dtype, load_policy
-from lion_min.run.data_cache import (CODE, SHARD_CHUNK, Prepared, Sequences, ShardWriter, cache_root, concat_shards,
-                              cache_key, data_identity, input_names, open_prepared, prepare_folder, token_dtype,
-                              tokenizer_identity, uses_seed)
 from lion_min.run.run_folder import claim, start_run
-from lion_min.formats.tokenizer import Tokenizer
-from lion_min.run.loop import TrainResult, train
 
 
 def check_config(cfg: SFTConfig):
