@@ -339,3 +339,20 @@ def test_the_demos_dpo_before_its_sft_says_which_script_comes_first(tmp_path, mo
     with pytest.raises(ConfigError, match="out/demo/sft: no such folder: .* run python train_sft.py .* first"):
         train_dpo.main([])
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_run_begun_before_a_setting_existed_resumes_as_its_default(tiny_chat_model, tmp_path, capsys):
+    """A run folder written by an older lion_min lacks the settings added since: the run had their
+    defaults, so resuming with the default continues it and only another value is another run."""
+    out = tmp_path / "run"
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=4, save_every=2))
+    older = [out / "run.json", *out.glob("checkpoints/*/trainer_state.json")]
+    for file in older:  # as if `overflow` (default "truncate") had come after the run began
+        saved = json.loads(file.read_text())
+        del (saved if "config" in saved else saved["run"])["config"]["overflow"]
+        file.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"holds another run: overflow differ"):
+        train_sft.main(sft_args(tiny_chat_model, out, max_steps=6, save_every=2, resume="auto", overflow="drop"))
+    capsys.readouterr()
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=6, save_every=2, resume="auto"))
+    assert "training 6 steps from step 4 (resumed from" in capsys.readouterr().out

@@ -113,8 +113,12 @@ def local_inputs(inputs: dict[str, Optional[str | Path]]) -> dict[str, Path]:
 def differences(saved_config: dict, saved_prints: dict, cfg, prints: dict,
                 free: frozenset = frozenset()) -> tuple[list[str], list[str]]:
     """(keys that make it another run, keys that changed harmlessly but are worth a note); keys in
-    `free` may change too (online: the training settings while no round has finished)."""
+    `free` may change too (online: the training settings while no round has finished). A setting the
+    saved config lacks came to lion_min after the run began, which ran as its default does: only
+    another value makes it another run."""
     now = dataclasses.asdict(cfg)
+    saved_config = {f.name: f.default for f in dataclasses.fields(cfg)
+                    if f.name not in saved_config and f.default is not dataclasses.MISSING} | saved_config
     by_contents = {FINGERPRINTED[flag] for flag in prints if flag in saved_prints}
     changed = sorted(k for k in now.keys() | saved_config.keys()
                      if now.get(k) != saved_config.get(k) and k not in by_contents)
