@@ -356,3 +356,13 @@ def test_a_run_begun_before_a_setting_existed_resumes_as_its_default(tiny_chat_m
     capsys.readouterr()
     train_sft.main(sft_args(tiny_chat_model, out, max_steps=6, save_every=2, resume="auto"))
     assert "training 6 steps from step 4 (resumed from" in capsys.readouterr().out
+
+
+def test_an_online_run_from_before_judge_template_goes_on(tiny_online_argv, tmp_path):
+    """The case that showed it: online run folders written before --judge_template existed."""
+    out = tmp_path / "online"
+    train_online.main(tiny_online_argv(out, rounds=1))
+    run = json.loads((out / "run.json").read_text())
+    del run["config"]["judge_template"]
+    (out / "run.json").write_text(json.dumps(run))
+    assert [h["round"] for h in train_online.main(tiny_online_argv(out, rounds=2))] == [0, 1]
