@@ -347,15 +347,18 @@ def test_a_run_begun_before_a_setting_existed_resumes_as_its_default(tiny_chat_m
     out = tmp_path / "run"
     train_sft.main(sft_args(tiny_chat_model, out, max_steps=4, save_every=2))
     older = [out / "run.json", *out.glob("checkpoints/*/trainer_state.json")]
-    for file in older:  # as if `overflow` (default "truncate") had come after the run began
+    for file in older:  # as if `overflow` and `log_every` (defaults "truncate", 1) had come after the run began
         saved = json.loads(file.read_text())
-        del (saved if "config" in saved else saved["run"])["config"]["overflow"]
+        for key in ("overflow", "log_every"):
+            del (saved if "config" in saved else saved["run"])["config"][key]
         file.write_text(json.dumps(saved))
     with pytest.raises(ConfigError, match=r"holds another run: overflow differ"):
         train_sft.main(sft_args(tiny_chat_model, out, max_steps=6, save_every=2, resume="auto", overflow="drop"))
     capsys.readouterr()
-    train_sft.main(sft_args(tiny_chat_model, out, max_steps=6, save_every=2, resume="auto"))
-    assert "training 6 steps from step 4 (resumed from" in capsys.readouterr().out
+    train_sft.main(sft_args(tiny_chat_model, out, max_steps=6, save_every=2, resume="auto", log_every=2))
+    said = capsys.readouterr().out
+    assert "training 6 steps from step 4 (resumed from" in said
+    assert "note: log_every changed from 1 to 2 since the run began" in said  # its default, not None
 
 
 def test_an_online_run_from_before_judge_template_goes_on(tiny_online_argv, tmp_path):

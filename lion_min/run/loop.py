@@ -284,8 +284,8 @@ def check_same_run(checkpoint: Path, cfg, run_record: Optional[dict], verbose: b
         raise ConfigError(f"--resume: {checkpoint} belongs to another run: {', '.join(refused)} differ "
                           f"(start a new run in another --out_dir, or resume with the same settings)")
     if verbose and Path(cfg.out_dir).resolve() not in checkpoint.resolve().parents:  # else claim said so
-        for k in noted:
-            print(f"note: resuming {checkpoint} with {k}={getattr(cfg, k)!r} (was {run['config'].get(k)!r})")
+        for k, was in noted.items():
+            print(f"note: resuming {checkpoint} with {k}={getattr(cfg, k)!r} (was {was!r})")
 
 
 # The progress line: these keys, in this order. The rejected reward is left to metrics.jsonl and

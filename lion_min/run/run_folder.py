@@ -111,11 +111,11 @@ def local_inputs(inputs: dict[str, Optional[str | Path]]) -> dict[str, Path]:
 
 
 def differences(saved_config: dict, saved_prints: dict, cfg, prints: dict,
-                free: frozenset = frozenset()) -> tuple[list[str], list[str]]:
-    """(keys that make it another run, keys that changed harmlessly but are worth a note); keys in
-    `free` may change too (online: the training settings while no round has finished). A setting the
-    saved config lacks came to lion_min after the run began, which ran as its default does: only
-    another value makes it another run."""
+                free: frozenset = frozenset()) -> tuple[list[str], dict]:
+    """(keys that make it another run, {key: its saved value} for keys that changed harmlessly but are
+    worth a note); keys in `free` may change too (online: the training settings while no round has
+    finished). A setting the saved config lacks came to lion_min after the run began, which ran as its
+    default does: only another value makes it another run."""
     now = dataclasses.asdict(cfg)
     saved_config = {f.name: f.default for f in dataclasses.fields(cfg)
                     if f.name not in saved_config and f.default is not dataclasses.MISSING} | saved_config
@@ -126,7 +126,7 @@ def differences(saved_config: dict, saved_prints: dict, cfg, prints: dict,
     refused += [f"{k} (contents)" for k in sorted(prints)
                 if k in saved_prints and prints[k] != saved_prints[k] and FINGERPRINTED[k] not in free]
     quiet = {"resume", "overwrite", "out_dir", "preset"}  # how a run is started, not what it computes
-    return refused, [k for k in changed if k not in quiet and k not in refused]
+    return refused, {k: saved_config.get(k) for k in changed if k not in quiet and k not in refused}
 
 
 def has_progress(out_dir: Path) -> bool:
@@ -231,9 +231,8 @@ def check(cfg, inputs: dict[str, Optional[str | Path]], resuming: bool,
         if refused:
             raise ConfigError(f"--out_dir={cfg.out_dir} holds another run: {', '.join(refused)} differ; pick "
                               f"another --out_dir, or replace it with --overwrite=true")
-        notes += [f"note: {k} changed from {saved['config'].get(k)!r} to {getattr(cfg, k)!r} since the run began"
-                  + NOTED_KEYS.get(k, "")
-                  for k in noted]
+        notes += [f"note: {k} changed from {was!r} to {getattr(cfg, k)!r} since the run began" + NOTED_KEYS.get(k, "")
+                  for k, was in noted.items()]
     return prints, notes
 
 
