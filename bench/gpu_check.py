@@ -75,8 +75,8 @@ from lion_min.core.packing import collate, pack  # noqa: E402
 from lion_min.core.parallel import Dist, build_model  # noqa: E402
 from lion_min.core.sample import generate  # noqa: E402
 from lion_min.formats.hf_config import args_from_config  # noqa: E402
-from lion_min.run.flops import (attention_flops_per_pair, device_peaks, document_lengths,  # noqa: E402
-                                matmul_params, mfu, mfu_useful)
+from lion_min.run.flops import (attention_flops_per_pair, causal_pairs, device_peaks,  # noqa: E402
+                                document_lengths, matmul_params, mfu, mfu_useful)
 from lion_min.run.memory import GiB, choose_checkpointing, step_memory  # noqa: E402
 
 # pipeline before cli: its online stage has never run on a GPU, while cli's MFU repeats sft's
@@ -230,8 +230,8 @@ def section_attention(c: Check):
             doc_ids[b, start : start + n] = 1000 * b + i
             start += n
     doc_ids = doc_ids.to(c.device)
-    pairs = sum(n * (n + 1) // 2 for n in document_lengths(doc_ids))
-    c.print(f"B {B} x T {T}, {len(document_lengths(doc_ids))} documents, {(doc_ids < 0).float().mean():.1%} padding; "
+    lengths = document_lengths(doc_ids)
+    c.print(f"B {B} x T {T}, {len(lengths)} documents, {(doc_ids < 0).float().mean():.1%} padding; "
             f"errors: max |bf16 - fp32| of the output, and max |error| / max |reference| of dq, dk, dv")
     for name, (Hq, Hkv, hd, softcap, window) in shapes.items():
         torch.manual_seed(0)
@@ -250,8 +250,7 @@ def section_attention(c: Check):
         ref_grads = [x.grad for x in ref_leaves]
         # model FLOPs of the useful work: forward 4 hd Hq per pair, forward + backward 3 times that;
         # with a window, a query pairs with at most `window` keys of its document
-        useful = pairs if window is None else sum(sum(min(i + 1, window) for i in range(n))
-                                                  for n in document_lengths(doc_ids))
+        useful = sum(causal_pairs(n, window) for n in lengths)
         fwd_flops = attention_flops_per_pair(ModelArgs(n_layers=1, n_heads=Hq, n_kv_heads=Hkv, head_dim=hd)) * useful / 3
         c.print(f"{name}: heads {Hq} / kv {Hkv}, head_dim {hd}; {fwd_flops / 1e9:.1f} GFLOP useful forward work")
         c.print(f"  {'backend':8s} {'out err':>8s} {'dq err':>8s} {'dk err':>8s} {'dv err':>8s} {'mask ms':>8s} "

@@ -277,13 +277,17 @@ def test_the_same_inputs_under_another_path_are_the_same_run(tiny_chat_model, tm
                                 resume=out / "checkpoints" / "step_4"))
 
 
-def test_an_online_run_stopped_in_round_1_keeps_round_0(tiny_online_argv, tmp_path, monkeypatch):
-    """A signal during the second round's training: round 0 stays, the rerun resumes after it."""
-    from lion_min.stages import online
+@pytest.mark.parametrize("extra", [[], ["--overwrite=true"]])
+def test_an_online_run_stopped_in_round_1_keeps_round_0(tiny_online_argv, tmp_path, monkeypatch, extra):
+    """A signal during the second round's training: round 0 stays, and the command the message gives
+    (never with --overwrite=true, which would replace it) resumes after it."""
+    from test_second_contact import follow
+
     from lion_min.run.loop import StopRequested
+    from lion_min.stages import online
 
     out = tmp_path / "online"
-    argv = tiny_online_argv(out, rounds=2)
+    argv = tiny_online_argv(out, rounds=2) + extra
     real = online.train_pairs
 
     def stop_in_round_1(cfg, *args, **kwargs):
@@ -292,12 +296,14 @@ def test_an_online_run_stopped_in_round_1_keeps_round_0(tiny_online_argv, tmp_pa
         return real(cfg, *args, **kwargs)
 
     monkeypatch.setattr(online, "train_pairs", stop_in_round_1)
-    with pytest.raises(StopRequested, match="stopped in round 1: rounds before it are kept"):
+    with pytest.raises(StopRequested, match="stopped in round 1: rounds before it are kept") as stop:
         train_online.main(argv)
     assert (out / "round_0.done").is_file() and (out / "round_0" / "model.safetensors").is_file()
+    round_0 = (out / "round_0.jsonl").read_bytes()
     monkeypatch.setattr(online, "train_pairs", real)
-    history = train_online.main(argv)
+    history = train_online.main(follow(argv, str(stop.value).split("; continue with ")[1]))
     assert [h["round"] for h in history] == [0, 1] and (out / "round_1.done").is_file()
+    assert (out / "round_0.jsonl").read_bytes() == round_0  # round 0 was not sampled again
 
 
 def test_a_folder_of_your_own_files_is_never_written_into(tiny_chat_model, tmp_path):

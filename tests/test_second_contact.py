@@ -47,6 +47,9 @@ def follow(argv: list[str], how: str) -> list[str]:
     """The command that `how` (after "continue with " in a stop message) says to run."""
     if how == "the same command":
         return list(argv)
+    if " in place of any " in how:  # (a flag the user may or may not have typed)
+        old = how.split(" in place of any ")[1]
+        return ["--resume=auto" if a == old else a for a in argv] + ([] if old in argv else ["--resume=auto"])
     if " in place of " in how:
         old = how.split(" in place of ")[1]
         assert old in argv, (how, argv)
@@ -57,7 +60,8 @@ def follow(argv: list[str], how: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--overwrite=true"], ["--preset=lion-llama3-8b"],
-                                   ["--preset=lion-llama3-8b", "--overwrite=true"], ["--preset=debug"]])
+                                   ["--preset=lion-llama3-8b", "--overwrite=true"], ["--preset=debug"],
+                                   ["--preset=debug", "--overwrite=true"]])
 def test_following_the_ctrl_c_message_continues_the_run(tiny_chat_model, tmp_path, extra):
     out = tmp_path / "run"
     argv = sft_argv(tiny_chat_model, out, "--max_steps=40", "--epochs=8", "--save_every=1", *extra)

@@ -272,7 +272,7 @@ def save_model(
     config_from_args, generation_config), and the tokenizer's files when a tokenizer is given (a
     lion_min Tokenizer, a tokenizer folder, or a transformers tokenizer: Tokenizer.of).
 
-    chat_template: a Jinja string or a known template's name ("chatml", "llama3", "gemma"), stored
+    chat_template: a Jinja string or a known template's name ("chatml", "llama3", "gemma", "gemma3"), stored
     with the tokenizer; None keeps the tokenizer's own. When the template is a known one, its
     end-of-turn token joins the eos ids of generation_config.json.
     `state_dict` (our parameter names) replaces model.state_dict(), e.g. the full weights gathered

@@ -252,10 +252,12 @@ def overwrite_flag(cfg) -> str:
 
 def continue_command(cfg) -> str:
     """How a stopped run goes on from its newest checkpoint, said so that following it works: a typed
-    --overwrite=true would replace the run again, and with --resume=auto beside it is refused. (The
-    demo's presets set overwrite themselves; a typed --resume takes its place: flags.typed_wins.)"""
-    if cfg.overwrite and cfg.preset not in DEMO_PRESETS:
-        return "the same command with --resume=auto in place of --overwrite=true"
+    --overwrite=true would replace the run again, and with --resume=auto beside it is refused. The
+    demo's presets set overwrite themselves (a typed --resume takes its place: flags.typed_wins), so
+    there the user may or may not have typed it."""
+    if cfg.overwrite:
+        return "the same command with --resume=auto in place of " + (
+            "any --overwrite=true" if cfg.preset in DEMO_PRESETS else "--overwrite=true")
     if cfg.resume == "auto":  # (a recipe's resume=auto, or typed)
         return "the same command"
     if cfg.resume:

@@ -37,7 +37,7 @@ from lion_min.run.model_checks import read_model_folder
 from lion_min.run.plot import earlier_runs, plot_pipeline
 from lion_min.run.policy import checkpoint_dtype
 from lion_min.run.prompts import read_prompts
-from lion_min.run.run_folder import append_summary, broadcast, claim, overwrite_flag, start_run
+from lion_min.run.run_folder import append_summary, broadcast, claim, continue_command, overwrite_flag, start_run
 from lion_min.stages.dpo import check_config as check_dpo_config
 from lion_min.stages.dpo import train_pairs
 
@@ -136,9 +136,9 @@ def run_round(cfg: OnlineConfig, d: Dist, k: int, policy: Path, ref_folder: Path
     try:
         train_pairs(round_cfg, d, pairs, [], dtype, {"round": k, "pairs": len(pairs), "dropped": dropped}, inputs={})
     except StopRequested as e:
-        again = "without --overwrite=true" if cfg.overwrite else "again"  # (that would replace the rounds kept)
+        # (how a stopped run goes on: never with --overwrite=true, which would replace the rounds kept)
         raise StopRequested(f"stopped in round {k}: rounds before it are kept and round {k} is redone from its "
-                            f"sampling when the same command runs {again}", e.code) from None
+                            f"sampling; continue with {continue_command(cfg)}", e.code) from None
     return {"round": k, "mean_reward": mean_score(records), "pairs": len(pairs), "dropped": dropped}
 
 
